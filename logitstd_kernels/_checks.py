@@ -1,0 +1,133 @@
+"""Input validation shared by the reference and every fast path.
+
+Each check raises before any kernel runs and names the offending argument, so a
+user sees ``ValueError: teacher_logits has shape (4, 9) but student_logits has
+shape (4, 10)`` instead of an index error deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+REDUCTIONS = ("none", "sum", "batchmean", "mean")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_logits(name: str, logits: object) -> torch.Tensor:
+    """A floating tensor with at least one dimension (the class dimension)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {logits.dtype}"
+        )
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (the class dimension), got a 0-d tensor")
+    return logits
+
+
+def check_temperature(name: str, value: object) -> float:
+    """A finite, strictly positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_std_args(num_classes: int, correction: object, eps: object, *, name: str = "logits") -> tuple[int, float]:
+    """``correction`` is a non-negative int below the class count; ``eps`` is finite and >= 0."""
+    if isinstance(correction, bool) or not isinstance(correction, int):
+        raise TypeError(f"correction must be an int (1 = torch.std default, 0 = Algorithm 1), got {correction!r}")
+    if correction < 0:
+        raise ValueError(f"correction must be >= 0, got {correction}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if num_classes < 2:
+        raise ValueError(
+            f"{name} has {num_classes} class(es) in its last dimension; standardization needs at least 2"
+        )
+    if num_classes - correction <= 0:
+        raise ValueError(
+            f"correction={correction} leaves no degrees of freedom for {num_classes} classes "
+            f"(needs correction < number of classes)"
+        )
+    return correction, float(eps)
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def check_pair(student_logits: object, teacher_logits: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two logit tensors of the same shape on the same device."""
+    student = check_logits("student_logits", student_logits)
+    teacher = check_logits("teacher_logits", teacher_logits)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
+            f"{tuple(student.shape)}; they must match"
+        )
+    if student.device != teacher.device:
+        raise ValueError(
+            f"student_logits is on {student.device} but teacher_logits is on {teacher.device}; "
+            f"they must be on the same device"
+        )
+    if student.shape[-1] < 1:
+        raise ValueError("student_logits has an empty class dimension (last dimension is 0)")
+    return student, teacher
+
+
+def check_mask(mask: object, student: torch.Tensor) -> Optional[torch.Tensor]:
+    """``None`` or a bool tensor shaped like the leading (row) dimensions of the logits."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if mask.shape != student.shape[:-1]:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but must match the leading dimensions of the logits "
+            f"{tuple(student.shape[:-1])}"
+        )
+    if mask.device != student.device:
+        raise ValueError(f"mask is on {mask.device} but the logits are on {student.device}")
+    return mask
+
+
+def check_kd_args(
+    student_logits: object,
+    teacher_logits: object,
+    *,
+    temperature: object,
+    teacher_temperature: object,
+    standardize: bool,
+    correction: object,
+    eps: object,
+    reduction: object,
+    mask: object,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], float, float]:
+    """All checks of ``logitstd_kd_loss``; returns the validated tensors and temperatures."""
+    student, teacher = check_pair(student_logits, teacher_logits)
+    tau_s = check_temperature("temperature", temperature)
+    tau_t = tau_s if teacher_temperature is None else check_temperature("teacher_temperature", teacher_temperature)
+    if standardize:
+        check_std_args(student.shape[-1], correction, eps, name="student_logits")
+    check_reduction(reduction)
+    checked_mask = check_mask(mask, student)
+    return student, teacher, checked_mask, tau_s, tau_t
