@@ -1,0 +1,90 @@
+"""Shared test helpers: which fused backends run here, and the "at most 2x the eager error" check."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from logitstd_kernels import reference
+from logitstd_kernels._backends import unavailable_reason
+
+
+def fused_cases() -> list[tuple[str, str]]:
+    """(backend, device) pairs for every fused backend that can run here."""
+    cases = []
+    if torch.cuda.is_available():
+        cases += [(b, "cuda") for b in ("triton", "cuda") if unavailable_reason(b, "cuda") is None]
+    cases += [(b, "cpu") for b in ("triton", "cpu") if unavailable_reason(b, "cpu") is None]
+    return cases
+
+
+def case_id(case: tuple[str, str]) -> str:
+    return f"{case[0]}-{case[1]}"
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """The Triton interpreter runs programs one at a time and has no bf16 arithmetic."""
+    return backend == "triton" and device == "cpu"
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def assert_within_eager_error(name: str, fast: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
+                              rel_slack: float = 2e-6) -> None:
+    """``|fast - exact| <= 2 |eager - exact| + slack`` in the max norm, and no NaN where exact is finite.
+
+    ``exact`` is the reference in float64, ``eager`` the reference in the input dtype. The slack is
+    a few float32 ulps of the largest magnitude, for results whose eager error happens to be 0.
+    """
+    assert fast.shape == exact.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(exact.shape)}"
+    fast64, eager64, exact64 = fast.double(), eager.double(), exact.double()
+    finite = torch.isfinite(exact64)
+    assert torch.equal(torch.isfinite(fast64), finite), (
+        f"{name}: non-finite pattern differs from the reference "
+        f"({int((~torch.isfinite(fast64)).sum())} vs {int((~finite).sum())} non-finite)"
+    )
+    if not finite.any():
+        return
+    scale = 1.0 + _max_abs(exact64[finite])
+    slack = (rel_slack if fast.dtype != torch.float64 else 1e-12) * scale
+    fast_err = _max_abs(fast64[finite] - exact64[finite])
+    eager_err = _max_abs(eager64[finite] - exact64[finite])
+    assert fast_err <= 2 * eager_err + slack, (
+        f"{name}: error {fast_err:.3e} exceeds 2 x eager error {eager_err:.3e} + slack {slack:.1e}"
+    )
+
+
+def loss_and_grads(fn: Callable[..., torch.Tensor], student: torch.Tensor, teacher: torch.Tensor,
+                   upstream: torch.Tensor, grad_teacher: bool = True,
+                   **kwargs) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Run ``fn`` on leaf copies and return (loss, d/d student, d/d teacher) for an upstream gradient."""
+    x = student.detach().clone().requires_grad_(True)
+    y = teacher.detach().clone().requires_grad_(grad_teacher)
+    loss = fn(x, y, **kwargs)
+    inputs: Sequence[torch.Tensor] = (x, y) if grad_teacher else (x,)
+    grads = torch.autograd.grad(loss, inputs, grad_outputs=upstream.to(loss.dtype))
+    return loss.detach(), grads[0], (grads[1] if grad_teacher else None)
+
+
+def check_against_reference(student: torch.Tensor, teacher: torch.Tensor, backend: str,
+                            grad_teacher: bool = True, **kwargs) -> None:
+    """Loss and gradients of ``backend`` vs the reference in float64, within 2x the eager error."""
+    import logitstd_kernels as lsk
+
+    lead = student.shape[:-1] if kwargs.get("reduction", "batchmean") == "none" else ()
+    upstream = torch.rand(lead, dtype=torch.float64, device=student.device) + 0.25  # not 1
+    loss, gx, gy = loss_and_grads(lsk.logitstd_kd_loss, student, teacher, upstream, grad_teacher,
+                                  backend=backend, **kwargs)
+    eager = loss_and_grads(reference.logitstd_kd_loss, student, teacher, upstream, grad_teacher, **kwargs)
+    exact = loss_and_grads(reference.logitstd_kd_loss, student.double(), teacher.double(), upstream,
+                           grad_teacher, **kwargs)
+    assert loss.dtype == reference.accumulation_dtype(student, teacher), f"loss dtype {loss.dtype}"
+    assert gx.dtype == student.dtype, f"student grad dtype {gx.dtype} != {student.dtype}"
+    assert_within_eager_error("loss", loss, eager[0], exact[0])
+    assert_within_eager_error("grad_student", gx, eager[1], exact[1])
+    if grad_teacher:
+        assert gy.dtype == teacher.dtype, f"teacher grad dtype {gy.dtype} != {teacher.dtype}"
+        assert_within_eager_error("grad_teacher", gy, eager[2], exact[2])
