@@ -1,4 +1,4 @@
-"""Shared test helpers: which fused backends run here, and the "at most 2x the eager error" check."""
+"""Shared test helpers: which fused backends run here, and loss/gradient comparison against the reference."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from logitstd_kernels import reference
 from logitstd_kernels._backends import unavailable_reason
+from logitstd_kernels.testing import assert_within_eager_error
 
 
 def fused_cases() -> list[tuple[str, str]]:
@@ -26,35 +27,6 @@ def case_id(case: tuple[str, str]) -> str:
 def interpreted(backend: str, device: str) -> bool:
     """The Triton interpreter runs programs one at a time and has no bf16 arithmetic."""
     return backend == "triton" and device == "cpu"
-
-
-def _max_abs(t: torch.Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
-
-
-def assert_within_eager_error(name: str, fast: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
-                              rel_slack: float = 2e-6) -> None:
-    """``|fast - exact| <= 2 |eager - exact| + slack`` in the max norm, and no NaN where exact is finite.
-
-    ``exact`` is the reference in float64, ``eager`` the reference in the input dtype. The slack is
-    a few float32 ulps of the largest magnitude, for results whose eager error happens to be 0.
-    """
-    assert fast.shape == exact.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(exact.shape)}"
-    fast64, eager64, exact64 = fast.double(), eager.double(), exact.double()
-    finite = torch.isfinite(exact64)
-    assert torch.equal(torch.isfinite(fast64), finite), (
-        f"{name}: non-finite pattern differs from the reference "
-        f"({int((~torch.isfinite(fast64)).sum())} vs {int((~finite).sum())} non-finite)"
-    )
-    if not finite.any():
-        return
-    scale = 1.0 + _max_abs(exact64[finite])
-    slack = (rel_slack if fast.dtype != torch.float64 else 1e-12) * scale
-    fast_err = _max_abs(fast64[finite] - exact64[finite])
-    eager_err = _max_abs(eager64[finite] - exact64[finite])
-    assert fast_err <= 2 * eager_err + slack, (
-        f"{name}: error {fast_err:.3e} exceeds 2 x eager error {eager_err:.3e} + slack {slack:.1e}"
-    )
 
 
 def loss_and_grads(fn: Callable[..., torch.Tensor], student: torch.Tensor, teacher: torch.Tensor,
