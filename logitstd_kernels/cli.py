@@ -42,4 +42,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    args.argv = argv  # the command line as given, for commands that record it
     return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)

@@ -1,0 +1,92 @@
+"""Regenerate README.md's performance tables from the committed result files.
+
+    python benchmarks/make_tables.py            # rewrite the README section in place
+    python benchmarks/make_tables.py --check    # exit 1 if the README is out of date
+
+For each device, the newest ``benchmarks/results/*.json`` becomes one table of the forward+backward
+("full") mode: median time and speedup over eager PyTorch per provider, the fused kernel's time as a
+multiple of the memory floor, and peak memory above the inputs. Nothing in the section is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- perf-tables:start -->", "<!-- perf-tables:end -->"
+FUSED = ("triton", "cuda", "cpu")
+
+
+def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
+    runs: dict[str, tuple[Path, dict]] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        device = data["metadata"]["device"]
+        if device not in runs or data["metadata"]["date"] > runs[device][1]["metadata"]["date"]:
+            runs[device] = (path, data)
+    return sorted(runs.values(), key=lambda item: (item[1]["metadata"]["device_type"] != "cuda", item[0].name))
+
+
+def _cell(result: dict | None) -> str:
+    if result is None or result["status"] != "ok":
+        return "failed" if result and result["status"].startswith("failed") else "-"
+    speedup = result.get("speedup_vs_torch")
+    return f"{result['median_ms']:.3g} ms" + (f" ({speedup:.1f}x)" if speedup and result["provider"] != "torch" else "")
+
+
+def render(path: Path, data: dict) -> str:
+    meta = data["metadata"]
+    full = [r for r in data["results"] if r["mode"] == "full" and not r["status"].startswith("unavailable")]
+    providers = list(dict.fromkeys(r["provider"] for r in full))
+    fused = [p for p in providers if p in FUSED]
+    lines = [
+        f"**{meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton {meta['triton']}, "
+        f"logitstd_kernels {meta['logitstd_kernels']}, {meta['date']}, copy bandwidth "
+        f"{meta['copy_bandwidth_gbps']} GB/s; `{meta['command']}`; from `benchmarks/results/{path.name}`.",
+        "",
+        "| rows | V | dtype | " + " | ".join(providers) + " | "
+        + " | ".join(f"{p} x floor | {p} peak MiB" for p in fused) + " | torch peak MiB |",
+        "|" + "---:|" * (3 + len(providers) + 2 * len(fused) + 1),
+    ]
+    for key in dict.fromkeys((r["rows"], r["vocab"], r["dtype"]) for r in full):
+        by_provider = {r["provider"]: r for r in full if (r["rows"], r["vocab"], r["dtype"]) == key}
+        cells = [_cell(by_provider.get(p)) for p in providers]
+        for p in fused:
+            r = by_provider.get(p)
+            ok = r is not None and r["status"] == "ok"
+            cells.append(f"{r['x_floor']:.2f}" if ok else "-")
+            cells.append(f"{r['peak_mem_mb']:.0f}" if ok and r["peak_mem_mb"] is not None else "-")
+        torch_row = by_provider.get("torch")
+        cells.append(f"{torch_row['peak_mem_mb']:.0f}" if torch_row and torch_row.get("peak_mem_mb") is not None else "-")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def section(results_dir: Path) -> str:
+    runs = newest_per_device(results_dir)
+    if not runs:
+        return "No results committed yet."
+    return "\n\n".join(render(path, data) for path, data in runs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args()
+    text = args.readme.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    updated = f"{head}{START}\n{section(args.results)}\n{END}{tail}"
+    if args.check:
+        return 0 if updated == text else 1
+    args.readme.write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

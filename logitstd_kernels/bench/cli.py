@@ -1,0 +1,145 @@
+"""benchmark the fused kernels against eager PyTorch, torch.compile and Liger-Kernel.
+
+Every provider is first checked against the float64 reference on the case's inputs; one that
+disagrees is recorded as failed and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .cases import DTYPES, MODES, Case, build_cases, default_cases
+from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
+from .providers import PROVIDERS, make_loss, unavailable
+from .report import Result, Run, fill_speedups, metadata, progress, table, write_files
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to benchmark (default: cuda if present, else cpu)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="comma-separated providers; unavailable ones are reported and skipped")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: forward,backward,full")
+    parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16,float16 "
+                        "(default: bfloat16,float32 on GPU, float32 on CPU)")
+    parser.add_argument("--vocab", type=_ints, default=None, help="V values of the V sweep")
+    parser.add_argument("--rows", type=int, default=None, help="rows of the V sweep")
+    parser.add_argument("--rows-sweep", type=_ints, default=None, help="row counts of the rows sweep")
+    parser.add_argument("--rows-sweep-vocab", type=int, default=None, help="V of the rows sweep")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--no-standardize", dest="standardize", action="store_false",
+                        help="plain KD (adds the liger provider on CUDA)")
+    parser.add_argument("--cpu-budget", type=float, default=1.0, help="seconds of timed runs per CPU measurement")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
+
+
+def _inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device=device).manual_seed(case.rows * 1_000_003 + case.vocab)
+    shape = (case.rows, case.vocab)
+    dtype = DTYPES[case.dtype]
+    student = (3 * torch.randn(shape, generator=generator, device=device)).to(dtype)
+    teacher = (5 * torch.randn(shape, generator=generator, device=device)).to(dtype)
+    return student, teacher
+
+
+def _floor_bytes(case: Case, mode: str) -> int:
+    size = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    per_element = {"forward": 2 * size, "backward": size, "full": 3 * size}[mode]
+    return case.elements * per_element
+
+
+def _measure(case: Case, mode: str, loss_fn, student: torch.Tensor, teacher: torch.Tensor,
+             device: torch.device, copy_gbps: float, cpu_budget: float) -> Result:
+    x = student.detach().requires_grad_(True)
+
+    def forward():
+        return loss_fn(x, teacher)
+
+    def full():
+        x.grad = None
+        forward().backward()
+
+    def backward_setup():
+        x.grad = None
+        return forward()
+
+    if mode == "forward":
+        timing = time_step(forward, device, cpu_budget_s=cpu_budget)
+    elif mode == "full":
+        timing = time_step(full, device, cpu_budget_s=cpu_budget)
+    else:
+        timing = time_step(lambda loss: loss.backward(), device, setup=backward_setup, cpu_budget_s=cpu_budget)
+    seconds = timing.median_ms * 1e-3
+    moved = _floor_bytes(case, mode)
+    x.grad = None
+    peak = peak_memory_mb(full, device) if mode == "full" else None
+    return Result(case.sweep, case.rows, case.vocab, case.dtype, mode, "", "ok", timing.median_ms, timing.p20_ms,
+                  timing.p80_ms, moved / seconds / 1e9, seconds / (moved / (copy_gbps * 1e9)), peak)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    defaults = default_cases(device)
+    dtypes = tuple(args.dtypes.split(",")) if args.dtypes else defaults.dtypes
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        print(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}", file=sys.stderr)
+        return 2
+    modes = tuple(args.modes.split(","))
+    providers = tuple(args.providers.split(","))
+    bad = [m for m in modes if m not in MODES] + [p for p in providers if p not in PROVIDERS]
+    if bad:
+        print(f"unknown mode(s)/provider(s) {bad}; modes: {MODES}, providers: {PROVIDERS}", file=sys.stderr)
+        return 2
+    cases = build_cases(args.vocab or defaults.vocab_sweep, args.rows or defaults.rows_for_vocab_sweep,
+                        args.rows_sweep or defaults.rows_sweep, args.rows_sweep_vocab or defaults.vocab_for_rows_sweep,
+                        dtypes)
+    copy_gbps = copy_bandwidth_gbps(device)
+    options = {"temperature": args.temperature, "standardize": args.standardize}
+    bench_run = Run(metadata(device, list(args.argv), copy_gbps, options))
+    print(f"device: {bench_run.metadata['device']}, copy bandwidth {copy_gbps:.1f} GB/s, "
+          f"{len(cases)} cases x {len(providers)} providers x {len(modes)} modes")
+    usable = []
+    for provider in providers:
+        reason = unavailable(provider, device, args.standardize)
+        if reason:
+            print(f"  {provider}: unavailable ({reason})")
+            bench_run.results += [Result(c.sweep, c.rows, c.vocab, c.dtype, m, provider, f"unavailable: {reason}")
+                                  for c in cases for m in modes]
+        else:
+            usable.append(provider)
+    for index, case in enumerate(cases, 1):
+        student, teacher = _inputs(case, device)
+        cells = []
+        for provider in usable:
+            loss_fn = make_loss(provider, **options)
+            violation = correctness_violation(loss_fn, student, teacher, **options)
+            for mode in modes:
+                if violation:
+                    result = Result(case.sweep, case.rows, case.vocab, case.dtype, mode, provider, f"failed: {violation}")
+                else:
+                    result = _measure(case, mode, loss_fn, student, teacher, device, copy_gbps, args.cpu_budget)
+                    result.provider = provider
+                bench_run.results.append(result)
+            last = bench_run.results[-1]
+            cells.append(f"{provider} {last.median_ms:.3f} ms" if last.status == "ok" else f"{provider} FAILED")
+        progress(index, len(cases), f"rows={case.rows} V={case.vocab} {case.dtype} ({modes[-1]}): " + " | ".join(cells))
+        del student, teacher
+    fill_speedups(bench_run.results)
+    for mode in modes:
+        print()
+        print(table(bench_run.results, mode))
+    failed = [r for r in bench_run.results if r.status.startswith("failed")]
+    for r in failed:
+        print(f"FAILED {r.provider} rows={r.rows} V={r.vocab} {r.dtype} {r.mode}: {r.status}")
+    paths = write_files(bench_run, args.out)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 1 if failed else 0

@@ -1,0 +1,182 @@
+"""Where the numbers go: run metadata, the terminal table, CSV, JSON and the plot."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+FIELDS = ("sweep", "rows", "vocab", "dtype", "mode", "provider", "status", "median_ms", "p20_ms", "p80_ms",
+          "gbps", "x_floor", "peak_mem_mb", "speedup_vs_torch")
+
+
+@dataclass
+class Result:
+    sweep: str
+    rows: int
+    vocab: int
+    dtype: str
+    mode: str
+    provider: str
+    status: str  # "ok", "failed: <why>" or "unavailable: <why>"
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    gbps: Optional[float] = None
+    x_floor: Optional[float] = None
+    peak_mem_mb: Optional[float] = None
+    speedup_vs_torch: Optional[float] = None
+
+
+@dataclass
+class Run:
+    metadata: dict
+    results: list[Result] = field(default_factory=list)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.M)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: dict) -> dict:
+    from .. import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m logitstd_kernels", *argv]),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "logitstd_kernels": __version__,
+        "python": platform.python_version(),
+        "copy_bandwidth_gbps": round(copy_gbps, 1),
+        "floor": "bytes that must move / measured copy bandwidth; forward reads student and teacher, "
+                 "backward writes the student gradient, full does both",
+        "peak_memory": ("torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda" else
+                        "process peak resident set (VmHWM) above the resident set before the step"),
+        **options,
+    }
+
+
+def fill_speedups(results: list[Result]) -> None:
+    baseline = {(r.rows, r.vocab, r.dtype, r.mode): r.median_ms for r in results
+                if r.provider == "torch" and r.status == "ok"}
+    for r in results:
+        base = baseline.get((r.rows, r.vocab, r.dtype, r.mode))
+        if r.status == "ok" and base:
+            r.speedup_vs_torch = base / r.median_ms
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
+
+
+def write_files(run: Run, out_dir: Path) -> dict[str, Path]:
+    """CSV and JSON (and a PNG when matplotlib is installed) named after the device and the date."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = run.metadata["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    stem = out_dir / f"{_slug(run.metadata['device'].split('(')[0])}-{stamp}"
+    paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv")}
+    with open(paths["json"], "w") as f:
+        json.dump({"metadata": run.metadata, "results": [asdict(r) for r in run.results]}, f, indent=1)
+    with open(paths["csv"], "w", newline="") as f:
+        f.write("".join(f"# {k}: {v}\n" for k, v in run.metadata.items()))
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in run.results)
+    png = stem.with_suffix(".png")
+    if plot(run, png):
+        paths["png"] = png
+    return paths
+
+
+def plot(run: Run, path: Path) -> bool:
+    """Time and GB/s against V (full mode, V sweep), one line per provider, one row per dtype."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    chosen = [r for r in run.results if r.sweep == "vocab" and r.mode == "full" and r.status == "ok"]
+    dtypes = sorted({r.dtype for r in chosen})
+    if not dtypes:
+        return False
+    fig, axes = plt.subplots(len(dtypes), 2, figsize=(11, 4 * len(dtypes)), squeeze=False)
+    for row, dtype in enumerate(dtypes):
+        for provider in sorted({r.provider for r in chosen}):
+            points = sorted((r.vocab, r.median_ms, r.gbps) for r in chosen if r.dtype == dtype and r.provider == provider)
+            if points:
+                vocab, ms, gbps = zip(*points)
+                axes[row][0].plot(vocab, ms, marker="o", label=provider)
+                axes[row][1].plot(vocab, gbps, marker="o", label=provider)
+        rows = next(r.rows for r in chosen if r.dtype == dtype)
+        for col, label in enumerate(("time (ms, median)", "achieved GB/s (read x, y; write dx)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log") if col == 0 else None
+            ax.set_xlabel(f"classes V ({rows} rows, {dtype}, forward+backward)")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        if run.metadata.get("copy_bandwidth_gbps"):
+            axes[row][1].axhline(run.metadata["copy_bandwidth_gbps"], color="gray", ls="--", lw=1)
+    fig.suptitle(f"{run.metadata['device']} | torch {run.metadata['torch']} | {run.metadata['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list[Result], mode: str = "full") -> str:
+    """A terminal table of one mode: a line per case, ms (speedup vs eager) per provider."""
+    chosen = [r for r in results if r.mode == mode]
+    providers = list(dict.fromkeys(r.provider for r in chosen if not r.status.startswith("unavailable")))
+    header = f"{'rows':>6} {'V':>7} {'dtype':>9} | " + " | ".join(f"{p:>22}" for p in providers)
+    lines = [f"mode={mode}: median ms (speedup vs torch eager, x memory floor)", header, "-" * len(header)]
+    for key in dict.fromkeys((r.rows, r.vocab, r.dtype) for r in chosen):
+        cells = []
+        for p in providers:
+            r = next((r for r in chosen if (r.rows, r.vocab, r.dtype) == key and r.provider == p), None)
+            if r is None or r.status != "ok":
+                cells.append(f"{(r.status.split(':')[0] if r else '-'):>22}")
+            else:
+                cells.append(f"{r.median_ms:>8.3f} ({_fmt(r.speedup_vs_torch, '5.1f')}x,{_fmt(r.x_floor, '5.1f')}f)")
+        lines.append(f"{key[0]:>6} {key[1]:>7} {key[2]:>9} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def progress(index: int, total: int, text: str) -> None:
+    print(f"[{index:>3}/{total}] {text}", flush=True)
