@@ -1,0 +1,101 @@
+"""GPU-only tests (marked ``gpu``; skipped without CUDA): low precision at LLM vocabularies,
+CUDA-graph capture, 64-bit offsets, and the memory bound of the fused op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import logitstd_kernels as lsk
+from support import check_against_reference, fused_cases
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GPU_BACKENDS = [b for b, device in fused_cases() if device == "cuda"]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [4096, 32768, 131072, 262144])
+def test_low_precision_large_vocab(backend, dtype, vocab):
+    x = (3 * torch.randn(4, vocab, device="cuda")).to(dtype)
+    y = (5 * torch.randn(4, vocab, device="cuda")).to(dtype)
+    check_against_reference(x, y, backend)
+    check_against_reference(x, y.float(), backend, standardize=False, temperature=1.0)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_of_forward_and_backward(backend):
+    """No host synchronization anywhere: a whole training-step loss can be captured and replayed."""
+    rows, vocab = 64, 5000
+    x = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(rows, device="cuda") > 0.2
+
+    def step():
+        x.grad = None
+        loss = lsk.logitstd_kd_loss(x, y, mask=mask, backend=backend)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = lsk.logitstd_kd_loss(x, y, mask=mask, backend=backend)
+        static_loss.backward()
+    for _ in range(2):
+        with torch.no_grad():
+            x.copy_(3 * torch.randn_like(x))
+            y.copy_(5 * torch.randn_like(y))
+            mask.copy_(torch.rand(rows, device="cuda") > 0.2)
+        graph.replay()
+        torch.cuda.synchronize()
+        xr = x.detach().double().requires_grad_(True)
+        want = lsk.reference.logitstd_kd_loss(xr, y.double(), mask=mask)
+        want.backward()
+        torch.testing.assert_close(static_loss.double(), want, rtol=2e-3, atol=1e-4)
+        torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_more_than_2_31_elements(backend):
+    """rows x V beyond 2^31: offsets must be 64-bit (checked on the last rows)."""
+    vocab = 131072
+    rows = 2**31 // vocab + 3
+    x = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    y = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    loss = lsk.logitstd_kd_loss(x, y, reduction="none", backend=backend)
+    loss.sum().backward()
+    tail = slice(rows - 4, rows)
+    xr = x.detach()[tail].double().requires_grad_(True)
+    want = lsk.reference.logitstd_kd_loss(xr, y[tail].double(), reduction="none")
+    want.sum().backward()
+    torch.testing.assert_close(loss[tail].double(), want, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(x.grad[tail].double(), xr.grad, rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_peak_memory_is_one_gradient_buffer(backend):
+    """Forward + backward allocate the student gradient and O(rows), no other N x V temporary."""
+    rows, vocab = 1024, 32768
+    x = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    lsk.logitstd_kd_loss(x, y, backend=backend).backward()  # warm up (compilation, workspaces)
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    lsk.logitstd_kd_loss(x, y, backend=backend).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    grad_bytes = x.numel() * x.element_size()
+    assert extra <= grad_bytes + 64 * rows + 2**20, f"{extra / 2**20:.1f} MiB above the inputs"
