@@ -1,0 +1,112 @@
+"""Launchers of the Triton kernels, implementing the kernel contract of ``logitstd_kernels._backends``.
+
+No host synchronization: every argument that depends on tensor data (the mask, the gradient scale)
+is read by the kernels on the device, so the launchers can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+
+from .config import SCALE_BLOCK, SCALE_WARPS, KernelConfig, kd_config
+from .kd_kernels import kd_blocked_kernel, kd_register_kernel, scale_rows_kernel
+
+
+def _device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current device for the launch (Triton launches on the current one)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise ValueError(f"{name} must be a 2-d tensor with unit stride along the classes, got shape "
+                         f"{tuple(t.shape)} and strides {t.stride()}")
+
+
+def fused_kd_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    grad_scale: torch.Tensor,
+    tau_s: float,
+    tau_t: float,
+    standardize: bool,
+    correction: int,
+    eps: float,
+    grad_student: bool,
+    grad_teacher: bool,
+    *,
+    config: Optional[KernelConfig] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss ``tau_s**2 * KL`` of (N, V) logits and, if requested, the scaled gradients.
+
+    Equivalent eager code (``acc`` = float64 if an input is float64, else float32)::
+
+        rows = reference._row_kl(student, teacher, tau_s, tau_t, standardize, correction, eps)
+        rows = torch.where(mask, rows, 0)                      # masked rows: 0, and no NaN leak
+        grad_student = (grad_scale * d rows.sum() / d student).to(student.dtype)   # same for teacher
+
+    ``config`` overrides the table of ``config.kd_config`` (tests use it to force the blocked path
+    at small V). Returns ``(rows, grad_student, grad_teacher)``; a gradient that is not requested is
+    an empty (0,) tensor.
+    """
+    _check_rows("student", student)
+    _check_rows("teacher", teacher)
+    num_rows, num_classes = student.shape
+    acc64 = torch.float64 in (student.dtype, teacher.dtype)
+    acc = torch.float64 if acc64 else torch.float32
+    rows = torch.empty(num_rows, dtype=acc, device=student.device)
+    gx = (torch.empty((num_rows, num_classes), dtype=student.dtype, device=student.device)
+          if grad_student else student.new_empty((0,)))
+    gy = (torch.empty((num_rows, num_classes), dtype=teacher.dtype, device=teacher.device)
+          if grad_teacher else teacher.new_empty((0,)))
+    if num_rows == 0:
+        return rows, gx, gy
+    cfg = config if config is not None else kd_config(num_classes, acc64)
+    kernel = kd_register_kernel if cfg.register else kd_blocked_kernel
+    if cfg.register and cfg.block < num_classes:
+        raise ValueError(f"register path needs BLOCK >= V, got BLOCK={cfg.block} for V={num_classes}")
+    keep = mask.view(torch.uint8) if mask is not None else rows
+    dof = float(num_classes - correction) if standardize else 1.0
+    with _device_guard(student):
+        kernel[(num_rows,)](
+            student, teacher, keep, grad_scale, rows,
+            gx if grad_student else rows, gy if grad_teacher else rows,
+            num_classes, student.stride(0), teacher.stride(0),
+            float(tau_s), float(tau_t), float(eps), dof, float(num_classes),
+            BLOCK=cfg.block, STANDARDIZE=bool(standardize), GRAD_S=bool(grad_student),
+            GRAD_T=bool(grad_teacher), HAS_MASK=mask is not None, ACC64=acc64,
+            num_warps=cfg.num_warps,
+        )
+    return rows, gx, gy
+
+
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """In place ``grad[r] *= scale[r]`` for a (N, V) gradient and a scale of shape () or (N,).
+
+    Equivalent eager code: ``grad.mul_(scale.reshape(-1, 1).to(grad.dtype))``. Rows whose scale is
+    exactly 1 are skipped on the device (no pass over the gradient, no host synchronization).
+    Returns ``grad``.
+    """
+    if grad.dim() != 2:
+        raise ValueError(f"grad must be 2-d (N, V), got shape {tuple(grad.shape)}")
+    num_rows, num_classes = grad.shape
+    if scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] != num_rows):
+        raise ValueError(f"scale must have shape () or ({num_rows},), got {tuple(scale.shape)}")
+    if num_rows == 0 or num_classes == 0:
+        return grad
+    if num_classes > 1 and grad.stride(1) != 1:
+        grad.mul_(scale.reshape(-1, 1))
+        return grad
+    stride_s = scale.stride(0) if scale.dim() == 1 else 0
+    grid = (num_rows, triton.cdiv(num_classes, SCALE_BLOCK))
+    with _device_guard(grad):
+        scale_rows_kernel[grid](
+            grad, scale, num_classes, grad.stride(0), stride_s,
+            BLOCK=SCALE_BLOCK, ACC64=torch.float64 in (grad.dtype, scale.dtype), num_warps=SCALE_WARPS,
+        )
+    return grad
