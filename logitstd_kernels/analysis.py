@@ -118,17 +118,20 @@ def default_chunk_rows(num_classes: int, max_chunk_bytes: int = DEFAULT_CHUNK_BY
     return max(1, int(max_chunk_bytes) // (4 * max(1, int(num_classes))))
 
 
-def _rows(array: ArrayLike, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` as a float32 tensor (float64 stays float64), copied out of any memory map."""
+def _chunk(array: ArrayLike, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` as a tensor; numpy rows are copied (out of any memory map, into writable memory)."""
     chunk = array[start:stop]
-    tensor = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
+    return chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk))
+
+
+def _rows(array: ArrayLike, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of logits in float32 (float64 stays float64)."""
+    tensor = _chunk(array, start, stop)
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def _labels(array: ArrayLike, start: int, stop: int) -> torch.Tensor:
-    chunk = array[start:stop]
-    tensor = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
-    return tensor.reshape(-1).long()
+    return _chunk(array, start, stop).reshape(-1).long()
 
 
 def _check_set(logits: LogitSet) -> tuple[int, int]:

@@ -237,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table, write ``distill.json`` and ``distill.png``."""
-    needed = ("sklearn", "tqdm") + (() if args.no_plot else ("matplotlib",))
+    needed = ("sklearn",) + (() if args.no_plot else ("matplotlib",))
     message = missing_extra("the distill experiment", *needed)
     if message is not None:
         print(message, file=sys.stderr)

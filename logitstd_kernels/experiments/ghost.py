@@ -45,7 +45,7 @@ class GhostConfig:
     ghost: int = 3
     hidden: tuple[int, ...] = (256, 256)
     teacher_epochs: int = 30
-    epochs: int = 15
+    epochs: int = 20
     noise_per_epoch: int = 20000
     batch_size: int = 256
     teacher_batch_size: int = 64
@@ -207,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run both variants (and the control), print the per-epoch table, write ``ghost.json`` and ``ghost.png``."""
-    needed = ("sklearn", "tqdm") + (() if args.no_plot else ("matplotlib",))
+    needed = ("sklearn",) + (() if args.no_plot else ("matplotlib",))
     message = missing_extra("the ghost experiment", *needed)
     if message is not None:
         print(message, file=sys.stderr)
