@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import triton
 
 
@@ -75,6 +76,15 @@ _MIN_BLOCK = 32
 # thread; a grid of (rows, tiles) keeps every SM busy for any shape.
 SCALE_BLOCK = 4096
 SCALE_WARPS = 8
+
+
+def vector_width(*dtypes: torch.dtype) -> int:
+    """VEC, the classes per contiguous run of a tile: one 16-byte access of the widest input dtype.
+
+    Both inputs share the tile layout (a bf16 student with a float32 teacher uses 8-byte bf16
+    accesses rather than converting layouts through shared memory).
+    """
+    return 16 // max(torch.empty((), dtype=d).element_size() for d in dtypes)
 
 
 def kd_config(num_classes: int, acc64: bool) -> KernelConfig:

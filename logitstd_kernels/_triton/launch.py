@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import triton
 
-from .config import SCALE_BLOCK, SCALE_WARPS, KernelConfig, kd_config
+from .config import SCALE_BLOCK, SCALE_WARPS, KernelConfig, kd_config, vector_width
 from .kd_kernels import kd_blocked_kernel, kd_register_kernel, scale_rows_kernel
 
 
@@ -78,7 +78,7 @@ def fused_kd_forward(
             gx if grad_student else rows, gy if grad_teacher else rows,
             num_classes, student.stride(0), teacher.stride(0),
             float(tau_s), float(tau_t), float(eps), dof, float(num_classes),
-            BLOCK=cfg.block, STANDARDIZE=bool(standardize), GRAD_S=bool(grad_student),
+            BLOCK=cfg.block, VEC=vector_width(student.dtype, teacher.dtype), STANDARDIZE=bool(standardize), GRAD_S=bool(grad_student),
             GRAD_T=bool(grad_teacher), HAS_MASK=mask is not None, ACC64=acc64,
             num_warps=cfg.num_warps,
         )
