@@ -46,8 +46,9 @@ DEFAULT_CHUNK_BYTES = 32 * 2**20
 class LogitSet(NamedTuple):
     """The arrays of one split: ``(N, V)`` logits of the teacher and both students, ``(N,)`` labels.
 
-    Each may be a torch tensor or a numpy array (including a ``np.memmap`` / ``np.load(...,
-    mmap_mode="r")``); rows are read a chunk at a time.
+    Each may be a torch tensor, a numpy array (including a ``np.memmap`` / ``np.load(...,
+    mmap_mode="r")``) or any object with a ``shape`` whose ``[start:stop]`` returns one of those
+    (e.g. :class:`logitstd_kernels.experiments.logit_io.NpyRows`); rows are read a chunk at a time.
     """
 
     teacher: ArrayLike

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from logitstd_kernels import analysis as an
 from logitstd_kernels.cli import main as cli_main
-from logitstd_kernels.experiments.logit_io import load_bundle, save_bundle
+from logitstd_kernels.experiments.logit_io import NpyRows, load_array, load_bundle, save_bundle
 
 
 def _seed_rule(teacher, student_a, student_b, labels, *, T, class_mean, eps, log_eps):
@@ -150,6 +150,19 @@ def test_memory_mapped_npy_and_tensor_inputs_give_the_same_report(tmp_path):
     assert an.analyze_split(mapped, chunk_rows=33) == an.analyze_split(logits)
     half = an.LogitSet(*(np.asarray(x, dtype=np.float16) for x in mapped[:3]), mapped.labels)
     assert an.analyze_split(half).n == 500  # float16 is analysed in float32
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f8", "<f2", "<i8"])
+def test_npy_rows_reads_the_same_rows_as_numpy(tmp_path, dtype):
+    array = np.arange(7 * 5).reshape(7, 5).astype(dtype)
+    np.save(tmp_path / "x.npy", array)
+    rows = load_array(tmp_path / "x.npy")
+    assert isinstance(rows, NpyRows) and rows.shape == (7, 5) and rows.dtype == array.dtype
+    for start, stop in ((0, 7), (2, 3), (5, 100), (7, 9)):
+        assert np.array_equal(rows[start:stop], array[start:stop])
+    np.save(tmp_path / "f.npy", np.asfortranarray(array))
+    with pytest.raises(ValueError, match="Fortran"):
+        NpyRows(tmp_path / "f.npy")
 
 
 def test_default_chunk_rows_bounds_the_chunk():

@@ -7,8 +7,9 @@ Formats:
   ``<split>_student_b`` and ``<split>_labels`` (for one unnamed split: ``teacher``, ``student_a``,
   ``student_b``, ``labels``; a ``.pt`` file may also nest them: ``{split: {"teacher": ..., ...}}``);
 - **one file per array** (``.npy`` or a ``.pt`` holding one tensor), for logits larger than memory:
-  ``.npy`` files are memory-mapped and ``.pt`` files are loaded with ``mmap=True``, so only the rows
-  being analysed are read. (Arrays inside an ``.npz`` are read whole.)
+  ``.npy`` files are read a chunk of rows at a time (:class:`NpyRows`) and ``.pt`` files are loaded
+  with ``mmap=True``, so only the rows being analysed are in memory. (Arrays inside an ``.npz`` are
+  read whole.)
 
 Logits are ``(N, V)`` floating arrays (any float dtype; float16/bfloat16 are analysed in float32);
 labels are ``(N,)`` integers. Student A is the reference student (e.g. trained independently),
@@ -18,16 +19,51 @@ student B the one under test (e.g. the KD student).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import numpy as np
 import torch
 
 from ..analysis import ArrayLike, LogitSet
 
-__all__ = ["ROLES", "load_bundle", "load_array", "load_arrays", "save_bundle"]
+__all__ = ["ROLES", "NpyRows", "load_bundle", "load_array", "load_arrays", "save_bundle"]
 
 ROLES = ("teacher", "student_a", "student_b", "labels")
+
+
+class NpyRows:
+    """Row slices of a C-ordered ``.npy`` file, read from disk on demand.
+
+    ``rows[start:stop]`` reads just those rows with ``np.fromfile``; unlike a memory map, nothing of
+    the file stays mapped into the process, so the resident memory is one chunk however large the
+    file. Equivalent to ``np.load(path, mmap_mode="r")[start:stop].copy()``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        header = np.load(self.path, mmap_mode="r")  # parses the header; the map is dropped right away
+        if not isinstance(header, np.memmap):
+            raise ValueError(f"{self.path}: cannot be read in chunks (an object array?)")
+        if header.ndim > 1 and not header.flags.c_contiguous:
+            raise ValueError(f"{self.path}: Fortran-ordered arrays are not supported; save a C-ordered array")
+        self.shape: tuple[int, ...] = tuple(header.shape)
+        self.dtype = header.dtype
+        self.offset = int(header.offset)
+        del header
+        self._row_items = int(np.prod(self.shape[1:], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("NpyRows supports contiguous row slices only, e.g. rows[start:stop]")
+        start, stop, _ = rows.indices(self.shape[0])
+        count = max(0, stop - start)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self._row_items * self.dtype.itemsize)
+            data = np.fromfile(f, dtype=self.dtype, count=count * self._row_items)
+        return data.reshape((count, *self.shape[1:]))
 
 
 def _load_pt(path: Path) -> Any:
@@ -77,11 +113,11 @@ def load_bundle(path: Path) -> dict[str, LogitSet]:
     raise ValueError(f"{path}: a bundle must be .npz or .pt (use --teacher/--student-a/... for .npy files)")
 
 
-def load_array(path: Path) -> ArrayLike:
-    """One array from ``.npy`` (memory-mapped) or ``.pt`` (one tensor, memory-mapped when possible)."""
+def load_array(path: Path) -> Union[ArrayLike, NpyRows]:
+    """One array from ``.npy`` (:class:`NpyRows`) or ``.pt`` (one tensor, memory-mapped when possible)."""
     path = Path(path)
     if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r")
+        return NpyRows(path)
     if path.suffix in (".pt", ".pth"):
         tensor = _load_pt(path)
         if not isinstance(tensor, torch.Tensor):
