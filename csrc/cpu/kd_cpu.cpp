@@ -1,0 +1,108 @@
+// CPU implementations of the logitstd ops: argument checks, output allocation, the choice of the
+// kernel build for this CPU's instruction set, and the parallel loop over rows.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "logitstd/checks.h"
+#include "logitstd/kd_problem.h"
+
+namespace logitstd {
+namespace cpu {
+
+// One build of kd_cpu_kernel.cpp per instruction set (setup.py defines which ones exist).
+namespace DEFAULT {
+void kd_rows(const KdProblem& p, int64_t begin, int64_t end);
+}
+#if defined(LOGITSTD_CPU_AVX2)
+namespace AVX2 {
+void kd_rows(const KdProblem& p, int64_t begin, int64_t end);
+}
+#endif
+#if defined(LOGITSTD_CPU_AVX512)
+namespace AVX512 {
+void kd_rows(const KdProblem& p, int64_t begin, int64_t end);
+}
+#endif
+
+using RowsFn = void (*)(const KdProblem&, int64_t, int64_t);
+
+// The widest build this CPU runs, as ATen decides for its own kernels (ATEN_CPU_CAPABILITY=default
+// or avx2 in the environment forces a narrower one).
+RowsFn select_rows_kernel() {
+  static const RowsFn fn = [] {
+    const std::string cap = at::get_cpu_capability();
+#if defined(LOGITSTD_CPU_AVX512)
+    if (cap == "AVX512") return &AVX512::kd_rows;
+#endif
+#if defined(LOGITSTD_CPU_AVX2)
+    if (cap == "AVX2" || cap == "AVX512") return &AVX2::kd_rows;
+#endif
+    return &DEFAULT::kd_rows;
+  }();
+  return fn;
+}
+
+// Rows per parallel task: at least this many elements so that a task outweighs its scheduling.
+constexpr int64_t kMinElementsPerTask = 32768;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
+    const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize, int64_t correction, double eps,
+    bool grad_student, bool grad_teacher) {
+  const at::ScalarType acc =
+      check_fused_kd_forward(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps);
+  TORCH_CHECK_VALUE(student.device().is_cpu(), "logitstd::fused_kd_forward (CPU): student is on ",
+                    student.device());
+  const int64_t rows = student.size(0);
+  const int64_t cols = student.size(1);
+  at::Tensor loss = at::empty({rows}, student.options().dtype(acc));
+  at::Tensor grad_x = grad_student ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad_y = grad_teacher ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
+  if (rows == 0) return {loss, grad_x, grad_y};
+
+  KdProblem p = make_problem(student, teacher, mask, acc, loss, grad_x, grad_y, tau_s, tau_t, standardize,
+                             correction, eps);
+  p.grad_scale = grad_scale.item<double>();
+  const RowsFn kernel = select_rows_kernel();
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+  return {loss, grad_x, grad_y};
+}
+
+// grad[r] *= scale[r] (or scale[0]) in place, skipping rows whose scale is exactly 1.
+void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_rows(grad, scale);
+  TORCH_CHECK_VALUE(grad.device().is_cpu(), "logitstd::scale_rows_ (CPU): grad is on ", grad.device());
+  const int64_t rows = grad.size(0);
+  const int64_t cols = grad.size(1);
+  if (rows == 0 || cols == 0) return;
+  const at::Tensor factors = scale.reshape({-1}).to(at::kDouble).contiguous();
+  const double* f = factors.data_ptr<double>();
+  const bool one_factor = factors.numel() == 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "logitstd_scale_rows_", [&] {
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / cols);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const double factor = f[one_factor ? 0 : r];
+        if (factor == 1.0) continue;
+        scalar_t* row = g + r * cols;
+        for (int64_t i = 0; i < cols; ++i) row[i] = static_cast<scalar_t>(static_cast<double>(row[i]) * factor);
+      }
+    });
+  });
+}
+
+TORCH_LIBRARY_IMPL(logitstd, CPU, m) {
+  m.impl("fused_kd_forward", &fused_kd_forward_cpu);
+  m.impl("scale_rows_", &scale_rows_cpu);
+}
+
+}  // namespace cpu
+}  // namespace logitstd

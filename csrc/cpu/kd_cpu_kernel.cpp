@@ -1,0 +1,384 @@
+// CPU kernel of logitstd::fused_kd_forward: loss and gradients of a range of rows, one row at a
+// time, vectorized with at::vec::Vectorized (exp included).
+//
+// Compiled once per CPU instruction set (setup.py: DEFAULT, and AVX2 / AVX512 on x86-64), each
+// time with CPU_CAPABILITY defined, the way ATen builds its own kernels; kd_cpu.cpp picks one at run
+// time from at::get_cpu_capability() (which honours ATEN_CPU_CAPABILITY).
+//
+// Math (DESIGN.md section 1, formulas in logitstd/row_math.h), per row, all in the accumulation
+// type T (float, or double when an input is float64):
+//   pass 1  moments of x and y: per block of kBlock elements the mean and M2 around the block mean
+//           (two passes over the block, which is in L1), merged across blocks with Chan's formula;
+//   pass 2  e^sa, e^sb and the seven RowSums (KL and the gradient's standardization terms);
+//           e^sa, e^sb are kept in a per-thread scratch row when a gradient is requested;
+//   pass 3  the gradients, from the stored exponentials (no exp recomputed).
+// Memory traffic per element: reads x and y once from memory (later passes hit cache: the working
+// set of a row is 2-6 rows of V * sizeof(T) bytes), writes each requested gradient once.
+// Low-precision inputs are converted to T into scratch rows first. Each row is computed by one
+// thread in a fixed order, so results do not depend on the number of threads.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#define LOGITSTD_ROW_MATH_AT_VEC
+#include "logitstd/kd_problem.h"
+#include "logitstd/row_math.h"
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+
+#ifndef CPU_CAPABILITY
+#error "compile this file with CPU_CAPABILITY defined (setup.py does)"
+#endif
+
+namespace logitstd {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Elements per partial sum: each vector lane adds kBlock / lanes values (256 for AVX2 float)
+// before the block total is added to the row total, which keeps float32 sums accurate to a few
+// ulps without Kahan summation; a block of x and y (16 KB in float) stays in L1 for the M2 pass.
+constexpr int64_t kBlock = 2048;
+
+template <class T>
+T lane_sum(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = lanes[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+template <class T>
+T lane_max(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) m = nan_max(m, lanes[i]);
+  return m;
+}
+
+// ------------------------------------------------------------------------------------------
+// Conversions between the input dtypes and the accumulation type.
+template <class S>
+void widen_to_float(const S* src, float* dst, int64_t n) {
+  using VS = Vectorized<S>;
+  using VF = Vectorized<float>;
+  int64_t i = 0;
+  for (; i + VS::size() <= n; i += VS::size()) {
+    auto halves = at::vec::convert_to_float<S>(VS::loadu(src + i));
+    std::get<0>(halves).store(dst + i);
+    std::get<1>(halves).store(dst + i + VF::size());
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <class S, class T>
+void to_acc(const S* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float> && (std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>)) {
+    widen_to_float(src, dst, n);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// The row in the accumulation type: the input itself when it already has it, else a converted copy.
+template <class T>
+const T* acc_row(Dtype dtype, const void* base, int64_t offset, T* scratch, int64_t n) {
+  switch (dtype) {
+    case Dtype::kFloat32:
+      if constexpr (std::is_same_v<T, float>) return static_cast<const float*>(base) + offset;
+      to_acc(static_cast<const float*>(base) + offset, scratch, n);
+      return scratch;
+    case Dtype::kFloat64:
+      if constexpr (std::is_same_v<T, double>) return static_cast<const double*>(base) + offset;
+      to_acc(static_cast<const double*>(base) + offset, scratch, n);
+      return scratch;
+    case Dtype::kFloat16:
+      to_acc(static_cast<const c10::Half*>(base) + offset, scratch, n);
+      return scratch;
+    case Dtype::kBFloat16:
+      to_acc(static_cast<const c10::BFloat16*>(base) + offset, scratch, n);
+      return scratch;
+  }
+  return scratch;
+}
+
+template <class T>
+bool is_acc_dtype(Dtype dtype) {
+  return std::is_same_v<T, float> ? dtype == Dtype::kFloat32 : dtype == Dtype::kFloat64;
+}
+
+// Write a gradient row computed in T to the output in its dtype (round to nearest even).
+template <class T>
+void store_row(const T* src, Dtype dtype, void* base, int64_t offset, int64_t n) {
+  switch (dtype) {
+    case Dtype::kFloat32:
+      at::vec::convert(src, static_cast<float*>(base) + offset, n);
+      break;
+    case Dtype::kFloat64:
+      at::vec::convert(src, static_cast<double*>(base) + offset, n);
+      break;
+    case Dtype::kFloat16:
+      at::vec::convert(src, static_cast<c10::Half*>(base) + offset, n);
+      break;
+    case Dtype::kBFloat16:
+      at::vec::convert(src, static_cast<c10::BFloat16*>(base) + offset, n);
+      break;
+  }
+}
+
+void zero_row(Dtype dtype, void* base, int64_t offset, int64_t n) {
+  const int64_t bytes = (dtype == Dtype::kFloat64 ? 8 : dtype == Dtype::kFloat32 ? 4 : 2);
+  std::memset(static_cast<char*>(base) + offset * bytes, 0, static_cast<size_t>(n * bytes));
+}
+
+// ------------------------------------------------------------------------------------------
+// Pass 1: moments of v - shift (Chan merge of per-block two-pass moments) and the max of v.
+template <class T>
+Moments<T> row_moments(const T* v, int64_t n, T shift, bool need_m2) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vshift(shift);
+  const Vec zero(T(0));
+  const Vec neg_inf(-static_cast<T>(INFINITY));
+  Moments<T> total = empty_moments<T>();
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const T* p = v + b0;
+    const int64_t len = std::min(kBlock, n - b0);
+    Vec vsum = zero;
+    Vec vmax = neg_inf;
+    int64_t i = 0;
+    for (; i + W <= len; i += W) {
+      const Vec d = Vec::loadu(p + i);
+      vmax = at::vec::maximum(vmax, d);
+      vsum = vsum + (d - vshift);
+    }
+    if (i < len) {
+      const int64_t c = len - i;
+      const Vec d = Vec::loadu(p + i, c);
+      vmax = at::vec::maximum(vmax, Vec::set(neg_inf, d, c));
+      vsum = vsum + Vec::set(zero, d - vshift, c);
+    }
+    const T mean = lane_sum(vsum) / static_cast<T>(len);
+    T m2 = T(0);
+    if (need_m2) {
+      const Vec vmean(mean);
+      Vec vm2 = zero;
+      i = 0;
+      for (; i + W <= len; i += W) {
+        const Vec d = (Vec::loadu(p + i) - vshift) - vmean;
+        vm2 = at::vec::fmadd(d, d, vm2);
+      }
+      if (i < len) {
+        const int64_t c = len - i;
+        const Vec d = Vec::set(zero, (Vec::loadu(p + i, c) - vshift) - vmean, c);
+        vm2 = at::vec::fmadd(d, d, vm2);
+      }
+      m2 = lane_sum(vm2);
+    }
+    total = merge_moments(total, Moments<T>{static_cast<T>(len), mean, m2, lane_max(vmax)});
+  }
+  return total;
+}
+
+// ------------------------------------------------------------------------------------------
+// Pass 2: exponentials and RowSums. kExact uses Sleef's exp (IEEE behaviour on NaN/Inf, for rows
+// with a non-finite logit); otherwise exp_u20, the faster exp ATen's softmax kernels use.
+template <class T, bool kExact>
+inline Vectorized<T> vexp(const Vectorized<T>& v) {
+  if constexpr (kExact) {
+    return v.exp();
+  } else {
+    return v.exp_u20();
+  }
+}
+
+template <class T, bool kExact, bool kStore>
+RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T* ea_out, T* eb_out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec xa(plan.xa), xb(plan.xb), ya(plan.ya), yb(plan.yb);
+  const Vec zero(T(0));
+  RowSums<T> total = zero_sums<T>();
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    Vec za = zero, zb = zero, t = zero, saa = zero, sab = zero, sbb = zero, sbd = zero;
+    auto body = [&](int64_t i, int64_t count) {
+      const bool tail = count < W;
+      const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
+      const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
+      const Vec sa = exp_arg(xv, xa, xb);
+      const Vec sb = exp_arg(yv, ya, yb);
+      Vec ea = vexp<T, kExact>(sa);
+      Vec eb = vexp<T, kExact>(sb);
+      if (tail) {  // lanes past the row end contribute nothing
+        ea = Vec::set(zero, ea, count);
+        eb = Vec::set(zero, eb, count);
+      }
+      const Vec delta = kl_delta(sa, sb);
+      const Vec eb_delta = eb * delta;
+      za = za + ea;
+      zb = zb + eb;
+      t = t + eb_delta;
+      saa = at::vec::fmadd(ea, sa, saa);
+      sab = at::vec::fmadd(eb, sa, sab);
+      sbb = at::vec::fmadd(eb, sb, sbb);
+      sbd = at::vec::fmadd(eb_delta, sb, sbd);
+      if constexpr (kStore) {
+        if (tail) {
+          ea.store(ea_out + i, count);
+          eb.store(eb_out + i, count);
+        } else {
+          ea.store(ea_out + i);
+          eb.store(eb_out + i);
+        }
+      }
+    };
+    int64_t i = b0;
+    for (; i + W <= b1; i += W) body(i, W);
+    if (i < b1) body(i, b1 - i);
+    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), lane_sum(saa), lane_sum(sab),
+                                       lane_sum(sbb), lane_sum(sbd)});
+  }
+  return total;
+}
+
+// ------------------------------------------------------------------------------------------
+// Pass 3: gradients from the stored exponentials. gx_out may alias ea, gy_out may alias eb (each
+// element is read before it is overwritten).
+template <class T, bool kGx, bool kGy>
+void grad_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const RowStats<T>& sx,
+               const RowStats<T>& sy, const RowResult<T>& res, const T* ea, const T* eb, T* gx_out, T* gy_out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec xa(plan.xa), xb(plan.xb), ya(plan.ya), yb(plan.yb);
+  const Vec shift_x(sx.shift), shift_y(sy.shift);
+  const Vec alpha_a(res.gx.alpha_a), neg_alpha_b(-res.gx.alpha_b), neg_beta_x(-res.gx.beta), beta_m_x(res.gx.beta_m);
+  const Vec gamma(res.gy.gamma), unit(res.gy.unit), neg_kl_cross(-res.gy.kl_cross), neg_beta_y(-res.gy.beta),
+      beta_m_y(res.gy.beta_m);
+  auto body = [&](int64_t i, int64_t count) {
+    const bool tail = count < W;
+    const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
+    const Vec ev_a = tail ? Vec::loadu(ea + i, count) : Vec::loadu(ea + i);
+    const Vec ev_b = tail ? Vec::loadu(eb + i, count) : Vec::loadu(eb + i);
+    Vec gxv, gyv;
+    if constexpr (kGx) {
+      gxv = grad_student_elem(ev_a, ev_b, xv - shift_x, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
+    }
+    if constexpr (kGy) {
+      const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
+      const Vec delta = kl_delta(exp_arg(xv, xa, xb), exp_arg(yv, ya, yb));
+      gyv = grad_teacher_elem(ev_b, delta, yv - shift_y, gamma, unit, neg_kl_cross, neg_beta_y, beta_m_y);
+    }
+    if constexpr (kGx) {
+      if (tail) gxv.store(gx_out + i, count); else gxv.store(gx_out + i);
+    }
+    if constexpr (kGy) {
+      if (tail) gyv.store(gy_out + i, count); else gyv.store(gy_out + i);
+    }
+  };
+  int64_t i = 0;
+  for (; i + W <= n; i += W) body(i, W);
+  if (i < n) body(i, n - i);
+}
+
+// ------------------------------------------------------------------------------------------
+// Per-thread scratch rows, allocated once per range of rows.
+template <class T>
+struct Scratch {
+  std::unique_ptr<T[]> x, y, ea, eb;
+};
+
+template <class T, bool kGx, bool kGy>
+void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
+  const int64_t n = p.cols;
+  T* loss = static_cast<T*>(p.loss);
+  if (p.mask != nullptr && !p.mask[r]) {
+    loss[r] = T(0);
+    if constexpr (kGx) zero_row(p.x_dtype, p.grad_x, r * n, n);
+    if constexpr (kGy) zero_row(p.y_dtype, p.grad_y, r * n, n);
+    return;
+  }
+  const T* x = acc_row<T>(p.x_dtype, p.x, r * p.x_stride, s.x.get(), n);
+  const T* y = acc_row<T>(p.y_dtype, p.y, r * p.y_stride, s.y.get(), n);
+
+  const T dof = static_cast<T>(n - p.correction);
+  const T eps = static_cast<T>(p.eps);
+  const T tau_s = static_cast<T>(p.tau_s);
+  const T tau_t = static_cast<T>(p.tau_t);
+  const Moments<T> mx = row_moments(x, n, x[0], p.standardize);
+  const Moments<T> my = row_moments(y, n, y[0], p.standardize);
+  const RowStats<T> sx = finalize_moments(mx, x[0], dof, eps, p.standardize);
+  const RowStats<T> sy = finalize_moments(my, y[0], dof, eps, p.standardize);
+  const ExpPlan<T> plan = make_exp_plan(sx, sy, tau_s, tau_t, T(1));
+
+  constexpr bool kStore = kGx || kGy;
+  const bool finite = row_is_finite(mx) && row_is_finite(my);
+  const RowSums<T> sums = finite ? exp_pass<T, false, kStore>(x, y, n, plan, s.ea.get(), s.eb.get())
+                                 : exp_pass<T, true, kStore>(x, y, n, plan, s.ea.get(), s.eb.get());
+  const RowResult<T> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, p.standardize, T(1),
+                                        static_cast<T>(p.grad_scale));
+  loss[r] = res.loss;
+  if constexpr (kStore) {
+    const bool direct_x = is_acc_dtype<T>(p.x_dtype);
+    const bool direct_y = is_acc_dtype<T>(p.y_dtype);
+    T* gx_out = nullptr;
+    T* gy_out = nullptr;
+    if constexpr (kGx) gx_out = direct_x ? static_cast<T*>(p.grad_x) + r * n : s.ea.get();
+    if constexpr (kGy) gy_out = direct_y ? static_cast<T*>(p.grad_y) + r * n : s.eb.get();
+    grad_pass<T, kGx, kGy>(x, y, n, plan, sx, sy, res, s.ea.get(), s.eb.get(), gx_out, gy_out);
+    if constexpr (kGx) {
+      if (!direct_x) store_row(gx_out, p.x_dtype, p.grad_x, r * n, n);
+    }
+    if constexpr (kGy) {
+      if (!direct_y) store_row(gy_out, p.y_dtype, p.grad_y, r * n, n);
+    }
+  }
+}
+
+template <class T, bool kGx, bool kGy>
+void run_rows(const KdProblem& p, int64_t begin, int64_t end) {
+  const int64_t n = p.cols;
+  Scratch<T> s;
+  if (!is_acc_dtype<T>(p.x_dtype)) s.x.reset(new T[n]);
+  if (!is_acc_dtype<T>(p.y_dtype)) s.y.reset(new T[n]);
+  if (kGx || kGy) {
+    s.ea.reset(new T[n]);
+    s.eb.reset(new T[n]);
+  }
+  for (int64_t r = begin; r < end; ++r) run_row<T, kGx, kGy>(p, r, s);
+}
+
+template <class T>
+void dispatch_grads(const KdProblem& p, int64_t begin, int64_t end) {
+  const bool gx = p.grad_x != nullptr;
+  const bool gy = p.grad_y != nullptr;
+  if (gx && gy) {
+    run_rows<T, true, true>(p, begin, end);
+  } else if (gx) {
+    run_rows<T, true, false>(p, begin, end);
+  } else if (gy) {
+    run_rows<T, false, true>(p, begin, end);
+  } else {
+    run_rows<T, false, false>(p, begin, end);
+  }
+}
+
+// Entry point of this instruction set's build: rows [begin, end) of the problem.
+void kd_rows(const KdProblem& p, int64_t begin, int64_t end) {
+  if (p.acc_double) {
+    dispatch_grads<double>(p, begin, end);
+  } else {
+    dispatch_grads<float>(p, begin, end);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace logitstd

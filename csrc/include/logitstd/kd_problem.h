@@ -1,0 +1,35 @@
+// Plain-data description of one fused forward call, passed from the op layer (which owns the
+// tensors) to the kernels (which only see pointers). No ATen types, so the CPU kernel translation
+// units compiled per instruction set and the CUDA kernels include nothing else from the op layer.
+#pragma once
+
+#include <cstdint>
+
+namespace logitstd {
+
+enum class Dtype : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct KdProblem {
+  const void* x = nullptr;  // student logits, row r starts at x + r * x_stride elements
+  int64_t x_stride = 0;
+  Dtype x_dtype = Dtype::kFloat32;
+  const void* y = nullptr;  // teacher logits
+  int64_t y_stride = 0;
+  Dtype y_dtype = Dtype::kFloat32;
+  const bool* mask = nullptr;  // (rows,) or nullptr: every row included
+  int64_t rows = 0;
+  int64_t cols = 0;
+  void* loss = nullptr;    // (rows,) in the accumulation dtype
+  void* grad_x = nullptr;  // contiguous (rows, cols) in x_dtype, or nullptr when not requested
+  void* grad_y = nullptr;  // contiguous (rows, cols) in y_dtype, or nullptr
+  double grad_scale = 1.0;                // CPU: the value of the (1,) grad_scale tensor
+  const void* grad_scale_ptr = nullptr;   // CUDA: device pointer to it (no host synchronization)
+  double tau_s = 1.0;
+  double tau_t = 1.0;
+  double eps = 0.0;
+  int64_t correction = 1;
+  bool standardize = true;
+  bool acc_double = false;  // accumulate in float64 (either input is float64), else float32
+};
+
+}  // namespace logitstd

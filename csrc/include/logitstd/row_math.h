@@ -1,0 +1,263 @@
+// Row math of the fused logit-standardized KD loss, shared by the CPU kernel (host code, on scalars
+// and on at::vec::Vectorized lanes) and the CUDA kernel (device code). DESIGN.md section 1 has the
+// derivation; this header is the single implementation of every formula the kernels use.
+//
+// Per row of V logits (student x, teacher y) a kernel does:
+//   1. statistics: Moments (count, mean, M2, max) of x - shift and y - shift, where shift is the
+//      row's first element (a constant row is then exactly 0, and the mean of a row such as
+//      1000 + 0.01 * randn is computed from small numbers). Partial moments of blocks of the row
+//      are combined with Chan's pairwise merge; finalize_moments() gives sigma and s = sigma + eps.
+//   2. make_exp_plan(): the exponent of element k is sa_k = x_k * xa + xb ("units" of log: 1 for
+//      exp, ln 2 for exp2), equal to (a_k - max a) / unit up to a rounding error that is the same
+//      for the whole row (it cancels in every quantity below). The kernel accumulates RowSums:
+//        za = sum e^sa, zb = sum e^sb, t = sum e^sb * delta, saa = sum e^sa sa, sab = sum e^sb sa,
+//        sbb = sum e^sb sb, sbd = sum e^sb delta sb, with delta = sb - sa (kl_delta()).
+//   3. finalize_row(): loss = tau_s^2 * KL and the coefficients of the gradient formulas
+//        dL/dx_k = alpha_a e^sa_k - alpha_b e^sb_k - beta (x_k - shift_x) + beta_m       (grad_student_elem)
+//        dL/dy_k = gamma e^sb_k (unit delta_k - kl_cross) - beta (y_k - shift_y) + beta_m  (grad_teacher_elem)
+//      which are DESIGN.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
+//      and the same chain rule for the teacher with g_w = tau_s^2 p (log p - log q - KL) / tau_t,
+//      multiplied by grad_scale.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LOGITSTD_HD __host__ __device__ __forceinline__
+#else
+#define LOGITSTD_HD inline
+#endif
+
+namespace logitstd {
+
+// ---------------------------------------------------------------------------------------------
+// Scalar math on float and double, the same spelling in host and device code.
+LOGITSTD_HD float m_sqrt(float v) { return sqrtf(v); }
+LOGITSTD_HD double m_sqrt(double v) { return sqrt(v); }
+LOGITSTD_HD float m_log(float v) { return logf(v); }
+LOGITSTD_HD double m_log(double v) { return log(v); }
+LOGITSTD_HD float m_fma(float a, float b, float c) { return fmaf(a, b, c); }
+LOGITSTD_HD double m_fma(double a, double b, double c) { return fma(a, b, c); }
+#if defined(__CUDA_ARCH__)
+LOGITSTD_HD bool m_isfinite(float v) { return isfinite(v); }
+LOGITSTD_HD bool m_isfinite(double v) { return isfinite(v); }
+#else
+LOGITSTD_HD bool m_isfinite(float v) { return std::isfinite(v); }
+LOGITSTD_HD bool m_isfinite(double v) { return std::isfinite(v); }
+#endif
+
+// The most negative finite value: kl_delta() clamps -inf to it so that 0 * delta stays 0.
+template <class T> struct Lowest;
+template <> struct Lowest<float> { LOGITSTD_HD static float value() { return -FLT_MAX; } };
+template <> struct Lowest<double> { LOGITSTD_HD static double value() { return -DBL_MAX; } };
+
+// max that propagates NaN (fmaxf would drop it): a NaN logit must make its row NaN.
+LOGITSTD_HD float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+LOGITSTD_HD double nan_max(double a, double b) { return (a != a || a > b) ? a : b; }
+
+// v, or Lowest for v = -inf (NaN stays NaN). Used on delta = sb - sa: where the teacher
+// probability is exactly 0 (b = -inf without standardization) the term e^sb * delta must be 0,
+// as in F.kl_div, not 0 * -inf = NaN.
+LOGITSTD_HD float floor_lowest(float v) { return v < -FLT_MAX ? -FLT_MAX : v; }
+LOGITSTD_HD double floor_lowest(double v) { return v < -DBL_MAX ? -DBL_MAX : v; }
+
+#if defined(LOGITSTD_ROW_MATH_AT_VEC)
+// The same operations on at::vec::Vectorized lanes (CPU kernel; include <ATen/cpu/vec/vec.h> first).
+template <class T>
+inline at::vec::Vectorized<T> m_fma(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
+                                    const at::vec::Vectorized<T>& c) {
+  return at::vec::fmadd(a, b, c);
+}
+template <class T>
+inline at::vec::Vectorized<T> floor_lowest(const at::vec::Vectorized<T>& v) {
+  return at::vec::maximum(v, at::vec::Vectorized<T>(Lowest<T>::value()));  // NaN-propagating max
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Statistics: Chan's parallel merge of (count, mean, M2) plus the max.
+template <class T>
+struct Moments {
+  T n;     // number of elements (exact up to 2^24 in float; only used as a merge weight)
+  T mean;  // mean of (v - shift)
+  T m2;    // sum of squared deviations from mean
+  T max;   // max of v (not shifted)
+};
+
+// The identity of merge_moments: no elements, max = -inf.
+template <class T>
+LOGITSTD_HD Moments<T> empty_moments() {
+  return Moments<T>{T(0), T(0), T(0), -static_cast<T>(INFINITY)};
+}
+
+// Chan, Golub & LeVeque: merge two partial moments. Exact for a constant row (both means 0).
+template <class T>
+LOGITSTD_HD Moments<T> merge_moments(const Moments<T>& a, const Moments<T>& b) {
+  if (b.n == T(0)) return Moments<T>{a.n, a.mean, a.m2, nan_max(a.max, b.max)};
+  if (a.n == T(0)) return Moments<T>{b.n, b.mean, b.m2, nan_max(a.max, b.max)};
+  const T n = a.n + b.n;
+  const T wb = b.n / n;
+  const T delta = b.mean - a.mean;
+  Moments<T> r;
+  r.n = n;
+  r.mean = m_fma(delta, wb, a.mean);
+  r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
+  r.max = nan_max(a.max, b.max);
+  return r;
+}
+
+// What the rest of the row math needs from the statistics of one input row.
+template <class T>
+struct RowStats {
+  T shift;  // the row's first element: the data are v - shift
+  T mean;   // mean of (v - shift)
+  T sigma;  // sqrt(M2 / (V - correction)); 0 when not standardizing
+  T s;      // sigma + eps; 1 when not standardizing
+  T max;    // max of v
+};
+
+template <class T>
+LOGITSTD_HD RowStats<T> finalize_moments(const Moments<T>& m, T shift, T dof, T eps, bool standardize) {
+  RowStats<T> r;
+  r.shift = shift;
+  r.mean = m.mean;
+  r.max = m.max;
+  if (standardize) {
+    r.sigma = m_sqrt(m.m2 / dof);
+    r.s = r.sigma + eps;
+  } else {
+    r.sigma = T(0);
+    r.s = T(1);
+  }
+  return r;
+}
+
+// A row is computed by the fast path when every logit is finite; the kernels use this to choose
+// an exponential that is exact on NaN/Inf for the (rare) rows that need one.
+template <class T>
+LOGITSTD_HD bool row_is_finite(const Moments<T>& m) {
+  return m_isfinite(m.mean) && m_isfinite(m.max);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exponent arguments: sa = x * xa + xb, sb = y * ya + yb, in units of `unit` (exp(unit * s)).
+template <class T>
+struct ExpPlan {
+  T xa, xb, ya, yb;
+};
+
+// a = (x - mean) / (s_x tau_s) and max a = (max x - mean) / (s_x tau_s) (standardization is
+// monotone), so a - max a = (x - max x) / (s_x tau_s); the fused multiply-add below computes it
+// with one rounding of max x * xa, an error common to the whole row that cancels in softmax.
+// s = 0 (a constant row with eps = 0) gives xa = inf and NaN exponents: the reference is NaN too.
+template <class T>
+LOGITSTD_HD ExpPlan<T> make_exp_plan(const RowStats<T>& x, const RowStats<T>& y, T tau_s, T tau_t, T inv_unit) {
+  ExpPlan<T> p;
+  p.xa = inv_unit / (x.s * tau_s);
+  p.xb = -x.max * p.xa;
+  p.ya = inv_unit / (y.s * tau_t);
+  p.yb = -y.max * p.ya;
+  return p;
+}
+
+template <class V>
+LOGITSTD_HD V exp_arg(V v, V a, V b) { return m_fma(v, a, b); }
+
+// delta = sb - sa with -inf clamped (see floor_lowest); its weighted sum gives the KL.
+template <class V>
+LOGITSTD_HD V kl_delta(V sa, V sb) { return floor_lowest(sb - sa); }
+
+// Sums over the row (or a block of it; blocks add) that the exp pass accumulates.
+template <class T>
+struct RowSums {
+  T za, zb, t, saa, sab, sbb, sbd;
+};
+
+template <class T>
+LOGITSTD_HD RowSums<T> zero_sums() { return RowSums<T>{T(0), T(0), T(0), T(0), T(0), T(0), T(0)}; }
+
+template <class T>
+LOGITSTD_HD RowSums<T> add_sums(const RowSums<T>& a, const RowSums<T>& b) {
+  return RowSums<T>{a.za + b.za, a.zb + b.zb, a.t + b.t, a.saa + b.saa,
+                    a.sab + b.sab, a.sbb + b.sbb, a.sbd + b.sbd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loss and gradient coefficients of one row.
+template <class T>
+struct GradStudentCoef {
+  T alpha_a, alpha_b, beta, beta_m;
+};
+
+template <class T>
+struct GradTeacherCoef {
+  T gamma, unit, kl_cross, beta, beta_m;
+};
+
+template <class T>
+struct RowResult {
+  T loss;  // tau_s^2 * KL(p || q)
+  GradStudentCoef<T> gx;
+  GradTeacherCoef<T> gy;
+};
+
+// The coefficient of the standardization term: S s / ((V - c) sigma), 0 for a constant row
+// (sigma = 0, eps > 0), where u = 0 exactly and the term is 0 instead of 0 * inf.
+template <class T>
+LOGITSTD_HD T std_coefficient(T S, const RowStats<T>& st, T dof) {
+  return st.sigma > T(0) ? S * st.s / (dof * st.sigma) : T(0);
+}
+
+template <class T>
+LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>& sx, const RowStats<T>& sy,
+                                      T dof, T tau_s, T tau_t, bool standardize, T unit, T grad_scale) {
+  RowResult<T> r;
+  const T inv_za = T(1) / sums.za;
+  const T inv_zb = T(1) / sums.zb;
+  const T kl_cross = unit * sums.t * inv_zb;  // sum p (b - a) up to the common shift
+  const T kl = kl_cross + m_log(sums.za) - m_log(sums.zb);
+  const T tau2 = tau_s * tau_s;
+  r.loss = tau2 * kl;
+
+  // Student: S = sum g_u u = tau_s^2 (E_q[a] - E_p[a]) (g_u sums to 0, so any shift of a cancels).
+  const T sx_s = sx.s;
+  r.gx.alpha_a = grad_scale * tau_s * inv_za / sx_s;
+  r.gx.alpha_b = grad_scale * tau_s * inv_zb / sx_s;
+  if (standardize) {
+    const T S = tau2 * unit * (sums.saa * inv_za - sums.sab * inv_zb);
+    r.gx.beta = grad_scale * std_coefficient(S, sx, dof) / (sx_s * sx_s);
+  } else {
+    r.gx.beta = T(0);
+  }
+  r.gx.beta_m = r.gx.beta * sx.mean;
+
+  // Teacher: g_w = tau_s^2 p (delta - KL_cross) / tau_t, S = tau_s^2 Cov_p(delta, b).
+  const T sy_s = sy.s;
+  r.gy.gamma = grad_scale * tau2 * inv_zb / (tau_t * sy_s);
+  r.gy.unit = unit;
+  r.gy.kl_cross = kl_cross;
+  if (standardize) {
+    const T S = tau2 * unit * (unit * sums.sbd * inv_zb - kl_cross * sums.sbb * inv_zb);
+    r.gy.beta = grad_scale * std_coefficient(S, sy, dof) / (sy_s * sy_s);
+  } else {
+    r.gy.beta = T(0);
+  }
+  r.gy.beta_m = r.gy.beta * sy.mean;
+  return r;
+}
+
+// Per-element gradients; V is a scalar (float, double) or a vector type with m_fma overloads.
+// xk = x - shift_x, ea = e^sa, eb = e^sb (all in the accumulation type).
+template <class V>
+LOGITSTD_HD V grad_student_elem(V ea, V eb, V xk, V alpha_a, V neg_alpha_b, V neg_beta, V beta_m) {
+  return m_fma(alpha_a, ea, m_fma(neg_alpha_b, eb, m_fma(neg_beta, xk, beta_m)));
+}
+
+template <class V>
+LOGITSTD_HD V grad_teacher_elem(V eb, V delta, V yk, V gamma, V unit, V neg_kl_cross, V neg_beta, V beta_m) {
+  return m_fma(gamma * eb, m_fma(delta, unit, neg_kl_cross), m_fma(neg_beta, yk, beta_m));
+}
+
+}  // namespace logitstd

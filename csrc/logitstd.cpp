@@ -1,0 +1,32 @@
+// The logitstd_kernels._C extension: the schemas of the C++ ops (the kernels are registered for the
+// CPU and CUDA dispatch keys in cpu/kd_cpu.cpp and cuda/kd_cuda.cu) and an empty Python module whose
+// import loads the library, which runs these registrations.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(logitstd, m) {
+  // The fake (meta) implementations live in logitstd_kernels/_cpp.py.
+  m.set_python_module("logitstd_kernels._cpp");
+  // Loss of each row and, when requested, the gradients scaled by grad_scale, in one pass over the
+  // inputs (the kernel contract documented in logitstd_kernels/_backends.py).
+  m.def(
+      "fused_kd_forward(Tensor student, Tensor teacher, Tensor? mask, Tensor grad_scale, float tau_s, "
+      "float tau_t, bool standardize, int correction, float eps, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
+  // In place: grad[r] *= scale[r] (or scale[0]); rows whose scale is exactly 1 are not touched.
+  m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> ()");
+}
+
+extern "C" {
+// Importing logitstd_kernels._C only needs to load this library.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "C++/CUDA kernels of logitstd_kernels; the ops are in torch.ops.logitstd",  // doc
+      -1,    // size
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}

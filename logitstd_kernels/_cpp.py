@@ -1,0 +1,91 @@
+"""The C++/CUDA backend ("cpu" and "cuda"): the kernel contract of ``_backends`` on ``logitstd_kernels._C``.
+
+Importing this module loads the extension built by ``setup.py``; loading it registers the ops
+``torch.ops.logitstd.fused_kd_forward`` and ``torch.ops.logitstd.scale_rows_`` (schemas in
+``csrc/logitstd.cpp``) with a CPU kernel and, when the extension was built with CUDA, a CUDA kernel.
+This module adds their fake (meta) implementations, so they trace under ``torch.compile`` and pass
+``torch.library.opcheck``. It raises ImportError when the extension is not built; the backend
+registry reports that as the reason the "cpu"/"cuda" backends are unavailable.
+
+Equivalent eager code of ``fused_kd_forward`` (per included row ``r``; excluded rows give 0)::
+
+    rows[r] = reference.logitstd_kd_loss(student[r:r+1], teacher[r:r+1], temperature=tau_s,
+                                         teacher_temperature=tau_t, standardize=standardize,
+                                         correction=correction, eps=eps, reduction="sum")
+    grad_student[r], grad_teacher[r] = grad_scale * torch.autograd.grad(rows[r], (student[r], teacher[r]))
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import accumulation_dtype
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as exc:
+    raise ImportError(
+        f"the C++ extension logitstd_kernels._C is not built ({exc}); build it with "
+        f"`pip install --no-build-isolation -e .` (see setup.py)"
+    ) from exc
+
+__all__ = ["fused_kd_forward", "has_kernel", "scale_rows_"]
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension has a kernel for ``device_type`` ("cpu" or "cuda")."""
+    key = _DISPATCH_KEYS.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("logitstd::fused_kd_forward", key)
+
+
+def fused_kd_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    grad_scale: torch.Tensor,
+    tau_s: float,
+    tau_t: float,
+    standardize: bool,
+    correction: int,
+    eps: float,
+    grad_student: bool,
+    grad_teacher: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss and the gradients scaled by ``grad_scale``: the kernel contract of ``_backends``.
+
+    Returns ``(rows, grad_student, grad_teacher)``: ``rows`` is (N,) in the accumulation dtype, each
+    gradient a new contiguous (N, V) tensor in its input's dtype, or an empty (0,) tensor when not
+    requested.
+    """
+    return torch.ops.logitstd.fused_kd_forward(
+        student, teacher, mask, grad_scale, float(tau_s), float(tau_t), bool(standardize), int(correction),
+        float(eps), bool(grad_student), bool(grad_teacher),
+    )
+
+
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """In place ``grad[r] *= scale[r]`` (``scale`` of shape () or (N,)); rows whose scale is 1 are skipped.
+
+    Equivalent eager code: ``grad.mul_(scale.reshape(-1, 1) if scale.dim() else scale)``.
+    """
+    torch.ops.logitstd.scale_rows_(grad, scale)
+
+
+@torch.library.register_fake("logitstd::fused_kd_forward")
+def _fused_kd_forward_fake(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps,
+                           grad_student, grad_teacher):
+    torch._check(student.dim() == 2, lambda: f"student must be 2-D, got {student.dim()}-D")
+    torch._check(teacher.shape == student.shape, lambda: "teacher and student must have the same shape")
+    rows = student.new_empty((student.shape[0],), dtype=accumulation_dtype(student, teacher))
+    grad_x = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+    grad_y = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
+    return rows, grad_x, grad_y
+
+
+@torch.library.register_fake("logitstd::scale_rows_")
+def _scale_rows_fake(grad, scale):
+    return None
