@@ -106,6 +106,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
+@torch.compiler.assume_constant_result
+def resolve_backend_name(backend: str, device_type: str) -> str:
+    """:func:`resolve_backend` for a device type; a constant to torch.compile (no import is traced)."""
+    return resolve_backend(backend, torch.device(device_type))
+
+
 def backend_module(backend: str) -> ModuleType:
     """The module implementing the kernel contract for a fused backend name."""
     if backend not in _FUSED:

@@ -12,7 +12,7 @@ import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.logitstd.kd_loss)
 from . import reference
-from ._backends import resolve_backend
+from ._backends import resolve_backend_name
 from ._checks import check_backend, check_kd_args
 
 __all__ = ["logitstd_kd_loss", "kd_loss", "zscore"]
@@ -64,7 +64,7 @@ def logitstd_kd_loss(
         student_logits, teacher_logits, temperature=temperature, teacher_temperature=teacher_temperature,
         standardize=standardize, correction=correction, eps=eps, reduction=reduction, mask=mask,
     )
-    name = resolve_backend(check_backend(backend), student.device)
+    name = resolve_backend_name(check_backend(backend), student.device.type)
     if name == "torch":
         return reference.logitstd_kd_loss(
             student, teacher, temperature=tau_s, teacher_temperature=tau_t, standardize=standardize,

@@ -85,9 +85,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.requested = (inputs[9], inputs[10])
 
 
-def _is_tracing() -> bool:
-    """True under torch.compile / AOT autograd tracing, where in-place on saved tensors is not allowed."""
-    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+def _may_overwrite_saved(saved: torch.Tensor) -> bool:
+    """True when the saved gradient will never be needed again, so it can become the gradient.
+
+    Not under torch.compile / AOT tracing (functionalized graphs cannot mutate saved tensors), and
+    not when the autograd graph is kept (``retain_graph=True``, gradcheck): a later backward through
+    the same graph must find the saved gradient unchanged.
+    """
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(saved) is not None:
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
 
 
 def _apply_upstream(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, requested: bool, name: str) -> torch.Tensor:
@@ -96,13 +104,12 @@ def _apply_upstream(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, requested
             f"logitstd.kd_loss was called with grad_{name}=False but autograd asks for the {name} "
             f"gradient; pass grad_{name}=True when the {name} logits require grad"
         )
-    scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
-    if _is_tracing():
+    if not _may_overwrite_saved(saved):
+        scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
         return (saved * scale).to(saved.dtype)
-    # The saved buffer becomes the gradient: no second N x V allocation. Bumping its version makes a
-    # second backward through the same graph fail loudly instead of double-scaling.
+    # The saved buffer becomes the gradient in place: no second N x V allocation, and the Triton
+    # scaling kernel skips rows whose incoming gradient is exactly 1.
     backend_module(ctx.backend).scale_rows_(saved, grad_loss)
-    torch.autograd.graph.increment_version(saved)
     return saved
 
 
