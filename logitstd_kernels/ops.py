@@ -3,10 +3,10 @@
 The fused kernels compute the loss and, when an input requires grad, its gradient in the same
 launch (the row is already on chip; a separate backward would read both inputs again). The
 gradient is written pre-scaled by the reduction (``1/count`` for ``"batchmean"``) and saved; the
-backward multiplies it by the incoming gradient in place, so the peak memory is the inputs plus one
-gradient buffer per input that requires grad. The Triton scaling kernel skips rows whose incoming
-gradient is exactly 1 on the device (no host synchronization), so ``loss.backward()`` on a scalar
-loss costs no second pass over the gradient.
+backward multiplies it by the incoming gradient in place (out of place when the graph is retained
+or traced), so the peak memory is the inputs plus one gradient buffer per input that requires grad.
+The Triton scaling kernel skips rows whose incoming gradient is exactly 1 on the device (no host
+synchronization), so ``loss.backward()`` on a scalar loss costs no second pass over the gradient.
 
 Equivalent eager code: ``reference.logitstd_kd_loss`` with the same arguments.
 """
