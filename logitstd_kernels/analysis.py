@@ -156,8 +156,9 @@ def sample_stats(logits: LogitSet, settings: KLSettings = KLSettings(), *, chunk
     """Predictions and the four per-sample KLs (A and B, before and after z-scoring) of one split.
 
     Rows are processed ``chunk_rows`` at a time (default :func:`default_chunk_rows`: 32 MiB of float32
-    per logit array), so memory is bounded by the chunk, not by N. Rows are independent, so the
-    result does not depend on ``chunk_rows``. ``progress(iterable, total, description)`` may wrap the
+    per logit array), so memory is bounded by the chunk, not by N. The fused kernels compute each row
+    on its own, so the result does not depend on ``chunk_rows``, bit for bit; the eager reference
+    (``backend="torch"``) picks its reduction order by shape, so for wide rows it agrees to rounding. ``progress(iterable, total, description)`` may wrap the
     loop over chunk starts (e.g. :func:`logitstd_kernels.experiments.deps.progress`).
     """
     n, num_classes = _check_set(logits)

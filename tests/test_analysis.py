@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import logitstd_kernels as lsk
 from logitstd_kernels import analysis as an
 from logitstd_kernels.cli import main as cli_main
 from logitstd_kernels.experiments.logit_io import NpyRows, load_array, load_bundle, save_bundle
@@ -49,6 +51,10 @@ def _random_logits(seed: int, n: int = 3000, v: int = 37, dtype=torch.float64) -
     a = scale * (teacher + torch.randn(n, v, generator=g, dtype=torch.float64))
     b = teacher + torch.randn(n, v, generator=g, dtype=torch.float64)
     return an.LogitSet(teacher.to(dtype), a.to(dtype), b.to(dtype), labels)
+
+
+# the analysis runs on CPU tensors: check every backend that can compute them here
+CPU_BACKENDS = [b for b in lsk.available_backends() if b in ("torch", "cpu")]
 
 
 def _fresh_seed() -> int:
@@ -102,11 +108,12 @@ def test_figure2_kls_match_the_seed_formula():
     assert abs(stats.kl_a_std[0]) < 1e-6
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("seed_figures", [False, True])
-def test_agrees_with_a_direct_implementation_of_the_seed_rule(seed_figures):
+def test_agrees_with_a_direct_implementation_of_the_seed_rule(seed_figures, backend):
     seed = _fresh_seed()
     logits = _random_logits(seed)
-    settings = an.SEED_FIGURES if seed_figures else an.KLSettings()
+    settings = replace(an.SEED_FIGURES if seed_figures else an.KLSettings(), backend=backend)
     conflict, corrected = _seed_rule(*logits, T=3.0, class_mean=seed_figures, eps=settings.eps,
                                      log_eps=1e-12 if seed_figures else 0.0)
     assert conflict.sum() > 50 and 0 < corrected.sum() < conflict.sum(), f"seed {seed}: data not informative"
@@ -130,14 +137,35 @@ def test_float32_logits_agree_with_the_seed_rule_up_to_float32_ties():
     assert np.array_equal(got_corrected[~close], corrected[~close]), f"seed {seed}"
 
 
-def test_chunked_and_unchunked_analysis_agree_exactly():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_chunked_and_unchunked_analysis_agree_exactly(backend):
     logits = _random_logits(_fresh_seed(), n=600, v=50, dtype=torch.float32)
-    whole = an.sample_stats(logits, chunk_rows=10**9)
+    settings = an.KLSettings(backend=backend)
+    whole = an.sample_stats(logits, settings, chunk_rows=10**9)
     for chunk_rows in (1, 3, 64, 599, None):
-        parts = an.sample_stats(logits, chunk_rows=chunk_rows)
+        parts = an.sample_stats(logits, settings, chunk_rows=chunk_rows)
         for name in vars(whole):
             assert np.array_equal(getattr(parts, name), getattr(whole, name)), (name, chunk_rows)
-    assert an.analyze_split(logits, chunk_rows=7) == an.analyze_split(logits, chunk_rows=None)
+    assert an.analyze_split(logits, settings, chunk_rows=7) == an.analyze_split(logits, settings, chunk_rows=None)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_chunking_wide_rows(backend):
+    """Rows wider than a kernel block. The fused kernel computes each row alone, so any chunking gives
+    the same bits; eager PyTorch picks its reduction strategy by shape, so there it agrees to rounding."""
+    g = torch.Generator().manual_seed(_fresh_seed())
+    t = torch.randn(24, 70000, generator=g)
+    logits = an.LogitSet(t, 0.5 * t + torch.randn(24, 70000, generator=g), t + torch.randn(24, 70000, generator=g),
+                         torch.zeros(24, dtype=torch.long))
+    settings = an.KLSettings(backend=backend)
+    whole = an.sample_stats(logits, settings, chunk_rows=24)
+    for chunk_rows in (1, 5):
+        parts = an.sample_stats(logits, settings, chunk_rows=chunk_rows)
+        for name in ("kl_a", "kl_b", "kl_a_std", "kl_b_std"):
+            if backend == "torch":
+                np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), rtol=1e-5)
+            else:
+                assert np.array_equal(getattr(parts, name), getattr(whole, name)), (name, chunk_rows)
 
 
 def test_memory_mapped_npy_and_tensor_inputs_give_the_same_report(tmp_path):

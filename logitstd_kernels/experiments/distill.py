@@ -197,9 +197,13 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     ax.set_xticklabels([f"{w:g}" for w in weights])
     ax.set_xlabel("KD loss weight")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"digits: students {results['config']['student_hidden']}, {len(results['config']['seeds'])} seeds",
-                 fontsize=10)
-    ax.legend(fontsize=8)
+    cfg = results["config"]
+    shape = "-".join(str(s) for s in (NUM_FEATURES, *cfg["student_hidden"], NUM_CLASSES))
+    ax.set_title(f"digits: student MLP {shape}, CE weight {cfg['ce_weight']:g}, {len(cfg['seeds'])} seeds "
+                 f"(mean +- std)", fontsize=10)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.35 * (high - low))  # room for the legend above the curves
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
