@@ -84,7 +84,9 @@ def test_distill_tiny_run_learns(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     from logitstd_kernels.experiments.distill import DistillConfig, format_results, plot_results, run_distill
+    from logitstd_kernels.experiments.training import set_threads
 
+    set_threads(1)  # tiny MLPs: more threads only add overhead (the fixture restores the count)
     config = DistillConfig(kd_weights=(3.0,), seeds=(0,), teacher_hidden=(64,), teacher_epochs=8, student_epochs=8)
     results = run_distill(config, show_progress=False)
     assert results["teacher_accuracy"] > 0.85

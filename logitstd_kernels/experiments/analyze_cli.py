@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("bundles", nargs="*", type=Path, metavar="FILE",
                      help="bundle(s) .npz or .pt with keys <split>_teacher, <split>_student_a, <split>_student_b, "
                           "<split>_labels (or teacher, student_a, student_b, labels for one split)")
-    src.add_argument("--teacher", type=Path, help="teacher logits (N, V): .npy (memory-mapped) or .pt")
+    src.add_argument("--teacher", type=Path, help="teacher logits (N, V): .npy (read a chunk of rows at a time) or .pt (memory-mapped)")
     src.add_argument("--student-a", type=Path, help="student A logits (N, V), e.g. the independently trained one")
     src.add_argument("--student-b", type=Path, help="student B logits (N, V), e.g. the KD student")
     src.add_argument("--labels", type=Path, help="labels (N,): .npy or .pt")

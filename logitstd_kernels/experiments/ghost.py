@@ -159,7 +159,7 @@ def format_results(results: dict[str, Any]) -> str:
 def plot_results(results: dict[str, Any], path: Path) -> Path:
     """Student test accuracy per epoch (mean +- std over seeds) for each variant, with the teacher's level."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     epochs = list(range(results["config"]["epochs"] + 1))
     for curve in results["curves"].values():
         mean = [100 * m for m in curve["mean"]]
@@ -172,7 +172,8 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(f"digits, {results['config']['ghost']} ghost logits, T={results['config']['temperature']:g}, "
                  f"{len(results['config']['seeds'])} seeds", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

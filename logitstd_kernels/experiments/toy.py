@@ -13,7 +13,7 @@ Each loss is ``T**2 * KL(softmax(y / T) || softmax(x / T))`` from the package's 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
