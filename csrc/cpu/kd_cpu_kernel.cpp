@@ -140,6 +140,7 @@ void zero_row(Dtype dtype, void* base, int64_t offset, int64_t n) {
 
 // ------------------------------------------------------------------------------------------
 // Pass 1: moments of v - shift (Chan merge of per-block two-pass moments) and the max of v.
+// Four independent accumulators per sum (combined in a fixed order) hide the add latency.
 template <class T>
 Moments<T> row_moments(const T* v, int64_t n, T shift, bool need_m2) {
   using Vec = Vectorized<T>;
@@ -151,38 +152,61 @@ Moments<T> row_moments(const T* v, int64_t n, T shift, bool need_m2) {
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const T* p = v + b0;
     const int64_t len = std::min(kBlock, n - b0);
-    Vec vsum = zero;
-    Vec vmax = neg_inf;
+    Vec s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    Vec m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
     int64_t i = 0;
+    for (; i + 4 * W <= len; i += 4 * W) {
+      const Vec d0 = Vec::loadu(p + i), d1 = Vec::loadu(p + i + W);
+      const Vec d2 = Vec::loadu(p + i + 2 * W), d3 = Vec::loadu(p + i + 3 * W);
+      m0 = at::vec::maximum(m0, d0);
+      m1 = at::vec::maximum(m1, d1);
+      m2 = at::vec::maximum(m2, d2);
+      m3 = at::vec::maximum(m3, d3);
+      s0 = s0 + (d0 - vshift);
+      s1 = s1 + (d1 - vshift);
+      s2 = s2 + (d2 - vshift);
+      s3 = s3 + (d3 - vshift);
+    }
     for (; i + W <= len; i += W) {
       const Vec d = Vec::loadu(p + i);
-      vmax = at::vec::maximum(vmax, d);
-      vsum = vsum + (d - vshift);
+      m0 = at::vec::maximum(m0, d);
+      s0 = s0 + (d - vshift);
     }
     if (i < len) {
       const int64_t c = len - i;
       const Vec d = Vec::loadu(p + i, c);
-      vmax = at::vec::maximum(vmax, Vec::set(neg_inf, d, c));
-      vsum = vsum + Vec::set(zero, d - vshift, c);
+      m0 = at::vec::maximum(m0, Vec::set(neg_inf, d, c));
+      s0 = s0 + Vec::set(zero, d - vshift, c);
     }
-    const T mean = lane_sum(vsum) / static_cast<T>(len);
-    T m2 = T(0);
+    const T mean = lane_sum((s0 + s1) + (s2 + s3)) / static_cast<T>(len);
+    const T max = lane_max(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+    T m2sum = T(0);
     if (need_m2) {
-      const Vec vmean(mean);
-      Vec vm2 = zero;
+      const Vec vcenter(mean);
+      Vec q0 = zero, q1 = zero, q2 = zero, q3 = zero;
       i = 0;
+      for (; i + 4 * W <= len; i += 4 * W) {
+        const Vec d0 = (Vec::loadu(p + i) - vshift) - vcenter;
+        const Vec d1 = (Vec::loadu(p + i + W) - vshift) - vcenter;
+        const Vec d2 = (Vec::loadu(p + i + 2 * W) - vshift) - vcenter;
+        const Vec d3 = (Vec::loadu(p + i + 3 * W) - vshift) - vcenter;
+        q0 = at::vec::fmadd(d0, d0, q0);
+        q1 = at::vec::fmadd(d1, d1, q1);
+        q2 = at::vec::fmadd(d2, d2, q2);
+        q3 = at::vec::fmadd(d3, d3, q3);
+      }
       for (; i + W <= len; i += W) {
-        const Vec d = (Vec::loadu(p + i) - vshift) - vmean;
-        vm2 = at::vec::fmadd(d, d, vm2);
+        const Vec d = (Vec::loadu(p + i) - vshift) - vcenter;
+        q0 = at::vec::fmadd(d, d, q0);
       }
       if (i < len) {
         const int64_t c = len - i;
-        const Vec d = Vec::set(zero, (Vec::loadu(p + i, c) - vshift) - vmean, c);
-        vm2 = at::vec::fmadd(d, d, vm2);
+        const Vec d = Vec::set(zero, (Vec::loadu(p + i, c) - vshift) - vcenter, c);
+        q0 = at::vec::fmadd(d, d, q0);
       }
-      m2 = lane_sum(vm2);
+      m2sum = lane_sum((q0 + q1) + (q2 + q3));
     }
-    total = merge_moments(total, Moments<T>{static_cast<T>(len), mean, m2, lane_max(vmax)});
+    total = merge_moments(total, Moments<T>{static_cast<T>(len), mean, m2sum, max});
   }
   return total;
 }
@@ -199,11 +223,14 @@ inline Vectorized<T> vexp(const Vectorized<T>& v) {
   }
 }
 
-template <class T, bool kExact, bool kStore>
+// kGx / kGy: a gradient is requested, so the exponentials are stored and the sums of its
+// standardization term are accumulated (saa, sab for the student; sbb, sbd for the teacher).
+template <class T, bool kExact, bool kGx, bool kGy>
 RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T* ea_out, T* eb_out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec xa(plan.xa), xb(plan.xb), ya(plan.ya), yb(plan.yb);
+  constexpr bool kStore = kGx || kGy;
+  const Vec x_max(plan.x_max), xa(plan.xa), y_max(plan.y_max), ya(plan.ya);
   const Vec zero(T(0));
   RowSums<T> total = zero_sums<T>();
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
@@ -213,23 +240,29 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
       const bool tail = count < W;
       const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
       const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
-      const Vec sa = exp_arg(xv, xa, xb);
-      const Vec sb = exp_arg(yv, ya, yb);
+      const Vec sa = exp_arg(xv, x_max, xa);
+      const Vec sb = exp_arg(yv, y_max, ya);
       Vec ea = vexp<T, kExact>(sa);
       Vec eb = vexp<T, kExact>(sb);
       if (tail) {  // lanes past the row end contribute nothing
         ea = Vec::set(zero, ea, count);
         eb = Vec::set(zero, eb, count);
       }
-      const Vec delta = kl_delta(sa, sb);
+      // On rows of finite logits delta is finite: the clamp of kl_delta is only needed on the
+      // exact (non-finite) path.
+      const Vec delta = kExact ? kl_delta(sa, sb) : sb - sa;
       const Vec eb_delta = eb * delta;
       za = za + ea;
       zb = zb + eb;
       t = t + eb_delta;
-      saa = at::vec::fmadd(ea, sa, saa);
-      sab = at::vec::fmadd(eb, sa, sab);
-      sbb = at::vec::fmadd(eb, sb, sbb);
-      sbd = at::vec::fmadd(eb_delta, sb, sbd);
+      if constexpr (kGx) {
+        saa = at::vec::fmadd(ea, sa, saa);
+        sab = at::vec::fmadd(eb, sa, sab);
+      }
+      if constexpr (kGy) {
+        sbb = at::vec::fmadd(eb, sb, sbb);
+        sbd = at::vec::fmadd(eb_delta, sb, sbd);
+      }
       if constexpr (kStore) {
         if (tail) {
           ea.store(ea_out + i, count);
@@ -257,7 +290,7 @@ void grad_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const 
                const RowStats<T>& sy, const RowResult<T>& res, const T* ea, const T* eb, T* gx_out, T* gy_out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec xa(plan.xa), xb(plan.xb), ya(plan.ya), yb(plan.yb);
+  const Vec x_max(plan.x_max), xa(plan.xa), y_max(plan.y_max), ya(plan.ya);
   const Vec shift_x(sx.shift), shift_y(sy.shift);
   const Vec alpha_a(res.gx.alpha_a), neg_alpha_b(-res.gx.alpha_b), neg_beta_x(-res.gx.beta), beta_m_x(res.gx.beta_m);
   const Vec gamma(res.gy.gamma), unit(res.gy.unit), neg_kl_cross(-res.gy.kl_cross), neg_beta_y(-res.gy.beta),
@@ -273,7 +306,7 @@ void grad_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const 
     }
     if constexpr (kGy) {
       const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
-      const Vec delta = kl_delta(exp_arg(xv, xa, xb), exp_arg(yv, ya, yb));
+      const Vec delta = kl_delta(exp_arg(xv, x_max, xa), exp_arg(yv, y_max, ya));
       gyv = grad_teacher_elem(ev_b, delta, yv - shift_y, gamma, unit, neg_kl_cross, neg_beta_y, beta_m_y);
     }
     if constexpr (kGx) {
@@ -320,8 +353,8 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
 
   constexpr bool kStore = kGx || kGy;
   const bool finite = row_is_finite(mx) && row_is_finite(my);
-  const RowSums<T> sums = finite ? exp_pass<T, false, kStore>(x, y, n, plan, s.ea.get(), s.eb.get())
-                                 : exp_pass<T, true, kStore>(x, y, n, plan, s.ea.get(), s.eb.get());
+  const RowSums<T> sums = finite ? exp_pass<T, false, kGx, kGy>(x, y, n, plan, s.ea.get(), s.eb.get())
+                                 : exp_pass<T, true, kGx, kGy>(x, y, n, plan, s.ea.get(), s.eb.get());
   const RowResult<T> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, p.standardize, T(1),
                                         static_cast<T>(p.grad_scale));
   loss[r] = res.loss;

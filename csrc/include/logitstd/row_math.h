@@ -7,9 +7,8 @@
 //      row's first element (a constant row is then exactly 0, and the mean of a row such as
 //      1000 + 0.01 * randn is computed from small numbers). Partial moments of blocks of the row
 //      are combined with Chan's pairwise merge; finalize_moments() gives sigma and s = sigma + eps.
-//   2. make_exp_plan(): the exponent of element k is sa_k = x_k * xa + xb ("units" of log: 1 for
-//      exp, ln 2 for exp2), equal to (a_k - max a) / unit up to a rounding error that is the same
-//      for the whole row (it cancels in every quantity below). The kernel accumulates RowSums:
+//   2. make_exp_plan(): the exponent of element k is sa_k = (x_k - max x) * xa = (a_k - max a) / unit
+//      ("units" of log: 1 for exp, ln 2 for exp2). The kernel accumulates RowSums:
 //        za = sum e^sa, zb = sum e^sb, t = sum e^sb * delta, saa = sum e^sa sa, sab = sum e^sb sa,
 //        sbb = sum e^sb sb, sbd = sum e^sb delta sb, with delta = sb - sa (kl_delta()).
 //   3. finalize_row(): loss = tau_s^2 * KL and the coefficients of the gradient formulas
@@ -142,28 +141,30 @@ LOGITSTD_HD bool row_is_finite(const Moments<T>& m) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exponent arguments: sa = x * xa + xb, sb = y * ya + yb, in units of `unit` (exp(unit * s)).
+// Exponent arguments: sa = (x - max x) * xa, sb = (y - max y) * ya, in units of `unit`
+// (e^(unit * sa) = e^(a - max a)).
 template <class T>
 struct ExpPlan {
-  T xa, xb, ya, yb;
+  T x_max, xa, y_max, ya;
 };
 
 // a = (x - mean) / (s_x tau_s) and max a = (max x - mean) / (s_x tau_s) (standardization is
-// monotone), so a - max a = (x - max x) / (s_x tau_s); the fused multiply-add below computes it
-// with one rounding of max x * xa, an error common to the whole row that cancels in softmax.
-// s = 0 (a constant row with eps = 0) gives xa = inf and NaN exponents: the reference is NaN too.
+// monotone), so a - max a = (x - max x) / (s_x tau_s): the difference of two nearby logits is
+// exact, so rows such as 1000 + 0.01 * randn lose nothing (x * xa - max x * xa would, without a
+// fused multiply-add). s = 0 (a constant row with eps = 0) gives xa = inf and 0 * inf = NaN
+// exponents, as in the reference; a constant row with eps > 0 gives exponents of exactly 0.
 template <class T>
 LOGITSTD_HD ExpPlan<T> make_exp_plan(const RowStats<T>& x, const RowStats<T>& y, T tau_s, T tau_t, T inv_unit) {
   ExpPlan<T> p;
+  p.x_max = x.max;
   p.xa = inv_unit / (x.s * tau_s);
-  p.xb = -x.max * p.xa;
+  p.y_max = y.max;
   p.ya = inv_unit / (y.s * tau_t);
-  p.yb = -y.max * p.ya;
   return p;
 }
 
 template <class V>
-LOGITSTD_HD V exp_arg(V v, V a, V b) { return m_fma(v, a, b); }
+LOGITSTD_HD V exp_arg(V v, V v_max, V scale) { return (v - v_max) * scale; }
 
 // delta = sb - sa with -inf clamped (see floor_lowest); its weighted sum gives the KL.
 template <class V>
@@ -216,7 +217,7 @@ LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>&
   RowResult<T> r;
   const T inv_za = T(1) / sums.za;
   const T inv_zb = T(1) / sums.zb;
-  const T kl_cross = unit * sums.t * inv_zb;  // sum p (b - a) up to the common shift
+  const T kl_cross = unit * sums.t * inv_zb;  // E_p[(b - max b) - (a - max a)]
   const T kl = kl_cross + m_log(sums.za) - m_log(sums.zb);
   const T tau2 = tau_s * tau_s;
   r.loss = tau2 * kl;

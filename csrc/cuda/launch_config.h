@@ -1,0 +1,33 @@
+// Launch constants of the CUDA kernel (csrc/cuda/kd_cuda.cu), each with the reason for its value.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace logitstd {
+namespace cuda {
+
+// Threads per CTA: 8 warps. With kTargetCtaBytes of row data per CTA, three CTAs (768 threads)
+// fit one SM's 228 KB of shared memory and its 65536 registers at <= 85 registers per thread
+// (kMinCtasPerSm in __launch_bounds__), so one CTA's loads overlap another CTA's math.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMinCtasPerSm = 3;
+
+// Shared memory per CTA for its chunk of the (student, teacher) row pair: the cluster size is the
+// smallest power of two that brings a CTA's chunk under this (bf16: V = 32768 -> 2 CTAs,
+// V = 131072 -> 8, V = 262144 -> 16). 64 KB x 3 CTAs + static shared memory fit in 228 KB.
+constexpr size_t kTargetCtaBytes = 64 * 1024;
+
+// Cluster sizes: 8 is the portable maximum; Hopper (H100/H200) also runs 16 with
+// cudaFuncAttributeNonPortableClusterSizeAllowed, which keeps bf16 rows of 256k classes at 64 KB
+// per CTA. Whether a size can be scheduled is asked of cudaOccupancyMaxActiveClusters.
+constexpr int kMaxPortableCluster = 8;
+constexpr int kMaxCluster = 16;
+
+// Rows per CTA of the row-scaling kernel's grid-stride loop (grid = min(rows, this)).
+constexpr int64_t kScaleMaxBlocks = 65535;
+constexpr int kScaleThreads = 256;
+
+}  // namespace cuda
+}  // namespace logitstd
