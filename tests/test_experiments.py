@@ -74,7 +74,8 @@ def test_a_missing_extra_is_named(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn` raise ImportError
     message = deps.missing_extra("the distill experiment", "sklearn")
     assert message is not None and ".[examples]" in message and "sklearn" in message
-    for command in (["distill"], ["ghost"], ["analyze", "--demo", "digits"]):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for command in (["distill"], ["ghost"], ["analyze", "--demo", "digits"], ["toy", "--plot", "toy.png"]):
         assert cli_main(command) == 2
         err = capsys.readouterr().err
         assert "examples" in err and "pip install" in err

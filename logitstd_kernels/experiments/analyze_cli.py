@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..analysis import SEED_FIGURES, KLSettings, LogitSet, analyze, format_report
-from .deps import missing_extra, progress
+from .deps import check_extras, progress
 from .logit_io import load_arrays, load_bundle, save_bundle
 from .results import write_json
 
@@ -97,11 +97,8 @@ def _progress(iterable: Iterable[int], total: int, desc: str) -> Iterable[int]:
 
 def run(args: argparse.Namespace) -> int:
     """Analyse every split, print the report, write ``analyze.txt`` and ``analyze.json``."""
-    if args.demo == "digits":
-        message = missing_extra("analyze --demo digits", "sklearn")
-        if message is not None:
-            print(message, file=sys.stderr)
-            return 2
+    if args.demo == "digits" and not check_extras("analyze --demo digits", "sklearn"):
+        return 2
     settings = SEED_FIGURES if args.seed_figures else KLSettings()
     settings = replace(settings, temperature=args.temperature, correction=args.correction, backend=args.backend,
                        eps=settings.eps if args.eps is None else args.eps)

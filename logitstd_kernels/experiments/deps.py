@@ -8,7 +8,7 @@ import time
 from types import ModuleType
 from typing import Iterable, Iterator, Optional, TypeVar
 
-__all__ = ["EXTRA_HINT", "MissingExtraError", "require", "missing_extra", "progress"]
+__all__ = ["EXTRA_HINT", "MissingExtraError", "require", "missing_extra", "check_extras", "progress"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,17 @@ def missing_extra(purpose: str, *modules: str) -> Optional[str]:
         except MissingExtraError as exc:
             return f"error: {exc}"
     return None
+
+
+def check_extras(purpose: str, *modules: str) -> bool:
+    """True if every module imports; else print :func:`missing_extra`'s message to stderr and return False.
+
+    A command's ``run`` starts with ``if not check_extras(...): return 2``.
+    """
+    message = missing_extra(purpose, *modules)
+    if message is not None:
+        print(message, file=sys.stderr)
+    return message is None
 
 
 class _TextProgress:

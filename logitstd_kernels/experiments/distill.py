@@ -17,7 +17,6 @@ deviation over the seeds, with the paired difference to the CE-only student of t
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import logitstd_kd_loss
-from .deps import missing_extra, progress
+from .deps import check_extras, progress
 from .digits import NUM_CLASSES, NUM_FEATURES, Digits, load_digits
 from .mlp import MLP, make_mlp
-from .results import format_table, mean_std, pyplot, write_json
+from .results import format_table, mean_std, pyplot, save_figure, write_json
 from .training import accuracy, fit, set_threads, shuffled_batches, train_teacher
 
 __all__ = ["METHODS", "DistillConfig", "student_loss", "train_student", "run_distill",
@@ -204,12 +203,7 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     low, high = ax.get_ylim()
     ax.set_ylim(low, high + 0.35 * (high - low))  # room for the legend above the curves
     ax.legend(fontsize=8, loc="upper left", ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -242,9 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table, write ``distill.json`` and ``distill.png``."""
     needed = ("sklearn",) + (() if args.no_plot else ("matplotlib",))
-    message = missing_extra("the distill experiment", *needed)
-    if message is not None:
-        print(message, file=sys.stderr)
+    if not check_extras("the distill experiment", *needed):
         return 2
     set_threads(args.threads)
     config = DistillConfig(

@@ -22,10 +22,10 @@ from typing import Any, Iterator
 import torch
 
 from ..functional import logitstd_kd_loss
-from .deps import missing_extra, progress
+from .deps import check_extras, progress
 from .digits import NUM_CLASSES, NUM_FEATURES, Digits, load_digits
 from .mlp import MLP, make_mlp
-from .results import format_table, mean_std, pyplot, write_json
+from .results import format_table, mean_std, pyplot, save_figure, write_json
 from .training import accuracy, set_threads, train_epochs, train_teacher
 
 __all__ = ["VARIANTS", "GhostConfig", "ghost_loss", "distill_ghost", "run_ghost", "format_results",
@@ -174,12 +174,7 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
                  f"{len(results['config']['seeds'])} seeds", fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,9 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run both variants (and the control), print the per-epoch table, write ``ghost.json`` and ``ghost.png``."""
     needed = ("sklearn",) + (() if args.no_plot else ("matplotlib",))
-    message = missing_extra("the ghost experiment", *needed)
-    if message is not None:
-        print(message, file=sys.stderr)
+    if not check_extras("the ghost experiment", *needed):
         return 2
     if args.ghost < 2:
         print("error: --ghost must be >= 2 (standardization needs at least 2 outputs)", file=sys.stderr)

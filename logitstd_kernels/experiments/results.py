@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from .deps import require
 
-__all__ = ["write_json", "format_table", "pyplot", "mean_std"]
+__all__ = ["write_json", "format_table", "pyplot", "save_figure", "mean_std"]
 
 
 def write_json(path: Path, payload: Any) -> Path:
@@ -47,3 +47,13 @@ def pyplot() -> Any:
     matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg")
     return require("matplotlib.pyplot", "plotting")
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, save it as ``path`` (creating its folder), close it; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from ..functional import logitstd_kd_loss, zscore
-from .results import pyplot, write_json
+from .deps import check_extras
+from .results import pyplot, save_figure, write_json
 
 __all__ = ["ToyCase", "FIGURE2", "TEN_CLASS", "CASES", "evaluate_case", "format_case", "plot_cases",
            "add_arguments", "run"]
@@ -144,12 +145,7 @@ def plot_cases(cases: list[ToyCase], path: Path, *, temperature: float, correcti
             ax.set_title(f"{case.name}: softmax of {name} logits (T={temperature:g})", fontsize=10)
             ax.set_ylabel("probability")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +167,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print each case's predictions, losses and verdicts; optionally write JSON and a plot."""
+    if args.plot is not None:
+        if not check_extras("toy --plot", "matplotlib"):
+            return 2
     cases = list(CASES.values()) if args.case == "all" else [CASES[args.case]]
     results = [evaluate_case(case, temperature=args.temperature, correction=args.correction, eps=args.eps,
                              backend=args.backend) for case in cases]
