@@ -286,12 +286,13 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
 // Pass 3: gradients from the stored exponentials. gx_out may alias ea, gy_out may alias eb (each
 // element is read before it is overwritten).
 template <class T, bool kGx, bool kGy>
-void grad_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const RowStats<T>& sx,
+void grad_pass(const T* x, const T* y, int64_t n, bool standardize, const ExpPlan<T>& plan, const RowStats<T>& sx,
                const RowStats<T>& sy, const RowResult<T>& res, const T* ea, const T* eb, T* gx_out, T* gy_out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec x_max(plan.x_max), xa(plan.xa), y_max(plan.y_max), ya(plan.ya);
   const Vec shift_x(sx.shift), shift_y(sy.shift);
+  const Vec zero(T(0));
   const Vec alpha_a(res.gx.alpha_a), neg_alpha_b(-res.gx.alpha_b), neg_beta_x(-res.gx.beta), beta_m_x(res.gx.beta_m);
   const Vec gamma(res.gy.gamma), unit(res.gy.unit), neg_kl_cross(-res.gy.kl_cross), neg_beta_y(-res.gy.beta),
       beta_m_y(res.gy.beta_m);
@@ -302,12 +303,14 @@ void grad_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const 
     const Vec ev_b = tail ? Vec::loadu(eb + i, count) : Vec::loadu(eb + i);
     Vec gxv, gyv;
     if constexpr (kGx) {
-      gxv = grad_student_elem(ev_a, ev_b, xv - shift_x, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
+      const Vec xk = standardize ? xv - shift_x : zero;
+      gxv = grad_student_elem(ev_a, ev_b, xk, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
     }
     if constexpr (kGy) {
       const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
       const Vec delta = kl_delta(exp_arg(xv, x_max, xa), exp_arg(yv, y_max, ya));
-      gyv = grad_teacher_elem(ev_b, delta, yv - shift_y, gamma, unit, neg_kl_cross, neg_beta_y, beta_m_y);
+      const Vec yk = standardize ? yv - shift_y : zero;
+      gyv = grad_teacher_elem(ev_b, delta, yk, gamma, unit, neg_kl_cross, neg_beta_y, beta_m_y);
     }
     if constexpr (kGx) {
       if (tail) gxv.store(gx_out + i, count); else gxv.store(gx_out + i);
@@ -365,7 +368,7 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
     T* gy_out = nullptr;
     if constexpr (kGx) gx_out = direct_x ? static_cast<T*>(p.grad_x) + r * n : s.ea.get();
     if constexpr (kGy) gy_out = direct_y ? static_cast<T*>(p.grad_y) + r * n : s.eb.get();
-    grad_pass<T, kGx, kGy>(x, y, n, plan, sx, sy, res, s.ea.get(), s.eb.get(), gx_out, gy_out);
+    grad_pass<T, kGx, kGy>(x, y, n, p.standardize, plan, sx, sy, res, s.ea.get(), s.eb.get(), gx_out, gy_out);
     if constexpr (kGx) {
       if (!direct_x) store_row(gx_out, p.x_dtype, p.grad_x, r * n, n);
     }

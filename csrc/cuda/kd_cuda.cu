@@ -449,11 +449,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
         const A ea = E::exp(sa);
         const A eb = E::exp(sb);
         if (want_gx) {
-          ox[i] = grad_student_elem(ea, eb, xv[i] - sx.shift, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
+          const A xk = args.standardize ? xv[i] - sx.shift : A(0);
+          ox[i] = grad_student_elem(ea, eb, xk, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
         }
         if (want_gy) {
-          oy[i] = grad_teacher_elem(eb, kl_delta(sa, sb), yv[i] - sy.shift, gamma, unit, neg_kl_cross, neg_beta_y,
-                                    beta_m_y);
+          const A yk = args.standardize ? yv[i] - sy.shift : A(0);
+          oy[i] = grad_teacher_elem(eb, kl_delta(sa, sb), yk, gamma, unit, neg_kl_cross, neg_beta_y, beta_m_y);
         }
       }
       if (want_gx) store_pack<S, P, kVec>(gx + e, ox);

@@ -229,10 +229,11 @@ LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>&
   if (standardize) {
     const T S = tau2 * unit * (sums.saa * inv_za - sums.sab * inv_zb);
     r.gx.beta = grad_scale * std_coefficient(S, sx, dof) / (sx_s * sx_s);
-  } else {
+    r.gx.beta_m = r.gx.beta * sx.mean;
+  } else {  // no standardization term (the kernels pass xk = 0: a -inf logit must not give 0 * inf)
     r.gx.beta = T(0);
+    r.gx.beta_m = T(0);
   }
-  r.gx.beta_m = r.gx.beta * sx.mean;
 
   // Teacher: g_w = tau_s^2 p (delta - KL_cross) / tau_t, S = tau_s^2 Cov_p(delta, b).
   const T sy_s = sy.s;
@@ -242,15 +243,16 @@ LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>&
   if (standardize) {
     const T S = tau2 * unit * (unit * sums.sbd * inv_zb - kl_cross * sums.sbb * inv_zb);
     r.gy.beta = grad_scale * std_coefficient(S, sy, dof) / (sy_s * sy_s);
+    r.gy.beta_m = r.gy.beta * sy.mean;
   } else {
     r.gy.beta = T(0);
+    r.gy.beta_m = T(0);
   }
-  r.gy.beta_m = r.gy.beta * sy.mean;
   return r;
 }
 
 // Per-element gradients; V is a scalar (float, double) or a vector type with m_fma overloads.
-// xk = x - shift_x, ea = e^sa, eb = e^sb (all in the accumulation type).
+// xk = x - shift_x when standardizing, else 0; ea = e^sa, eb = e^sb (all in the accumulation type).
 template <class V>
 LOGITSTD_HD V grad_student_elem(V ea, V eb, V xk, V alpha_a, V neg_alpha_b, V neg_beta, V beta_m) {
   return m_fma(alpha_a, ea, m_fma(neg_alpha_b, eb, m_fma(neg_beta, xk, beta_m)));
