@@ -1,18 +1,29 @@
 """Launch configuration of the Triton kernels: ONE table, indexed by the class count V.
 
 Every launch constant of the package lives in this file. ``kd_config(V, acc64)`` picks the path
-(register or blocked), the tile width BLOCK and the warp count for the fused loss kernel;
-``SCALE_BLOCK``/``SCALE_WARPS`` configure the row-scaling kernel.
+(register or blocked), the tile width BLOCK and the warp count of the fused loss kernel;
+``vector_width`` the run length VEC of the tiles; ``SCALE_BLOCK``/``SCALE_WARPS`` configure the
+row-scaling kernel.
 
-Sizing rules (Hopper, H100/H200; 65536 32-bit registers and up to 2048 threads per SM):
+How the entries were sized (Hopper: 65536 32-bit registers, at most 2048 threads and 32 CTAs per
+SM; about 3 TB/s of HBM on H100 and 50 MB of L2). The register counts quoted are ptxas's for sm_90
+(triton 3.9, bf16 inputs, student gradient), compiled without a GPU; the timings that would confirm
+the choices have not been taken yet:
 
-- "elements per thread" (EPT) = BLOCK / (32 * num_warps). The register path keeps x, y and the
-  derived u, w, e^a, e^b of the whole row live: about 6 * EPT registers in float32, so EPT <= 16 keeps
-  the kernel under ptxas's cap (65536 / threads per block) without spills; 8 is comfortable. EPT 8 of
-  a bf16 input is one 16-byte vector load per thread and tensor.
-- The blocked path keeps up to 7 per-lane accumulators plus a tile of x and y: EPT 8 in float32.
-- float64 (gradcheck, tests) needs twice the registers per element: half the EPT, and the register
-  path stops at a smaller V. Its speed is not a goal.
+- EPT, elements per thread and tensor = BLOCK / (32 * num_warps). The register path keeps the row's
+  x, y and the derived u, w, e^a, e^b live: at EPT 8 it needs ~64 registers, so a 16-warp program
+  fits twice per SM. At V = 8192 (EPT 8 with 32 warps, or 16 with 16 warps) only one program fits
+  per SM, and then its phases (load, reductions with barriers, exponentials, store) run one after
+  the other with nothing to overlap them; the blocked path keeps two programs per SM there.
+  V = 16384 in registers spills (ptxas: 64-360 bytes of stack) at any warp count.
+- The blocked path streams BLOCK-wide tiles with one tile prefetched (~97 registers at EPT 8): a
+  2048/8-warp program fits twice per SM (16 warps, 32 KB of loads in flight per SM). Its passes 2
+  and 3 re-read the row; they hit L2 while (rows in flight) x (row pair bytes) stays well below
+  L2: 264 rows x 64 KB = 17 MB at V = 16384 in bf16. For longer rows one 16-warp program per SM
+  (132 rows in flight, 4096-wide tiles, same EPT and bytes in flight) keeps 132 x 128 KB = 17 MB
+  at V = 32768, and at V = 131072 (67 MB in flight) the backward pass 2 still finds the tail of
+  the row in L2.
+- float64 (gradcheck, tests; speed is not a goal) has twice the registers per element: half the EPT.
 """
 
 from __future__ import annotations
@@ -27,8 +38,8 @@ import triton
 class KernelConfig:
     """How to launch the fused loss kernel for one V.
 
-    ``register``: the whole row in one BLOCK >= V (one read of each input) instead of the three-pass
-    blocked loop over BLOCK-wide tiles.
+    ``register``: the whole row in one tile, BLOCK >= V (one read of each input), instead of the
+    three-pass blocked loop over BLOCK-wide tiles.
     """
 
     register: bool
@@ -37,43 +48,39 @@ class KernelConfig:
 
 
 # (largest V, path, BLOCK (0: next power of two >= V), num_warps) for float32 accumulation
-# (float32/float16/bfloat16 inputs). First row whose largest V is >= V wins.
+# (float32/float16/bfloat16 inputs). The first row whose largest V is >= V is used.
 _TABLE_F32 = (
-    # Tiny rows: one warp; more warps would only replicate lanes.
+    # Register path at EPT <= 8 (one 16-byte bf16 vector per thread and tensor), ~40-64 registers.
+    # Tiny rows: one warp (more would only replicate lanes).
     (256, "register", 0, 1),
-    # Up to 1024: 4 warps, EPT <= 8.
+    (512, "register", 0, 2),
+    # 4 warps: 8+ programs per SM.
     (1024, "register", 0, 4),
-    # 2048: 8 warps, EPT 8.
+    # 8 warps, 63 registers: 4 programs (32 warps) per SM.
     (2048, "register", 0, 8),
-    # 4096: 16 warps, EPT 8 (512 threads, 128-register cap: ample).
+    # 16 warps, 63 registers: 2 programs (32 warps) per SM, one overlaps the other's barriers.
     (4096, "register", 0, 16),
-    # 8192: 16 warps, EPT 16; one 32 KB (bf16) row pair in registers, several CTAs per SM.
-    (8192, "register", 0, 16),
-    # 16384: 32 warps (1024 threads, 64-register cap), EPT 16. The row pair (64 KB in bf16) is read
-    # exactly once, which beats the blocked path's L2 re-reads at this size.
-    (16384, "register", 0, 32),
-    # Larger rows: blocked, 2048-wide tiles with 8 warps (EPT 8, 16-byte bf16 loads), 2-3 CTAs per
-    # SM to overlap one CTA's arithmetic with another's loads. Re-reads of pass 2/3 hit L2 while
-    # (rows in flight) x (row pair bytes) fits in it: ~400 rows x 128 KB at V = 32768.
-    (1 << 62, "blocked", 2048, 8),
+    # Blocked, 2048-wide tiles, 8 warps (EPT 8): 2 programs per SM; re-reads served by L2.
+    (16384, "blocked", 2048, 8),
+    # Blocked, 4096-wide tiles, 16 warps (EPT 8): 1 program per SM, half the rows in flight, so
+    # that the re-read rows still fit in L2 (V = 32768) or their last tiles do (V >= 65536).
+    (1 << 62, "blocked", 4096, 16),
 )
 
-# float64 accumulation (any float64 input): half the EPT of the float32 table.
+# float64 accumulation (any float64 input): EPT <= 4 on the register path, 4 on the blocked path.
 _TABLE_F64 = (
     (128, "register", 0, 1),
+    (256, "register", 0, 2),
     (512, "register", 0, 4),
     (1024, "register", 0, 8),
-    (2048, "register", 0, 16),
-    # Larger float64 rows: blocked, EPT 4.
     (1 << 62, "blocked", 1024, 8),
 )
 
-# The smallest tile of the register path; tl.arange needs a power of two and tiny tiles only save
-# lanes that idle anyway.
+# The smallest tile of the register path (a power of two for tl.arange; tiny rows waste idle lanes).
 _MIN_BLOCK = 32
 
-# Row scaling: 4096-element tiles (8 KB of bf16), 8 warps -> EPT 16, two 16-byte accesses per
-# thread; a grid of (rows, tiles) keeps every SM busy for any shape.
+# Row scaling: 4096-element tiles (8 KB of bf16), 8 warps -> 16 elements per thread, two 16-byte
+# accesses; a (rows, tiles) grid keeps every SM busy for any shape.
 SCALE_BLOCK = 4096
 SCALE_WARPS = 8
 
@@ -87,13 +94,21 @@ def vector_width(*dtypes: torch.dtype) -> int:
     return 16 // max(torch.empty((), dtype=d).element_size() for d in dtypes)
 
 
-def kd_config(num_classes: int, acc64: bool) -> KernelConfig:
-    """The table entry for ``num_classes`` classes (float64 accumulation if ``acc64``)."""
+def kd_config(num_classes: int, acc64: bool, full_vectors: bool = True) -> KernelConfig:
+    """The table entry for ``num_classes`` classes (float64 accumulation if ``acc64``).
+
+    ``full_vectors``: the rows allow 16-byte runs (VEC = ``vector_width``). When they do not (V or a
+    row stride not a multiple of it), the blocked path holds one accumulator per class instead of
+    one per run and uses scalar loads: its tiles are halved (EPT 4), which keeps ptxas at ~80-110
+    registers instead of 150-215 (two programs per SM instead of one).
+    """
     table = _TABLE_F64 if acc64 else _TABLE_F32
     for largest, path, block, num_warps in table:
         if num_classes <= largest:
             register = path == "register"
             if register:
                 block = max(triton.next_power_of_2(num_classes), _MIN_BLOCK)
+            elif not full_vectors:
+                block //= 2
             return KernelConfig(register=register, block=block, num_warps=num_warps)
     raise ValueError(f"no kernel configuration for {num_classes} classes")

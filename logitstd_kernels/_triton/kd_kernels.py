@@ -22,8 +22,11 @@ Without standardization ``u = x``, ``s = 1`` and the second gradient terms vanis
 written multiplied by ``grad_scale``.
 
 Tiles are 2-d, ``[BLOCK // VEC, VEC]``: each thread owns runs of VEC contiguous classes (one 16-byte
-access of the wider input), the same layout for a bf16 student and a float32 teacher, and the sums
-over axis 1 stay inside a thread. Lanes past V are loaded as ``x[0]``: a neutral value for the
+access of the wider input when the rows are aligned to it), the same layout for a bf16 student and a
+float32 teacher, and the sums over axis 1 stay inside a thread. Row strides arrive in units of VEC
+(``runs_x = stride_x / VEC``, ``v_runs = V / VEC`` for the gradient rows), which tells the compiler
+that every row starts VEC-aligned; the launcher lowers VEC (down to 1: consecutive threads, scalar
+coalesced accesses) when the strides or V do not allow it. Lanes past V are loaded as ``x[0]``: a neutral value for the
 shifted sums (it adds 0) and for the max; they are excluded where it matters (M2, the exponentials).
 
 Masked-out rows load nothing (every load is masked with ``offs < v_load``, ``v_load = 0`` for them),
@@ -58,7 +61,7 @@ def _scalar(v, ACC64: tl.constexpr):
     Compiled, ``v`` is a float64 argument; interpreted, it is a Python float (combined with a tensor
     it takes the tensor's dtype, so float64 keeps every bit there too).
     """
-    return tl.sum(_to_acc(tl.zeros([1], dtype=tl.float32), ACC64) + v, axis=0)
+    return tl.sum(_to_acc(_to_acc(tl.zeros([1], dtype=tl.float32), ACC64) + v, ACC64), axis=0)
 
 
 @triton.jit
@@ -94,25 +97,8 @@ def _max2(a, b):
 
 
 @triton.jit
-def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s pairwise merge of two (count, mean, M2) summaries; empty parts are neutral."""
-    n = n_a + n_b
-    frac = tl.where(n > 0, n_b / tl.where(n > 0, n, 1.0), 0.0)
-    delta = mean_b - mean_a
-    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
-
-
-@triton.jit
-def _chan2(n_a, mx_a, m2x_a, my_a, m2y_a, n_b, mx_b, m2x_b, my_b, m2y_b):
-    """``_chan`` of the student and the teacher summaries at once (their counts are equal)."""
-    n, mx, m2x = _chan(n_a, mx_a, m2x_a, n_b, mx_b, m2x_b)
-    _, my, m2y = _chan(n_a, my_a, m2y_a, n_b, my_b, m2y_b)
-    return n, mx, m2x, my, m2y
-
-
-@triton.jit
 def _store_grad(g_ptr, offs, valid, g, scale, keep):
-    """Store ``scale * g`` (0 for a masked-out row) in the gradient's dtype."""
+    """Store ``scale * g`` (0 for a masked-out row) in the gradient's dtype where ``valid`` (None: all)."""
     out = tl.where(keep, g * scale, 0.0)
     tl.store(g_ptr + offs, out.to(g_ptr.dtype.element_ty), mask=valid)
 
@@ -136,7 +122,7 @@ def _tile(BLOCK: tl.constexpr, VEC: tl.constexpr):
 @triton.jit
 def kd_register_kernel(
     x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr,
-    V, stride_x, stride_y,
+    V, v_runs, runs_x, runs_y,
     tau_s: tl.float64, tau_t: tl.float64, eps: tl.float64, dof: tl.float64, v_float: tl.float64,
     BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr,
@@ -145,14 +131,15 @@ def kd_register_kernel(
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     keep = _keep_row(keep_ptr, row, HAS_MASK)
-    x_row = x_ptr + row64 * stride_x
-    y_row = y_ptr + row64 * stride_y
+    # row offsets in runs of VEC classes times VEC: the compiler sees VEC-aligned rows (vector access)
+    x_row = x_ptr + row64 * runs_x * VEC
+    y_row = y_ptr + row64 * runs_y * VEC
     ts = _scalar(tau_s, ACC64)
     tt = _scalar(tau_t, ACC64)
 
     offs = _tile(BLOCK, VEC)
     valid = offs < V
-    ld = offs < tl.where(keep, V, 0)
+    ld = offs < V * keep.to(tl.int32)  # (a product keeps V's divisibility: vectorized masked loads)
     x0_raw = tl.load(x_row, mask=keep, other=0.0)
     y0_raw = tl.load(y_row, mask=keep, other=0.0)
     x = _to_acc(tl.load(x_row + offs, mask=ld, other=x0_raw), ACC64)
@@ -201,7 +188,7 @@ def kd_register_kernel(
 
     if GRAD_S or GRAD_T:
         scale = _to_acc(tl.load(scale_ptr), ACC64)
-        out_offs = row64 * V + offs
+        out_offs = row64 * v_runs * VEC + offs
         p = eb * r_zb
         gu = ts * (ea * r_za - p)
         gw = (ts * ts / tt * LN2) * p * (db - da - t2 * r_zb)
@@ -220,72 +207,117 @@ def kd_register_kernel(
 # ------------------------------------------------------------------------------------------------
 # Blocked path: any V, three passes over BLOCK-wide tiles.
 #
-# Pass 1 (forward): per tile and run of VEC classes, the run's (count, mean, M2) and max, merged into
-#   per-run accumulators with Chan's formula; the per-run summaries are merged at the end (mean first,
-#   then M2 plus the spread of the run means around it).
+# Pass 1 (forward): per-lane Welford (mean, M2) and max over the tiles, merged across lanes at the
+#   end (mean first, then M2 plus the spread of the lane means around it).
 # Pass 2 (backward, so that the tiles pass 1 read last are re-read first, while still in L2):
 #   Z_a, Z_b, T and the sums the gradients need (sum ea*u, eb*u, eb*w, eb*h*w), accumulated per run.
 # Pass 3 (forward): recompute q and p, write the gradients. Skipped when no gradient is requested.
-# With the per-run accumulators (BLOCK / VEC values each, a few registers per thread) there is no
-# barrier inside a loop: the warps of a program stream independently.
+# The V // BLOCK full tiles are loaded under a mask that is uniform over each tile (only the row's
+# mask flag), so the loads are 16-byte vectors whatever V is, and need no per-class selects; the
+# partial last tile, if any, is handled apart with per-class masks. Pass 2's accumulators hold one
+# value per run of VEC classes (sums over a run stay inside a thread), so no loop has a barrier: the
+# warps of a program stream independently. Every loop loads the next tile before working on the
+# current one (two tiles in flight per thread; plain loads get no software pipelining).
 # Memory per element: passes 1 and 2 read x and y, pass 3 reads them again and writes each requested
 #   gradient. In bf16 with the student gradient: 14 bytes per element issued, 6 of them the floor; the
 #   8 bytes of re-reads come from L2 when the rows in flight fit in it (V up to ~32k on H100), partly
 #   otherwise. Without a gradient: 8 bytes per element.
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _row_stats(x_row, y_row, x0_raw, y0_raw, V, v_load, offs0, run_start, BLOCK: tl.constexpr,
-               VEC: tl.constexpr, STANDARDIZE: tl.constexpr, ACC64: tl.constexpr):
-    """Pass 1: (mean, M2, max) of x - x0 and of y - y0 (unstandardized: mean = M2 = 0, max of x, y)."""
-    num_blocks = tl.cdiv(V, BLOCK)
-    x0 = _to_acc(x0_raw, ACC64)
-    y0 = _to_acc(y0_raw, ACC64)
-    zero = _to_acc(tl.zeros([BLOCK // VEC], dtype=tl.float32), ACC64)
-    n_r = zero
+def _load_tile(x_row, y_row, offs, lim, x0_raw, y0_raw):
+    """Raw (input dtype) x and y at ``offs`` where ``offs < lim``; other lanes get x[0] / y[0]."""
+    x = tl.load(x_row + offs, mask=offs < lim, other=x0_raw)
+    y = tl.load(y_row + offs, mask=offs < lim, other=y0_raw)
+    return x, y
+
+
+@triton.jit
+def _welford_tile(xs, ys, m, r, mean_x, m2_x, max_x, mean_y, m2_y, max_y, MASKED: tl.constexpr):
+    """Pass 1 on one tile of shifted values: each lane's Welford update with weight r = 1 / count.
+
+    Lanes past V (MASKED tiles only, ``m`` false there; ``m`` is None for full tiles) hold xs = 0,
+    neutral for the max, and skip the update.
+    """
+    dx = xs - mean_x
+    dy = ys - mean_y
+    new_x = mean_x + dx * r
+    new_y = mean_y + dy * r
+    if MASKED:
+        m2_x = tl.where(m, m2_x + dx * (xs - new_x), m2_x)
+        m2_y = tl.where(m, m2_y + dy * (ys - new_y), m2_y)
+        mean_x = tl.where(m, new_x, mean_x)
+        mean_y = tl.where(m, new_y, mean_y)
+    else:
+        m2_x = m2_x + dx * (xs - new_x)
+        m2_y = m2_y + dy * (ys - new_y)
+        mean_x = new_x
+        mean_y = new_y
+    return mean_x, m2_x, tl.maximum(max_x, xs), mean_y, m2_y, tl.maximum(max_y, ys)
+
+
+@triton.jit
+def _lane_merge(n_l, mean_l, m2_l):
+    """(mean, M2) of a row from per-lane Welford summaries: mean = sum(n mean) / sum(n), then
+    M2 = sum(M2_l + n_l (mean_l - mean)^2); two passes over the lanes, both pairwise sums."""
+    mean = _total(n_l * mean_l) / _total(n_l)
+    d = mean_l - mean
+    return mean, _total(m2_l + n_l * d * d)
+
+
+@triton.jit
+def _row_stats(x_row, y_row, x0_raw, y0_raw, V, v_load, v_full, offs0, BLOCK: tl.constexpr,
+               STANDARDIZE: tl.constexpr, ACC64: tl.constexpr):
+    """Pass 1: (mean, M2, max) of x - x0 and of y - y0 (unstandardized: mean = M2 = 0, max of x, y).
+
+    Without standardization the shift is 0 and only the maxima are kept (lanes past V hold x[0],
+    neutral for the max).
+    """
+    num_full = V // BLOCK
+    if STANDARDIZE:
+        x0 = _to_acc(x0_raw, ACC64)
+        y0 = _to_acc(y0_raw, ACC64)
+    else:
+        x0 = _scalar(0.0, ACC64)
+        y0 = x0
+    zero = _to_acc(tl.zeros(offs0.shape, dtype=tl.float32), ACC64)
     mean_x = zero
     m2_x = zero
     mean_y = zero
     m2_y = zero
     max_x = zero + float("-inf")
     max_y = max_x
-    for blk in range(0, num_blocks):
-        offs = blk * BLOCK + offs0
-        ld = offs < v_load
-        x = _to_acc(tl.load(x_row + offs, mask=ld, other=x0_raw), ACC64)
-        y = _to_acc(tl.load(y_row + offs, mask=ld, other=y0_raw), ACC64)
+    one = _scalar(1.0, ACC64)
+    x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw)
+    for blk in range(0, num_full):
+        xs = _to_acc(x_next, ACC64) - x0
+        ys = _to_acc(y_next, ACC64) - y0
+        # prefetch the next full tile (none after the last: masked, no traffic) before this one's math
+        x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, v_full, x0_raw, y0_raw)
         if STANDARDIZE:
-            xs = x - x0
-            ys = y - y0
-            m = offs < V
-            cnt = _to_acc(tl.minimum(tl.maximum(V - (blk * BLOCK + run_start), 0), VEC), ACC64)
-            bsx = tl.sum(xs, axis=1)
-            bsy = tl.sum(ys, axis=1)
-            inv_cnt = 1.0 / tl.maximum(cnt, 1.0)
-            bmean_x = bsx * inv_cnt
-            bmean_y = bsy * inv_cnt
-            dx = tl.where(m, xs - bmean_x[:, None], 0.0)
-            dy = tl.where(m, ys - bmean_y[:, None], 0.0)
-            n_r, mean_x, m2_x, mean_y, m2_y = _chan2(n_r, mean_x, m2_x, mean_y, m2_y, cnt, bmean_x,
-                                                     tl.sum(dx * dx, axis=1), bmean_y, tl.sum(dy * dy, axis=1))
-            max_x = tl.maximum(max_x, tl.max(xs, axis=1))
-            max_y = tl.maximum(max_y, tl.max(ys, axis=1))
+            mean_x, m2_x, max_x, mean_y, m2_y, max_y = _welford_tile(
+                xs, ys, None, 1.0 / (one + blk), mean_x, m2_x, max_x, mean_y, m2_y, max_y, False)
         else:
-            max_x = tl.maximum(max_x, tl.max(x, axis=1))
-            max_y = tl.maximum(max_y, tl.max(y, axis=1))
-    max_x, max_y = _max2(max_x, max_y)
+            max_x = tl.maximum(max_x, xs)
+            max_y = tl.maximum(max_y, ys)
+    if num_full * BLOCK < V:
+        offs = num_full * BLOCK + offs0
+        x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
+        xs = _to_acc(x, ACC64) - x0
+        ys = _to_acc(y, ACC64) - y0
+        if STANDARDIZE:
+            mean_x, m2_x, max_x, mean_y, m2_y, max_y = _welford_tile(
+                xs, ys, offs < V, 1.0 / (one + num_full), mean_x, m2_x, max_x, mean_y, m2_y, max_y, True)
+        else:
+            max_x = tl.maximum(max_x, xs)
+            max_y = tl.maximum(max_y, ys)
+    max_x, max_y = _max2(tl.max(max_x, axis=1), tl.max(max_y, axis=1))
     if STANDARDIZE:
-        # Merge the per-run summaries: mean = sum(n_r mean_r) / V, M2 = sum(M2_r + n_r (mean_r - mean)^2).
-        v_f = tl.sum(n_r, axis=0)
-        gx = tl.sum(n_r * mean_x, axis=0) / v_f
-        gy = tl.sum(n_r * mean_y, axis=0) / v_f
-        dx = mean_x - gx
-        dy = mean_y - gy
-        m2_x = tl.sum(m2_x + n_r * dx * dx, axis=0)
-        m2_y = tl.sum(m2_y + n_r * dy * dy, axis=0)
-        mean_x = gx
-        mean_y = gy
+        # every lane saw the full tiles, and the partial last tile where it lies inside the row
+        n_l = _to_acc(num_full + (offs0 + num_full * BLOCK < V).to(tl.int32), ACC64)
+        mean_x, m2_x = _lane_merge(n_l, mean_x, m2_x)
+        mean_y, m2_y = _lane_merge(n_l, mean_y, m2_y)
     else:
-        mean_x = tl.sum(zero, axis=0)
+        mean_x = tl.sum(tl.sum(zero, axis=1), axis=0)
         m2_x = mean_x
         mean_y = mean_x
         m2_y = mean_x
@@ -293,9 +325,73 @@ def _row_stats(x_row, y_row, x0_raw, y0_raw, V, v_load, offs0, run_start, BLOCK:
 
 
 @triton.jit
+def _sums_tile(x, y, m, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+               za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r,
+               STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, MASKED: tl.constexpr):
+    """Pass 2 on one tile: add its partition sums (and the gradient sums) to the per-run accumulators.
+
+    ``m`` (lanes inside the row) is used by MASKED tiles only; full tiles pass None.
+    """
+    if STANDARDIZE:
+        u = ((x - x0) - mean_x) * inv_sx
+        w = ((y - y0) - mean_y) * inv_sy
+    else:
+        u = x
+        w = y
+    da = (u - u_max) * ca
+    db = (w - w_max) * cb
+    ea = tl.exp2(da)
+    eb = tl.exp2(db)
+    if MASKED:
+        ea = tl.where(m, ea, 0.0)
+        eb = tl.where(m, eb, 0.0)
+    eh = eb * (tl.where(eb > 0.0, db, 0.0) - da)
+    za_r += tl.sum(ea, axis=1)
+    zb_r += tl.sum(eb, axis=1)
+    t2_r += tl.sum(eh, axis=1)
+    if STANDARDIZE:
+        if GRAD_S:
+            sau_r += tl.sum(ea * u, axis=1)
+            sbu_r += tl.sum(eb * u, axis=1)
+        if GRAD_T:
+            sbw_r += tl.sum(eb * w, axis=1)
+            tbw_r += tl.sum(eh * w, axis=1)
+    return za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r
+
+
+@triton.jit
+def _grad_tile(x, y, m, out_offs, gx_ptr, gy_ptr, scale, keep, x0, y0, mean_x, mean_y, inv_sx, inv_sy,
+               u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y,
+               STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr):
+    """Pass 3 on one tile: write ``scale * dL/dx`` and/or ``scale * dL/dy`` (t2n = T / Z_b).
+
+    ``m`` masks the stores of the partial tile; full tiles pass None (unmasked vector stores).
+    """
+    if STANDARDIZE:
+        u = ((x - x0) - mean_x) * inv_sx
+        w = ((y - y0) - mean_y) * inv_sy
+    else:
+        u = x
+        w = y
+    da = (u - u_max) * ca
+    db = (w - w_max) * cb
+    p = tl.exp2(db) * r_zb
+    if GRAD_S:
+        g = ts * (tl.exp2(da) * r_za - p)
+        if STANDARDIZE:
+            g = g * inv_sx - u * coef_x
+        _store_grad(gx_ptr, out_offs, m, g, scale, keep)
+    if GRAD_T:
+        g = kt * p * (db - da - t2n)
+        if STANDARDIZE:
+            g = g * inv_sy - w * coef_y
+        _store_grad(gy_ptr, out_offs, m, g, scale, keep)
+
+
+@triton.jit
 def kd_blocked_kernel(
     x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr,
-    V, stride_x, stride_y,
+    V, v_runs, runs_x, runs_y,
     tau_s: tl.float64, tau_t: tl.float64, eps: tl.float64, dof: tl.float64, v_float: tl.float64,
     BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr,
@@ -304,22 +400,27 @@ def kd_blocked_kernel(
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     keep = _keep_row(keep_ptr, row, HAS_MASK)
-    x_row = x_ptr + row64 * stride_x
-    y_row = y_ptr + row64 * stride_y
+    # row offsets in runs of VEC classes times VEC: the compiler sees VEC-aligned rows (vector access)
+    x_row = x_ptr + row64 * runs_x * VEC
+    y_row = y_ptr + row64 * runs_y * VEC
     ts = _scalar(tau_s, ACC64)
     tt = _scalar(tau_t, ACC64)
     ca = LOG2E / ts
     cb = LOG2E / tt
     offs0 = _tile(BLOCK, VEC)
-    run_start = tl.arange(0, BLOCK // VEC) * VEC
-    num_blocks = tl.cdiv(V, BLOCK)
-    v_load = tl.where(keep, V, 0)
+    num_full = V // BLOCK
+    has_tail = num_full * BLOCK < V
+    keep_i = keep.to(tl.int32)
+    # load limits, 0 for a masked-out row: V for the partial tile; for the full tiles a multiple of
+    # BLOCK, so that their mask is uniform over each 16-byte vector (vectorized loads)
+    v_load = V * keep_i
+    v_full = num_full * BLOCK * keep_i
     x0_raw = tl.load(x_row, mask=keep, other=0.0)
     y0_raw = tl.load(y_row, mask=keep, other=0.0)
 
     # Pass 1: statistics and maxima.
-    mean_x, m2_x, max_x, mean_y, m2_y, max_y = _row_stats(x_row, y_row, x0_raw, y0_raw, V, v_load, offs0,
-                                                          run_start, BLOCK, VEC, STANDARDIZE, ACC64)
+    mean_x, m2_x, max_x, mean_y, m2_y, max_y = _row_stats(x_row, y_row, x0_raw, y0_raw, V, v_load, v_full,
+                                                          offs0, BLOCK, STANDARDIZE, ACC64)
     if STANDARDIZE:
         dof_a = _scalar(dof, ACC64)
         eps_a = _scalar(eps, ACC64)
@@ -339,7 +440,7 @@ def kd_blocked_kernel(
     u_max = (max_x - mean_x) * inv_sx
     w_max = (max_y - mean_y) * inv_sy
 
-    # Pass 2 (last tile first): the partition functions and the gradient sums.
+    # Pass 2, last tile first: the partial tile, then the full tiles backwards.
     zero = _to_acc(tl.zeros([BLOCK // VEC], dtype=tl.float32), ACC64)
     za_r = zero
     zb_r = zero
@@ -348,33 +449,24 @@ def kd_blocked_kernel(
     sbu_r = zero
     sbw_r = zero
     tbw_r = zero
-    for i in range(0, num_blocks):
-        offs = (num_blocks - 1 - i) * BLOCK + offs0
-        ld = offs < v_load
-        m = offs < V
-        x = _to_acc(tl.load(x_row + offs, mask=ld, other=x0_raw), ACC64)
-        y = _to_acc(tl.load(y_row + offs, mask=ld, other=y0_raw), ACC64)
-        if STANDARDIZE:
-            u = ((x - x0) - mean_x) * inv_sx
-            w = ((y - y0) - mean_y) * inv_sy
-        else:
-            u = x
-            w = y
-        da = (u - u_max) * ca
-        db = (w - w_max) * cb
-        ea = tl.where(m, tl.exp2(da), 0.0)
-        eb = tl.where(m, tl.exp2(db), 0.0)
-        eh = eb * (tl.where(eb > 0.0, db, 0.0) - da)
-        za_r += tl.sum(ea, axis=1)
-        zb_r += tl.sum(eb, axis=1)
-        t2_r += tl.sum(eh, axis=1)
-        if STANDARDIZE:
-            if GRAD_S:
-                sau_r += tl.sum(ea * u, axis=1)
-                sbu_r += tl.sum(eb * u, axis=1)
-            if GRAD_T:
-                sbw_r += tl.sum(eb * w, axis=1)
-                tbw_r += tl.sum(eh * w, axis=1)
+    if has_tail:
+        offs = num_full * BLOCK + offs0
+        x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
+        za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
+            _to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max,
+            w_max, ca, cb, za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, True)
+    x_next, y_next = _load_tile(x_row, y_row, tl.maximum(num_full - 1, 0) * BLOCK + offs0, v_full,
+                                x0_raw, y0_raw)
+    for i in range(0, num_full):
+        x = _to_acc(x_next, ACC64)
+        y = _to_acc(y_next, ACC64)
+        # prefetch the tile before this one; after tile 0 there is none (limit 0: no traffic)
+        prev = tl.maximum(num_full - 2 - i, 0) * BLOCK + offs0
+        x_next, y_next = _load_tile(x_row, y_row, prev, v_full * (i + 1 < num_full).to(tl.int32),
+                                    x0_raw, y0_raw)
+        za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
+            x, y, None, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+            za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, False)
     za = tl.sum(za_r, axis=0)
     zb = tl.sum(zb_r, axis=0)
     t2 = tl.sum(t2_r, axis=0)
@@ -383,7 +475,7 @@ def kd_blocked_kernel(
     loss = ts * ts * (LN2 * (t2 * r_zb + tl.log2(za * r_zb)))
     tl.store(rows_ptr + row, tl.where(keep, loss, 0.0))
 
-    # Pass 3: the gradients.
+    # Pass 3: the gradients, full tiles forward, then the partial tile.
     if GRAD_S or GRAD_T:
         scale = _to_acc(tl.load(scale_ptr), ACC64)
         kt = ts * ts / tt * LN2
@@ -396,32 +488,23 @@ def kd_blocked_kernel(
             if GRAD_T:
                 s_w = kt * r_zb * (tl.sum(tbw_r, axis=0) - t2 * r_zb * tl.sum(sbw_r, axis=0))
                 coef_y = tl.where(sigma_y > 0.0, s_w / (dof_a * sigma_y), 0.0)
-        out_row = row64 * V
-        for blk in range(0, num_blocks):
+        t2n = t2 * r_zb
+        out_row = row64 * v_runs * VEC
+        x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw)
+        for blk in range(0, num_full):
             offs = blk * BLOCK + offs0
-            ld = offs < v_load
-            m = offs < V
-            x = _to_acc(tl.load(x_row + offs, mask=ld, other=x0_raw), ACC64)
-            y = _to_acc(tl.load(y_row + offs, mask=ld, other=y0_raw), ACC64)
-            if STANDARDIZE:
-                u = ((x - x0) - mean_x) * inv_sx
-                w = ((y - y0) - mean_y) * inv_sy
-            else:
-                u = x
-                w = y
-            da = (u - u_max) * ca
-            db = (w - w_max) * cb
-            p = tl.exp2(db) * r_zb
-            if GRAD_S:
-                g = ts * (tl.exp2(da) * r_za - p)
-                if STANDARDIZE:
-                    g = g * inv_sx - u * coef_x
-                _store_grad(gx_ptr, out_row + offs, m, g, scale, keep)
-            if GRAD_T:
-                g = kt * p * (db - da - t2 * r_zb)
-                if STANDARDIZE:
-                    g = g * inv_sy - w * coef_y
-                _store_grad(gy_ptr, out_row + offs, m, g, scale, keep)
+            x = _to_acc(x_next, ACC64)
+            y = _to_acc(y_next, ACC64)
+            x_next, y_next = _load_tile(x_row, y_row, offs + BLOCK, v_full, x0_raw, y0_raw)
+            _grad_tile(x, y, None, out_row + offs, gx_ptr, gy_ptr, scale, keep, x0, y0, mean_x, mean_y,
+                       inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y,
+                       STANDARDIZE, GRAD_S, GRAD_T)
+        if has_tail:
+            offs = num_full * BLOCK + offs0
+            x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
+            _grad_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, out_row + offs, gx_ptr, gy_ptr, scale,
+                       keep, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts,
+                       kt, t2n, coef_x, coef_y, STANDARDIZE, GRAD_S, GRAD_T)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,19 @@ def _device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _row_vec(num_classes: int, *tensors: torch.Tensor) -> int:
+    """VEC for these rows: the 16-byte run of ``config.vector_width``, halved until every row start
+    (of the inputs and of the contiguous gradients, whose row stride is V) is aligned to a run."""
+    def aligned(vec: int) -> bool:
+        return num_classes % vec == 0 and all(
+            t.stride(0) % vec == 0 and t.data_ptr() % (vec * t.element_size()) == 0 for t in tensors)
+
+    vec = vector_width(*(t.dtype for t in tensors))
+    while vec > 1 and not aligned(vec):
+        vec //= 2
+    return vec
+
+
 def _check_rows(name: str, t: torch.Tensor) -> None:
     if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
         raise ValueError(f"{name} must be a 2-d tensor with unit stride along the classes, got shape "
@@ -66,19 +79,22 @@ def fused_kd_forward(
           if grad_teacher else teacher.new_empty((0,)))
     if num_rows == 0:
         return rows, gx, gy
-    cfg = config if config is not None else kd_config(num_classes, acc64)
+    vec = _row_vec(num_classes, student, teacher)
+    full_vectors = vec == vector_width(student.dtype, teacher.dtype)
+    cfg = config if config is not None else kd_config(num_classes, acc64, full_vectors)
     kernel = kd_register_kernel if cfg.register else kd_blocked_kernel
     if cfg.register and cfg.block < num_classes:
         raise ValueError(f"register path needs BLOCK >= V, got BLOCK={cfg.block} for V={num_classes}")
+    vec = min(vec, cfg.block)  # a tile holds at least one run
     keep = mask.view(torch.uint8) if mask is not None else rows
     dof = float(num_classes - correction) if standardize else 1.0
     with _device_guard(student):
         kernel[(num_rows,)](
             student, teacher, keep, grad_scale, rows,
             gx if grad_student else rows, gy if grad_teacher else rows,
-            num_classes, student.stride(0), teacher.stride(0),
+            num_classes, num_classes // vec, student.stride(0) // vec, teacher.stride(0) // vec,
             float(tau_s), float(tau_t), float(eps), dof, float(num_classes),
-            BLOCK=cfg.block, VEC=vector_width(student.dtype, teacher.dtype), STANDARDIZE=bool(standardize), GRAD_S=bool(grad_student),
+            BLOCK=cfg.block, VEC=vec, STANDARDIZE=bool(standardize), GRAD_S=bool(grad_student),
             GRAD_T=bool(grad_teacher), HAS_MASK=mask is not None, ACC64=acc64,
             num_warps=cfg.num_warps,
         )
