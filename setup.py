@@ -102,6 +102,12 @@ def _extension_modules():
         without the extension.
         """
 
+        def build_extensions(self) -> None:
+            self._failed: list = []
+            super().build_extensions()
+            # A failed extension has no output to copy or install.
+            self.extensions = [e for e in self.extensions if e not in self._failed]
+
         def build_extension(self, extension) -> None:
             try:
                 extension.extra_objects = self._capability_objects(extension) + list(extension.extra_objects or [])
@@ -109,6 +115,7 @@ def _extension_modules():
             except Exception as exc:
                 if _flag("LOGITSTD_REQUIRE_EXTENSION"):
                     raise
+                self._failed.append(extension)
                 warnings.warn(f"logitstd-kernels: building {extension.name} failed ({exc}); the package works "
                               f"without it (reference and Triton backends). Set LOGITSTD_REQUIRE_EXTENSION=1 "
                               f"to make this an error.")

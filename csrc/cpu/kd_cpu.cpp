@@ -6,6 +6,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -111,6 +112,8 @@ void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   const at::Tensor factors = scale.reshape({-1}).to(at::kDouble).contiguous();
   const double* f = factors.data_ptr<double>();
   const bool one_factor = factors.numel() == 1;
+  // The common case, loss.backward() on a scalar loss: nothing to do (no parallel region either).
+  if (std::all_of(f, f + factors.numel(), [](double v) { return v == 1.0; })) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "logitstd_scale_rows_", [&] {
     scalar_t* g = grad.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / cols);
