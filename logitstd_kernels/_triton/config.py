@@ -1,29 +1,34 @@
 """Launch configuration of the Triton kernels: ONE table, indexed by the class count V.
 
-Every launch constant of the package lives in this file. ``kd_config(V, acc64)`` picks the path
-(register or blocked), the tile width BLOCK and the warp count of the fused loss kernel;
-``vector_width`` the run length VEC of the tiles; ``SCALE_BLOCK``/``SCALE_WARPS`` configure the
-row-scaling kernel.
+Every launch constant of the package lives in this file. ``kd_config(V, acc64, full_vectors)``
+picks the path (register or blocked), the tile width BLOCK and the warp count of the fused loss
+kernel; ``vector_width`` the run length VEC of the tiles; ``SCALE_BLOCK``/``SCALE_WARPS`` configure
+the row-scaling kernel.
 
 How the entries were sized (Hopper: 65536 32-bit registers, at most 2048 threads and 32 CTAs per
-SM; about 3 TB/s of HBM on H100 and 50 MB of L2). The register counts quoted are ptxas's for sm_90
-(triton 3.9, bf16 inputs, student gradient), compiled without a GPU; the timings that would confirm
-the choices have not been taken yet:
+SM; about 3 TB/s of HBM on H100 and 50 MB of L2). Register counts are ptxas's for sm_90 (triton 3.9,
+compiled without a GPU: no entry spills, for every flag combination and dtype pair); the timings
+that would confirm the choices have not been taken yet.
 
 - EPT, elements per thread and tensor = BLOCK / (32 * num_warps). The register path keeps the row's
-  x, y and the derived u, w, e^a, e^b live: at EPT 8 it needs ~64 registers, so a 16-warp program
-  fits twice per SM. At V = 8192 (EPT 8 with 32 warps, or 16 with 16 warps) only one program fits
-  per SM, and then its phases (load, reductions with barriers, exponentials, store) run one after
-  the other with nothing to overlap them; the blocked path keeps two programs per SM there.
-  V = 16384 in registers spills (ptxas: 64-360 bytes of stack) at any warp count.
-- The blocked path streams BLOCK-wide tiles with one tile prefetched (~97 registers at EPT 8): a
-  2048/8-warp program fits twice per SM (16 warps, 32 KB of loads in flight per SM). Its passes 2
-  and 3 re-read the row; they hit L2 while (rows in flight) x (row pair bytes) stays well below
-  L2: 264 rows x 64 KB = 17 MB at V = 16384 in bf16. For longer rows one 16-warp program per SM
-  (132 rows in flight, 4096-wide tiles, same EPT and bytes in flight) keeps 132 x 128 KB = 17 MB
-  at V = 32768, and at V = 131072 (67 MB in flight) the backward pass 2 still finds the tail of
-  the row in L2.
-- float64 (gradcheck, tests; speed is not a goal) has twice the registers per element: half the EPT.
+  x, y and the derived u, w, e^a, e^b live: at EPT 8 it needs 40-64 registers, so a 16-warp program
+  fits twice per SM (one overlaps the other's barriers). At V = 8192 (EPT 8 with 32 warps, or 16
+  with 16 warps: 89-128 registers) only one program fits per SM, and its phases (load, reductions
+  with barriers, exponentials, store) then run one after the other with nothing to overlap them;
+  V = 16384 in registers spills (64-360 bytes of stack) at any warp count. So the register path
+  stops at 4096 and the blocked path, two programs per SM, takes over.
+- The blocked path streams BLOCK-wide tiles with one tile prefetched, 80-102 registers at EPT 8
+  (16-byte runs): a 2048-wide, 8-warp program fits twice per SM (16 warps, ~32 KB of loads in
+  flight per SM). Its passes 2 and 3 re-read the row; they hit L2 while (rows in flight) x (row
+  pair bytes) stays well below L2: 264 rows x 64 KB = 17 MB at V = 16384 in bf16. Longer rows use
+  one 4096-wide 16-warp program per SM (same EPT and bytes in flight, half the rows in flight):
+  132 x 128 KB = 17 MB at V = 32768, and at V = 131072 (67 MB in flight) the backward pass 2 still
+  finds the tail of each row in L2.
+- Rows that are not 16-byte aligned (V or a row stride not a multiple of the run) get scalar,
+  per-class accesses and one accumulator per class instead of per run: the blocked tiles are
+  halved (EPT 4, 60-127 registers) by ``kd_config(..., full_vectors=False)``.
+- float64 (gradcheck, tests; speed is not a goal) has twice the registers per element: EPT 4
+  (94-160 registers, no spills).
 """
 
 from __future__ import annotations
@@ -56,14 +61,16 @@ _TABLE_F32 = (
     (512, "register", 0, 2),
     # 4 warps: 8+ programs per SM.
     (1024, "register", 0, 4),
-    # 8 warps, 63 registers: 4 programs (32 warps) per SM.
+    # 8 warps, 40-64 registers: 4 programs (32 warps) per SM.
     (2048, "register", 0, 8),
-    # 16 warps, 63 registers: 2 programs (32 warps) per SM, one overlaps the other's barriers.
+    # 16 warps, 54-64 registers: 2 programs (32 warps) per SM, one overlaps the other's barriers.
     (4096, "register", 0, 16),
-    # Blocked, 2048-wide tiles, 8 warps (EPT 8): 2 programs per SM; re-reads served by L2.
+    # Blocked, 2048-wide tiles, 8 warps (EPT 8, 80-102 registers): 2 programs per SM; re-reads
+    # served by L2.
     (16384, "blocked", 2048, 8),
-    # Blocked, 4096-wide tiles, 16 warps (EPT 8): 1 program per SM, half the rows in flight, so
-    # that the re-read rows still fit in L2 (V = 32768) or their last tiles do (V >= 65536).
+    # Blocked, 4096-wide tiles, 16 warps (EPT 8, 78-111 registers): 1 program per SM, half the
+    # rows in flight, so that the re-read rows still fit in L2 (V = 32768) or their last tiles do
+    # (V >= 65536).
     (1 << 62, "blocked", 4096, 16),
 )
 

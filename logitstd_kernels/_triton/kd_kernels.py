@@ -26,12 +26,13 @@ access of the wider input when the rows are aligned to it), the same layout for 
 float32 teacher, and the sums over axis 1 stay inside a thread. Row strides arrive in units of VEC
 (``runs_x = stride_x / VEC``, ``v_runs = V / VEC`` for the gradient rows), which tells the compiler
 that every row starts VEC-aligned; the launcher lowers VEC (down to 1: consecutive threads, scalar
-coalesced accesses) when the strides or V do not allow it. Lanes past V are loaded as ``x[0]``: a neutral value for the
-shifted sums (it adds 0) and for the max; they are excluded where it matters (M2, the exponentials).
+coalesced accesses) when the strides or V do not allow it. Lanes past V are loaded as ``x[0]``: a
+neutral value for the shifted sums (it adds 0) and for the max; they are excluded where it matters
+(M2, the exponentials).
 
-Masked-out rows load nothing (every load is masked with ``offs < v_load``, ``v_load = 0`` for them),
-store loss 0 and gradient 0, and every result is selected with ``tl.where`` so that the garbage
-computed for them never reaches memory.
+Masked-out rows load nothing (every load's limit is 0 for them), store loss 0 and gradient 0, and
+every result is selected with ``tl.where`` so that the garbage computed for them never reaches
+memory.
 
 Accumulation is float32 (float64 when ``ACC64``: an input is float64). Exponentials use ``exp2``
 with the ``log2(e)`` factor folded into the temperature scale, logarithms use ``log2``.
