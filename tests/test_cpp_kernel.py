@@ -9,7 +9,9 @@ build of the CPU kernel, C++ input checks that name the offending tensor, the ro
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -248,6 +250,178 @@ def test_gradients_are_contiguous_in_the_input_dtype_and_empty_when_not_requeste
     assert rows.dtype == torch.float32 and rows.shape == (3,)
     assert gx.dtype == torch.bfloat16 and gx.is_contiguous() and gx.shape == (3, 40)
     assert gy.shape == (0,) and gy.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA kernel's row math, emulated on the host (CI has no GPU)
+EMULATION_SOURCE = r"""
+// The per-row flow of csrc/cuda/kd_cuda.cu on the host, through the same header: exponents in
+// log2 units (unit = ln 2, as with ex2.approx), per-thread Chan merges of per-pack moments, warp
+// shuffle trees, the CTA's warps in order, the cluster's CTAs in rank order.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+#include "logitstd/row_math.h"
+using namespace logitstd;
+
+template <class A> struct Units;
+template <> struct Units<float> {
+  static constexpr float kUnit = 0.693147180559945309f, kInv = 1.442695040888963407f;
+  static float ex(float s) { return std::exp2(s); }
+};
+template <> struct Units<double> {
+  static constexpr double kUnit = 1.0, kInv = 1.0;
+  static double ex(double s) { return std::exp(s); }
+};
+
+template <class R, class F>
+R kernel_order(int64_t V, int C, int T, int P, R identity, F thread_part, R (*combine)(const R&, const R&)) {
+  const int64_t chunk = (((V + P - 1) / P) + C - 1) / C * P;
+  R row = identity;
+  for (int q = 0; q < C; ++q) {
+    const int64_t start = q * chunk;
+    const int packs = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(chunk, V - start)) / P);
+    std::vector<R> th(T, identity);
+    for (int t = 0; t < T; ++t) {
+      for (int j = t; j < packs; j += T) th[t] = thread_part(th[t], start + int64_t(j) * P);
+    }
+    R cta = identity;
+    for (int w = 0; w < T / 32; ++w) {
+      for (int off = 16; off > 0; off >>= 1) {
+        for (int lane = 0; lane < off; ++lane) th[32 * w + lane] = combine(th[32 * w + lane], th[32 * w + lane + off]);
+      }
+      cta = w == 0 ? th[0] : combine(cta, th[32 * w]);
+    }
+    row = q == 0 ? cta : combine(row, cta);
+  }
+  return row;
+}
+
+template <class A> Moments<A> merge_fn(const Moments<A>& a, const Moments<A>& b) { return merge_moments(a, b); }
+template <class A> RowSums<A> add_fn(const RowSums<A>& a, const RowSums<A>& b) { return add_sums(a, b); }
+
+template <class A>
+void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P, int standardize, int64_t corr,
+             double eps_, double tau_s_, double tau_t_, double gs_, A* loss, A* gxs, A* gys) {
+  using E = Units<A>;
+  const bool std_ = standardize != 0;
+  const A eps = A(eps_), tau_s = A(tau_s_), tau_t = A(tau_t_), gs = A(gs_), dof = A(V - corr);
+  for (int64_t r = 0; r < N; ++r) {
+    const A* x = xs + r * V; const A* y = ys + r * V; A* gx = gxs + r * V; A* gy = gys + r * V;
+    auto moments_of = [&](const A* v) {
+      const A shift = v[0];
+      return kernel_order<Moments<A>>(V, C, T, P, empty_moments<A>(), [&](Moments<A> m, int64_t e) {
+        A sum = 0, mx = v[e];
+        for (int i = 0; i < P; ++i) { sum += v[e + i] - shift; mx = nan_max(mx, v[e + i]); }
+        const A mean = sum / A(P);
+        A m2 = 0;
+        if (std_) for (int i = 0; i < P; ++i) { const A d = (v[e + i] - shift) - mean; m2 = m_fma(d, d, m2); }
+        return merge_moments(m, Moments<A>{A(P), mean, m2, mx});
+      }, &merge_fn<A>);
+    };
+    const RowStats<A> sx = finalize_moments(moments_of(x), x[0], dof, eps, std_);
+    const RowStats<A> sy = finalize_moments(moments_of(y), y[0], dof, eps, std_);
+    const ExpPlan<A> plan = make_exp_plan(sx, sy, tau_s, tau_t, E::kInv);
+    const RowSums<A> sums = kernel_order<RowSums<A>>(V, C, T, P, zero_sums<A>(), [&](RowSums<A> p, int64_t e) {
+      for (int i = 0; i < P; ++i) {
+        const A sa = exp_arg(x[e + i], plan.x_max, plan.xa), sb = exp_arg(y[e + i], plan.y_max, plan.ya);
+        const A ea = E::ex(sa), eb = E::ex(sb), ebd = eb * kl_delta(sa, sb);
+        p.za += ea; p.zb += eb; p.t += ebd;
+        p.saa = m_fma(ea, sa, p.saa); p.sab = m_fma(eb, sa, p.sab);
+        p.sbb = m_fma(eb, sb, p.sbb); p.sbd = m_fma(ebd, sb, p.sbd);
+      }
+      return p;
+    }, &add_fn<A>);
+    const RowResult<A> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, std_, E::kUnit, gs);
+    loss[r] = res.loss;
+    for (int64_t k = 0; k < V; ++k) {
+      const A sa = exp_arg(x[k], plan.x_max, plan.xa), sb = exp_arg(y[k], plan.y_max, plan.ya);
+      const A ea = E::ex(sa), eb = E::ex(sb);
+      const A xk = std_ ? x[k] - sx.shift : A(0), yk = std_ ? y[k] - sy.shift : A(0);
+      gx[k] = grad_student_elem(ea, eb, xk, res.gx.alpha_a, -res.gx.alpha_b, -res.gx.beta, res.gx.beta_m);
+      gy[k] = grad_teacher_elem(eb, kl_delta(sa, sb), yk, res.gy.gamma, res.gy.unit, -res.gy.kl_cross,
+                                -res.gy.beta, res.gy.beta_m);
+    }
+  }
+}
+
+extern "C" {
+void emulate_f32(const float* x, const float* y, int64_t N, int64_t V, int C, int T, int P, int s, int64_t c,
+                 double eps, double ts, double tt, double gs, float* l, float* gx, float* gy) {
+  emulate<float>(x, y, N, V, C, T, P, s, c, eps, ts, tt, gs, l, gx, gy);
+}
+void emulate_f64(const double* x, const double* y, int64_t N, int64_t V, int C, int T, int P, int s, int64_t c,
+                 double eps, double ts, double tt, double gs, double* l, double* gx, double* gy) {
+  emulate<double>(x, y, N, V, C, T, P, s, c, eps, ts, tt, gs, l, gx, gy);
+}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    directory = tmp_path_factory.mktemp("cuda_emulation")
+    source = directory / "emulation.cpp"
+    source.write_text(EMULATION_SOURCE)
+    library = directory / "emulation.so"
+    include = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "include")
+    subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include}", str(source), "-o", str(library)],
+                   check=True, capture_output=True)
+    return ctypes.CDLL(str(library))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_classes,cluster,pack", [(2, 1, 1), (1271, 1, 1), (4099, 4, 1), (32768, 2, 8),
+                                                      (65536, 16, 8)])
+@pytest.mark.parametrize(
+    "options",
+    [dict(standardize=True, correction=1, eps=1e-7, tau_s=2.0, tau_t=1.5),
+     dict(standardize=False, correction=1, eps=1e-7, tau_s=1.0, tau_t=1.0),
+     dict(standardize=True, correction=0, eps=0.0, tau_s=3.0, tau_t=3.0)],
+    ids=["default", "plain-kd", "algorithm-1"],
+)
+def test_cuda_row_math_emulated_on_host(emulation, dtype, num_classes, cluster, pack, options):
+    """The CUDA kernel's math and reduction order (log2 units, packs, clusters) through the shared
+    header, against the float64 reference: covers what only the GPU runs, on a machine without one."""
+    from logitstd_kernels import reference
+    from logitstd_kernels.testing import assert_within_eager_error
+
+    if num_classes == 2 and not options["eps"]:
+        pytest.skip("V = 2 with eps = 0: the exact gradient is 0 (u = +-1 whatever x), a pure rounding residue")
+    x = 3 * torch.randn(3, num_classes, dtype=torch.float64)
+    y = 5 * torch.randn(3, num_classes, dtype=torch.float64)
+    if num_classes > 2 and dtype == torch.float32:
+        # A large offset (stable moments; in float64 the reference's own mean is the less accurate
+        # one on such rows) and a constant row.
+        x[0] = 1000.0 + 0.01 * torch.randn(num_classes)
+        if options["eps"] > 0:
+            y[1] = 4.0
+    grad_scale = 0.37
+    xd, yd = x.to(dtype).contiguous(), y.to(dtype).contiguous()
+    loss, gx, gy = torch.empty(3, dtype=dtype), torch.empty_like(xd), torch.empty_like(yd)
+    fn = emulation.emulate_f32 if dtype == torch.float32 else emulation.emulate_f64
+    scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+    ptr = lambda t: ctypes.cast(t.data_ptr(), ctypes.POINTER(scalar))  # noqa: E731
+    fn(ptr(xd), ptr(yd), ctypes.c_int64(3), ctypes.c_int64(num_classes), ctypes.c_int(cluster), ctypes.c_int(256),
+       ctypes.c_int(pack), ctypes.c_int(int(options["standardize"])), ctypes.c_int64(options["correction"]),
+       ctypes.c_double(options["eps"]), ctypes.c_double(options["tau_s"]), ctypes.c_double(options["tau_t"]),
+       ctypes.c_double(grad_scale), ptr(loss), ptr(gx), ptr(gy))
+
+    def ref(a, b):
+        a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        rows = reference.logitstd_kd_loss(a, b, temperature=options["tau_s"], teacher_temperature=options["tau_t"],
+                                          standardize=options["standardize"], correction=options["correction"],
+                                          eps=options["eps"], reduction="none")
+        ga, gb = torch.autograd.grad(rows.sum(), (a, b))
+        return rows.detach(), ga * grad_scale, gb * grad_scale
+
+    exact, eager = ref(x, y), ref(xd, yd)
+    for name, got, e, want in zip(("loss", "grad_student", "grad_teacher"), (loss, gx, gy), eager, exact):
+        assert_within_eager_error(name, got, e, want)
 
 
 # --------------------------------------------------------------------------------------------
