@@ -35,6 +35,7 @@ def _row_vec(num_classes: int, *tensors: torch.Tensor) -> int:
 
 
 def _check_rows(name: str, t: torch.Tensor) -> None:
+    """The contract's input layout: (N, V) with unit stride along V (any row stride)."""
     if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
         raise ValueError(f"{name} must be a 2-d tensor with unit stride along the classes, got shape "
                          f"{tuple(t.shape)} and strides {t.stride()}")
