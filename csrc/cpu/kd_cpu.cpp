@@ -102,7 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cpu(
   return {loss, grad_x, grad_y};
 }
 
-// grad[r] *= scale[r] (or scale[0]) in place, skipping rows whose scale is exactly 1.
+// grad[r] *= scale[r] (or scale[0]) in place, skipping rows whose scale is exactly 1. Traffic per
+// element: nothing for skipped rows (the scalar loss.backward() case), else one read and one write
+// of sizeof(grad) bytes.
 void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   check_scale_rows(grad, scale);
   TORCH_CHECK_VALUE(grad.device().is_cpu(), "logitstd::scale_rows_ (CPU): grad is on ", grad.device());

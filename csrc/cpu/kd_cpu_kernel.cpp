@@ -12,8 +12,10 @@
 //   pass 2  e^sa, e^sb and the seven RowSums (KL and the gradient's standardization terms);
 //           e^sa, e^sb are kept in a per-thread scratch row when a gradient is requested;
 //   pass 3  the gradients, from the stored exponentials (no exp recomputed).
-// Memory traffic per element: reads x and y once from memory (later passes hit cache: the working
-// set of a row is 2-6 rows of V * sizeof(T) bytes), writes each requested gradient once.
+// Memory traffic per element: reads sizeof(x) + sizeof(y) bytes from memory (8 for float32) and
+// writes sizeof(x) / sizeof(y) for each requested gradient (4 + 4); the later passes over a row hit
+// the caches (a row's working set is 2 to 6 rows of V * sizeof(T) bytes: inputs, exponentials,
+// converted copies of low-precision inputs). The time goes to the two exponentials per element.
 // Low-precision inputs are converted to T into scratch rows first. Each row is computed by one
 // thread in a fixed order, so results do not depend on the number of threads.
 #include <ATen/cpu/vec/functional.h>
