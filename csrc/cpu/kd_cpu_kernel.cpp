@@ -9,9 +9,12 @@
 // type T (float, or double when an input is float64):
 //   pass 1  moments of x and y: per block of kBlock elements the mean and M2 around the block mean
 //           (two passes over the block, which is in L1), merged across blocks with Chan's formula;
-//   pass 2  e^sa, e^sb and the seven RowSums (KL and the gradient's standardization terms);
-//           e^sa, e^sb are kept in a per-thread scratch row when a gradient is requested;
-//   pass 3  the gradients, from the stored exponentials (no exp recomputed).
+//   pass 2  e^sa, e^sb and the sums of the KL; e^sa, e^sb are kept in a per-thread scratch row
+//           when a gradient is requested;
+//   pass 3  the per-element gradient terms g (q - p, p (log p - log q - KL)), written over the
+//           stored exponentials, and the standardization sums G = sum g, S = sum g dev;
+//   pass 4  the gradients from g: the chain rule through the mean and the std evaluated from the
+//           same rounded g (row_math.h, term_coefficients); no exp is recomputed.
 // Memory traffic per element: reads sizeof(x) + sizeof(y) bytes from memory (8 for float32) and
 // writes sizeof(x) / sizeof(y) for each requested gradient (4 + 4); the later passes over a row hit
 // the caches (a row's working set is 2 to 6 rows of V * sizeof(T) bytes: inputs, exponentials,
@@ -225,19 +228,17 @@ inline Vectorized<T> vexp(const Vectorized<T>& v) {
   }
 }
 
-// kGx / kGy: a gradient is requested, so the exponentials are stored and the sums of its
-// standardization term are accumulated (saa, sab for the student; sbb, sbd for the teacher).
-template <class T, bool kExact, bool kGx, bool kGy>
+// kStore: a gradient is requested, so the exponentials are kept for the later passes.
+template <class T, bool kExact, bool kStore>
 RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T* ea_out, T* eb_out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  constexpr bool kStore = kGx || kGy;
   const Vec x_max(plan.x_max), xa(plan.xa), y_max(plan.y_max), ya(plan.ya);
   const Vec zero(T(0));
   RowSums<T> total = zero_sums<T>();
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = std::min(n, b0 + kBlock);
-    Vec za = zero, zb = zero, t = zero, saa = zero, sab = zero, sbb = zero, sbd = zero;
+    Vec za = zero, zb = zero, t = zero;
     auto body = [&](int64_t i, int64_t count) {
       const bool tail = count < W;
       const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
@@ -253,18 +254,9 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
       // On rows of finite logits delta is finite: the clamp of kl_delta is only needed on the
       // exact (non-finite) path.
       const Vec delta = kExact ? kl_delta(sa, sb) : sb - sa;
-      const Vec eb_delta = eb * delta;
       za = za + ea;
       zb = zb + eb;
-      t = t + eb_delta;
-      if constexpr (kGx) {
-        saa = at::vec::fmadd(ea, sa, saa);
-        sab = at::vec::fmadd(eb, sa, sab);
-      }
-      if constexpr (kGy) {
-        sbb = at::vec::fmadd(eb, sb, sbb);
-        sbd = at::vec::fmadd(eb_delta, sb, sbd);
-      }
+      t = at::vec::fmadd(eb, delta, t);
       if constexpr (kStore) {
         if (tail) {
           ea.store(ea_out + i, count);
@@ -278,48 +270,91 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
     int64_t i = b0;
     for (; i + W <= b1; i += W) body(i, W);
     if (i < b1) body(i, b1 - i);
-    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), lane_sum(saa), lane_sum(sab),
-                                       lane_sum(sbb), lane_sum(sbd)});
+    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), T(0), T(0), T(0), T(0)});
   }
   return total;
 }
 
 // ------------------------------------------------------------------------------------------
-// Pass 3: gradients from the stored exponentials. gx_out may alias ea, gy_out may alias eb (each
-// element is read before it is overwritten).
+// Pass 3: the per-element terms (row_math.h, student_term / teacher_term), written over the stored
+// exponentials, and their sums G = sum g, S = sum g dev (dev: the centered logit).
+template <class T>
+struct TermSums {
+  T gx, sx, gy, sy;
+};
+
 template <class T, bool kGx, bool kGy>
-void grad_pass(const T* x, const T* y, int64_t n, bool standardize, const ExpPlan<T>& plan, const RowStats<T>& sx,
-               const RowStats<T>& sy, const RowResult<T>& res, const T* ea, const T* eb, T* gx_out, T* gy_out) {
+TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const ExpPlan<T>& plan,
+                      const RowStats<T>& stx, const RowStats<T>& sty, T rza, T rzb, T kl_cross, T* ea_to_gx,
+                      T* eb_to_gy) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec x_max(plan.x_max), xa(plan.xa), y_max(plan.y_max), ya(plan.ya);
-  const Vec shift_x(sx.shift), shift_y(sy.shift);
+  const Vec center_x(stx.mean), center_y(sty.mean), shift_x(stx.shift), shift_y(sty.shift);
+  const Vec vrza(rza), vrzb(rzb), neg_rzb(-rzb), unit(T(1)), neg_kl_cross(-kl_cross);
   const Vec zero(T(0));
-  const Vec alpha_a(res.gx.alpha_a), neg_alpha_b(-res.gx.alpha_b), neg_beta_x(-res.gx.beta), beta_m_x(res.gx.beta_m);
-  const Vec gamma(res.gy.gamma), unit(res.gy.unit), neg_kl_cross(-res.gy.kl_cross), neg_beta_y(-res.gy.beta),
-      beta_m_y(res.gy.beta_m);
+  TermSums<T> total{T(0), T(0), T(0), T(0)};
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    Vec gxs = zero, sxs = zero, gys = zero, sys = zero;
+    auto body = [&](int64_t i, int64_t count) {
+      const bool tail = count < W;
+      const Vec ea = tail ? Vec::loadu(ea_to_gx + i, count) : Vec::loadu(ea_to_gx + i);
+      const Vec eb = tail ? Vec::loadu(eb_to_gy + i, count) : Vec::loadu(eb_to_gy + i);
+      Vec gx, gy;
+      const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
+      if constexpr (kGx) {
+        gx = student_term(ea, eb, vrza, neg_rzb);
+        if (standardize) {
+          const Vec dev = Vec::set(zero, (xv - shift_x) - center_x, count);
+          gxs = gxs + gx;
+          sxs = at::vec::fmadd(gx, dev, sxs);
+        }
+      }
+      if constexpr (kGy) {
+        const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
+        const Vec delta = kl_delta(exp_arg(xv, x_max, xa), exp_arg(yv, y_max, ya));
+        gy = teacher_term(eb, delta, vrzb, unit, neg_kl_cross);
+        if (standardize) {
+          const Vec dev = Vec::set(zero, (yv - shift_y) - center_y, count);
+          gys = gys + gy;
+          sys = at::vec::fmadd(gy, dev, sys);
+        }
+      }
+      if constexpr (kGx) {
+        if (tail) gx.store(ea_to_gx + i, count); else gx.store(ea_to_gx + i);
+      }
+      if constexpr (kGy) {
+        if (tail) gy.store(eb_to_gy + i, count); else gy.store(eb_to_gy + i);
+      }
+    };
+    int64_t i = b0;
+    for (; i + W <= b1; i += W) body(i, W);
+    if (i < b1) body(i, b1 - i);
+    total.gx += lane_sum(gxs);
+    total.sx += lane_sum(sxs);
+    total.gy += lane_sum(gys);
+    total.sy += lane_sum(sys);
+  }
+  return total;
+}
+
+// ------------------------------------------------------------------------------------------
+// Pass 4: gradients from the stored terms. out may alias terms (read before written).
+template <class T>
+void grad_pass(const T* v, const T* terms, int64_t n, bool standardize, const RowStats<T>& st,
+               const TermCoef<T>& c, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec shift(st.shift), center(st.mean), zero(T(0));
+  const Vec a(c.a), neg_b(-c.b), neg_a_mean(-c.a_mean);
   auto body = [&](int64_t i, int64_t count) {
     const bool tail = count < W;
-    const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
-    const Vec ev_a = tail ? Vec::loadu(ea + i, count) : Vec::loadu(ea + i);
-    const Vec ev_b = tail ? Vec::loadu(eb + i, count) : Vec::loadu(eb + i);
-    Vec gxv, gyv;
-    if constexpr (kGx) {
-      const Vec xk = standardize ? xv - shift_x : zero;
-      gxv = grad_student_elem(ev_a, ev_b, xk, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
-    }
-    if constexpr (kGy) {
-      const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
-      const Vec delta = kl_delta(exp_arg(xv, x_max, xa), exp_arg(yv, y_max, ya));
-      const Vec yk = standardize ? yv - shift_y : zero;
-      gyv = grad_teacher_elem(ev_b, delta, yk, gamma, unit, neg_kl_cross, neg_beta_y, beta_m_y);
-    }
-    if constexpr (kGx) {
-      if (tail) gxv.store(gx_out + i, count); else gxv.store(gx_out + i);
-    }
-    if constexpr (kGy) {
-      if (tail) gyv.store(gy_out + i, count); else gyv.store(gy_out + i);
-    }
+    const Vec g = tail ? Vec::loadu(terms + i, count) : Vec::loadu(terms + i);
+    Vec dev = zero;  // without standardization there is no std term (and a -inf logit stays out)
+    if (standardize) dev = ((tail ? Vec::loadu(v + i, count) : Vec::loadu(v + i)) - shift) - center;
+    const Vec out_v = grad_from_term(g, dev, a, neg_b, neg_a_mean);
+    if (tail) out_v.store(out + i, count); else out_v.store(out + i);
   };
   int64_t i = 0;
   for (; i + W <= n; i += W) body(i, W);
@@ -358,24 +393,29 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
 
   constexpr bool kStore = kGx || kGy;
   const bool finite = row_is_finite(mx) && row_is_finite(my);
-  const RowSums<T> sums = finite ? exp_pass<T, false, kGx, kGy>(x, y, n, plan, s.ea.get(), s.eb.get())
-                                 : exp_pass<T, true, kGx, kGy>(x, y, n, plan, s.ea.get(), s.eb.get());
-  const RowResult<T> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, p.standardize, T(1),
-                                        static_cast<T>(p.grad_scale));
-  loss[r] = res.loss;
+  const RowSums<T> sums = finite ? exp_pass<T, false, kStore>(x, y, n, plan, s.ea.get(), s.eb.get())
+                                 : exp_pass<T, true, kStore>(x, y, n, plan, s.ea.get(), s.eb.get());
+  loss[r] = row_loss(sums, tau_s, T(1));
   if constexpr (kStore) {
-    const bool direct_x = is_acc_dtype<T>(p.x_dtype);
-    const bool direct_y = is_acc_dtype<T>(p.y_dtype);
-    T* gx_out = nullptr;
-    T* gy_out = nullptr;
-    if constexpr (kGx) gx_out = direct_x ? static_cast<T*>(p.grad_x) + r * n : s.ea.get();
-    if constexpr (kGy) gy_out = direct_y ? static_cast<T*>(p.grad_y) + r * n : s.eb.get();
-    grad_pass<T, kGx, kGy>(x, y, n, p.standardize, plan, sx, sy, res, s.ea.get(), s.eb.get(), gx_out, gy_out);
+    const T kl_cross = kl_cross_term(sums, T(1));
+    const TermSums<T> ts = term_pass<T, kGx, kGy>(x, y, n, p.standardize, plan, sx, sy, T(1) / sums.za,
+                                                  T(1) / sums.zb, kl_cross, s.ea.get(), s.eb.get());
+    const T grad_scale = static_cast<T>(p.grad_scale);
+    const T classes = static_cast<T>(n);
     if constexpr (kGx) {
-      if (!direct_x) store_row(gx_out, p.x_dtype, p.grad_x, r * n, n);
+      const TermCoef<T> c = term_coefficients(ts.gx, ts.sx, classes, sx, dof, grad_scale * tau_s, p.standardize);
+      const bool direct = is_acc_dtype<T>(p.x_dtype);
+      T* out = direct ? static_cast<T*>(p.grad_x) + r * n : s.ea.get();
+      grad_pass(x, s.ea.get(), n, p.standardize, sx, c, out);
+      if (!direct) store_row(out, p.x_dtype, p.grad_x, r * n, n);
     }
     if constexpr (kGy) {
-      if (!direct_y) store_row(gy_out, p.y_dtype, p.grad_y, r * n, n);
+      const TermCoef<T> c =
+          term_coefficients(ts.gy, ts.sy, classes, sy, dof, grad_scale * tau_s * tau_s / tau_t, p.standardize);
+      const bool direct = is_acc_dtype<T>(p.y_dtype);
+      T* out = direct ? static_cast<T*>(p.grad_y) + r * n : s.eb.get();
+      grad_pass(y, s.eb.get(), n, p.standardize, sy, c, out);
+      if (!direct) store_row(out, p.y_dtype, p.grad_y, r * n, n);
     }
   }
 }

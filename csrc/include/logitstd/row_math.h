@@ -11,7 +11,9 @@
 //      ("units" of log: 1 for exp, ln 2 for exp2). The kernel accumulates RowSums:
 //        za = sum e^sa, zb = sum e^sb, t = sum e^sb * delta, saa = sum e^sa sa, sab = sum e^sb sa,
 //        sbb = sum e^sb sb, sbd = sum e^sb delta sb, with delta = sb - sa (kl_delta()).
-//   3. finalize_row(): loss = tau_s^2 * KL and the coefficients of the gradient formulas
+//   3. finalize_row(): loss = tau_s^2 * KL and the coefficients of the gradient formulas (the CUDA
+//      kernel; the CPU kernel evaluates the same chain rule from per-element terms, see
+//      student_term / term_coefficients below)
 //        dL/dx_k = alpha_a e^sa_k - alpha_b e^sb_k - beta (x_k - shift_x) + beta_m       (grad_student_elem)
 //        dL/dy_k = gamma e^sb_k (unit delta_k - kl_cross) - beta (y_k - shift_y) + beta_m  (grad_teacher_elem)
 //      which are DESIGN.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
@@ -211,16 +213,28 @@ LOGITSTD_HD T std_coefficient(T S, const RowStats<T>& st, T dof) {
   return st.sigma > T(0) ? S * st.s / (dof * st.sigma) : T(0);
 }
 
+// E_p[(b - max b) - (a - max a)] (natural log units): KL = kl_cross + log Z_a - log Z_b.
+template <class T>
+LOGITSTD_HD T kl_cross_term(const RowSums<T>& sums, T unit) {
+  return unit * sums.t / sums.zb;
+}
+
+// tau_s^2 * KL(p || q) of the row.
+template <class T>
+LOGITSTD_HD T row_loss(const RowSums<T>& sums, T tau_s, T unit) {
+  return tau_s * tau_s * (kl_cross_term(sums, unit) + m_log(sums.za) - m_log(sums.zb));
+}
+
+// The gradient coefficients from the exp pass's sums alone (the CUDA kernel: no extra pass).
 template <class T>
 LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>& sx, const RowStats<T>& sy,
                                       T dof, T tau_s, T tau_t, bool standardize, T unit, T grad_scale) {
   RowResult<T> r;
   const T inv_za = T(1) / sums.za;
   const T inv_zb = T(1) / sums.zb;
-  const T kl_cross = unit * sums.t * inv_zb;  // E_p[(b - max b) - (a - max a)]
-  const T kl = kl_cross + m_log(sums.za) - m_log(sums.zb);
+  const T kl_cross = kl_cross_term(sums, unit);
   const T tau2 = tau_s * tau_s;
-  r.loss = tau2 * kl;
+  r.loss = row_loss(sums, tau_s, unit);
 
   // Student: S = sum g_u u = tau_s^2 (E_q[a] - E_p[a]) (g_u sums to 0, so any shift of a cancels).
   const T sx_s = sx.s;
@@ -261,6 +275,53 @@ LOGITSTD_HD V grad_student_elem(V ea, V eb, V xk, V alpha_a, V neg_alpha_b, V ne
 template <class V>
 LOGITSTD_HD V grad_teacher_elem(V eb, V delta, V yk, V gamma, V unit, V neg_kl_cross, V neg_beta, V beta_m) {
   return m_fma(gamma * eb, m_fma(delta, unit, neg_kl_cross), m_fma(neg_beta, yk, beta_m));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chain rule evaluated from the per-element terms themselves (the CPU kernel, which caches the
+// exponentials, so one more pass over a row is cheap). With the per-element term computed once,
+//   g_k = q_k - p_k                              (student_term)
+//   g_k = p_k ((b_k - max b) - (a_k - max a) - kl_cross)    (teacher_term; p (log p - log q - KL))
+// and the centered logits dev_k = v_k - mean, the sums G = sum g and S = sum g dev give
+//   dL/dv_k = A ((g_k - G / V) - dev_k S / ((V - c) sigma s)),
+// A = grad_scale tau_s / s_x (student) or grad_scale tau_s^2 / (tau_t s_y) (teacher): what autograd
+// computes through the mean and the std. Analytically G = 0 and S is the sums form of
+// finalize_row; evaluated from the same rounded g_k, the two terms stay consistent where they
+// cancel (V = 2, where the exact gradient is O(eps)).
+template <class V>
+LOGITSTD_HD V student_term(V ea, V eb, V rza, V neg_rzb) {
+  return m_fma(ea, rza, eb * neg_rzb);
+}
+
+template <class V>
+LOGITSTD_HD V teacher_term(V eb, V delta, V rzb, V unit, V neg_kl_cross) {
+  return (eb * rzb) * m_fma(delta, unit, neg_kl_cross);
+}
+
+// Per-element gradient: a g - b dev - a_mean, as a g + (-b dev + (-a_mean)).
+template <class T>
+struct TermCoef {
+  T a, b, a_mean;
+};
+
+template <class T>
+LOGITSTD_HD TermCoef<T> term_coefficients(T G, T S, T num_classes, const RowStats<T>& st, T dof, T scale,
+                                          bool standardize) {
+  TermCoef<T> c;
+  c.a = scale / st.s;
+  if (standardize) {
+    c.a_mean = c.a * (G / num_classes);
+    c.b = st.sigma > T(0) ? c.a * S / (dof * st.sigma * st.s) : T(0);  // 0 for a constant row
+  } else {
+    c.a_mean = T(0);
+    c.b = T(0);
+  }
+  return c;
+}
+
+template <class V>
+LOGITSTD_HD V grad_from_term(V g, V dev, V a, V neg_b, V neg_a_mean) {
+  return m_fma(a, g, m_fma(neg_b, dev, neg_a_mean));
 }
 
 }  // namespace logitstd
