@@ -257,7 +257,8 @@ def test_gradients_are_contiguous_in_the_input_dtype_and_empty_when_not_requeste
 EMULATION_SOURCE = r"""
 // The per-row flow of csrc/cuda/kd_cuda.cu on the host, through the same header: exponents in
 // log2 units (unit = ln 2, as with ex2.approx), per-thread Chan merges of per-pack moments, warp
-// shuffle trees, the CTA's warps in order, the cluster's CTAs in rank order.
+// shuffle trees, the CTA's warps in order, the cluster's CTAs in rank order; short rows take the
+// per-element-terms form of the chain rule, long rows the sums form.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -300,6 +301,8 @@ R kernel_order(int64_t V, int C, int T, int P, R identity, F thread_part, R (*co
 
 template <class A> Moments<A> merge_fn(const Moments<A>& a, const Moments<A>& b) { return merge_moments(a, b); }
 template <class A> RowSums<A> add_fn(const RowSums<A>& a, const RowSums<A>& b) { return add_sums(a, b); }
+template <class A> TermSums<A> add_terms_fn(const TermSums<A>& a, const TermSums<A>& b) { return add_term_sums(a, b); }
+constexpr int64_t terms_max_cols = 4096;  // kTermsMaxCols of csrc/cuda/launch_config.h
 
 template <class A>
 void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P, int standardize, int64_t corr,
@@ -333,8 +336,35 @@ void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P
       }
       return p;
     }, &add_fn<A>);
+    loss[r] = row_loss(sums, tau_s, E::kUnit);
+    if (V <= terms_max_cols) {  // short rows: the chain rule from the per-element terms
+      const A rza = A(1) / sums.za, rzb = A(1) / sums.zb, klc = kl_cross_term(sums, E::kUnit);
+      auto term_x = [&](int64_t k) {
+        return student_term(E::ex(exp_arg(x[k], plan.x_max, plan.xa)), E::ex(exp_arg(y[k], plan.y_max, plan.ya)),
+                            rza, -rzb);
+      };
+      auto term_y = [&](int64_t k) {
+        const A sa = exp_arg(x[k], plan.x_max, plan.xa), sb = exp_arg(y[k], plan.y_max, plan.ya);
+        return teacher_term(E::ex(sb), kl_delta(sa, sb), rzb, E::kUnit, -klc);
+      };
+      const TermSums<A> ts = kernel_order<TermSums<A>>(V, C, T, P, TermSums<A>{0, 0, 0, 0},
+          [&](TermSums<A> t, int64_t e) {
+            for (int i = 0; i < P && std_; ++i) {
+              const A gxk = term_x(e + i), gyk = term_y(e + i);
+              t.gx += gxk; t.sx = m_fma(gxk, (x[e + i] - sx.shift) - sx.mean, t.sx);
+              t.gy += gyk; t.sy = m_fma(gyk, (y[e + i] - sy.shift) - sy.mean, t.sy);
+            }
+            return t;
+          }, &add_terms_fn<A>);
+      const TermCoef<A> cx = term_coefficients(ts.gx, ts.sx, A(V), sx, dof, gs * tau_s, std_);
+      const TermCoef<A> cy = term_coefficients(ts.gy, ts.sy, A(V), sy, dof, gs * tau_s * tau_s / tau_t, std_);
+      for (int64_t k = 0; k < V; ++k) {
+        gx[k] = grad_from_term(term_x(k), std_ ? (x[k] - sx.shift) - sx.mean : A(0), cx.a, -cx.b, -cx.a_mean);
+        gy[k] = grad_from_term(term_y(k), std_ ? (y[k] - sy.shift) - sy.mean : A(0), cy.a, -cy.b, -cy.a_mean);
+      }
+      continue;
+    }
     const RowResult<A> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, std_, E::kUnit, gs);
-    loss[r] = res.loss;
     for (int64_t k = 0; k < V; ++k) {
       const A sa = exp_arg(x[k], plan.x_max, plan.xa), sb = exp_arg(y[k], plan.y_max, plan.ya);
       const A ea = E::ex(sa), eb = E::ex(sb);
@@ -385,13 +415,14 @@ def emulation(tmp_path_factory):
     ids=["default", "plain-kd", "algorithm-1"],
 )
 def test_cuda_row_math_emulated_on_host(emulation, dtype, num_classes, cluster, pack, options):
-    """The CUDA kernel's math and reduction order (log2 units, packs, clusters) through the shared
-    header, against the float64 reference: covers what only the GPU runs, on a machine without one."""
+    """The CUDA kernel's math and reduction order (log2 units, packs, clusters, both forms of the
+    chain rule) through the shared header, against the float64 reference: covers what only the
+    GPU runs, on a machine without one."""
     from logitstd_kernels import reference
     from logitstd_kernels.testing import assert_within_eager_error
 
     if num_classes == 2 and not options["eps"]:
-        pytest.skip("V = 2 with eps = 0: the exact gradient is 0 (u = +-1 whatever x), a pure rounding residue")
+        pytest.skip("V = 2 with eps = 0: the exact gradient is 0 (u = +-1 whatever x); only rounding is compared")
     x = 3 * torch.randn(3, num_classes, dtype=torch.float64)
     y = 5 * torch.randn(3, num_classes, dtype=torch.float64)
     if num_classes > 2 and dtype == torch.float32:

@@ -278,11 +278,6 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
 // ------------------------------------------------------------------------------------------
 // Pass 3: the per-element terms (row_math.h, student_term / teacher_term), written over the stored
 // exponentials, and their sums G = sum g, S = sum g dev (dev: the centered logit).
-template <class T>
-struct TermSums {
-  T gx, sx, gy, sy;
-};
-
 template <class T, bool kGx, bool kGy>
 TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const ExpPlan<T>& plan,
                       const RowStats<T>& stx, const RowStats<T>& sty, T rza, T rzb, T kl_cross, T* ea_to_gx,

@@ -9,7 +9,9 @@
 //      distributed shared memory (every CTA of the cluster ends with the same bits);
 //   3. computes e^sa, e^sb and the RowSums from shared memory, reduced the same way;
 //   4. writes the loss (CTA 0) and the requested gradients (16-byte stores), again from shared
-//      memory, recomputing the two exponentials (cheaper than keeping them on chip).
+//      memory, recomputing the two exponentials (cheaper than keeping them on chip). Rows of at
+//      most kTermsMaxCols classes take one more pass first: the chain rule from the per-element
+//      terms (as the CPU kernel does), which keeps degenerate rows (V = 2) as accurate as eager.
 // Math per element (DESIGN.md section 1; formulas in logitstd/row_math.h, shared with the CPU
 // kernel): sa = (x - max x) * xa in log2 units, e^sa = 2^sa (ex2.approx), sums in the accumulation
 // type A (float; double, with exp, when an input is float64).
@@ -197,6 +199,11 @@ __device__ __forceinline__ RowSums<A> combine(const RowSums<A>& a, const RowSums
   return add_sums(a, b);
 }
 
+template <class A>
+__device__ __forceinline__ TermSums<A> combine(const TermSums<A>& a, const TermSums<A>& b) {
+  return add_term_sums(a, b);
+}
+
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <class A>
@@ -208,6 +215,12 @@ __device__ __forceinline__ Moments<A> shfl_down(const Moments<A>& m, int off) {
 template <class A>
 __device__ __forceinline__ MomentsPair<A> shfl_down(const MomentsPair<A>& m, int off) {
   return MomentsPair<A>{shfl_down(m.x, off), shfl_down(m.y, off)};
+}
+
+template <class A>
+__device__ __forceinline__ TermSums<A> shfl_down(const TermSums<A>& s, int off) {
+  return TermSums<A>{__shfl_down_sync(kFullMask, s.gx, off), __shfl_down_sync(kFullMask, s.sx, off),
+                     __shfl_down_sync(kFullMask, s.gy, off), __shfl_down_sync(kFullMask, s.sy, off)};
 }
 
 template <class A>
@@ -310,6 +323,7 @@ struct KdCudaArgs {
   int64_t y_smem_offset;   // byte offset of the teacher chunk in dynamic shared memory
   int cluster;             // CTAs per row
   bool resident;           // chunks staged in shared memory (else read from global memory)
+  bool from_terms;         // short rows: the chain rule from per-element terms (one more pass)
   bool standardize;
   int64_t correction;
   double tau_s;
@@ -331,6 +345,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   __shared__ RowSums<A> s_warp_s[kWarps];
   __shared__ RowSums<A> s_cta_s;
   __shared__ RowSums<A> s_row_s;
+  __shared__ TermSums<A> s_warp_t[kWarps];
+  __shared__ TermSums<A> s_cta_t;
+  __shared__ TermSums<A> s_row_t;
   extern __shared__ __align__(16) unsigned char s_chunk[];
 
   const int cluster = args.cluster;
@@ -424,12 +441,76 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
     }
   }
   const RowSums<A> sums = row_reduce(part, s_warp_s, &s_cta_s, &s_row_s, cluster);
+  if (rank == 0 && threadIdx.x == 0) loss[row] = row_loss(sums, tau_s, E::kUnit);
+  const A grad_scale = *static_cast<const A*>(args.grad_scale);
+
+  if ((want_gx || want_gy) && args.from_terms) {
+    // 4a. Short rows: the per-element terms g and their sums G, S (row_math.h, term_coefficients),
+    // so that the two terms of the chain rule cancel consistently (V = 2: gradient O(eps)).
+    const A rza = A(1) / sums.za, rzb = A(1) / sums.zb, neg_rzb = -rzb;
+    const A unit = E::kUnit, neg_kl_cross = -kl_cross_term(sums, E::kUnit);
+    TermSums<A> tpart{A(0), A(0), A(0), A(0)};
+    for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
+      const int64_t e = static_cast<int64_t>(j) * P;
+      A xv[P], yv[P];
+      load_pack<S, P, kVec>(xc + e, xv);
+      load_pack<T, P, kVec>(yc + e, yv);
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const A sa = exp_arg(xv[i], plan.x_max, plan.xa);
+        const A sb = exp_arg(yv[i], plan.y_max, plan.ya);
+        const A ea = E::exp(sa);
+        const A eb = E::exp(sb);
+        if (want_gx && args.standardize) {
+          const A g = student_term(ea, eb, rza, neg_rzb);
+          tpart.gx += g;
+          tpart.sx = m_fma(g, (xv[i] - sx.shift) - sx.mean, tpart.sx);
+        }
+        if (want_gy && args.standardize) {
+          const A g = teacher_term(eb, kl_delta(sa, sb), rzb, unit, neg_kl_cross);
+          tpart.gy += g;
+          tpart.sy = m_fma(g, (yv[i] - sy.shift) - sy.mean, tpart.sy);
+        }
+      }
+    }
+    const TermSums<A> ts = row_reduce(tpart, s_warp_t, &s_cta_t, &s_row_t, cluster);
+    if (cluster > 1) cluster_arrive();  // other CTAs may still read s_cta_t: wait before exiting
+    const A classes = static_cast<A>(cols);
+    const TermCoef<A> cx = term_coefficients(ts.gx, ts.sx, classes, sx, dof, grad_scale * tau_s, args.standardize);
+    const TermCoef<A> cy =
+        term_coefficients(ts.gy, ts.sy, classes, sy, dof, grad_scale * tau_s * tau_s / tau_t, args.standardize);
+    // 4b. Gradients from the same terms (recomputed: the same inputs and code give the same bits).
+    for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
+      const int64_t e = static_cast<int64_t>(j) * P;
+      A xv[P], yv[P], ox[P], oy[P];
+      load_pack<S, P, kVec>(xc + e, xv);
+      load_pack<T, P, kVec>(yc + e, yv);
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const A sa = exp_arg(xv[i], plan.x_max, plan.xa);
+        const A sb = exp_arg(yv[i], plan.y_max, plan.ya);
+        const A ea = E::exp(sa);
+        const A eb = E::exp(sb);
+        if (want_gx) {
+          const A dev = args.standardize ? (xv[i] - sx.shift) - sx.mean : A(0);
+          ox[i] = grad_from_term(student_term(ea, eb, rza, neg_rzb), dev, cx.a, -cx.b, -cx.a_mean);
+        }
+        if (want_gy) {
+          const A dev = args.standardize ? (yv[i] - sy.shift) - sy.mean : A(0);
+          oy[i] = grad_from_term(teacher_term(eb, kl_delta(sa, sb), rzb, unit, neg_kl_cross), dev, cy.a, -cy.b,
+                                 -cy.a_mean);
+        }
+      }
+      if (want_gx) store_pack<S, P, kVec>(gx + e, ox);
+      if (want_gy) store_pack<T, P, kVec>(gy + e, oy);
+    }
+    if (cluster > 1) cluster_wait();
+    return;
+  }
+
   // Other CTAs may still read s_cta_s: arrive now, wait before exiting (overlaps the gradient pass).
   if (cluster > 1) cluster_arrive();
-
-  const RowResult<A> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, args.standardize, E::kUnit,
-                                        *static_cast<const A*>(args.grad_scale));
-  if (rank == 0 && threadIdx.x == 0) loss[row] = res.loss;
+  const RowResult<A> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, args.standardize, E::kUnit, grad_scale);
 
   // 4. Gradients.
   if (want_gx || want_gy) {
@@ -621,6 +702,7 @@ void launch_fused(const KdProblem& p, cudaStream_t stream) {
   args.y_smem_offset = plan.y_offset;
   args.cluster = plan.cluster;
   args.resident = plan.resident;
+  args.from_terms = p.cols <= kTermsMaxCols;
   args.standardize = p.standardize;
   args.correction = p.correction;
   args.tau_s = p.tau_s;

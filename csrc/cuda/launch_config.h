@@ -25,6 +25,13 @@ constexpr size_t kTargetCtaBytes = 64 * 1024;
 constexpr int kMaxPortableCluster = 8;
 constexpr int kMaxCluster = 16;
 
+// Rows up to this many classes evaluate the chain rule from the per-element terms (row_math.h,
+// term_coefficients), one more pass over shared memory (two more exponentials per element): the
+// numerically faithful form, needed where the two terms of the standardization gradient cancel
+// (V = 2, where the exact gradient is O(eps)). Short rows are bound by launch and latency, not by
+// this pass; the long rows of the performance targets (32k-256k classes) keep three passes.
+constexpr int64_t kTermsMaxCols = 4096;
+
 // Rows per CTA of the row-scaling kernel's grid-stride loop (grid = min(rows, this)).
 constexpr int64_t kScaleMaxBlocks = 65535;
 constexpr int kScaleThreads = 256;

@@ -12,8 +12,8 @@
 //        za = sum e^sa, zb = sum e^sb, t = sum e^sb * delta, saa = sum e^sa sa, sab = sum e^sb sa,
 //        sbb = sum e^sb sb, sbd = sum e^sb delta sb, with delta = sb - sa (kl_delta()).
 //   3. finalize_row(): loss = tau_s^2 * KL and the coefficients of the gradient formulas (the CUDA
-//      kernel; the CPU kernel evaluates the same chain rule from per-element terms, see
-//      student_term / term_coefficients below)
+//      kernel on long rows); the CPU kernel, and the CUDA kernel on short rows, evaluate the same
+//      chain rule from per-element terms instead (student_term ... term_coefficients below)
 //        dL/dx_k = alpha_a e^sa_k - alpha_b e^sb_k - beta (x_k - shift_x) + beta_m       (grad_student_elem)
 //        dL/dy_k = gamma e^sb_k (unit delta_k - kl_cross) - beta (y_k - shift_y) + beta_m  (grad_teacher_elem)
 //      which are DESIGN.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
@@ -296,6 +296,17 @@ LOGITSTD_HD V student_term(V ea, V eb, V rza, V neg_rzb) {
 template <class V>
 LOGITSTD_HD V teacher_term(V eb, V delta, V rzb, V unit, V neg_kl_cross) {
   return (eb * rzb) * m_fma(delta, unit, neg_kl_cross);
+}
+
+// G and S of the student (gx, sx) and of the teacher (gy, sy); blocks of a row add.
+template <class T>
+struct TermSums {
+  T gx, sx, gy, sy;
+};
+
+template <class T>
+LOGITSTD_HD TermSums<T> add_term_sums(const TermSums<T>& a, const TermSums<T>& b) {
+  return TermSums<T>{a.gx + b.gx, a.sx + b.sx, a.gy + b.gy, a.sy + b.sy};
 }
 
 // Per-element gradient: a g - b dev - a_mean, as a g + (-b dev + (-a_mean)).
