@@ -8,6 +8,7 @@ shape (4, 10)`` instead of an index error deep inside a kernel.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -31,23 +32,27 @@ def check_logits(name: str, logits: object) -> torch.Tensor:
     return logits
 
 
+_REAL = (numbers.Real, torch.SymInt, torch.SymFloat)  # SymFloat: a temperature torch.compile made dynamic
+
+
 def check_temperature(name: str, value: object) -> float:
-    """A finite, strictly positive number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite, strictly positive number (comparisons only, so torch.compile can trace them)."""
+    if isinstance(value, bool) or not isinstance(value, _REAL):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0.0):
+    if not (0.0 < value < math.inf):  # False for NaN too
         raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return value
+    return float(value)
 
 
 def check_std_args(num_classes: int, correction: object, eps: object, *, name: str = "logits") -> tuple[int, float]:
     """``correction`` is a non-negative int below the class count; ``eps`` is finite and >= 0."""
-    if isinstance(correction, bool) or not isinstance(correction, int):
+    if isinstance(correction, bool) or not isinstance(correction, numbers.Integral):
         raise TypeError(f"correction must be an int (1 = torch.std default, 0 = Algorithm 1), got {correction!r}")
     if correction < 0:
         raise ValueError(f"correction must be >= 0, got {correction}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, _REAL):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not (0.0 <= eps < math.inf):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if num_classes < 2:
         raise ValueError(
@@ -58,7 +63,7 @@ def check_std_args(num_classes: int, correction: object, eps: object, *, name: s
             f"correction={correction} leaves no degrees of freedom for {num_classes} classes "
             f"(needs correction < number of classes)"
         )
-    return correction, float(eps)
+    return int(correction), float(eps)
 
 
 def check_reduction(reduction: object) -> str:
@@ -131,3 +136,26 @@ def check_kd_args(
     check_reduction(reduction)
     checked_mask = check_mask(mask, student)
     return student, teacher, checked_mask, tau_s, tau_t
+
+
+def check_op_args(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor], temperature: float,
+                  teacher_temperature: float, standardize: bool, correction: int, eps: float, reduction: str,
+                  backend: str) -> None:
+    """The checks of ``torch.ops.logitstd.kd_loss`` itself, which takes (N, V) rows with unit class stride.
+
+    The public functions check their arguments before they reshape them; the op checks again so that
+    calling it directly can never hand a kernel mismatched shapes, a short mask or a bad temperature.
+    """
+    check_pair(student, teacher)
+    for name, t in (("student", student), ("teacher", teacher)):
+        if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+            raise ValueError(f"{name} must be a 2-d (N, V) tensor with unit stride along V, got shape "
+                             f"{tuple(t.shape)} and strides {t.stride()}")
+    check_temperature("temperature", temperature)
+    check_temperature("teacher_temperature", teacher_temperature)
+    if standardize:
+        check_std_args(student.shape[1], correction, eps, name="student")
+    check_reduction(reduction)
+    if backend not in ("triton", "cuda", "cpu"):
+        raise ValueError(f"backend must be a fused backend ('triton', 'cuda' or 'cpu'), got {backend!r}")
+    check_mask(mask, student)

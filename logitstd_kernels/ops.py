@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ._backends import backend_module
+from ._checks import check_op_args
 from .reference import accumulation_dtype
 
 
@@ -54,6 +55,8 @@ def kd_loss(
     pre-scaled gradients, or empty tensors when not requested) and not differentiable.
     ``loss`` has shape (N,) for ``reduction="none"`` and () otherwise.
     """
+    check_op_args(student, teacher, mask, temperature, teacher_temperature, standardize, correction, eps,
+                  reduction, backend)
     num_rows, num_classes = student.shape
     acc = accumulation_dtype(student, teacher)
     denominator = _reduction_denominator(mask, num_rows, num_classes, reduction, student.device, acc)
@@ -80,6 +83,7 @@ def _kd_loss_fake(student, teacher, mask, temperature, teacher_temperature, stan
 def _setup_context(ctx, inputs, output) -> None:
     _, grad_s, grad_t = output
     ctx.mark_non_differentiable(grad_s, grad_t)
+    ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
     ctx.save_for_backward(grad_s, grad_t)
     ctx.backend = inputs[-1]
     ctx.requested = (inputs[9], inputs[10])
@@ -114,6 +118,13 @@ def _apply_upstream(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, requested
 
 
 def _backward(ctx, grad_loss, _grad_s, _grad_t):
+    if grad_loss is None:
+        return (None,) * 12
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "logitstd.kd_loss does not support double backward (create_graph=True): its gradient is "
+            "computed by the fused kernel; use backend=\"torch\" for higher-order gradients"
+        )
     saved_s, saved_t = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_s = _apply_upstream(ctx, saved_s, grad_loss, ctx.requested[0], "student") if need_s else None

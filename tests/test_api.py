@@ -115,3 +115,67 @@ def test_torch_compile_fullgraph(case):
     torch.testing.assert_close(loss, eager_loss)
     torch.testing.assert_close(gx, ex)
     torch.testing.assert_close(gy, ey)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((good((4, 10)), good((4, 5))), ValueError, "teacher_logits has shape"),
+        ((good((4, 10)), good((4, 10)), torch.ones(2, dtype=torch.bool)), ValueError, "mask has shape"),
+        ((good((4, 10)), good((4, 10)), None, -2.0), ValueError, "temperature must be finite and > 0"),
+        ((good((2, 4, 10)), good((2, 4, 10))), ValueError, "student must be a 2-d"),
+    ],
+)
+def test_the_op_checks_its_own_arguments(case, args, error, match):
+    """Called directly, the op refuses what would make a kernel read out of bounds."""
+    backend, device = case
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    full = args + (None, 2.0, 2.0, True, 1, 1e-7, "none", False, False, backend)[len(args) - 2:]
+    with pytest.raises(error, match=match):
+        torch.ops.logitstd.kd_loss(*full)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_backward_allocates_no_zeros_for_the_saved_outputs(case):
+    """Autograd must not materialize N x V zero gradients for the op's non-differentiable outputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    backend, device = case
+    x = torch.randn(8, 300, device=device, requires_grad=True)
+    loss = lsk.logitstd_kd_loss(x, torch.randn(8, 300, device=device), backend=backend)
+
+    class Allocations(TorchDispatchMode):
+        big: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() >= x.numel() and func._schema.name != "logitstd::kd_loss":
+                self.big.append(str(func))
+            return out
+
+    with Allocations() as spy:
+        loss.backward()
+    assert not [f for f in spy.big if "zeros" in f or "empty" in f or "full" in f], spy.big
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_double_backward_raises(case):
+    backend, device = case
+    x = torch.randn(3, 20, device=device, requires_grad=True)
+    loss = lsk.logitstd_kd_loss(x, torch.randn(3, 20, device=device), backend=backend)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_torch_compile_with_a_changing_temperature(case):
+    """A temperature schedule must not break fullgraph compilation (floats may become symbolic)."""
+    backend, device = case
+    x = torch.randn(4, 30, device=device, requires_grad=True)
+    y = torch.randn(4, 30, device=device)
+    compiled = torch.compile(lambda a, b, t: lsk.logitstd_kd_loss(a, b, temperature=t, backend=backend),
+                             fullgraph=True)
+    for temperature in (2.0, 3.0, 4.5):
+        torch.testing.assert_close(compiled(x, y, temperature),
+                                   lsk.reference.logitstd_kd_loss(x, y, temperature=temperature))
