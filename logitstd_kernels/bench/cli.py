@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16,float16 "
                         "(default: bfloat16,float32 on GPU, float32 on CPU)")
     parser.add_argument("--vocab", type=_ints, default=None, help="V values of the V sweep")
-    parser.add_argument("--rows", type=int, default=None, help="rows of the V sweep")
+    parser.add_argument("--rows", type=int, default=None, help="rows of the V sweep (>= 1)")
     parser.add_argument("--rows-sweep", type=_ints, default=None, help="row counts of the rows sweep")
     parser.add_argument("--rows-sweep-vocab", type=int, default=None, help="V of the rows sweep")
     parser.add_argument("--temperature", type=float, default=2.0)
@@ -85,6 +85,33 @@ def _measure(case: Case, mode: str, loss_fn, student: torch.Tensor, teacher: tor
                   timing.p80_ms, moved / seconds / 1e9, seconds / (moved / (copy_gbps * 1e9)), peak)
 
 
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student: torch.Tensor, teacher: torch.Tensor,
+                      device: torch.device, copy_gbps: float, cpu_budget: float, options: dict) -> list[Result]:
+    """One result per mode: timed, or failed (disagrees with the reference, or out of memory)."""
+    def failed(why: str) -> list[Result]:
+        return [Result(case.sweep, case.rows, case.vocab, case.dtype, m, provider, f"failed: {why}") for m in modes]
+
+    loss_fn = make_loss(provider, **options)
+    try:
+        violation = correctness_violation(loss_fn, student, teacher, **options)
+        if violation:
+            return failed(violation)
+        results = []
+        for mode in modes:
+            result = _measure(case, mode, loss_fn, student, teacher, device, copy_gbps, cpu_budget)
+            result.provider = provider
+            results.append(result)
+        return results
+    except torch.OutOfMemoryError:
+        _release(device)
+        return failed("out of memory")
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     defaults = default_cases(device)
@@ -99,9 +126,15 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"unknown mode(s)/provider(s) {bad}; modes: {MODES}, providers: {PROVIDERS}", file=sys.stderr)
         return 2
-    cases = build_cases(args.vocab or defaults.vocab_sweep, args.rows or defaults.rows_for_vocab_sweep,
-                        args.rows_sweep or defaults.rows_sweep, args.rows_sweep_vocab or defaults.vocab_for_rows_sweep,
-                        dtypes)
+    def given(value, default):
+        return default if value is None else value
+
+    cases = build_cases(given(args.vocab, defaults.vocab_sweep), given(args.rows, defaults.rows_for_vocab_sweep),
+                        given(args.rows_sweep, defaults.rows_sweep),
+                        given(args.rows_sweep_vocab, defaults.vocab_for_rows_sweep), dtypes)
+    if any(c.rows < 1 or c.vocab < 2 for c in cases):
+        print("--rows, --rows-sweep must be >= 1 and --vocab, --rows-sweep-vocab >= 2", file=sys.stderr)
+        return 2
     copy_gbps = copy_bandwidth_gbps(device)
     options = {"temperature": args.temperature, "standardize": args.standardize}
     bench_run = Run(metadata(device, list(args.argv), copy_gbps, options))
@@ -116,30 +149,34 @@ def run(args: argparse.Namespace) -> int:
                                   for c in cases for m in modes]
         else:
             usable.append(provider)
+    paths: dict = {}
     for index, case in enumerate(cases, 1):
-        student, teacher = _inputs(case, device)
         cells = []
+        try:
+            student, teacher = _inputs(case, device)
+        except torch.OutOfMemoryError:
+            bench_run.results += [Result(case.sweep, case.rows, case.vocab, case.dtype, m, p, "failed: out of memory (inputs)")
+                                  for p in usable for m in modes]
+            _release(device)
+            continue
         for provider in usable:
-            loss_fn = make_loss(provider, **options)
-            violation = correctness_violation(loss_fn, student, teacher, **options)
-            for mode in modes:
-                if violation:
-                    result = Result(case.sweep, case.rows, case.vocab, case.dtype, mode, provider, f"failed: {violation}")
-                else:
-                    result = _measure(case, mode, loss_fn, student, teacher, device, copy_gbps, args.cpu_budget)
-                    result.provider = provider
+            for result in _provider_results(case, provider, modes, student, teacher, device, copy_gbps, args.cpu_budget,
+                                            options):
                 bench_run.results.append(result)
             last = bench_run.results[-1]
-            cells.append(f"{provider} {last.median_ms:.3f} ms" if last.status == "ok" else f"{provider} FAILED")
+            cells.append(f"{provider} {last.median_ms:.3f} ms" if last.status == "ok" else f"{provider} {last.status[:40]}")
         progress(index, len(cases), f"rows={case.rows} V={case.vocab} {case.dtype} ({modes[-1]}): " + " | ".join(cells))
         del student, teacher
+        fill_speedups(bench_run.results)
+        paths = write_files(bench_run, args.out, paths)  # after every case: a crash keeps what was measured
     fill_speedups(bench_run.results)
     for mode in modes:
         print()
         print(table(bench_run.results, mode))
-    failed = [r for r in bench_run.results if r.status.startswith("failed")]
-    for r in failed:
-        print(f"FAILED {r.provider} rows={r.rows} V={r.vocab} {r.dtype} {r.mode}: {r.status}")
-    paths = write_files(bench_run, args.out)
+    failed = [r for r in bench_run.results if r.status.startswith("failed") and "out of memory" not in r.status]
+    for r in bench_run.results:
+        if r.status.startswith("failed"):
+            print(f"{r.status.split(':')[0].upper()} {r.provider} rows={r.rows} V={r.vocab} {r.dtype} {r.mode}: {r.status}")
+    paths = write_files(bench_run, args.out, paths)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 1 if failed else 0

@@ -78,7 +78,8 @@ def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: d
         "python": platform.python_version(),
         "copy_bandwidth_gbps": round(copy_gbps, 1),
         "floor": "bytes that must move / measured copy bandwidth; forward reads student and teacher, "
-                 "backward writes the student gradient, full does both",
+                 "backward writes the student gradient, full does both. The fused kernels write the gradient "
+                 "during the forward, so their forward/backward split differs from eager's: compare full",
         "peak_memory": ("torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda" else
                         "process peak resident set (VmHWM) above the resident set before the step"),
         **options,
@@ -98,11 +99,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
 
 
-def write_files(run: Run, out_dir: Path) -> dict[str, Path]:
-    """CSV and JSON (and a PNG when matplotlib is installed) named after the device and the date."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = run.metadata["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    stem = out_dir / f"{_slug(run.metadata['device'].split('(')[0])}-{stamp}"
+def write_files(run: Run, out_dir: Path, previous: Optional[dict[str, Path]] = None) -> dict[str, Path]:
+    """CSV and JSON (and a PNG when matplotlib is installed) named after the device and the date.
+
+    ``previous``: the paths of an earlier call of the same run, rewritten in place; a new run picks
+    a name no earlier run has.
+    """
+    if previous:
+        stem = previous["json"].with_suffix("")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stamp = run.metadata["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+        stem = out_dir / f"{_slug(run.metadata['device'].split('(')[0])}-{stamp}"
+        suffix = 1
+        while stem.with_suffix(".json").exists():
+            suffix += 1
+            stem = out_dir / f"{_slug(run.metadata['device'].split('(')[0])}-{stamp}-{suffix}"
     paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv")}
     with open(paths["json"], "w") as f:
         json.dump({"metadata": run.metadata, "results": [asdict(r) for r in run.results]}, f, indent=1)
