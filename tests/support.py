@@ -25,7 +25,8 @@ def case_id(case: tuple[str, str]) -> str:
 
 
 def interpreted(backend: str, device: str) -> bool:
-    """The Triton interpreter runs programs one at a time and has no bf16 arithmetic."""
+    """The Triton interpreter runs programs one at a time, and its bf16 stores do not round like a GPU's
+    (measured: up to ~5x eager's error in bf16 gradients), so bf16 is tested on GPUs only."""
     return backend == "triton" and device == "cpu"
 
 

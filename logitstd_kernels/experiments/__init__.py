@@ -7,7 +7,7 @@
 
 ``toy`` and ``analyze`` need only the package's own dependencies; ``distill``, ``ghost``, the
 digits demo of ``analyze`` and every plot need the ``examples`` extra
-(``pip install -e .[examples]``: scikit-learn, matplotlib, tqdm). Shared pieces: :mod:`.deps`
+(``pip install --no-build-isolation -e .[examples]``: scikit-learn, matplotlib, tqdm). Shared pieces: :mod:`.deps`
 (optional imports, progress bars), :mod:`.digits` (the data), :mod:`.mlp` (the model),
 :mod:`.training` (minibatch loop, accuracy), :mod:`.results` (JSON, tables, plots).
 """

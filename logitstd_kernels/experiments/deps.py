@@ -12,7 +12,7 @@ __all__ = ["EXTRA_HINT", "MissingExtraError", "require", "missing_extra", "check
 
 T = TypeVar("T")
 
-EXTRA_HINT = ('install the "examples" extra: pip install -e ".[examples]" (from a checkout) or '
+EXTRA_HINT = ('install the "examples" extra: pip install --no-build-isolation -e ".[examples]" (from a checkout) or '
               'pip install "logitstd-kernels[examples]" (scikit-learn, matplotlib, tqdm)')
 
 
