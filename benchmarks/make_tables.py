@@ -44,7 +44,7 @@ def render(path: Path, data: dict) -> str:
     fused = [p for p in providers if p in FUSED]
     lines = [
         f"**{meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton {meta['triton']}, "
-        f"logitstd_kernels {meta['logitstd_kernels']}, {meta['date']}, copy bandwidth "
+        f"logitstd_kernels {meta['logitstd_kernels']} ({meta.get('git_commit') or 'no git'}), {meta['date']}, copy bandwidth "
         f"{meta['copy_bandwidth_gbps']} GB/s; `{meta['command']}`; from `benchmarks/results/{path.name}`.",
         "",
         "| rows | V | dtype | " + " | ".join(providers) + " | "

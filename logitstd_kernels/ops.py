@@ -34,6 +34,19 @@ def _reduction_denominator(mask: Optional[torch.Tensor], num_rows: int, num_clas
     return count * num_classes if reduction == "mean" else count
 
 
+def _saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16's exponent range is too narrow for a gradient pre-scaled by 1/count: it would underflow
+    before a loss-scaling factor (GradScaler) could lift it. Such gradients are kept in float32 and
+    cast after the incoming gradient is applied, as eager PyTorch does; other dtypes keep their own."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _kernel_input(logits: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+    """The kernels write gradients in their input's dtype: a float16 input that needs a gradient is
+    handed over as a float32 copy (a temporary; the loss is the same, the inputs are upcast anyway)."""
+    return logits.float() if needs_grad and _saved_grad_dtype(logits.dtype) != logits.dtype else logits
+
+
 @torch.library.custom_op("logitstd::kd_loss", mutates_args=())
 def kd_loss(
     student: torch.Tensor,
@@ -62,7 +75,7 @@ def kd_loss(
     denominator = _reduction_denominator(mask, num_rows, num_classes, reduction, student.device, acc)
     grad_scale = denominator.reciprocal()
     rows, grad_s, grad_t = backend_module(backend).fused_kd_forward(
-        student, teacher, mask, grad_scale, temperature, teacher_temperature, standardize, correction,
+        _kernel_input(student, grad_student), _kernel_input(teacher, grad_teacher), mask, grad_scale, temperature, teacher_temperature, standardize, correction,
         eps, grad_student, grad_teacher,
     )
     if reduction == "none":
@@ -75,8 +88,10 @@ def _kd_loss_fake(student, teacher, mask, temperature, teacher_temperature, stan
                   reduction, grad_student, grad_teacher, backend):
     num_rows = student.shape[0]
     loss = student.new_empty((num_rows,) if reduction == "none" else (), dtype=accumulation_dtype(student, teacher))
-    grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
-    grad_t = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
+    grad_s = (student.new_empty(student.shape, dtype=_saved_grad_dtype(student.dtype)) if grad_student
+              else student.new_empty((0,)))
+    grad_t = (teacher.new_empty(teacher.shape, dtype=_saved_grad_dtype(teacher.dtype)) if grad_teacher
+              else teacher.new_empty((0,)))
     return loss, grad_s, grad_t
 
 
@@ -86,6 +101,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
     ctx.save_for_backward(grad_s, grad_t)
     ctx.backend = inputs[-1]
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     ctx.requested = (inputs[9], inputs[10])
 
 
@@ -102,7 +118,8 @@ def _may_overwrite_saved(saved: torch.Tensor) -> bool:
     return keep_graph is not None and not keep_graph()
 
 
-def _apply_upstream(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, requested: bool, name: str) -> torch.Tensor:
+def _apply_upstream(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, requested: bool, name: str,
+                    dtype: torch.dtype) -> torch.Tensor:
     if not requested:
         raise RuntimeError(
             f"logitstd.kd_loss was called with grad_{name}=False but autograd asks for the {name} "
@@ -110,11 +127,11 @@ def _apply_upstream(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, requested
         )
     if not _may_overwrite_saved(saved):
         scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
-        return (saved * scale).to(saved.dtype)
+        return (saved * scale).to(dtype)
     # The saved buffer becomes the gradient in place: no second N x V allocation, and the Triton
     # scaling kernel skips rows whose incoming gradient is exactly 1.
     backend_module(ctx.backend).scale_rows_(saved, grad_loss)
-    return saved
+    return saved.to(dtype)
 
 
 def _backward(ctx, grad_loss, _grad_s, _grad_t):
@@ -127,8 +144,8 @@ def _backward(ctx, grad_loss, _grad_s, _grad_t):
         )
     saved_s, saved_t = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_s = _apply_upstream(ctx, saved_s, grad_loss, ctx.requested[0], "student") if need_s else None
-    grad_t = _apply_upstream(ctx, saved_t, grad_loss, ctx.requested[1], "teacher") if need_t else None
+    grad_s = _apply_upstream(ctx, saved_s, grad_loss, ctx.requested[0], "student", ctx.dtypes[0]) if need_s else None
+    grad_t = _apply_upstream(ctx, saved_t, grad_loss, ctx.requested[1], "teacher", ctx.dtypes[1]) if need_t else None
     return (grad_s, grad_t) + (None,) * 10
 
 

@@ -246,3 +246,21 @@ def test_opcheck(case):
             torch.ops.logitstd.kd_loss.default,
             (x, y, mask, 2.0, 1.5, True, 1, 1e-7, reduction, True, True, backend),
         )
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_float16_with_loss_scaling(case, reduction):
+    """GradScaler-style upstream gradients: tiny float16 gradients must not underflow before scaling."""
+    from support import loss_and_grads
+
+    backend, device = case
+    x = logits(256, 2048, device, torch.float16)
+    y = logits(256, 2048, device, torch.float16, scale=5.0)
+    upstream = torch.tensor(65536.0, dtype=torch.float64, device=device)
+    fast = loss_and_grads(lsk.logitstd_kd_loss, x, y, upstream, backend=backend, reduction=reduction)
+    eager = loss_and_grads(lsk.reference.logitstd_kd_loss, x, y, upstream, reduction=reduction)
+    exact = loss_and_grads(lsk.reference.logitstd_kd_loss, x.double(), y.double(), upstream, reduction=reduction)
+    assert fast[1].dtype == torch.float16 and fast[2].dtype == torch.float16
+    assert_within_eager_error("grad_student", fast[1], eager[1], exact[1])
+    assert_within_eager_error("grad_teacher", fast[2], eager[2], exact[2])

@@ -58,6 +58,21 @@ def device_name(device: torch.device) -> str:
     return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
 
 
+def _git_commit() -> Optional[str]:
+    """The checkout's commit (with "+dirty" for uncommitted changes), when run from a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: dict) -> dict:
     from .. import __version__
 
@@ -75,6 +90,7 @@ def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: d
         "torch": torch.__version__,
         "triton": triton_version,
         "logitstd_kernels": __version__,
+        "git_commit": _git_commit(),
         "python": platform.python_version(),
         "copy_bandwidth_gbps": round(copy_gbps, 1),
         "floor": "bytes that must move / measured copy bandwidth; forward reads student and teacher, "
