@@ -213,16 +213,17 @@ LOGITSTD_HD T std_coefficient(T S, const RowStats<T>& st, T dof) {
   return st.sigma > T(0) ? S * st.s / (dof * st.sigma) : T(0);
 }
 
-// E_p[(b - max b) - (a - max a)] (natural log units): KL = kl_cross + log Z_a - log Z_b.
+// E_p[(b - max b) - (a - max a)] (natural log units): KL = kl_cross + log(Z_a / Z_b).
 template <class T>
 LOGITSTD_HD T kl_cross_term(const RowSums<T>& sums, T unit) {
   return unit * sums.t / sums.zb;
 }
 
-// tau_s^2 * KL(p || q) of the row.
+// tau_s^2 * KL(p || q) of the row. log(Z_a / Z_b) rather than log Z_a - log Z_b: both logs are
+// about log V, and their difference would carry the rounding error of numbers that large.
 template <class T>
 LOGITSTD_HD T row_loss(const RowSums<T>& sums, T tau_s, T unit) {
-  return tau_s * tau_s * (kl_cross_term(sums, unit) + m_log(sums.za) - m_log(sums.zb));
+  return tau_s * tau_s * (kl_cross_term(sums, unit) + m_log(sums.za / sums.zb));
 }
 
 // The gradient coefficients from the exp pass's sums alone (the CUDA kernel: no extra pass).
