@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import os
 import platform
 import re
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,7 @@ def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: d
         "triton": triton_version,
         "logitstd_kernels": __version__,
         "git_commit": _git_commit(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "copy_bandwidth_gbps": round(copy_gbps, 1),
         "floor": "bytes that must move / measured copy bandwidth; forward reads student and teacher, "
