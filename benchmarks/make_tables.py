@@ -37,6 +37,13 @@ def _cell(result: dict | None) -> str:
     return f"{result['median_ms']:.3g} ms" + (f" ({speedup:.1f}x)" if speedup and result["provider"] != "torch" else "")
 
 
+def _mib(result: dict | None) -> str:
+    """Peak memory above the inputs; a resident-set reading can dip just below 0 (pages returned)."""
+    if result is None or result.get("peak_mem_mb") is None:
+        return "-"
+    return f"{max(result['peak_mem_mb'], 0.0):.0f}"
+
+
 def render(path: Path, data: dict) -> str:
     meta = data["metadata"]
     full = [r for r in data["results"] if r["mode"] == "full" and not r["status"].startswith("unavailable")]
@@ -45,7 +52,8 @@ def render(path: Path, data: dict) -> str:
     lines = [
         f"**{meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton {meta['triton']}, "
         f"logitstd_kernels {meta['logitstd_kernels']} ({meta.get('git_commit') or 'no git'}), {meta['date']}, copy bandwidth "
-        f"{meta['copy_bandwidth_gbps']} GB/s; `{meta['command']}`; from `benchmarks/results/{path.name}`.",
+        f"{meta['copy_bandwidth_gbps']} GB/s, load {meta.get('load_average_1m', '?')}; `{meta['command']}`; "
+        f"from `benchmarks/results/{path.name}`. Peak memory: {meta['peak_memory']}.",
         "",
         "| rows | V | dtype | " + " | ".join(providers) + " | "
         + " | ".join(f"{p} x floor | {p} peak MiB" for p in fused) + " | torch peak MiB |",
@@ -58,9 +66,8 @@ def render(path: Path, data: dict) -> str:
             r = by_provider.get(p)
             ok = r is not None and r["status"] == "ok"
             cells.append(f"{r['x_floor']:.2f}" if ok else "-")
-            cells.append(f"{r['peak_mem_mb']:.0f}" if ok and r["peak_mem_mb"] is not None else "-")
-        torch_row = by_provider.get("torch")
-        cells.append(f"{torch_row['peak_mem_mb']:.0f}" if torch_row and torch_row.get("peak_mem_mb") is not None else "-")
+            cells.append(_mib(r) if ok else "-")
+        cells.append(_mib(by_provider.get("torch")))
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
