@@ -163,7 +163,9 @@ def test_chunking_wide_rows(backend):
         parts = an.sample_stats(logits, settings, chunk_rows=chunk_rows)
         for name in ("kl_a", "kl_b", "kl_a_std", "kl_b_std"):
             if backend == "torch":
-                np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), rtol=1e-5)
+                # Each KL is a float32 sum of V terms whose magnitudes add up to about log V ~ 11:
+                # reductions in another order differ by ~1e-6 absolute (seen: 9.5e-7), whatever the KL.
+                np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), rtol=0, atol=1e-5)
             else:
                 assert np.array_equal(getattr(parts, name), getattr(whole, name)), (name, chunk_rows)
 
