@@ -29,7 +29,7 @@ from ..functional import logitstd_kd_loss
 from .deps import check_extras, progress
 from .digits import NUM_CLASSES, NUM_FEATURES, Digits, load_digits
 from .mlp import MLP, make_mlp
-from .results import format_table, mean_std, pyplot, save_figure, write_json
+from .results import add_run_options, format_table, mean_std, pyplot, save_figure, write_json
 from .training import accuracy, fit, set_threads, shuffled_batches, train_teacher
 
 __all__ = ["METHODS", "DistillConfig", "student_loss", "train_student", "run_distill",
@@ -226,11 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=d.student_epochs, help="student epochs (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="(default %(default)s)")
     parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for small MLPs)")
-    parser.add_argument("--out-dir", type=Path, default=Path("logitstd_results"),
-                        help="where distill.json and distill.png go (default ./logitstd_results)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(parser, "distill")
 
 
 def run(args: argparse.Namespace) -> int:

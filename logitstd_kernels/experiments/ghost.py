@@ -25,7 +25,7 @@ from ..functional import logitstd_kd_loss
 from .deps import check_extras, progress
 from .digits import NUM_CLASSES, NUM_FEATURES, Digits, load_digits
 from .mlp import MLP, make_mlp
-from .results import format_table, mean_std, pyplot, save_figure, write_json
+from .results import add_run_options, format_table, mean_std, pyplot, save_figure, write_json
 from .training import accuracy, set_threads, train_epochs, train_teacher
 
 __all__ = ["VARIANTS", "GhostConfig", "ghost_loss", "distill_ghost", "run_ghost", "format_results",
@@ -194,11 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=len(d.seeds), help=f"number of seeds (default {len(d.seeds)})")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=d.control,
                         help="also train a student from a different initialization (default: on)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out-dir", type=Path, default=Path("logitstd_results"),
-                        help="where ghost.json and ghost.png go (default ./logitstd_results)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(parser, "ghost")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import math
 from pathlib import Path
@@ -57,3 +59,12 @@ def save_figure(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path
+
+
+def add_run_options(parser: "argparse.ArgumentParser", name: str) -> None:
+    """The options every training experiment shares: threads, output folder, plot and progress switches."""
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for small MLPs)")
+    parser.add_argument("--out-dir", type=Path, default=Path("logitstd_results"),
+                        help=f"where {name}.json and {name}.png go (default ./logitstd_results)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
