@@ -13,6 +13,11 @@ TORCH_LIBRARY(logitstd, m) {
       "fused_kd_forward(Tensor student, Tensor teacher, Tensor? mask, Tensor grad_scale, float tau_s, "
       "float tau_t, bool standardize, int correction, float eps, bool grad_student, bool grad_teacher) "
       "-> (Tensor, Tensor, Tensor)");
+  // In place: recompute the requested gradients (grad_x / grad_y non-empty) of the rows where `active`
+  // is true, with factor grad_scale[r] (or grad_scale[0]); other rows are not touched.
+  m.def(
+      "fused_kd_regrad_(Tensor student, Tensor teacher, Tensor active, Tensor grad_scale, float tau_s, "
+      "float tau_t, bool standardize, int correction, float eps, Tensor(a!) grad_x, Tensor(b!) grad_y) -> ()");
   // In place: grad[r] *= scale[r] (or scale[0]); rows whose scale is exactly 1 are not touched.
   m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> ()");
 }

@@ -31,7 +31,7 @@ except ImportError as exc:
         f"`pip install --no-build-isolation -e .` (see setup.py)"
     ) from exc
 
-__all__ = ["fused_kd_forward", "has_kernel", "scale_rows_"]
+__all__ = ["fused_kd_forward", "fused_kd_regrad_", "has_kernel", "scale_rows_"]
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -62,8 +62,29 @@ def fused_kd_forward(
     requested.
     """
     return torch.ops.logitstd.fused_kd_forward(
-        student, teacher, mask, grad_scale, float(tau_s), float(tau_t), bool(standardize), int(correction),
+        student, teacher, None if mask is None else mask.contiguous(), grad_scale, float(tau_s), float(tau_t), bool(standardize), int(correction),
         float(eps), bool(grad_student), bool(grad_teacher),
+    )
+
+
+def fused_kd_regrad_(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    grad_scale: torch.Tensor,
+    tau_s: float,
+    tau_t: float,
+    standardize: bool,
+    correction: int,
+    eps: float,
+    grad_x: torch.Tensor,
+    grad_y: torch.Tensor,
+) -> None:
+    """Recompute in place the gradients of the rows where ``active`` is true (factor ``grad_scale[r]``);
+    other rows are not touched. ``grad_x``/``grad_y``: (N, V) buffers from ``fused_kd_forward``, or empty."""
+    torch.ops.logitstd.fused_kd_regrad_(
+        student, teacher, active.contiguous(), grad_scale, float(tau_s), float(tau_t), bool(standardize),
+        int(correction), float(eps), grad_x, grad_y,
     )
 
 
@@ -84,6 +105,12 @@ def _fused_kd_forward_fake(student, teacher, mask, grad_scale, tau_s, tau_t, sta
     grad_x = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
     grad_y = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
     return rows, grad_x, grad_y
+
+
+@torch.library.register_fake("logitstd::fused_kd_regrad_")
+def _fused_kd_regrad_fake(student, teacher, active, grad_scale, tau_s, tau_t, standardize, correction, eps, grad_x,
+                          grad_y):
+    return None
 
 
 @torch.library.register_fake("logitstd::scale_rows_")

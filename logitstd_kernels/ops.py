@@ -3,10 +3,20 @@
 The fused kernels compute the loss and, when an input requires grad, its gradient in the same
 launch (the row is already on chip; a separate backward would read both inputs again). The
 gradient is written pre-scaled by the reduction (``1/count`` for ``"batchmean"``) and saved; the
-backward multiplies it by the incoming gradient in place (out of place when the graph is retained
-or traced), so the peak memory is the inputs plus one gradient buffer per input that requires grad.
-The Triton scaling kernel skips rows whose incoming gradient is exactly 1 on the device (no host
-synchronization), so ``loss.backward()`` on a scalar loss costs no second pass over the gradient.
+backward applies the incoming gradient to it in place (out of place when the graph is retained or
+traced), so the peak memory is the inputs plus one gradient buffer per input that requires grad:
+
+- an incoming gradient of exactly 1 (``loss.backward()`` on the scalar loss) costs nothing: the
+  saved gradient is the gradient, rounded once to the input's dtype;
+- float32/float64 gradients are multiplied by other incoming gradients in place (``scale_rows_``,
+  rows whose factor is 1 skipped on the device: no host synchronization);
+- bfloat16/float16 gradients are recomputed from the logits instead, with the incoming gradient
+  folded into the kernel's factor (``fused_kd_regrad_``, in place, rows whose factor is 1 skipped
+  on the device), so that they are rounded once, like eager PyTorch's, whatever the factor (a
+  ``loss * 9`` or a GradScaler's 65536; scaling the rounded gradient would round twice, and a float16
+  gradient pre-scaled by ``1/count`` would underflow before the scaler lifts it). For this the op
+  keeps references to the low-precision logits until the backward; the recomputation reads them
+  again (6 bytes per element in bfloat16 for the student gradient).
 
 Equivalent eager code: ``reference.logitstd_kd_loss`` with the same arguments.
 """
@@ -34,17 +44,7 @@ def _reduction_denominator(mask: Optional[torch.Tensor], num_rows: int, num_clas
     return count * num_classes if reduction == "mean" else count
 
 
-def _saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float16's exponent range is too narrow for a gradient pre-scaled by 1/count: it would underflow
-    before a loss-scaling factor (GradScaler) could lift it. Such gradients are kept in float32 and
-    cast after the incoming gradient is applied, as eager PyTorch does; other dtypes keep their own."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def _kernel_input(logits: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-    """The kernels write gradients in their input's dtype: a float16 input that needs a gradient is
-    handed over as a float32 copy (a temporary; the loss is the same, the inputs are upcast anyway)."""
-    return logits.float() if needs_grad and _saved_grad_dtype(logits.dtype) != logits.dtype else logits
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @torch.library.custom_op("logitstd::kd_loss", mutates_args=())
@@ -70,17 +70,53 @@ def kd_loss(
     """
     check_op_args(student, teacher, mask, temperature, teacher_temperature, standardize, correction, eps,
                   reduction, backend)
+    mask = None if mask is None else mask.contiguous()
     num_rows, num_classes = student.shape
     acc = accumulation_dtype(student, teacher)
     denominator = _reduction_denominator(mask, num_rows, num_classes, reduction, student.device, acc)
-    grad_scale = denominator.reciprocal()
     rows, grad_s, grad_t = backend_module(backend).fused_kd_forward(
-        _kernel_input(student, grad_student), _kernel_input(teacher, grad_teacher), mask, grad_scale, temperature, teacher_temperature, standardize, correction,
-        eps, grad_student, grad_teacher,
+        student, teacher, mask, denominator.reciprocal(), temperature, teacher_temperature, standardize,
+        correction, eps, grad_student, grad_teacher,
     )
     if reduction == "none":
         return rows, grad_s, grad_t
     return (rows.sum() / denominator).reshape(()), grad_s, grad_t
+
+
+@torch.library.custom_op("logitstd::kd_grad", mutates_args=())
+def kd_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    grad_scale: torch.Tensor,
+    temperature: float,
+    teacher_temperature: float,
+    standardize: bool,
+    correction: int,
+    eps: float,
+    grad_student: bool,
+    grad_teacher: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``kd_loss``'s rows times ``grad_scale`` ((1,) or (N,)), recomputed in new buffers.
+
+    Equivalent eager code: ``grad_scale[:, None] * d rows / d student`` (and the teacher), rounded
+    once to each input's dtype. The backward uses it for low-precision gradients when it may not
+    overwrite the saved ones (a retained graph, torch.compile).
+    """
+    _, grad_s, grad_t = backend_module(backend).fused_kd_forward(
+        student, teacher, None if mask is None else mask.contiguous(), grad_scale, temperature,
+        teacher_temperature, standardize, correction, eps, grad_student, grad_teacher,
+    )
+    return grad_s, grad_t
+
+
+@kd_grad.register_fake
+def _kd_grad_fake(student, teacher, mask, grad_scale, temperature, teacher_temperature, standardize, correction,
+                  eps, grad_student, grad_teacher, backend):
+    grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+    grad_t = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
+    return grad_s, grad_t
 
 
 @kd_loss.register_fake
@@ -88,21 +124,28 @@ def _kd_loss_fake(student, teacher, mask, temperature, teacher_temperature, stan
                   reduction, grad_student, grad_teacher, backend):
     num_rows = student.shape[0]
     loss = student.new_empty((num_rows,) if reduction == "none" else (), dtype=accumulation_dtype(student, teacher))
-    grad_s = (student.new_empty(student.shape, dtype=_saved_grad_dtype(student.dtype)) if grad_student
-              else student.new_empty((0,)))
-    grad_t = (teacher.new_empty(teacher.shape, dtype=_saved_grad_dtype(teacher.dtype)) if grad_teacher
-              else teacher.new_empty((0,)))
+    grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+    grad_t = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
     return loss, grad_s, grad_t
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    (student, teacher, mask, temperature, teacher_temperature, standardize, correction, eps, reduction,
+     grad_student, grad_teacher, backend) = inputs
     _, grad_s, grad_t = output
     ctx.mark_non_differentiable(grad_s, grad_t)
     ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
-    ctx.save_for_backward(grad_s, grad_t)
-    ctx.backend = inputs[-1]
-    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
-    ctx.requested = (inputs[9], inputs[10])
+    ctx.recompute = ((grad_student and student.dtype in LOW_PRECISION),
+                     (grad_teacher and teacher.dtype in LOW_PRECISION))
+    if any(ctx.recompute):  # the logits are needed again to recompute a low-precision gradient
+        ctx.save_for_backward(grad_s, grad_t, student, teacher, mask)
+    else:
+        ctx.save_for_backward(grad_s, grad_t)
+    ctx.args = (temperature, teacher_temperature, standardize, correction, eps)
+    ctx.reduction = reduction
+    ctx.backend = backend
+    ctx.dtypes = (student.dtype, teacher.dtype)
+    ctx.requested = (grad_student, grad_teacher)
 
 
 def _may_overwrite_saved(saved: torch.Tensor) -> bool:
@@ -118,20 +161,37 @@ def _may_overwrite_saved(saved: torch.Tensor) -> bool:
     return keep_graph is not None and not keep_graph()
 
 
-def _apply_upstream(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, requested: bool, name: str,
-                    dtype: torch.dtype) -> torch.Tensor:
-    if not requested:
-        raise RuntimeError(
-            f"logitstd.kd_loss was called with grad_{name}=False but autograd asks for the {name} "
-            f"gradient; pass grad_{name}=True when the {name} logits require grad"
-        )
-    if not _may_overwrite_saved(saved):
-        scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
-        return (saved * scale).to(dtype)
-    # The saved buffer becomes the gradient in place: no second N x V allocation, and the Triton
-    # scaling kernel skips rows whose incoming gradient is exactly 1.
+def _scale_saved(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """A float32/float64 saved gradient times the incoming gradient (in place when allowed)."""
+    if not in_place:
+        return saved * (grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss)
+    # The saved buffer becomes the gradient in place: no second N x V allocation, and rows whose
+    # incoming gradient is exactly 1 are skipped.
     backend_module(ctx.backend).scale_rows_(saved, grad_loss)
-    return saved.to(dtype)
+    return saved
+
+
+def _recompute(ctx, saved_s: torch.Tensor, saved_t: torch.Tensor, grad_loss: torch.Tensor,
+               in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low-precision gradients (those in ``ctx.recompute``) for the incoming gradient, rounded once."""
+    _, _, student, teacher, mask = ctx.saved_tensors
+    num_rows, num_classes = student.shape
+    acc = accumulation_dtype(student, teacher)
+    denominator = _reduction_denominator(mask, num_rows, num_classes, ctx.reduction, student.device, acc)
+    factor = grad_loss.to(acc).reshape(-1) / denominator
+    redo_s, redo_t = ctx.recompute
+    if not in_place:
+        new_s, new_t = kd_grad(student, teacher, mask, factor, *ctx.args, redo_s, redo_t, ctx.backend)
+        return (new_s if redo_s else saved_s), (new_t if redo_t else saved_t)
+    # Rows whose incoming gradient is exactly 1 keep the forward's gradient (skipped on the device).
+    active = (grad_loss.reshape(-1) != 1).expand(num_rows)
+    active = active if mask is None else active & mask
+    if student.device.type != "cpu" or bool(active.any()):
+        empty = student.new_empty((0,))
+        backend_module(ctx.backend).fused_kd_regrad_(
+            student, teacher, active.contiguous(), factor, *ctx.args,
+            saved_s if redo_s else empty, saved_t if redo_t else teacher.new_empty((0,)))
+    return saved_s, saved_t
 
 
 def _backward(ctx, grad_loss, _grad_s, _grad_t):
@@ -142,11 +202,21 @@ def _backward(ctx, grad_loss, _grad_s, _grad_t):
             "logitstd.kd_loss does not support double backward (create_graph=True): its gradient is "
             "computed by the fused kernel; use backend=\"torch\" for higher-order gradients"
         )
-    saved_s, saved_t = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_s = _apply_upstream(ctx, saved_s, grad_loss, ctx.requested[0], "student", ctx.dtypes[0]) if need_s else None
-    grad_t = _apply_upstream(ctx, saved_t, grad_loss, ctx.requested[1], "teacher", ctx.dtypes[1]) if need_t else None
-    return (grad_s, grad_t) + (None,) * 10
+    saved_s, saved_t = ctx.saved_tensors[:2]
+    needs = ctx.needs_input_grad[:2]
+    for name, need, requested in zip(("student", "teacher"), needs, ctx.requested):
+        if need and not requested:
+            raise RuntimeError(
+                f"logitstd.kd_loss was called with grad_{name}=False but autograd asks for the {name} "
+                f"gradient; pass grad_{name}=True when the {name} logits require grad"
+            )
+    in_place = _may_overwrite_saved(saved_s if ctx.requested[0] else saved_t)
+    if any(ctx.recompute):
+        saved_s, saved_t = _recompute(ctx, saved_s, saved_t, grad_loss, in_place)
+    grads = []
+    for saved, need, redo in zip((saved_s, saved_t), needs, ctx.recompute):
+        grads.append(None if not need else saved if redo else _scale_saved(ctx, saved, grad_loss, in_place))
+    return (grads[0], grads[1]) + (None,) * 10
 
 
 kd_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -76,6 +76,13 @@ void advise_huge_pages(const at::Tensor& fresh) {
 #endif
 }
 
+// The rows of a checked problem, in parallel tasks of at least kMinElementsPerTask elements.
+void run_rows(const KdProblem& p) {
+  const RowsFn kernel = select_rows_kernel();
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / p.cols);
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
     const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize, int64_t correction, double eps,
@@ -93,13 +100,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cpu(
   if (grad_student) advise_huge_pages(grad_x);
   if (grad_teacher) advise_huge_pages(grad_y);
 
+  const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
   KdProblem p = make_problem(student, teacher, mask, acc, loss, grad_x, grad_y, tau_s, tau_t, standardize,
                              correction, eps);
-  p.grad_scale = grad_scale.item<double>();
-  const RowsFn kernel = select_rows_kernel();
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / cols);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+  p.grad_scale = factors.data_ptr();
+  p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
+  run_rows(p);
   return {loss, grad_x, grad_y};
+}
+
+// Recompute the gradients of the rows where `active` is true with their factor grad_scale[r], in
+// place (the other rows keep theirs); the loss is not written. One rounding of a low-precision
+// gradient for any upstream factor (ops.py's backward), where scaling the saved one would round twice.
+void fused_kd_regrad_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& active,
+                         const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize,
+                         int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y) {
+  const at::ScalarType acc = check_fused_kd_regrad(student, teacher, active, grad_scale, tau_s, tau_t, standardize,
+                                                   correction, eps, grad_x, grad_y);
+  TORCH_CHECK_VALUE(student.device().is_cpu(), "logitstd::fused_kd_regrad_ (CPU): student is on ", student.device());
+  if (student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;
+  const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
+  const at::Tensor no_loss = at::empty({0}, student.options().dtype(acc));
+  KdProblem p = make_problem(student, teacher, active, acc, no_loss, grad_x, grad_y, tau_s, tau_t, standardize,
+                             correction, eps);
+  p.loss = nullptr;
+  p.zero_excluded = false;
+  p.grad_scale = factors.data_ptr();
+  p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
+  run_rows(p);
 }
 
 // grad[r] *= scale[r] (or scale[0]) in place, skipping rows whose scale is exactly 1. Traffic per
@@ -132,6 +160,7 @@ void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
 
 TORCH_LIBRARY_IMPL(logitstd, CPU, m) {
   m.impl("fused_kd_forward", &fused_kd_forward_cpu);
+  m.impl("fused_kd_regrad_", &fused_kd_regrad_cpu);
   m.impl("scale_rows_", &scale_rows_cpu);
 }
 

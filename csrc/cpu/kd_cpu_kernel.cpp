@@ -144,76 +144,97 @@ void zero_row(Dtype dtype, void* base, int64_t offset, int64_t n) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Pass 1: moments of v - shift (Chan merge of per-block two-pass moments) and the max of v.
+// Pass 1: moments of c v - shift (Chan merge of per-block two-pass moments), max and min of c v.
+// c is the row's magnitude scale (row_math.h, magnitude_scale): 1 on the first try; a row whose
+// magnitude falls outside MagnitudeRange is computed again with its power-of-two scale.
 // Four independent accumulators per sum (combined in a fixed order) hide the add latency.
 template <class T>
-Moments<T> row_moments(const T* v, int64_t n, T shift, bool need_m2) {
+Moments<T> row_moments(const T* v, int64_t n, T shift, T scale, bool need_m2) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift);
+  const Vec vscale(scale);
   const Vec zero(T(0));
   const Vec neg_inf(-static_cast<T>(INFINITY));
+  const Vec pos_inf(static_cast<T>(INFINITY));
   Moments<T> total = empty_moments<T>();
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const T* p = v + b0;
     const int64_t len = std::min(kBlock, n - b0);
     Vec s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     Vec m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    Vec l0 = pos_inf, l1 = pos_inf;
     int64_t i = 0;
     for (; i + 4 * W <= len; i += 4 * W) {
-      const Vec d0 = Vec::loadu(p + i), d1 = Vec::loadu(p + i + W);
-      const Vec d2 = Vec::loadu(p + i + 2 * W), d3 = Vec::loadu(p + i + 3 * W);
+      const Vec d0 = Vec::loadu(p + i) * vscale, d1 = Vec::loadu(p + i + W) * vscale;
+      const Vec d2 = Vec::loadu(p + i + 2 * W) * vscale, d3 = Vec::loadu(p + i + 3 * W) * vscale;
       m0 = at::vec::maximum(m0, d0);
       m1 = at::vec::maximum(m1, d1);
       m2 = at::vec::maximum(m2, d2);
       m3 = at::vec::maximum(m3, d3);
+      l0 = at::vec::minimum(l0, at::vec::minimum(d0, d1));
+      l1 = at::vec::minimum(l1, at::vec::minimum(d2, d3));
       s0 = s0 + (d0 - vshift);
       s1 = s1 + (d1 - vshift);
       s2 = s2 + (d2 - vshift);
       s3 = s3 + (d3 - vshift);
     }
     for (; i + W <= len; i += W) {
-      const Vec d = Vec::loadu(p + i);
+      const Vec d = Vec::loadu(p + i) * vscale;
       m0 = at::vec::maximum(m0, d);
+      l0 = at::vec::minimum(l0, d);
       s0 = s0 + (d - vshift);
     }
     if (i < len) {
       const int64_t c = len - i;
-      const Vec d = Vec::loadu(p + i, c);
+      const Vec d = Vec::loadu(p + i, c) * vscale;
       m0 = at::vec::maximum(m0, Vec::set(neg_inf, d, c));
+      l0 = at::vec::minimum(l0, Vec::set(pos_inf, d, c));
       s0 = s0 + Vec::set(zero, d - vshift, c);
     }
     const T mean = lane_sum((s0 + s1) + (s2 + s3)) / static_cast<T>(len);
     const T max = lane_max(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+    const T min = -lane_max(-at::vec::minimum(l0, l1));
     T m2sum = T(0);
     if (need_m2) {
       const Vec vcenter(mean);
       Vec q0 = zero, q1 = zero, q2 = zero, q3 = zero;
       i = 0;
       for (; i + 4 * W <= len; i += 4 * W) {
-        const Vec d0 = (Vec::loadu(p + i) - vshift) - vcenter;
-        const Vec d1 = (Vec::loadu(p + i + W) - vshift) - vcenter;
-        const Vec d2 = (Vec::loadu(p + i + 2 * W) - vshift) - vcenter;
-        const Vec d3 = (Vec::loadu(p + i + 3 * W) - vshift) - vcenter;
+        const Vec d0 = (Vec::loadu(p + i) * vscale - vshift) - vcenter;
+        const Vec d1 = (Vec::loadu(p + i + W) * vscale - vshift) - vcenter;
+        const Vec d2 = (Vec::loadu(p + i + 2 * W) * vscale - vshift) - vcenter;
+        const Vec d3 = (Vec::loadu(p + i + 3 * W) * vscale - vshift) - vcenter;
         q0 = at::vec::fmadd(d0, d0, q0);
         q1 = at::vec::fmadd(d1, d1, q1);
         q2 = at::vec::fmadd(d2, d2, q2);
         q3 = at::vec::fmadd(d3, d3, q3);
       }
       for (; i + W <= len; i += W) {
-        const Vec d = (Vec::loadu(p + i) - vshift) - vcenter;
+        const Vec d = (Vec::loadu(p + i) * vscale - vshift) - vcenter;
         q0 = at::vec::fmadd(d, d, q0);
       }
       if (i < len) {
         const int64_t c = len - i;
-        const Vec d = Vec::set(zero, (Vec::loadu(p + i, c) - vshift) - vcenter, c);
+        const Vec d = Vec::set(zero, (Vec::loadu(p + i, c) * vscale - vshift) - vcenter, c);
         q0 = at::vec::fmadd(d, d, q0);
       }
       m2sum = lane_sum((q0 + q1) + (q2 + q3));
     }
-    total = merge_moments(total, Moments<T>{static_cast<T>(len), mean, m2sum, max});
+    total = merge_moments(total, Moments<T>{static_cast<T>(len), mean, m2sum, max, min});
   }
   return total;
+}
+
+// The statistics of one input row: unscaled moments, then, for the rare row whose magnitude is
+// outside MagnitudeRange, the moments of c v (row_math.h, magnitude_scale).
+template <class T>
+RowStats<T> row_stats(const T* v, int64_t n, T dof, T eps, bool standardize) {
+  const Moments<T> m = row_moments(v, n, v[0], T(1), standardize);
+  const T scale = standardize ? magnitude_scale(m.max, m.min) : T(1);
+  if (scale == T(1)) return finalize_moments(m, T(1), v[0], dof, eps, standardize);
+  const T shift = v[0] * scale;
+  return finalize_moments(row_moments(v, n, shift, scale, true), scale, shift, dof, eps, standardize);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -233,18 +254,18 @@ template <class T, bool kExact, bool kStore>
 RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T* ea_out, T* eb_out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec x_max(plan.x_max), xa(plan.xa), y_max(plan.y_max), ya(plan.ya);
+  const Vec x_max(plan.x_max), xa(plan.xa), xc(plan.x_scale), y_max(plan.y_max), ya(plan.ya), yc(plan.y_scale);
   const Vec zero(T(0));
   RowSums<T> total = zero_sums<T>();
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = std::min(n, b0 + kBlock);
-    Vec za = zero, zb = zero, t = zero;
+    Vec za = zero, zb = zero, t = zero, tabs = zero;
     auto body = [&](int64_t i, int64_t count) {
       const bool tail = count < W;
       const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
       const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
-      const Vec sa = exp_arg(xv, x_max, xa);
-      const Vec sb = exp_arg(yv, y_max, ya);
+      const Vec sa = exp_arg(xv, x_max, xa, xc);
+      const Vec sb = exp_arg(yv, y_max, ya, yc);
       Vec ea = vexp<T, kExact>(sa);
       Vec eb = vexp<T, kExact>(sb);
       if (tail) {  // lanes past the row end contribute nothing
@@ -257,6 +278,7 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
       za = za + ea;
       zb = zb + eb;
       t = at::vec::fmadd(eb, delta, t);
+      tabs = at::vec::fmadd(eb, delta.abs(), tabs);
       if constexpr (kStore) {
         if (tail) {
           ea.store(ea_out + i, count);
@@ -270,7 +292,7 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
     int64_t i = b0;
     for (; i + W <= b1; i += W) body(i, W);
     if (i < b1) body(i, b1 - i);
-    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), T(0), T(0), T(0), T(0)});
+    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), lane_sum(tabs), T(0), T(0), T(0), T(0)});
   }
   return total;
 }
@@ -284,8 +306,7 @@ TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const
                       T* eb_to_gy) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec x_max(plan.x_max), xa(plan.xa), y_max(plan.y_max), ya(plan.ya);
-  const Vec center_x(stx.mean), center_y(sty.mean), shift_x(stx.shift), shift_y(sty.shift);
+  const Vec x_max(plan.x_max), xa(plan.xa), xc(plan.x_scale), y_max(plan.y_max), ya(plan.ya), yc(plan.y_scale);
   const Vec vrza(rza), vrzb(rzb), neg_rzb(-rzb), unit(T(1)), neg_kl_cross(-kl_cross);
   const Vec zero(T(0));
   TermSums<T> total{T(0), T(0), T(0), T(0)};
@@ -301,17 +322,17 @@ TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const
       if constexpr (kGx) {
         gx = student_term(ea, eb, vrza, neg_rzb);
         if (standardize) {
-          const Vec dev = Vec::set(zero, (xv - shift_x) - center_x, count);
+          const Vec dev = Vec::set(zero, centered(xv, stx), count);
           gxs = gxs + gx;
           sxs = at::vec::fmadd(gx, dev, sxs);
         }
       }
       if constexpr (kGy) {
         const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
-        const Vec delta = kl_delta(exp_arg(xv, x_max, xa), exp_arg(yv, y_max, ya));
+        const Vec delta = kl_delta(exp_arg(xv, x_max, xa, xc), exp_arg(yv, y_max, ya, yc));
         gy = teacher_term(eb, delta, vrzb, unit, neg_kl_cross);
         if (standardize) {
-          const Vec dev = Vec::set(zero, (yv - shift_y) - center_y, count);
+          const Vec dev = Vec::set(zero, centered(yv, sty), count);
           gys = gys + gy;
           sys = at::vec::fmadd(gy, dev, sys);
         }
@@ -341,19 +362,66 @@ void grad_pass(const T* v, const T* terms, int64_t n, bool standardize, const Ro
                const TermCoef<T>& c, T* out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec shift(st.shift), center(st.mean), zero(T(0));
+  const Vec zero(T(0));
   const Vec a(c.a), neg_b(-c.b), neg_a_mean(-c.a_mean);
   auto body = [&](int64_t i, int64_t count) {
     const bool tail = count < W;
     const Vec g = tail ? Vec::loadu(terms + i, count) : Vec::loadu(terms + i);
     Vec dev = zero;  // without standardization there is no std term (and a -inf logit stays out)
-    if (standardize) dev = ((tail ? Vec::loadu(v + i, count) : Vec::loadu(v + i)) - shift) - center;
+    if (standardize) dev = centered(tail ? Vec::loadu(v + i, count) : Vec::loadu(v + i), st);
     const Vec out_v = grad_from_term(g, dev, a, neg_b, neg_a_mean);
     if (tail) out_v.store(out + i, count); else out_v.store(out + i);
   };
   int64_t i = 0;
   for (; i + W <= n; i += W) body(i, W);
   if (i < n) body(i, n - i);
+}
+
+// ------------------------------------------------------------------------------------------
+// Loss of a row whose KL = kl_cross + log(Z_a / Z_b) cancels (row_math.h, kl_needs_refinement):
+// the Bregman sum sum_k p_k phi(t_k), from the stored exponentials (kStored) or recomputed ones.
+// Only such rows (high temperatures, a student close to its teacher) take this pass.
+template <class T, bool kStored>
+T bregman_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const RowSums<T>& sums, const T* ea_in,
+               const T* eb_in) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec x_max(plan.x_max), xa(plan.xa), xc(plan.x_scale), y_max(plan.y_max), ya(plan.ya), yc(plan.y_scale);
+  const Vec zero(T(0)), half(T(0.5)), unit(T(1));
+  const Vec rza(T(1) / sums.za), rzb(T(1) / sums.zb), neg_lz(-m_log(sums.za / sums.zb));
+  T total = T(0);
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    Vec acc = zero;
+    auto body = [&](int64_t i, int64_t count) {
+      const bool tail = count < W;
+      const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
+      const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
+      const Vec sa = exp_arg(xv, x_max, xa, xc);
+      const Vec sb = exp_arg(yv, y_max, ya, yc);
+      Vec ea, eb;
+      if constexpr (kStored) {
+        ea = tail ? Vec::loadu(ea_in + i, count) : Vec::loadu(ea_in + i);
+        eb = tail ? Vec::loadu(eb_in + i, count) : Vec::loadu(eb_in + i);
+      } else {
+        ea = vexp<T, false>(sa);
+        eb = vexp<T, false>(sb);
+      }
+      const Vec t = bregman_arg(kl_delta(sa, sb), unit, neg_lz);
+      const Vec p = eb * rzb;
+      const Vec series = p * bregman_phi_series(t);
+      const Vec direct = at::vec::fmsub(ea, rza, at::vec::fmadd(p, t, p));
+      Vec term = Vec::blendv(direct, series, t.abs() <= half);
+      term = Vec::blendv(zero, term, eb > zero);  // p_k = 0 contributes 0
+      if (tail) term = Vec::set(zero, term, count);
+      acc = acc + term;
+    };
+    int64_t i = b0;
+    for (; i + W <= b1; i += W) body(i, W);
+    if (i < b1) body(i, b1 - i);
+    total += lane_sum(acc);
+  }
+  return total;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -368,7 +436,8 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   const int64_t n = p.cols;
   T* loss = static_cast<T*>(p.loss);
   if (p.mask != nullptr && !p.mask[r]) {
-    loss[r] = T(0);
+    if (!p.zero_excluded) return;  // recomputation: excluded rows keep their gradient
+    if (loss != nullptr) loss[r] = T(0);
     if constexpr (kGx) zero_row(p.x_dtype, p.grad_x, r * n, n);
     if constexpr (kGy) zero_row(p.y_dtype, p.grad_y, r * n, n);
     return;
@@ -380,25 +449,32 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   const T eps = static_cast<T>(p.eps);
   const T tau_s = static_cast<T>(p.tau_s);
   const T tau_t = static_cast<T>(p.tau_t);
-  const Moments<T> mx = row_moments(x, n, x[0], p.standardize);
-  const Moments<T> my = row_moments(y, n, y[0], p.standardize);
-  const RowStats<T> sx = finalize_moments(mx, x[0], dof, eps, p.standardize);
-  const RowStats<T> sy = finalize_moments(my, y[0], dof, eps, p.standardize);
+  const RowStats<T> sx = row_stats(x, n, dof, eps, p.standardize);
+  const RowStats<T> sy = row_stats(y, n, dof, eps, p.standardize);
   const ExpPlan<T> plan = make_exp_plan(sx, sy, tau_s, tau_t, T(1));
 
   constexpr bool kStore = kGx || kGy;
-  const bool finite = row_is_finite(mx) && row_is_finite(my);
+  const bool finite = row_is_finite(sx) && row_is_finite(sy);
   const RowSums<T> sums = finite ? exp_pass<T, false, kStore>(x, y, n, plan, s.ea.get(), s.eb.get())
                                  : exp_pass<T, true, kStore>(x, y, n, plan, s.ea.get(), s.eb.get());
-  loss[r] = row_loss(sums, tau_s, T(1));
+  if (loss != nullptr) {
+    T row = row_loss(sums, tau_s, T(1));
+    if (kl_needs_refinement(sums, T(1))) {
+      row = refined_row_loss(kStore ? bregman_pass<T, true>(x, y, n, plan, sums, s.ea.get(), s.eb.get())
+                                    : bregman_pass<T, false>(x, y, n, plan, sums, nullptr, nullptr),
+                             tau_s);
+    }
+    loss[r] = row;
+  }
   if constexpr (kStore) {
     const T kl_cross = kl_cross_term(sums, T(1));
     const TermSums<T> ts = term_pass<T, kGx, kGy>(x, y, n, p.standardize, plan, sx, sy, T(1) / sums.za,
                                                   T(1) / sums.zb, kl_cross, s.ea.get(), s.eb.get());
-    const T grad_scale = static_cast<T>(p.grad_scale);
+    const T grad_scale = static_cast<const T*>(p.grad_scale)[r * p.grad_scale_stride];
     const T classes = static_cast<T>(n);
     if constexpr (kGx) {
-      const TermCoef<T> c = term_coefficients(ts.gx, ts.sx, classes, sx, dof, grad_scale * tau_s, p.standardize);
+      const TermCoef<T> c =
+          term_coefficients(ts.gx, ts.sx, classes, sx, dof, grad_scale * tau_s, p.standardize, eps);
       const bool direct = is_acc_dtype<T>(p.x_dtype);
       T* out = direct ? static_cast<T*>(p.grad_x) + r * n : s.ea.get();
       grad_pass(x, s.ea.get(), n, p.standardize, sx, c, out);
@@ -406,7 +482,7 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
     }
     if constexpr (kGy) {
       const TermCoef<T> c =
-          term_coefficients(ts.gy, ts.sy, classes, sy, dof, grad_scale * tau_s * tau_s / tau_t, p.standardize);
+          term_coefficients(ts.gy, ts.sy, classes, sy, dof, grad_scale * tau_s * tau_s / tau_t, p.standardize, eps);
       const bool direct = is_acc_dtype<T>(p.y_dtype);
       T* out = direct ? static_cast<T*>(p.grad_y) + r * n : s.eb.get();
       grad_pass(y, s.eb.get(), n, p.standardize, sy, c, out);

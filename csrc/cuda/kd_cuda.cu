@@ -194,6 +194,11 @@ __device__ __forceinline__ MomentsPair<A> combine(const MomentsPair<A>& a, const
   return MomentsPair<A>{merge_moments(a.x, b.x), merge_moments(a.y, b.y)};
 }
 
+__device__ __forceinline__ float combine(float a, float b) { return a + b; }
+__device__ __forceinline__ double combine(double a, double b) { return a + b; }
+__device__ __forceinline__ float shfl_down(float v, int off) { return __shfl_down_sync(0xffffffffu, v, off); }
+__device__ __forceinline__ double shfl_down(double v, int off) { return __shfl_down_sync(0xffffffffu, v, off); }
+
 template <class A>
 __device__ __forceinline__ RowSums<A> combine(const RowSums<A>& a, const RowSums<A>& b) {
   return add_sums(a, b);
@@ -209,7 +214,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 template <class A>
 __device__ __forceinline__ Moments<A> shfl_down(const Moments<A>& m, int off) {
   return Moments<A>{__shfl_down_sync(kFullMask, m.n, off), __shfl_down_sync(kFullMask, m.mean, off),
-                    __shfl_down_sync(kFullMask, m.m2, off), __shfl_down_sync(kFullMask, m.max, off)};
+                    __shfl_down_sync(kFullMask, m.m2, off), __shfl_down_sync(kFullMask, m.max, off),
+                    __shfl_down_sync(kFullMask, m.min, off)};
 }
 
 template <class A>
@@ -226,7 +232,8 @@ __device__ __forceinline__ TermSums<A> shfl_down(const TermSums<A>& s, int off) 
 template <class A>
 __device__ __forceinline__ RowSums<A> shfl_down(const RowSums<A>& s, int off) {
   return RowSums<A>{__shfl_down_sync(kFullMask, s.za, off),  __shfl_down_sync(kFullMask, s.zb, off),
-                    __shfl_down_sync(kFullMask, s.t, off),   __shfl_down_sync(kFullMask, s.saa, off),
+                    __shfl_down_sync(kFullMask, s.t, off),   __shfl_down_sync(kFullMask, s.tabs, off),
+                    __shfl_down_sync(kFullMask, s.saa, off),
                     __shfl_down_sync(kFullMask, s.sab, off), __shfl_down_sync(kFullMask, s.sbb, off),
                     __shfl_down_sync(kFullMask, s.sbd, off)};
 }
@@ -285,26 +292,30 @@ __device__ __forceinline__ void cluster_wait() {
 #endif
 }
 
-// Moments of one pack: two passes over P registers, then merged into the thread's moments.
+// Moments of one pack of c v - shift (c: the row's magnitude scale, row_math.h): two passes over
+// P registers, then merged into the thread's moments.
 template <class A, int P>
-__device__ __forceinline__ Moments<A> pack_moments(const A (&v)[P], A shift, bool need_m2) {
+__device__ __forceinline__ Moments<A> pack_moments(const A (&v)[P], A shift, A scale, bool need_m2) {
   A sum = A(0);
-  A mx = v[0];
+  A mx = v[0] * scale;
+  A mn = mx;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    sum += v[i] - shift;
-    mx = nan_max(mx, v[i]);
+    const A c = v[i] * scale;
+    sum += c - shift;
+    mx = nan_max(mx, c);
+    mn = nan_min(mn, c);
   }
   const A mean = sum / static_cast<A>(P);
   A m2 = A(0);
   if (need_m2) {
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-      const A d = (v[i] - shift) - mean;
+      const A d = (v[i] * scale - shift) - mean;
       m2 = m_fma(d, d, m2);
     }
   }
-  return Moments<A>{static_cast<A>(P), mean, m2, mx};
+  return Moments<A>{static_cast<A>(P), mean, m2, mx, mn};
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -314,8 +325,10 @@ struct KdCudaArgs {
   int64_t x_stride;
   int64_t y_stride;
   const bool* mask;
-  const void* grad_scale;  // (1,) in the accumulation type, on the device
-  void* loss;
+  const void* grad_scale;  // (1,) or (rows,) in the accumulation type, on the device
+  int64_t grad_scale_stride;  // 0 for one factor, else 1
+  bool zero_excluded;      // forward: excluded rows get loss 0 and zero gradients; else untouched
+  void* loss;    // nullptr: not written (gradient recomputation)
   void* grad_x;  // nullptr when not requested
   void* grad_y;
   int64_t cols;
@@ -348,6 +361,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   __shared__ TermSums<A> s_warp_t[kWarps];
   __shared__ TermSums<A> s_cta_t;
   __shared__ TermSums<A> s_row_t;
+  __shared__ A s_warp_b[kWarps];
+  __shared__ A s_cta_b;
+  __shared__ A s_row_b;
   extern __shared__ __align__(16) unsigned char s_chunk[];
 
   const int cluster = args.cluster;
@@ -366,6 +382,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   A* loss = static_cast<A*>(args.loss);
 
   if (args.mask != nullptr && !args.mask[row]) {  // the same branch in every CTA of the cluster
+    if (!args.zero_excluded) return;
     A zeros[P];
 #pragma unroll
     for (int i = 0; i < P; ++i) zeros[i] = A(0);
@@ -374,7 +391,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
       if (gx != nullptr) store_pack<S, P, kVec>(gx + e, zeros);
       if (gy != nullptr) store_pack<T, P, kVec>(gy + e, zeros);
     }
-    if (rank == 0 && threadIdx.x == 0) loss[row] = A(0);
+    if (rank == 0 && threadIdx.x == 0 && loss != nullptr) loss[row] = A(0);
     return;
   }
 
@@ -389,26 +406,38 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   const S* xc = args.resident ? xs : xg + start;
   const T* yc = args.resident ? ys : yg + start;
 
-  // 2. Moments of x - x[0] and y - y[0].
-  const A shift_x = Conv<S>::template load<A>(xg[0]);
-  const A shift_y = Conv<T>::template load<A>(yg[0]);
-  MomentsPair<A> m{empty_moments<A>(), empty_moments<A>()};
-  for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
-    const int64_t e = static_cast<int64_t>(j) * P;
-    A xv[P], yv[P];
-    load_pack<S, P, kVec>(xc + e, xv);
-    load_pack<T, P, kVec>(yc + e, yv);
-    m.x = merge_moments(m.x, pack_moments<A, P>(xv, shift_x, args.standardize));
-    m.y = merge_moments(m.y, pack_moments<A, P>(yv, shift_y, args.standardize));
+  // 2. Moments of x - x[0] and y - y[0]; a row whose magnitude is outside MagnitudeRange (rare)
+  // is computed again as c x (row_math.h, magnitude_scale). The decision is the same in every CTA.
+  const A x0 = Conv<S>::template load<A>(xg[0]);
+  const A y0 = Conv<T>::template load<A>(yg[0]);
+  auto moments = [&](A cx, A cy) {
+    MomentsPair<A> m{empty_moments<A>(), empty_moments<A>()};
+    for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
+      const int64_t e = static_cast<int64_t>(j) * P;
+      A xv[P], yv[P];
+      load_pack<S, P, kVec>(xc + e, xv);
+      load_pack<T, P, kVec>(yc + e, yv);
+      m.x = merge_moments(m.x, pack_moments<A, P>(xv, x0 * cx, cx, args.standardize));
+      m.y = merge_moments(m.y, pack_moments<A, P>(yv, y0 * cy, cy, args.standardize));
+    }
+    return row_reduce(m, s_warp_m, &s_cta_m, &s_row_m, cluster);
+  };
+  MomentsPair<A> m = moments(A(1), A(1));
+  const A scale_x = args.standardize ? magnitude_scale(m.x.max, m.x.min) : A(1);
+  const A scale_y = args.standardize ? magnitude_scale(m.y.max, m.y.min) : A(1);
+  if (scale_x != A(1) || scale_y != A(1)) {
+#if defined(_CG_HAS_CLUSTER_GROUP)
+    if (cluster > 1) cg::this_cluster().sync();  // other CTAs may still read s_cta_m
+#endif
+    m = moments(scale_x, scale_y);
   }
-  m = row_reduce(m, s_warp_m, &s_cta_m, &s_row_m, cluster);
 
   const A dof = static_cast<A>(cols - args.correction);
   const A eps = static_cast<A>(args.eps);
   const A tau_s = static_cast<A>(args.tau_s);
   const A tau_t = static_cast<A>(args.tau_t);
-  const RowStats<A> sx = finalize_moments(m.x, shift_x, dof, eps, args.standardize);
-  const RowStats<A> sy = finalize_moments(m.y, shift_y, dof, eps, args.standardize);
+  const RowStats<A> sx = finalize_moments(m.x, scale_x, x0 * scale_x, dof, eps, args.standardize);
+  const RowStats<A> sy = finalize_moments(m.y, scale_y, y0 * scale_y, dof, eps, args.standardize);
   const ExpPlan<A> plan = make_exp_plan(sx, sy, tau_s, tau_t, E::kInvUnit);
 
   // 3. Exponentials and the row sums.
@@ -422,14 +451,15 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
     load_pack<T, P, kVec>(yc + e, yv);
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-      const A sa = exp_arg(xv[i], plan.x_max, plan.xa);
-      const A sb = exp_arg(yv[i], plan.y_max, plan.ya);
+      const A sa = exp_arg(xv[i], plan.x_max, plan.xa, plan.x_scale);
+      const A sb = exp_arg(yv[i], plan.y_max, plan.ya, plan.y_scale);
       const A ea = E::exp(sa);
       const A eb = E::exp(sb);
       const A eb_delta = eb * kl_delta(sa, sb);
       part.za += ea;
       part.zb += eb;
       part.t += eb_delta;
+      part.tabs += m_abs(eb_delta);
       if (want_gx) {
         part.saa = m_fma(ea, sa, part.saa);
         part.sab = m_fma(eb, sa, part.sab);
@@ -441,8 +471,29 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
     }
   }
   const RowSums<A> sums = row_reduce(part, s_warp_s, &s_cta_s, &s_row_s, cluster);
-  if (rank == 0 && threadIdx.x == 0) loss[row] = row_loss(sums, tau_s, E::kUnit);
-  const A grad_scale = *static_cast<const A*>(args.grad_scale);
+  if (loss != nullptr) {
+    A row_value = row_loss(sums, tau_s, E::kUnit);
+    if (kl_needs_refinement(sums, E::kUnit)) {  // 3b. rare: the loss from the Bregman form
+      const A rza = A(1) / sums.za, rzb = A(1) / sums.zb, unit = E::kUnit;
+      const A neg_lz = -m_log(sums.za / sums.zb);
+      A bpart = A(0);
+      for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
+        const int64_t e = static_cast<int64_t>(j) * P;
+        A xv[P], yv[P];
+        load_pack<S, P, kVec>(xc + e, xv);
+        load_pack<T, P, kVec>(yc + e, yv);
+#pragma unroll
+        for (int i = 0; i < P; ++i) {
+          const A sa = exp_arg(xv[i], plan.x_max, plan.xa, plan.x_scale);
+          const A sb = exp_arg(yv[i], plan.y_max, plan.ya, plan.y_scale);
+          bpart += bregman_term(E::exp(sa), E::exp(sb), bregman_arg(kl_delta(sa, sb), unit, neg_lz), rza, rzb);
+        }
+      }
+      row_value = refined_row_loss(row_reduce(bpart, s_warp_b, &s_cta_b, &s_row_b, cluster), tau_s);
+    }
+    if (rank == 0 && threadIdx.x == 0) loss[row] = row_value;
+  }
+  const A grad_scale = static_cast<const A*>(args.grad_scale)[row * args.grad_scale_stride];
 
   if ((want_gx || want_gy) && args.from_terms) {
     // 4a. Short rows: the per-element terms g and their sums G, S (row_math.h, term_coefficients),
@@ -457,28 +508,29 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
       load_pack<T, P, kVec>(yc + e, yv);
 #pragma unroll
       for (int i = 0; i < P; ++i) {
-        const A sa = exp_arg(xv[i], plan.x_max, plan.xa);
-        const A sb = exp_arg(yv[i], plan.y_max, plan.ya);
+        const A sa = exp_arg(xv[i], plan.x_max, plan.xa, plan.x_scale);
+        const A sb = exp_arg(yv[i], plan.y_max, plan.ya, plan.y_scale);
         const A ea = E::exp(sa);
         const A eb = E::exp(sb);
         if (want_gx && args.standardize) {
           const A g = student_term(ea, eb, rza, neg_rzb);
           tpart.gx += g;
-          tpart.sx = m_fma(g, (xv[i] - sx.shift) - sx.mean, tpart.sx);
+          tpart.sx = m_fma(g, centered(xv[i], sx), tpart.sx);
         }
         if (want_gy && args.standardize) {
           const A g = teacher_term(eb, kl_delta(sa, sb), rzb, unit, neg_kl_cross);
           tpart.gy += g;
-          tpart.sy = m_fma(g, (yv[i] - sy.shift) - sy.mean, tpart.sy);
+          tpart.sy = m_fma(g, centered(yv[i], sy), tpart.sy);
         }
       }
     }
     const TermSums<A> ts = row_reduce(tpart, s_warp_t, &s_cta_t, &s_row_t, cluster);
     if (cluster > 1) cluster_arrive();  // other CTAs may still read s_cta_t: wait before exiting
     const A classes = static_cast<A>(cols);
-    const TermCoef<A> cx = term_coefficients(ts.gx, ts.sx, classes, sx, dof, grad_scale * tau_s, args.standardize);
+    const TermCoef<A> cx =
+        term_coefficients(ts.gx, ts.sx, classes, sx, dof, grad_scale * tau_s, args.standardize, eps);
     const TermCoef<A> cy =
-        term_coefficients(ts.gy, ts.sy, classes, sy, dof, grad_scale * tau_s * tau_s / tau_t, args.standardize);
+        term_coefficients(ts.gy, ts.sy, classes, sy, dof, grad_scale * tau_s * tau_s / tau_t, args.standardize, eps);
     // 4b. Gradients from the same terms (recomputed: the same inputs and code give the same bits).
     for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
       const int64_t e = static_cast<int64_t>(j) * P;
@@ -487,16 +539,16 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
       load_pack<T, P, kVec>(yc + e, yv);
 #pragma unroll
       for (int i = 0; i < P; ++i) {
-        const A sa = exp_arg(xv[i], plan.x_max, plan.xa);
-        const A sb = exp_arg(yv[i], plan.y_max, plan.ya);
+        const A sa = exp_arg(xv[i], plan.x_max, plan.xa, plan.x_scale);
+        const A sb = exp_arg(yv[i], plan.y_max, plan.ya, plan.y_scale);
         const A ea = E::exp(sa);
         const A eb = E::exp(sb);
         if (want_gx) {
-          const A dev = args.standardize ? (xv[i] - sx.shift) - sx.mean : A(0);
+          const A dev = args.standardize ? centered(xv[i], sx) : A(0);
           ox[i] = grad_from_term(student_term(ea, eb, rza, neg_rzb), dev, cx.a, -cx.b, -cx.a_mean);
         }
         if (want_gy) {
-          const A dev = args.standardize ? (yv[i] - sy.shift) - sy.mean : A(0);
+          const A dev = args.standardize ? centered(yv[i], sy) : A(0);
           oy[i] = grad_from_term(teacher_term(eb, kl_delta(sa, sb), rzb, unit, neg_kl_cross), dev, cy.a, -cy.b,
                                  -cy.a_mean);
         }
@@ -525,16 +577,16 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
       load_pack<T, P, kVec>(yc + e, yv);
 #pragma unroll
       for (int i = 0; i < P; ++i) {
-        const A sa = exp_arg(xv[i], plan.x_max, plan.xa);
-        const A sb = exp_arg(yv[i], plan.y_max, plan.ya);
+        const A sa = exp_arg(xv[i], plan.x_max, plan.xa, plan.x_scale);
+        const A sb = exp_arg(yv[i], plan.y_max, plan.ya, plan.y_scale);
         const A ea = E::exp(sa);
         const A eb = E::exp(sb);
         if (want_gx) {
-          const A xk = args.standardize ? xv[i] - sx.shift : A(0);
+          const A xk = args.standardize ? xv[i] * sx.scale - sx.shift : A(0);
           ox[i] = grad_student_elem(ea, eb, xk, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
         }
         if (want_gy) {
-          const A yk = args.standardize ? yv[i] - sy.shift : A(0);
+          const A yk = args.standardize ? yv[i] * sy.scale - sy.shift : A(0);
           oy[i] = grad_teacher_elem(eb, kl_delta(sa, sb), yk, gamma, unit, neg_kl_cross, neg_beta_y, beta_m_y);
         }
       }
@@ -693,7 +745,9 @@ void launch_fused(const KdProblem& p, cudaStream_t stream) {
   args.x_stride = p.x_stride;
   args.y_stride = p.y_stride;
   args.mask = p.mask;
-  args.grad_scale = p.grad_scale_ptr;
+  args.grad_scale = p.grad_scale;
+  args.grad_scale_stride = p.grad_scale_stride;
+  args.zero_excluded = p.zero_excluded;
   args.loss = p.loss;
   args.grad_x = p.grad_x;
   args.grad_y = p.grad_y;
@@ -793,11 +847,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cuda(
   at::Tensor grad_x = grad_student ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_y = grad_teacher ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
   if (rows == 0) return {loss, grad_x, grad_y};
+  const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
   KdProblem p = make_problem(student, teacher, mask, acc, loss, grad_x, grad_y, tau_s, tau_t, standardize,
                              correction, eps);
-  p.grad_scale_ptr = grad_scale.data_ptr();
+  p.grad_scale = factors.data_ptr();
+  p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
   launch(p, student.scalar_type(), teacher.scalar_type(), c10::cuda::getCurrentCUDAStream());
   return {loss, grad_x, grad_y};
+}
+
+// Recompute the gradients of the rows where `active` is true, in place (the backward's one-rounding
+// path for low-precision gradients; see csrc/cpu/kd_cpu.cpp). Rows not active are not touched and
+// cost no memory traffic: the kernel returns before loading them (no host synchronization).
+void fused_kd_regrad_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& active,
+                          const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize,
+                          int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y) {
+  const at::ScalarType acc = check_fused_kd_regrad(student, teacher, active, grad_scale, tau_s, tau_t, standardize,
+                                                   correction, eps, grad_x, grad_y);
+  TORCH_CHECK_VALUE(student.is_cuda(), "logitstd::fused_kd_regrad_ (CUDA): student is on ", student.device());
+  if (student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;
+  const c10::cuda::CUDAGuard guard(student.device());
+  if (!native_pair(student.scalar_type(), teacher.scalar_type())) {
+    auto out = fused_kd_forward_cuda(student.to(acc), teacher.to(acc), active, grad_scale, tau_s, tau_t, standardize,
+                                     correction, eps, grad_x.numel() > 0, grad_y.numel() > 0);
+    const at::Tensor rows = active.reshape({-1, 1});
+    if (grad_x.numel() > 0) grad_x.copy_(at::where(rows, std::get<1>(out).to(grad_x.scalar_type()), grad_x));
+    if (grad_y.numel() > 0) grad_y.copy_(at::where(rows, std::get<2>(out).to(grad_y.scalar_type()), grad_y));
+    return;
+  }
+  const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
+  const at::Tensor no_loss = at::empty({0}, student.options().dtype(acc));
+  KdProblem p = make_problem(student, teacher, active, acc, no_loss, grad_x, grad_y, tau_s, tau_t, standardize,
+                             correction, eps);
+  p.loss = nullptr;
+  p.zero_excluded = false;
+  p.grad_scale = factors.data_ptr();
+  p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
+  launch(p, student.scalar_type(), teacher.scalar_type(), c10::cuda::getCurrentCUDAStream());
 }
 
 void scale_rows_cuda(const at::Tensor& grad, const at::Tensor& scale) {
@@ -836,6 +922,7 @@ void scale_rows_cuda(const at::Tensor& grad, const at::Tensor& scale) {
 
 TORCH_LIBRARY_IMPL(logitstd, CUDA, m) {
   m.impl("fused_kd_forward", &fused_kd_forward_cuda);
+  m.impl("fused_kd_regrad_", &fused_kd_regrad_cuda);
   m.impl("scale_rows_", &scale_rows_cuda);
 }
 

@@ -3,23 +3,31 @@
 One program handles one row pair (student row ``x``, teacher row ``y``, V classes each). The math is
 DESIGN.md section 1; in the notation used here (all sums over the V classes of the row)::
 
-    xs      = x - x[0]                       # shift by the first element: exact for rows like
+    c       = 1, or 2^-e for the rare row whose magnitude max|x| lies outside [2^-20, 2^40]
+                                             # (float32; see row_math.h, magnitude_scale): the
+                                             # z-score is scale-free, c x is exact, and the squared
+                                             # deviations then neither overflow nor underflow
+    xs      = c x - c x[0]                   # shift by the first element: exact for rows like
                                              # 1000 + 0.01 * randn, and exactly 0 for constant rows
-    mu      = mean(xs)   sigma = sqrt(sum((xs - mu)^2) / (V - c))   s = sigma + eps
+    mu      = mean(xs)   sigma = sqrt(sum((xs - mu)^2) / (V - corr))   s = sigma + c eps
     u       = (xs - mu) / s                  # the standardized student (u = x without standardize)
     da      = (u - max(u)) * log2(e) / tau_s # a - max(a) in base 2, <= 0 exactly (rounding is
                                              # monotone, and max(u) = (max(xs) - mu) / s)
     ea      = 2^da   Za = sum(ea)            # q = ea / Za       (teacher: w, db, eb, Zb, p likewise)
     T       = sum(eb * (db - da))            # (a class with eb == 0 counts 0, as in kl_div)
     KL      = ln2 * (T / Zb + log2(Za / Zb)) # = sum p (log p - log q)
+                                             # rows where this cancels (E_p|db - da| + |log(Za/Zb)|
+                                             # > 4 KL: high temperatures) use the Bregman form
+                                             # sum p phi(t), phi(t) = e^t - 1 - t (row_math.h)
     loss    = tau_s^2 * KL
     g_u     = tau_s * (q - p)                                    S_u = sum(g_u * u)
-    dL/dx   = g_u / s - u * S_u / ((V - c) * sigma)              (second term 0 when sigma == 0)
+    dL/dx   = c (g_u / s - u * S_u / ((V - corr) * sigma))       (second term 0 when sigma == 0)
     g_w     = tau_s^2 / tau_t * p * ln2 * (db - da - T / Zb)     S_w = sum(g_w * w)
-    dL/dy   = g_w / s_y - w * S_w / ((V - c) * sigma_y)
+    dL/dy   = c_y (g_w / s_y - w * S_w / ((V - corr) * sigma_y))
 
-Without standardization ``u = x``, ``s = 1`` and the second gradient terms vanish. Gradients are
-written multiplied by ``grad_scale``.
+Without standardization ``u = x``, ``s = 1``, ``c = 1`` and the second gradient terms vanish. A
+class with p = 0 (a -inf teacher logit, underflow) contributes exactly 0 to both gradients.
+Gradients are written multiplied by the row's ``grad_scale`` (one value, or one per row).
 
 Tiles are 2-d, ``[BLOCK // VEC, VEC]``: each thread owns runs of VEC contiguous classes (one 16-byte
 access of the wider input when the rows are aligned to it), the same layout for a bf16 student and a
@@ -30,9 +38,10 @@ coalesced accesses) when the strides or V do not allow it. Lanes past V are load
 neutral value for the shifted sums (it adds 0) and for the max; they are excluded where it matters
 (M2, the exponentials).
 
-Masked-out rows load nothing (every load's limit is 0 for them), store loss 0 and gradient 0, and
-every result is selected with ``tl.where`` so that the garbage computed for them never reaches
-memory.
+Masked-out rows load nothing (every load's limit is 0 for them) and, with ``ZERO_EXCLUDED``, store
+loss 0 and gradient 0; without it (``fused_kd_regrad_``: recomputing some rows' gradients in place)
+they store no gradient and the blocked path skips their loops. Every result is selected with
+``tl.where`` so that the garbage computed for them never reaches memory.
 
 Accumulation is float32 (float64 when ``ACC64``: an input is float64). Exponentials use ``exp2``
 with the ``log2(e)`` factor folded into the temperature scale, logarithms use ``log2``.
@@ -43,6 +52,13 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Row magnitudes whose moments are computed unscaled (row_math.h, MagnitudeRange).
+MAG_LO_F32 = tl.constexpr(2.0 ** -20)
+MAG_HI_F32 = tl.constexpr(2.0 ** 40)
+MAG_LO_F64 = tl.constexpr(2.0 ** -400)
+MAG_HI_F64 = tl.constexpr(2.0 ** 400)
+# The KL cancellation ratio above which a row's loss is taken from the Bregman form (row_math.h).
+KL_REFINE_RATIO = tl.constexpr(4.0)
 
 
 @triton.jit
@@ -76,6 +92,69 @@ def _sqrt(x, ACC64: tl.constexpr):
 
 
 @triton.jit
+def _magnitude_scale(mx, mn, ACC64: tl.constexpr):
+    """The row's magnitude scale c from its max and min (row_math.h, magnitude_scale): 1 when
+    r = max(|mx|, |mn|) lies in [lo, hi], is 0 or is not finite; else 2^-e, e the binary exponent
+    of r clamped to the normal range, built from the bits (exact on every device)."""
+    r = tl.maximum(tl.abs(mx), tl.abs(mn))
+    if ACC64:
+        e = ((r.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
+        e = tl.minimum(tl.maximum(e, -1022), 1022)
+        c = ((1023 - e) << 52).to(tl.float64, bitcast=True)
+        inside = (r >= MAG_LO_F64) & (r <= MAG_HI_F64)
+    else:
+        e = ((r.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.minimum(tl.maximum(e, -126), 126)
+        c = ((127 - e) << 23).to(tl.float32, bitcast=True)
+        inside = (r >= MAG_LO_F32) & (r <= MAG_HI_F32)
+    unscaled = inside | (r == 0.0) | (r != r) | (r == float("inf"))
+    return tl.where(unscaled, 1.0, c)
+
+
+@triton.jit
+def _phi_series(t):
+    """e^t - 1 - t from its Taylor series (terms 2..17): accurate to float64 for |t| <= 1/2."""
+    r = t * (1.0 / 355687428096000.0) + (1.0 / 20922789888000.0)
+    r = r * t + (1.0 / 1307674368000.0)
+    r = r * t + (1.0 / 87178291200.0)
+    r = r * t + (1.0 / 6227020800.0)
+    r = r * t + (1.0 / 479001600.0)
+    r = r * t + (1.0 / 39916800.0)
+    r = r * t + (1.0 / 3628800.0)
+    r = r * t + (1.0 / 362880.0)
+    r = r * t + (1.0 / 40320.0)
+    r = r * t + (1.0 / 5040.0)
+    r = r * t + (1.0 / 720.0)
+    r = r * t + (1.0 / 120.0)
+    r = r * t + (1.0 / 24.0)
+    r = r * t + (1.0 / 6.0)
+    r = r * t + 0.5
+    return r * t * t
+
+
+@triton.jit
+def _bregman_terms(ea, eb, delta, r_za, r_zb, neg_lz):
+    """p_k phi(t_k), t_k = -(delta_k ln2 + log(Za/Zb)) (delta in log2 units): the series where
+    |t| <= 1/2, else q_k - p_k (1 + t_k) (no overflow of e^t where p is tiny); 0 where p = 0."""
+    t = neg_lz - delta * LN2
+    p = eb * r_zb
+    term = tl.where(tl.abs(t) <= 0.5, p * _phi_series(t), ea * r_za - (p * t + p))
+    return tl.where(eb > 0.0, term, 0.0)
+
+
+@triton.jit
+def _kl_parts(za, zb, t2, tabs):
+    """(KL from the partition sums, whether that sum cancels so that the Bregman form is needed,
+    -log(Za/Zb)); t2 = sum eb (db - da), tabs = sum eb |db - da| (log2 units)."""
+    r_zb = 1.0 / zb
+    lz = LN2 * tl.log2(za * r_zb)
+    kl = LN2 * (t2 * r_zb) + lz
+    finite = (kl == kl) & (tl.abs(kl) < float("inf")) & (tabs < float("inf"))
+    refine = finite & (kl * KL_REFINE_RATIO < LN2 * tabs * r_zb + tl.abs(lz))
+    return kl, refine, -lz
+
+
+@triton.jit
 def _keep_row(keep_ptr, row, HAS_MASK: tl.constexpr):
     """The row's mask flag as an int1 scalar (always true without a mask)."""
     if HAS_MASK:
@@ -98,10 +177,39 @@ def _max2(a, b):
 
 
 @triton.jit
-def _store_grad(g_ptr, offs, valid, g, scale, keep):
-    """Store ``scale * g`` (0 for a masked-out row) in the gradient's dtype where ``valid`` (None: all)."""
+def _min2(a, b):
+    """Minima of two [R] vectors in one cross-warp reduction."""
+    return tl.split(tl.min(tl.join(a, b), axis=0))
+
+
+@triton.jit
+def _round_bf16(g):
+    """float32 -> bfloat16 with round-to-nearest-even done on the bits, then an exact conversion.
+
+    The Triton interpreter converts float32 to bfloat16 by truncation and float64 to bfloat16
+    wrongly (a Triton bug); compiled kernels round correctly and do not use this.
+    """
+    g32 = g.to(tl.float32)
+    bits = g32.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(g32 != g32, g32, rounded).to(tl.bfloat16)
+
+
+@triton.jit
+def _store_grad(g_ptr, offs, valid, g, scale, keep, ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Store ``scale * g`` in the gradient's dtype where ``valid`` (None: all): 0 for a masked-out
+    row with ``ZERO_EXCLUDED``, else nothing for it."""
     out = tl.where(keep, g * scale, 0.0)
-    tl.store(g_ptr + offs, out.to(g_ptr.dtype.element_ty), mask=valid)
+    if not ZERO_EXCLUDED:
+        keep_tile = (tl.zeros(offs.shape, dtype=tl.int32) + keep.to(tl.int32)) != 0
+        if valid is None:
+            valid = keep_tile
+        else:
+            valid = valid & keep_tile
+    if ROUND_BF16 and g_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(g_ptr + offs, _round_bf16(out), mask=valid)
+    else:
+        tl.store(g_ptr + offs, out.to(g_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -110,23 +218,44 @@ def _tile(BLOCK: tl.constexpr, VEC: tl.constexpr):
     return tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
 
 
+@triton.jit
+def _term_coefficients(G, S, sigma, s, c, eps_a, dof_a, v_f, a_full, STANDARDIZE: tl.constexpr):
+    """(a, b, a_mean) of ``a g - b dev - a_mean`` (row_math.h, term_coefficients): a = a_full c / s;
+    the standardization terms from G = sum g and S = sum g dev; V = 2 in closed form."""
+    a = a_full * c / s
+    if STANDARDIZE:
+        two = (v_f == 2.0) & (sigma > 0.0)
+        b_general = tl.where(sigma > 0.0, a * S / (dof_a * sigma * s), 0.0)
+        b_two = -a * (S / (dof_a * sigma * sigma)) * (eps_a * c / s)
+        b = tl.where(two, b_two, b_general)
+        a_mean = tl.where(two, 0.0, a * (G / v_f))
+        a = tl.where(two, 0.0, a)
+    else:
+        b = a * 0.0
+        a_mean = b
+    return a, b, a_mean
+
+
 # ------------------------------------------------------------------------------------------------
 # Register path: V <= BLOCK, the whole row pair lives in registers.
 #
 # Math: the module docstring; the statistics are two-pass (mean, then M2 of the deviations) over the
-# registers. The two maxima share one cross-warp reduction (order-free); every sum is its own
-# tl.sum, a pairwise tree on the GPU and under the interpreter alike (a joined multi-value sum
-# would save barrier rounds on the GPU but sums sequentially under the interpreter).
+# registers, after the maxima and minima that give the magnitude scale. The gradients are evaluated
+# from the per-element terms (g = q - p, p (log p - log q - KL)) with the chain rule through the
+# mean and the std applied to the same rounded g (row_math.h, term_coefficients), as the C++
+# kernels do; the Bregman form of the loss costs no memory traffic here and is selected where the
+# partition-sum form cancels.
 # Memory per element: reads x and y once, writes each requested gradient once; in bf16 with the
 # student gradient that is 6 bytes per element, the floor of the fused op.
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def kd_register_kernel(
     x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr,
-    V, v_runs, runs_x, runs_y,
+    V, v_runs, runs_x, runs_y, scale_stride,
     tau_s: tl.float64, tau_t: tl.float64, eps: tl.float64, dof: tl.float64, v_float: tl.float64,
     BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
-    GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr,
+    GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     """Loss (and gradients) of one row with V <= BLOCK: one read of x and y, one write per gradient."""
     row = tl.program_id(0)
@@ -137,6 +266,7 @@ def kd_register_kernel(
     y_row = y_ptr + row64 * runs_y * VEC
     ts = _scalar(tau_s, ACC64)
     tt = _scalar(tau_t, ACC64)
+    v_f = _scalar(v_float, ACC64)
 
     offs = _tile(BLOCK, VEC)
     valid = offs < V
@@ -144,32 +274,41 @@ def kd_register_kernel(
     x0_raw = tl.load(x_row, mask=keep, other=0.0)
     y0_raw = tl.load(y_row, mask=keep, other=0.0)
     x = _to_acc(tl.load(x_row + offs, mask=ld, other=x0_raw), ACC64)
-    y = _to_acc(tl.load(y_row + offs, mask=ld, other=y0_raw), ACC64)
+    y = _to_acc(tl.load(y_row + offs, mask=ld, other=y0_raw), ACC64)  # lanes past V: x[0], y[0]
 
+    dof_a = _scalar(dof, ACC64)
+    eps_a = _scalar(eps, ACC64)
+    one = _scalar(1.0, ACC64)
     if STANDARDIZE:
-        dof_a = _scalar(dof, ACC64)
-        eps_a = _scalar(eps, ACC64)
-        v_f = _scalar(v_float, ACC64)
-        xs = x - _to_acc(x0_raw, ACC64)
-        ys = y - _to_acc(y0_raw, ACC64)
-        sx = _total(xs)
-        sy = _total(ys)
-        mx, my = _max2(tl.max(xs, axis=1), tl.max(ys, axis=1))
-        mean_x = sx / v_f
-        mean_y = sy / v_f
+        mx, my = _max2(tl.max(x, axis=1), tl.max(y, axis=1))
+        nx, ny = _min2(tl.min(x, axis=1), tl.min(y, axis=1))
+        cx = _magnitude_scale(mx, nx, ACC64)
+        cy = _magnitude_scale(my, ny, ACC64)
+        xs = x * cx - _to_acc(x0_raw, ACC64) * cx
+        ys = y * cy - _to_acc(y0_raw, ACC64) * cy
+        mean_x = _total(xs) / v_f
+        mean_y = _total(ys) / v_f
         dx = tl.where(valid, xs - mean_x, 0.0)
         dy = tl.where(valid, ys - mean_y, 0.0)
-        m2x = _total(dx * dx)
-        m2y = _total(dy * dy)
-        sigma_x = _sqrt(m2x / dof_a, ACC64)
-        sigma_y = _sqrt(m2y / dof_a, ACC64)
-        inv_sx = 1.0 / (sigma_x + eps_a)
-        inv_sy = 1.0 / (sigma_y + eps_a)
+        sigma_x = _sqrt(_total(dx * dx) / dof_a, ACC64)
+        sigma_y = _sqrt(_total(dy * dy) / dof_a, ACC64)
+        s_x = sigma_x + eps_a * cx
+        s_y = sigma_y + eps_a * cy
+        inv_sx = 1.0 / s_x
+        inv_sy = 1.0 / s_y
         u = dx * inv_sx
         w = dy * inv_sy
-        u_max = (mx - mean_x) * inv_sx
-        w_max = (my - mean_y) * inv_sy
+        u_max = (mx * cx - _to_acc(x0_raw, ACC64) * cx - mean_x) * inv_sx
+        w_max = (my * cy - _to_acc(y0_raw, ACC64) * cy - mean_y) * inv_sy
     else:
+        cx = one
+        cy = one
+        sigma_x = one
+        sigma_y = one
+        s_x = one
+        s_y = one
+        dx = tl.zeros(x.shape, dtype=x.dtype)  # no standardization term: a -inf logit must not give 0 * inf
+        dy = dx
         u = x
         w = y
         u_max, w_max = _max2(tl.max(x, axis=1), tl.max(y, axis=1))
@@ -178,41 +317,45 @@ def kd_register_kernel(
     db = (w - w_max) * (LOG2E / tt)
     ea = tl.where(valid, tl.exp2(da), 0.0)
     eb = tl.where(valid, tl.exp2(db), 0.0)
-    eh = eb * (tl.where(eb > 0.0, db, 0.0) - da)
+    delta = tl.where(eb > 0.0, db, 0.0) - da  # a class with p = 0 counts 0 (0 * -inf would be NaN)
+    eh = eb * delta
     za = _total(ea)
     zb = _total(eb)
     t2 = _total(eh)
     r_za = 1.0 / za
     r_zb = 1.0 / zb
-    loss = ts * ts * (LN2 * (t2 * r_zb + tl.log2(za * r_zb)))
-    tl.store(rows_ptr + row, tl.where(keep, loss, 0.0))
+    kl, refine, neg_lz = _kl_parts(za, zb, t2, _total(tl.abs(eh)))
+    kl = tl.where(refine, _total(_bregman_terms(ea, eb, delta, r_za, r_zb, neg_lz)), kl)
+    tl.store(rows_ptr + row, tl.where(keep, ts * ts * kl, 0.0))
 
     if GRAD_S or GRAD_T:
-        scale = _to_acc(tl.load(scale_ptr), ACC64)
+        scale = _to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
         out_offs = row64 * v_runs * VEC + offs
         p = eb * r_zb
-        gu = ts * (ea * r_za - p)
-        gw = (ts * ts / tt * LN2) * p * (db - da - t2 * r_zb)
         if GRAD_S:
-            if STANDARDIZE:
-                s_u = _total(gu * u)
-                gu = gu * inv_sx - u * tl.where(sigma_x > 0.0, s_u / (dof_a * sigma_x), 0.0)
-            _store_grad(gx_ptr, out_offs, valid, gu, scale, keep)
+            g = ea * r_za - p
+            a, b, a_mean = _term_coefficients(_total(g), _total(g * dx), sigma_x, s_x, cx, eps_a, dof_a, v_f,
+                                              scale * ts, STANDARDIZE)
+            _store_grad(gx_ptr, out_offs, valid, a * g - b * dx - a_mean, one, keep, ZERO_EXCLUDED, ROUND_BF16)
         if GRAD_T:
-            if STANDARDIZE:
-                s_w = _total(gw * w)
-                gw = gw * inv_sy - w * tl.where(sigma_y > 0.0, s_w / (dof_a * sigma_y), 0.0)
-            _store_grad(gy_ptr, out_offs, valid, gw, scale, keep)
+            g = tl.where(eb > 0.0, p * (delta * LN2 - LN2 * (t2 * r_zb)), 0.0)
+            a, b, a_mean = _term_coefficients(_total(g), _total(g * dy), sigma_y, s_y, cy, eps_a, dof_a, v_f,
+                                              scale * ts * ts / tt, STANDARDIZE)
+            _store_grad(gy_ptr, out_offs, valid, a * g - b * dy - a_mean, one, keep, ZERO_EXCLUDED, ROUND_BF16)
 
 
 # ------------------------------------------------------------------------------------------------
 # Blocked path: any V, three passes over BLOCK-wide tiles.
 #
-# Pass 1 (forward): per-lane Welford (mean, M2) and max over the tiles, merged across lanes at the
-#   end (mean first, then M2 plus the spread of the lane means around it).
+# Pass 1 (forward): per-lane Welford (mean, M2), max and min over the tiles, merged across lanes at
+#   the end (mean first, then M2 plus the spread of the lane means around it); a row whose
+#   magnitude is outside the unscaled range (rare) takes pass 1 again on c x.
 # Pass 2 (backward, so that the tiles pass 1 read last are re-read first, while still in L2):
-#   Z_a, Z_b, T and the sums the gradients need (sum ea*u, eb*u, eb*w, eb*h*w), accumulated per run.
-# Pass 3 (forward): recompute q and p, write the gradients. Skipped when no gradient is requested.
+#   Z_a, Z_b, T, sum eb |db - da| and the sums the gradients need (sum ea*u, eb*u, eb*w, eb*h*w),
+#   accumulated per run.
+# Pass 3 (forward): recompute q and p, write the gradients, and accumulate the Bregman form of the
+#   loss (used where the partition-sum form cancels). Without gradients, only the rows whose loss
+#   needs the Bregman form take a pass 3 (reading x and y, writing nothing).
 # The V // BLOCK full tiles are loaded under a mask that is uniform over each tile (only the row's
 # mask flag), so the loads are 16-byte vectors whatever V is, and need no per-class selects; the
 # partial last tile, if any, is handled apart with per-class masks. Pass 2's accumulators hold one
@@ -222,7 +365,7 @@ def kd_register_kernel(
 # Memory per element: passes 1 and 2 read x and y, pass 3 reads them again and writes each requested
 #   gradient. In bf16 with the student gradient: 14 bytes per element issued, 6 of them the floor; the
 #   8 bytes of re-reads come from L2 when the rows in flight fit in it (V up to ~32k on H100), partly
-#   otherwise. Without a gradient: 8 bytes per element.
+#   otherwise. Without a gradient: 8 bytes per element (12 for rows that need the Bregman form).
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _load_tile(x_row, y_row, offs, lim, x0_raw, y0_raw):
@@ -233,11 +376,10 @@ def _load_tile(x_row, y_row, offs, lim, x0_raw, y0_raw):
 
 
 @triton.jit
-def _welford_tile(xs, ys, m, r, mean_x, m2_x, max_x, mean_y, m2_y, max_y, MASKED: tl.constexpr):
+def _welford_tile(xs, ys, m, r, mean_x, m2_x, mean_y, m2_y, MASKED: tl.constexpr):
     """Pass 1 on one tile of shifted values: each lane's Welford update with weight r = 1 / count.
 
-    Lanes past V (MASKED tiles only, ``m`` false there; ``m`` is None for full tiles) hold xs = 0,
-    neutral for the max, and skip the update.
+    Lanes past V (MASKED tiles only, ``m`` false there; ``m`` is None for full tiles) skip the update.
     """
     dx = xs - mean_x
     dy = ys - mean_y
@@ -253,7 +395,7 @@ def _welford_tile(xs, ys, m, r, mean_x, m2_x, max_x, mean_y, m2_y, max_y, MASKED
         m2_y = m2_y + dy * (ys - new_y)
         mean_x = new_x
         mean_y = new_y
-    return mean_x, m2_x, tl.maximum(max_x, xs), mean_y, m2_y, tl.maximum(max_y, ys)
+    return mean_x, m2_x, mean_y, m2_y
 
 
 @triton.jit
@@ -266,81 +408,94 @@ def _lane_merge(n_l, mean_l, m2_l):
 
 
 @triton.jit
-def _row_stats(x_row, y_row, x0_raw, y0_raw, V, v_load, v_full, offs0, BLOCK: tl.constexpr,
+def _row_stats(x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0, BLOCK: tl.constexpr,
                STANDARDIZE: tl.constexpr, ACC64: tl.constexpr):
-    """Pass 1: (mean, M2, max) of x - x0 and of y - y0 (unstandardized: mean = M2 = 0, max of x, y).
+    """Pass 1: (mean, M2, max, min) of c x - c x0 and of c y - c y0 (max and min of c x, c y);
+    unstandardized: mean = M2 = 0, max and min of x and y.
 
-    Without standardization the shift is 0 and only the maxima are kept (lanes past V hold x[0],
-    neutral for the max).
+    Lanes past V hold x[0], neutral for the max and min (and 0 after the shift, neutral for sums).
+    ``num_full`` is 0 for a masked-out row (no loads).
     """
-    num_full = V // BLOCK
-    if STANDARDIZE:
-        x0 = _to_acc(x0_raw, ACC64)
-        y0 = _to_acc(y0_raw, ACC64)
-    else:
-        x0 = _scalar(0.0, ACC64)
-        y0 = x0
+    v_full = num_full * BLOCK
     zero = _to_acc(tl.zeros(offs0.shape, dtype=tl.float32), ACC64)
+    if STANDARDIZE:
+        x0 = _to_acc(x0_raw, ACC64) * cx
+        y0 = _to_acc(y0_raw, ACC64) * cy
+    else:
+        x0 = tl.sum(tl.sum(zero, axis=1), axis=0)
+        y0 = x0
     mean_x = zero
     m2_x = zero
     mean_y = zero
     m2_y = zero
     max_x = zero + float("-inf")
     max_y = max_x
+    min_x = zero + float("inf")
+    min_y = min_x
     one = _scalar(1.0, ACC64)
     x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw)
     for blk in range(0, num_full):
-        xs = _to_acc(x_next, ACC64) - x0
-        ys = _to_acc(y_next, ACC64) - y0
+        xc = _to_acc(x_next, ACC64) * cx
+        yc = _to_acc(y_next, ACC64) * cy
         # prefetch the next full tile (none after the last: masked, no traffic) before this one's math
         x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, v_full, x0_raw, y0_raw)
+        max_x = tl.maximum(max_x, xc)
+        max_y = tl.maximum(max_y, yc)
+        min_x = tl.minimum(min_x, xc)
+        min_y = tl.minimum(min_y, yc)
         if STANDARDIZE:
-            mean_x, m2_x, max_x, mean_y, m2_y, max_y = _welford_tile(
-                xs, ys, None, 1.0 / (one + blk), mean_x, m2_x, max_x, mean_y, m2_y, max_y, False)
-        else:
-            max_x = tl.maximum(max_x, xs)
-            max_y = tl.maximum(max_y, ys)
+            mean_x, m2_x, mean_y, m2_y = _welford_tile(xc - x0, yc - y0, None, 1.0 / (one + blk),
+                                                       mean_x, m2_x, mean_y, m2_y, False)
     if num_full * BLOCK < V:
         offs = num_full * BLOCK + offs0
         x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
-        xs = _to_acc(x, ACC64) - x0
-        ys = _to_acc(y, ACC64) - y0
+        xc = _to_acc(x, ACC64) * cx
+        yc = _to_acc(y, ACC64) * cy
+        max_x = tl.maximum(max_x, xc)
+        max_y = tl.maximum(max_y, yc)
+        min_x = tl.minimum(min_x, xc)
+        min_y = tl.minimum(min_y, yc)
         if STANDARDIZE:
-            mean_x, m2_x, max_x, mean_y, m2_y, max_y = _welford_tile(
-                xs, ys, offs < V, 1.0 / (one + num_full), mean_x, m2_x, max_x, mean_y, m2_y, max_y, True)
-        else:
-            max_x = tl.maximum(max_x, xs)
-            max_y = tl.maximum(max_y, ys)
+            mean_x, m2_x, mean_y, m2_y = _welford_tile(xc - x0, yc - y0, offs < V, 1.0 / (one + num_full),
+                                                       mean_x, m2_x, mean_y, m2_y, True)
     max_x, max_y = _max2(tl.max(max_x, axis=1), tl.max(max_y, axis=1))
+    min_x, min_y = _min2(tl.min(min_x, axis=1), tl.min(min_y, axis=1))
     if STANDARDIZE:
         # every lane saw the full tiles, and the partial last tile where it lies inside the row
         n_l = _to_acc(num_full + (offs0 + num_full * BLOCK < V).to(tl.int32), ACC64)
         mean_x, m2_x = _lane_merge(n_l, mean_x, m2_x)
         mean_y, m2_y = _lane_merge(n_l, mean_y, m2_y)
     else:
-        mean_x = tl.sum(tl.sum(zero, axis=1), axis=0)
-        m2_x = mean_x
-        mean_y = mean_x
-        m2_y = mean_x
-    return mean_x, m2_x, max_x, mean_y, m2_y, max_y
+        mean_x = x0
+        m2_x = x0
+        mean_y = x0
+        m2_y = x0
+    return mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y
 
 
 @triton.jit
-def _sums_tile(x, y, m, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
-               za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r,
+def _std_args(x, y, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+              STANDARDIZE: tl.constexpr):
+    """(u, w, da, db) of a tile: the standardized logits and the log2-unit exponents."""
+    if STANDARDIZE:
+        u = ((x * cx - x0) - mean_x) * inv_sx
+        w = ((y * cy - y0) - mean_y) * inv_sy
+    else:
+        u = x
+        w = y
+    return u, w, (u - u_max) * ca, (w - w_max) * cb
+
+
+@triton.jit
+def _sums_tile(x, y, m, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+               za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r,
                STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, MASKED: tl.constexpr):
     """Pass 2 on one tile: add its partition sums (and the gradient sums) to the per-run accumulators.
 
     ``m`` (lanes inside the row) is used by MASKED tiles only; full tiles pass None.
     """
-    if STANDARDIZE:
-        u = ((x - x0) - mean_x) * inv_sx
-        w = ((y - y0) - mean_y) * inv_sy
-    else:
-        u = x
-        w = y
-    da = (u - u_max) * ca
-    db = (w - w_max) * cb
+    u, w, da, db = _std_args(x, y, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+                             STANDARDIZE)
     ea = tl.exp2(da)
     eb = tl.exp2(db)
     if MASKED:
@@ -350,6 +505,7 @@ def _sums_tile(x, y, m, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca
     za_r += tl.sum(ea, axis=1)
     zb_r += tl.sum(eb, axis=1)
     t2_r += tl.sum(eh, axis=1)
+    tabs_r += tl.sum(tl.abs(eh), axis=1)
     if STANDARDIZE:
         if GRAD_S:
             sau_r += tl.sum(ea * u, axis=1)
@@ -357,45 +513,65 @@ def _sums_tile(x, y, m, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca
         if GRAD_T:
             sbw_r += tl.sum(eb * w, axis=1)
             tbw_r += tl.sum(eh * w, axis=1)
-    return za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r
+    return za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r
 
 
 @triton.jit
-def _grad_tile(x, y, m, out_offs, gx_ptr, gy_ptr, scale, keep, x0, y0, mean_x, mean_y, inv_sx, inv_sy,
-               u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y,
-               STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr):
-    """Pass 3 on one tile: write ``scale * dL/dx`` and/or ``scale * dL/dy`` (t2n = T / Z_b).
+def _grad_tile(x, y, m, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, x0, y0, cx, cy, mean_x, mean_y,
+               inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r,
+               STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+               ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Pass 3 on one tile: write ``scale * dL/dx`` and/or ``scale * dL/dy`` (t2n = T / Z_b), and add
+    the tile's Bregman terms of the loss to ``br_r``.
 
     ``m`` masks the stores of the partial tile; full tiles pass None (unmasked vector stores).
     """
-    if STANDARDIZE:
-        u = ((x - x0) - mean_x) * inv_sx
-        w = ((y - y0) - mean_y) * inv_sy
-    else:
-        u = x
-        w = y
-    da = (u - u_max) * ca
-    db = (w - w_max) * cb
-    p = tl.exp2(db) * r_zb
+    u, w, da, db = _std_args(x, y, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+                             STANDARDIZE)
+    ea = tl.exp2(da)
+    eb = tl.exp2(db)
+    if m is not None:
+        ea = tl.where(m, ea, 0.0)
+        eb = tl.where(m, eb, 0.0)
+    delta = tl.where(eb > 0.0, db, 0.0) - da
+    br_r += tl.sum(_bregman_terms(ea, eb, delta, r_za, r_zb, neg_lz), axis=1)
+    p = eb * r_zb
     if GRAD_S:
-        g = ts * (tl.exp2(da) * r_za - p)
+        g = ts * (ea * r_za - p)
         if STANDARDIZE:
             g = g * inv_sx - u * coef_x
-        _store_grad(gx_ptr, out_offs, m, g, scale, keep)
+        _store_grad(gx_ptr, out_offs, m, g, scale_x, keep, ZERO_EXCLUDED, ROUND_BF16)
     if GRAD_T:
-        g = kt * p * (db - da - t2n)
+        g = tl.where(eb > 0.0, kt * p * (delta - t2n), 0.0)
         if STANDARDIZE:
             g = g * inv_sy - w * coef_y
-        _store_grad(gy_ptr, out_offs, m, g, scale, keep)
+        _store_grad(gy_ptr, out_offs, m, g, scale_y, keep, ZERO_EXCLUDED, ROUND_BF16)
+    return br_r
+
+
+@triton.jit
+def _bregman_tile(x, y, m, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb,
+                  neg_lz, br_r, STANDARDIZE: tl.constexpr):
+    """The Bregman terms of one tile (the loss-only pass 3 of rows whose loss needs them)."""
+    u, w, da, db = _std_args(x, y, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+                             STANDARDIZE)
+    ea = tl.exp2(da)
+    eb = tl.exp2(db)
+    if m is not None:
+        ea = tl.where(m, ea, 0.0)
+        eb = tl.where(m, eb, 0.0)
+    delta = tl.where(eb > 0.0, db, 0.0) - da
+    return br_r + tl.sum(_bregman_terms(ea, eb, delta, r_za, r_zb, neg_lz), axis=1)
 
 
 @triton.jit
 def kd_blocked_kernel(
     x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr,
-    V, v_runs, runs_x, runs_y,
+    V, v_runs, runs_x, runs_y, scale_stride,
     tau_s: tl.float64, tau_t: tl.float64, eps: tl.float64, dof: tl.float64, v_float: tl.float64,
     BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
-    GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr,
+    GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     """Loss (and gradients) of one row of any length: three passes over BLOCK-wide tiles."""
     row = tl.program_id(0)
@@ -408,44 +584,54 @@ def kd_blocked_kernel(
     tt = _scalar(tau_t, ACC64)
     ca = LOG2E / ts
     cb = LOG2E / tt
+    one = _scalar(1.0, ACC64)
     offs0 = _tile(BLOCK, VEC)
-    num_full = V // BLOCK
-    has_tail = num_full * BLOCK < V
     keep_i = keep.to(tl.int32)
-    # load limits, 0 for a masked-out row: V for the partial tile; for the full tiles a multiple of
-    # BLOCK, so that their mask is uniform over each 16-byte vector (vectorized loads)
+    # A masked-out row runs no loop of passes 1 and 2 (and no pass 3 when it writes nothing): its
+    # full-tile count is 0. Load limits are 0 for it: V for the partial tile; for the full tiles a
+    # multiple of BLOCK, so that their mask is uniform over each 16-byte vector (vectorized loads).
+    num_full = (V // BLOCK) * keep_i
+    has_tail = (num_full * BLOCK < V) & keep
     v_load = V * keep_i
-    v_full = num_full * BLOCK * keep_i
+    v_full = num_full * BLOCK
     x0_raw = tl.load(x_row, mask=keep, other=0.0)
     y0_raw = tl.load(y_row, mask=keep, other=0.0)
 
-    # Pass 1: statistics and maxima.
-    mean_x, m2_x, max_x, mean_y, m2_y, max_y = _row_stats(x_row, y_row, x0_raw, y0_raw, V, v_load, v_full,
-                                                          offs0, BLOCK, STANDARDIZE, ACC64)
+    # Pass 1: statistics, maxima and minima (again on c x, c y for a row of extreme magnitude).
+    mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y = _row_stats(
+        x_row, y_row, x0_raw, y0_raw, one, one, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64)
+    cx = one
+    cy = one
     if STANDARDIZE:
+        cx = _magnitude_scale(max_x, min_x, ACC64)
+        cy = _magnitude_scale(max_y, min_y, ACC64)
+        if (cx != 1.0) | (cy != 1.0):
+            mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y = _row_stats(
+                x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64)
         dof_a = _scalar(dof, ACC64)
         eps_a = _scalar(eps, ACC64)
-        x0 = _to_acc(x0_raw, ACC64)
-        y0 = _to_acc(y0_raw, ACC64)
+        x0 = _to_acc(x0_raw, ACC64) * cx
+        y0 = _to_acc(y0_raw, ACC64) * cy
         sigma_x = _sqrt(m2_x / dof_a, ACC64)
         sigma_y = _sqrt(m2_y / dof_a, ACC64)
-        inv_sx = 1.0 / (sigma_x + eps_a)
-        inv_sy = 1.0 / (sigma_y + eps_a)
+        inv_sx = 1.0 / (sigma_x + eps_a * cx)
+        inv_sy = 1.0 / (sigma_y + eps_a * cy)
     else:
         x0 = mean_x
         y0 = mean_x
         sigma_x = mean_x
         sigma_y = mean_x
-        inv_sx = mean_x + 1.0
-        inv_sy = inv_sx
-    u_max = (max_x - mean_x) * inv_sx
-    w_max = (max_y - mean_y) * inv_sy
+        inv_sx = one
+        inv_sy = one
+    u_max = (max_x - x0 - mean_x) * inv_sx
+    w_max = (max_y - y0 - mean_y) * inv_sy
 
     # Pass 2, last tile first: the partial tile, then the full tiles backwards.
     zero = _to_acc(tl.zeros([BLOCK // VEC], dtype=tl.float32), ACC64)
     za_r = zero
     zb_r = zero
     t2_r = zero
+    tabs_r = zero
     sau_r = zero
     sbu_r = zero
     sbw_r = zero
@@ -453,9 +639,10 @@ def kd_blocked_kernel(
     if has_tail:
         offs = num_full * BLOCK + offs0
         x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
-        za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
-            _to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max,
-            w_max, ca, cb, za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, True)
+        za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
+            _to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
+            u_max, w_max, ca, cb, za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S,
+            GRAD_T, True)
     x_next, y_next = _load_tile(x_row, y_row, tl.maximum(num_full - 1, 0) * BLOCK + offs0, v_full,
                                 x0_raw, y0_raw)
     for i in range(0, num_full):
@@ -465,20 +652,28 @@ def kd_blocked_kernel(
         prev = tl.maximum(num_full - 2 - i, 0) * BLOCK + offs0
         x_next, y_next = _load_tile(x_row, y_row, prev, v_full * (i + 1 < num_full).to(tl.int32),
                                     x0_raw, y0_raw)
-        za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
-            x, y, None, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
-            za_r, zb_r, t2_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, False)
+        za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
+            x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+            za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, False)
     za = tl.sum(za_r, axis=0)
     zb = tl.sum(zb_r, axis=0)
     t2 = tl.sum(t2_r, axis=0)
     r_za = 1.0 / za
     r_zb = 1.0 / zb
-    loss = ts * ts * (LN2 * (t2 * r_zb + tl.log2(za * r_zb)))
-    tl.store(rows_ptr + row, tl.where(keep, loss, 0.0))
+    kl, refine, neg_lz = _kl_parts(za, zb, t2, tl.sum(tabs_r, axis=0))
+    br_r = zero
 
-    # Pass 3: the gradients, full tiles forward, then the partial tile.
+    # Pass 3: the gradients (and the Bregman terms), full tiles forward, then the partial tile; for
+    # the loss alone, only rows whose loss needs the Bregman form.
     if GRAD_S or GRAD_T:
-        scale = _to_acc(tl.load(scale_ptr), ACC64)
+        # a masked-out row: every tile stores zeros (ZERO_EXCLUDED), or there is no tile at all
+        if ZERO_EXCLUDED:
+            num_pass3 = V // BLOCK
+            tail3 = num_pass3 * BLOCK < V
+        else:
+            num_pass3 = num_full
+            tail3 = has_tail
+        scale = _to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
         kt = ts * ts / tt * LN2
         coef_x = sigma_x
         coef_y = sigma_y
@@ -492,20 +687,38 @@ def kd_blocked_kernel(
         t2n = t2 * r_zb
         out_row = row64 * v_runs * VEC
         x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw)
-        for blk in range(0, num_full):
+        for blk in range(0, num_pass3):
             offs = blk * BLOCK + offs0
             x = _to_acc(x_next, ACC64)
             y = _to_acc(y_next, ACC64)
             x_next, y_next = _load_tile(x_row, y_row, offs + BLOCK, v_full, x0_raw, y0_raw)
-            _grad_tile(x, y, None, out_row + offs, gx_ptr, gy_ptr, scale, keep, x0, y0, mean_x, mean_y,
-                       inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y,
-                       STANDARDIZE, GRAD_S, GRAD_T)
-        if has_tail:
+            br_r = _grad_tile(x, y, None, out_row + offs, gx_ptr, gy_ptr, scale * cx, scale * cy, keep, x0, y0,
+                              cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts, kt,
+                              t2n, coef_x, coef_y, neg_lz, br_r, STANDARDIZE, GRAD_S, GRAD_T, ZERO_EXCLUDED,
+                              ROUND_BF16)
+        if tail3:
+            offs = num_pass3 * BLOCK + offs0
+            x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
+            br_r = _grad_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, out_row + offs, gx_ptr, gy_ptr,
+                              scale * cx, scale * cy, keep, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max,
+                              w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r, STANDARDIZE,
+                              GRAD_S, GRAD_T, ZERO_EXCLUDED, ROUND_BF16)
+    else:
+        num_pass3 = num_full * refine.to(tl.int32)
+        x_next, y_next = _load_tile(x_row, y_row, offs0, num_pass3 * BLOCK, x0_raw, y0_raw)
+        for blk in range(0, num_pass3):
+            x = _to_acc(x_next, ACC64)
+            y = _to_acc(y_next, ACC64)
+            x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, num_pass3 * BLOCK, x0_raw, y0_raw)
+            br_r = _bregman_tile(x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
+                                 r_za, r_zb, neg_lz, br_r, STANDARDIZE)
+        if has_tail & refine:
             offs = num_full * BLOCK + offs0
             x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
-            _grad_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, out_row + offs, gx_ptr, gy_ptr, scale,
-                       keep, x0, y0, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts,
-                       kt, t2n, coef_x, coef_y, STANDARDIZE, GRAD_S, GRAD_T)
+            br_r = _bregman_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y,
+                                 inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, neg_lz, br_r, STANDARDIZE)
+    kl = tl.where(refine, tl.sum(br_r, axis=0), kl)
+    tl.store(rows_ptr + row, tl.where(keep, ts * ts * kl, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -513,8 +726,8 @@ def kd_blocked_kernel(
 #
 # Each program owns one BLOCK-wide tile of one row and loads the row's scale first; a scale of
 # exactly 1.0 (the common scalar ``loss.backward()``) returns without touching the gradient.
-# Memory per element: 0 bytes when the scale is 1, else read + write of the gradient (2 * 2 bytes
-# in bf16).
+# Memory per element: 0 bytes when the scale is 1, else read + write of the gradient (2 * 4 bytes
+# in float32; low-precision gradients are recomputed instead, see ops.py).
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def scale_rows_kernel(g_ptr, s_ptr, V, stride_g, stride_s, BLOCK: tl.constexpr, ACC64: tl.constexpr):

@@ -41,6 +41,43 @@ def _check_rows(name: str, t: torch.Tensor) -> None:
                          f"{tuple(t.shape)} and strides {t.stride()}")
 
 
+def _launch(student: torch.Tensor, teacher: torch.Tensor, keep: Optional[torch.Tensor], grad_scale: torch.Tensor,
+            rows: torch.Tensor, gx: Optional[torch.Tensor], gy: Optional[torch.Tensor], tau_s: float, tau_t: float,
+            standardize: bool, correction: int, eps: float, zero_excluded: bool,
+            config: Optional[KernelConfig]) -> None:
+    """One launch of the fused kernel over every row (see ``fused_kd_forward`` for the arguments)."""
+    num_rows, num_classes = student.shape
+    acc64 = torch.float64 in (student.dtype, teacher.dtype)
+    vec = _row_vec(num_classes, student, teacher)
+    full_vectors = vec == vector_width(student.dtype, teacher.dtype)
+    cfg = config if config is not None else kd_config(num_classes, acc64, full_vectors)
+    kernel = kd_register_kernel if cfg.register else kd_blocked_kernel
+    if cfg.register and cfg.block < num_classes:
+        raise ValueError(f"register path needs BLOCK >= V, got BLOCK={cfg.block} for V={num_classes}")
+    vec = min(vec, cfg.block)  # a tile holds at least one run
+    factors = grad_scale.reshape(-1)
+    dof = float(num_classes - correction) if standardize else 1.0
+    # The interpreter (CPU tensors) rounds float32 -> bfloat16 wrongly: the kernels round on the bits.
+    round_bf16 = student.device.type == "cpu" and any(
+        g is not None and g.dtype == torch.bfloat16 for g in (gx, gy))
+    with _device_guard(student):
+        kernel[(num_rows,)](
+            student, teacher, keep if keep is not None else rows, factors, rows,
+            gx if gx is not None else rows, gy if gy is not None else rows,
+            num_classes, num_classes // vec, student.stride(0) // vec, teacher.stride(0) // vec,
+            factors.stride(0) if factors.numel() > 1 else 0,
+            float(tau_s), float(tau_t), float(eps), dof, float(num_classes),
+            BLOCK=cfg.block, VEC=vec, STANDARDIZE=bool(standardize), GRAD_S=gx is not None,
+            GRAD_T=gy is not None, HAS_MASK=keep is not None, ACC64=acc64, ZERO_EXCLUDED=zero_excluded,
+            ROUND_BF16=round_bf16, num_warps=cfg.num_warps,
+        )
+
+
+def _keep(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The mask as the kernels read it: one contiguous byte per row."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
 def fused_kd_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -62,44 +99,60 @@ def fused_kd_forward(
 
         rows = reference._row_kl(student, teacher, tau_s, tau_t, standardize, correction, eps)
         rows = torch.where(mask, rows, 0)                      # masked rows: 0, and no NaN leak
-        grad_student = (grad_scale * d rows.sum() / d student).to(student.dtype)   # same for teacher
+        grad_student = (grad_scale[:, None] * d rows / d student).to(student.dtype)   # same for teacher
 
-    ``config`` overrides the table of ``config.kd_config`` (tests use it to force the blocked path
-    at small V). Returns ``(rows, grad_student, grad_teacher)``; a gradient that is not requested is
-    an empty (0,) tensor.
+    ``grad_scale`` has one element or one per row. ``config`` overrides the table of
+    ``config.kd_config`` (tests use it to force the blocked path at small V). Returns
+    ``(rows, grad_student, grad_teacher)``; a gradient that is not requested is an empty (0,) tensor.
     """
     _check_rows("student", student)
     _check_rows("teacher", teacher)
     num_rows, num_classes = student.shape
-    acc64 = torch.float64 in (student.dtype, teacher.dtype)
-    acc = torch.float64 if acc64 else torch.float32
+    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     rows = torch.empty(num_rows, dtype=acc, device=student.device)
     gx = (torch.empty((num_rows, num_classes), dtype=student.dtype, device=student.device)
           if grad_student else student.new_empty((0,)))
     gy = (torch.empty((num_rows, num_classes), dtype=teacher.dtype, device=teacher.device)
           if grad_teacher else teacher.new_empty((0,)))
-    if num_rows == 0:
-        return rows, gx, gy
-    vec = _row_vec(num_classes, student, teacher)
-    full_vectors = vec == vector_width(student.dtype, teacher.dtype)
-    cfg = config if config is not None else kd_config(num_classes, acc64, full_vectors)
-    kernel = kd_register_kernel if cfg.register else kd_blocked_kernel
-    if cfg.register and cfg.block < num_classes:
-        raise ValueError(f"register path needs BLOCK >= V, got BLOCK={cfg.block} for V={num_classes}")
-    vec = min(vec, cfg.block)  # a tile holds at least one run
-    keep = mask.view(torch.uint8) if mask is not None else rows
-    dof = float(num_classes - correction) if standardize else 1.0
-    with _device_guard(student):
-        kernel[(num_rows,)](
-            student, teacher, keep, grad_scale, rows,
-            gx if grad_student else rows, gy if grad_teacher else rows,
-            num_classes, num_classes // vec, student.stride(0) // vec, teacher.stride(0) // vec,
-            float(tau_s), float(tau_t), float(eps), dof, float(num_classes),
-            BLOCK=cfg.block, VEC=vec, STANDARDIZE=bool(standardize), GRAD_S=bool(grad_student),
-            GRAD_T=bool(grad_teacher), HAS_MASK=mask is not None, ACC64=acc64,
-            num_warps=cfg.num_warps,
-        )
+    if num_rows > 0:
+        _launch(student, teacher, _keep(mask), grad_scale, rows, gx if grad_student else None,
+                gy if grad_teacher else None, tau_s, tau_t, standardize, correction, eps, True, config)
     return rows, gx, gy
+
+
+def fused_kd_regrad_(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    grad_scale: torch.Tensor,
+    tau_s: float,
+    tau_t: float,
+    standardize: bool,
+    correction: int,
+    eps: float,
+    grad_x: torch.Tensor,
+    grad_y: torch.Tensor,
+    *,
+    config: Optional[KernelConfig] = None,
+) -> None:
+    """Recompute, in place, the gradients of the rows where ``active`` is true with their factor
+    ``grad_scale[r]`` (one element or one per row); other rows are not touched and cost no traffic.
+    ``grad_x``/``grad_y``: the (N, V) buffers ``fused_kd_forward`` returned, or empty to leave alone.
+
+    Equivalent eager code::
+
+        _, gx, gy = fused_kd_forward(student, teacher, active, grad_scale, ...)
+        grad_x[active] = gx[active]; grad_y[active] = gy[active]
+    """
+    _check_rows("student", student)
+    _check_rows("teacher", teacher)
+    want_x, want_y = grad_x.numel() > 0, grad_y.numel() > 0
+    if student.shape[0] == 0 or not (want_x or want_y):
+        return
+    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    scratch = torch.empty(student.shape[0], dtype=acc, device=student.device)
+    _launch(student, teacher, _keep(active), grad_scale, scratch, grad_x if want_x else None,
+            grad_y if want_y else None, tau_s, tau_t, standardize, correction, eps, False, config)
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

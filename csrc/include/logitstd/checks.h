@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 #include "logitstd/kd_problem.h"
 
@@ -76,12 +77,34 @@ inline at::ScalarType check_fused_kd_forward(const at::Tensor& student, const at
                       student.device());
   }
   const at::ScalarType acc = accumulation_dtype(student, teacher);
-  TORCH_CHECK_VALUE(grad_scale.numel() == 1, op, ": grad_scale must have exactly one element, got shape ",
-                    grad_scale.sizes());
+  TORCH_CHECK_VALUE(grad_scale.numel() == 1 || (grad_scale.dim() == 1 && grad_scale.size(0) == rows), op,
+                    ": grad_scale must have one element or shape (", rows, ",), got shape ", grad_scale.sizes());
   TORCH_CHECK_TYPE(grad_scale.scalar_type() == acc, op, ": grad_scale must have the accumulation dtype ", acc,
                    " (float64 if an input is float64, else float32), got ", grad_scale.scalar_type());
   TORCH_CHECK_VALUE(grad_scale.device() == student.device(), op, ": grad_scale is on ", grad_scale.device(),
                     " but student is on ", student.device());
+  return acc;
+}
+
+// Checks of logitstd::fused_kd_regrad_ (the inputs as for fused_kd_forward, `active` as its mask,
+// which is required); the gradient buffers are those fused_kd_forward returned, or empty.
+inline at::ScalarType check_fused_kd_regrad(const at::Tensor& student, const at::Tensor& teacher,
+                                            const at::Tensor& active, const at::Tensor& grad_scale, double tau_s,
+                                            double tau_t, bool standardize, int64_t correction, double eps,
+                                            const at::Tensor& grad_x, const at::Tensor& grad_y) {
+  constexpr const char* op = "logitstd::fused_kd_regrad_";
+  const at::ScalarType acc = check_fused_kd_forward(student, teacher, active, grad_scale, tau_s, tau_t,
+                                                    standardize, correction, eps);
+  for (const auto& [name, grad, input] : {std::make_tuple("grad_x", &grad_x, &student),
+                                          std::make_tuple("grad_y", &grad_y, &teacher)}) {
+    if (grad->numel() == 0) continue;
+    TORCH_CHECK_VALUE(grad->sizes() == input->sizes() && grad->is_contiguous(), op, ": ", name,
+                      " must be a contiguous tensor of shape ", input->sizes(), " or empty, got shape ",
+                      grad->sizes(), " and strides ", grad->strides());
+    TORCH_CHECK_TYPE(grad->scalar_type() == input->scalar_type(), op, ": ", name, " must have dtype ",
+                     input->scalar_type(), ", got ", grad->scalar_type());
+    TORCH_CHECK_VALUE(grad->device() == input->device(), op, ": ", name, " is on ", grad->device());
+  }
   return acc;
 }
 
@@ -119,6 +142,7 @@ inline KdProblem make_problem(const at::Tensor& student, const at::Tensor& teach
   p.loss = loss.data_ptr();
   p.grad_x = grad_x.numel() > 0 ? grad_x.data_ptr() : nullptr;
   p.grad_y = grad_y.numel() > 0 ? grad_y.data_ptr() : nullptr;
+  p.grad_scale_stride = 0;
   p.tau_s = tau_s;
   p.tau_t = tau_t;
   p.eps = eps;

@@ -22,8 +22,13 @@ struct KdProblem {
   void* loss = nullptr;    // (rows,) in the accumulation dtype
   void* grad_x = nullptr;  // contiguous (rows, cols) in x_dtype, or nullptr when not requested
   void* grad_y = nullptr;  // contiguous (rows, cols) in y_dtype, or nullptr
-  double grad_scale = 1.0;                // CPU: the value of the (1,) grad_scale tensor
-  const void* grad_scale_ptr = nullptr;   // CUDA: device pointer to it (no host synchronization)
+  // Gradient factors in the accumulation dtype, on the inputs' device (CUDA: read by the kernel, no
+  // host synchronization): row r uses grad_scale[r * grad_scale_stride] (stride 0: one factor).
+  const void* grad_scale = nullptr;
+  int64_t grad_scale_stride = 0;
+  // Forward: rows excluded by the mask get loss 0 and zero gradients. Recomputation of gradients
+  // (fused_kd_regrad_): excluded rows are not touched, and loss is nullptr (not written).
+  bool zero_excluded = true;
   double tau_s = 1.0;
   double tau_t = 1.0;
   double eps = 0.0;

@@ -54,9 +54,24 @@ template <class T> struct Lowest;
 template <> struct Lowest<float> { LOGITSTD_HD static float value() { return -FLT_MAX; } };
 template <> struct Lowest<double> { LOGITSTD_HD static double value() { return -DBL_MAX; } };
 
-// max that propagates NaN (fmaxf would drop it): a NaN logit must make its row NaN.
+// max and min that propagate NaN (fmaxf would drop it): a NaN logit must make its row NaN.
 LOGITSTD_HD float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 LOGITSTD_HD double nan_max(double a, double b) { return (a != a || a > b) ? a : b; }
+LOGITSTD_HD float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
+LOGITSTD_HD double nan_min(double a, double b) { return (a != a || a < b) ? a : b; }
+LOGITSTD_HD float m_abs(float v) { return fabsf(v); }
+LOGITSTD_HD double m_abs(double v) { return fabs(v); }
+#if defined(__CUDA_ARCH__)
+LOGITSTD_HD float m_ldexp(float v, int e) { return ldexpf(v, e); }
+LOGITSTD_HD double m_ldexp(double v, int e) { return ldexp(v, e); }
+LOGITSTD_HD int m_ilogb(float v) { return ilogbf(v); }
+LOGITSTD_HD int m_ilogb(double v) { return ilogb(v); }
+#else
+LOGITSTD_HD float m_ldexp(float v, int e) { return std::ldexp(v, e); }
+LOGITSTD_HD double m_ldexp(double v, int e) { return std::ldexp(v, e); }
+LOGITSTD_HD int m_ilogb(float v) { return std::ilogb(v); }
+LOGITSTD_HD int m_ilogb(double v) { return std::ilogb(v); }
+#endif
 
 // v, or Lowest for v = -inf (NaN stays NaN). Used on delta = sb - sa: where the teacher
 // probability is exactly 0 (b = -inf without standardization) the term e^sb * delta must be 0,
@@ -79,25 +94,28 @@ inline at::vec::Vectorized<T> floor_lowest(const at::vec::Vectorized<T>& v) {
 
 // ---------------------------------------------------------------------------------------------
 // Statistics: Chan's parallel merge of (count, mean, M2) plus the max.
+// The moments are those of c * v - shift, where c is the row's magnitude scale (1 for every row
+// whose largest magnitude lies in MagnitudeRange, see magnitude_scale) and shift = c * v[0].
 template <class T>
 struct Moments {
   T n;     // number of elements (exact up to 2^24 in float; only used as a merge weight)
-  T mean;  // mean of (v - shift)
+  T mean;  // mean of (c v - shift)
   T m2;    // sum of squared deviations from mean
-  T max;   // max of v (not shifted)
+  T max;   // max of c v (not shifted)
+  T min;   // min of c v
 };
 
-// The identity of merge_moments: no elements, max = -inf.
+// The identity of merge_moments: no elements, max = -inf, min = +inf.
 template <class T>
 LOGITSTD_HD Moments<T> empty_moments() {
-  return Moments<T>{T(0), T(0), T(0), -static_cast<T>(INFINITY)};
+  return Moments<T>{T(0), T(0), T(0), -static_cast<T>(INFINITY), static_cast<T>(INFINITY)};
 }
 
 // Chan, Golub & LeVeque: merge two partial moments. Exact for a constant row (both means 0).
 template <class T>
 LOGITSTD_HD Moments<T> merge_moments(const Moments<T>& a, const Moments<T>& b) {
-  if (b.n == T(0)) return Moments<T>{a.n, a.mean, a.m2, nan_max(a.max, b.max)};
-  if (a.n == T(0)) return Moments<T>{b.n, b.mean, b.m2, nan_max(a.max, b.max)};
+  if (b.n == T(0)) return Moments<T>{a.n, a.mean, a.m2, nan_max(a.max, b.max), nan_min(a.min, b.min)};
+  if (a.n == T(0)) return Moments<T>{b.n, b.mean, b.m2, nan_max(a.max, b.max), nan_min(a.min, b.min)};
   const T n = a.n + b.n;
   const T wb = b.n / n;
   const T delta = b.mean - a.mean;
@@ -106,33 +124,73 @@ LOGITSTD_HD Moments<T> merge_moments(const Moments<T>& a, const Moments<T>& b) {
   r.mean = m_fma(delta, wb, a.mean);
   r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
   r.max = nan_max(a.max, b.max);
+  r.min = nan_min(a.min, b.min);
   return r;
 }
 
-// What the rest of the row math needs from the statistics of one input row.
-template <class T>
-struct RowStats {
-  T shift;  // the row's first element: the data are v - shift
-  T mean;   // mean of (v - shift)
-  T sigma;  // sqrt(M2 / (V - correction)); 0 when not standardizing
-  T s;      // sigma + eps; 1 when not standardizing
-  T max;    // max of v
+// Magnitudes R = max |v| of a row whose moments are computed unscaled. Inside [lo, hi] the squared
+// deviations can neither overflow (V (2R)^2 < 2^128 for V < 2^31 needs R < 2^47) nor lose bits to
+// underflow (a nonzero spread of R-sized floats is at least R 2^-23, whose square over V - c stays
+// a normal number for R >= 2^-20). Outside, the row is standardized as c v with c = 2^-ilogb(R):
+// exact (c is a power of two), and the z-score is scale-free (eps is scaled by c too).
+template <class T> struct MagnitudeRange;
+template <> struct MagnitudeRange<float> {
+  LOGITSTD_HD static float lo() { return 0x1p-20f; }
+  LOGITSTD_HD static float hi() { return 0x1p40f; }
+  static constexpr int kMaxExp = 126;  // c stays a normal number
+};
+template <> struct MagnitudeRange<double> {
+  LOGITSTD_HD static double lo() { return 0x1p-400; }
+  LOGITSTD_HD static double hi() { return 0x1p400; }
+  static constexpr int kMaxExp = 1022;
 };
 
+// The magnitude scale c of a row from the max and min of the unscaled row: 1 when max |v| lies in
+// MagnitudeRange (nearly every row: then nothing is recomputed), or is 0 (a zero row) or not finite
+// (a NaN/Inf row keeps its NaN/Inf); otherwise 2^-ilogb(max |v|).
 template <class T>
-LOGITSTD_HD RowStats<T> finalize_moments(const Moments<T>& m, T shift, T dof, T eps, bool standardize) {
+LOGITSTD_HD T magnitude_scale(T max, T min) {
+  const T r = m_abs(max) > m_abs(min) ? m_abs(max) : m_abs(min);
+  if (!(r > T(0)) || !m_isfinite(r) || (r >= MagnitudeRange<T>::lo() && r <= MagnitudeRange<T>::hi())) return T(1);
+  int e = m_ilogb(r);
+  e = e > MagnitudeRange<T>::kMaxExp ? MagnitudeRange<T>::kMaxExp : e;
+  e = e < -MagnitudeRange<T>::kMaxExp ? -MagnitudeRange<T>::kMaxExp : e;
+  return m_ldexp(T(1), -e);
+}
+
+// What the rest of the row math needs from the statistics of one input row (scaled units).
+template <class T>
+struct RowStats {
+  T scale;  // c, the magnitude scale (a power of two; 1 for almost every row)
+  T shift;  // c * (the row's first element): the data are c v - shift
+  T mean;   // mean of (c v - shift)
+  T sigma;  // sqrt(M2 / (V - correction)) of c v; 0 when not standardizing
+  T s;      // sigma + c eps; 1 when not standardizing
+  T max;    // max of c v
+};
+
+// m: the moments of c v - shift (shift = c v[0]); eps is the caller's (unscaled) eps.
+template <class T>
+LOGITSTD_HD RowStats<T> finalize_moments(const Moments<T>& m, T scale, T shift, T dof, T eps, bool standardize) {
   RowStats<T> r;
+  r.scale = scale;
   r.shift = shift;
   r.mean = m.mean;
   r.max = m.max;
   if (standardize) {
     r.sigma = m_sqrt(m.m2 / dof);
-    r.s = r.sigma + eps;
+    r.s = r.sigma + eps * scale;
   } else {
     r.sigma = T(0);
     r.s = T(1);
   }
   return r;
+}
+
+// c v - shift - mean: the centered (scaled) logit; exact up to the final rounding (c v is exact).
+template <class V, class T>
+LOGITSTD_HD V centered(V v, const RowStats<T>& st) {
+  return (v * V(st.scale) - V(st.shift)) - V(st.mean);
 }
 
 // A row is computed by the fast path when every logit is finite; the kernels use this to choose
@@ -142,12 +200,17 @@ LOGITSTD_HD bool row_is_finite(const Moments<T>& m) {
   return m_isfinite(m.mean) && m_isfinite(m.max);
 }
 
+template <class T>
+LOGITSTD_HD bool row_is_finite(const RowStats<T>& st) {
+  return m_isfinite(st.mean) && m_isfinite(st.max);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Exponent arguments: sa = (x - max x) * xa, sb = (y - max y) * ya, in units of `unit`
 // (e^(unit * sa) = e^(a - max a)).
 template <class T>
 struct ExpPlan {
-  T x_max, xa, y_max, ya;
+  T x_max, xa, x_scale, y_max, ya, y_scale;
 };
 
 // a = (x - mean) / (s_x tau_s) and max a = (max x - mean) / (s_x tau_s) (standardization is
@@ -155,35 +218,41 @@ struct ExpPlan {
 // exact, so rows such as 1000 + 0.01 * randn lose nothing (x * xa - max x * xa would, without a
 // fused multiply-add). s = 0 (a constant row with eps = 0) gives xa = inf and 0 * inf = NaN
 // exponents, as in the reference; a constant row with eps > 0 gives exponents of exactly 0.
+// In scaled units (RowStats): sa = (c x - max(c x)) * xa, with c x exact.
 template <class T>
 LOGITSTD_HD ExpPlan<T> make_exp_plan(const RowStats<T>& x, const RowStats<T>& y, T tau_s, T tau_t, T inv_unit) {
   ExpPlan<T> p;
   p.x_max = x.max;
   p.xa = inv_unit / (x.s * tau_s);
+  p.x_scale = x.scale;
   p.y_max = y.max;
   p.ya = inv_unit / (y.s * tau_t);
+  p.y_scale = y.scale;
   return p;
 }
 
+// (c v - max(c v)) * scale; v - max may overflow to -inf only where the exponential is 0 anyway.
 template <class V>
-LOGITSTD_HD V exp_arg(V v, V v_max, V scale) { return (v - v_max) * scale; }
+LOGITSTD_HD V exp_arg(V v, V v_max, V scale, V c) { return (v * c - v_max) * scale; }
 
 // delta = sb - sa with -inf clamped (see floor_lowest); its weighted sum gives the KL.
 template <class V>
 LOGITSTD_HD V kl_delta(V sa, V sb) { return floor_lowest(sb - sa); }
 
 // Sums over the row (or a block of it; blocks add) that the exp pass accumulates.
+// tabs = sum e^sb |delta| measures the size of the terms whose cancellation the KL is
+// (kl_needs_refinement).
 template <class T>
 struct RowSums {
-  T za, zb, t, saa, sab, sbb, sbd;
+  T za, zb, t, tabs, saa, sab, sbb, sbd;
 };
 
 template <class T>
-LOGITSTD_HD RowSums<T> zero_sums() { return RowSums<T>{T(0), T(0), T(0), T(0), T(0), T(0), T(0)}; }
+LOGITSTD_HD RowSums<T> zero_sums() { return RowSums<T>{T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)}; }
 
 template <class T>
 LOGITSTD_HD RowSums<T> add_sums(const RowSums<T>& a, const RowSums<T>& b) {
-  return RowSums<T>{a.za + b.za, a.zb + b.zb, a.t + b.t, a.saa + b.saa,
+  return RowSums<T>{a.za + b.za, a.zb + b.zb, a.t + b.t, a.tabs + b.tabs, a.saa + b.saa,
                     a.sab + b.sab, a.sbb + b.sbb, a.sbd + b.sbd};
 }
 
@@ -238,12 +307,15 @@ LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>&
   r.loss = row_loss(sums, tau_s, unit);
 
   // Student: S = sum g_u u = tau_s^2 (E_q[a] - E_p[a]) (g_u sums to 0, so any shift of a cancels).
+  // d/dx = c d/d(c x): the magnitude scale enters every coefficient once.
   const T sx_s = sx.s;
-  r.gx.alpha_a = grad_scale * tau_s * inv_za / sx_s;
-  r.gx.alpha_b = grad_scale * tau_s * inv_zb / sx_s;
+  const T gsx = grad_scale * sx.scale;
+  const T gsy = grad_scale * sy.scale;
+  r.gx.alpha_a = gsx * tau_s * inv_za / sx_s;
+  r.gx.alpha_b = gsx * tau_s * inv_zb / sx_s;
   if (standardize) {
     const T S = tau2 * unit * (sums.saa * inv_za - sums.sab * inv_zb);
-    r.gx.beta = grad_scale * std_coefficient(S, sx, dof) / (sx_s * sx_s);
+    r.gx.beta = gsx * std_coefficient(S, sx, dof) / (sx_s * sx_s);
     r.gx.beta_m = r.gx.beta * sx.mean;
   } else {  // no standardization term (the kernels pass xk = 0: a -inf logit must not give 0 * inf)
     r.gx.beta = T(0);
@@ -252,12 +324,12 @@ LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>&
 
   // Teacher: g_w = tau_s^2 p (delta - KL_cross) / tau_t, S = tau_s^2 Cov_p(delta, b).
   const T sy_s = sy.s;
-  r.gy.gamma = grad_scale * tau2 * inv_zb / (tau_t * sy_s);
+  r.gy.gamma = gsy * tau2 * inv_zb / (tau_t * sy_s);
   r.gy.unit = unit;
   r.gy.kl_cross = kl_cross;
   if (standardize) {
     const T S = tau2 * unit * (unit * sums.sbd * inv_zb - kl_cross * sums.sbb * inv_zb);
-    r.gy.beta = grad_scale * std_coefficient(S, sy, dof) / (sy_s * sy_s);
+    r.gy.beta = gsy * std_coefficient(S, sy, dof) / (sy_s * sy_s);
     r.gy.beta_m = r.gy.beta * sy.mean;
   } else {
     r.gy.beta = T(0);
@@ -267,7 +339,7 @@ LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>&
 }
 
 // Per-element gradients; V is a scalar (float, double) or a vector type with m_fma overloads.
-// xk = x - shift_x when standardizing, else 0; ea = e^sa, eb = e^sb (all in the accumulation type).
+// xk = c x - shift_x when standardizing, else 0; ea = e^sa, eb = e^sb (all in the accumulation type).
 template <class V>
 LOGITSTD_HD V grad_student_elem(V ea, V eb, V xk, V alpha_a, V neg_alpha_b, V neg_beta, V beta_m) {
   return m_fma(alpha_a, ea, m_fma(neg_alpha_b, eb, m_fma(neg_beta, xk, beta_m)));
@@ -316,12 +388,24 @@ struct TermCoef {
   T a, b, a_mean;
 };
 
+// dev is centered(v, st) (scaled units); the magnitude scale c enters through a.
+//
+// V = 2 is exact in closed form: the centered space is one-dimensional, so g - G/V is exactly
+// dev S / M2 (M2 = (V - c) sigma^2) and the bracket (g - G/V) - dev S sigma / (M2 s) equals
+// dev (S / M2) (s - sigma) / s = dev (S / M2) c eps / s. Evaluated that way no two terms cancel;
+// evaluated as a difference the result (O(eps / s) of the terms) would carry their rounding.
 template <class T>
 LOGITSTD_HD TermCoef<T> term_coefficients(T G, T S, T num_classes, const RowStats<T>& st, T dof, T scale,
-                                          bool standardize) {
+                                          bool standardize, T eps) {
   TermCoef<T> c;
-  c.a = scale / st.s;
+  c.a = scale * st.scale / st.s;
   if (standardize) {
+    if (num_classes == T(2) && st.sigma > T(0)) {
+      c.b = -c.a * (S / (dof * st.sigma * st.sigma)) * (eps * st.scale / st.s);
+      c.a_mean = T(0);
+      c.a = T(0);
+      return c;
+    }
     c.a_mean = c.a * (G / num_classes);
     c.b = st.sigma > T(0) ? c.a * S / (dof * st.sigma * st.s) : T(0);  // 0 for a constant row
   } else {
@@ -334,6 +418,69 @@ LOGITSTD_HD TermCoef<T> term_coefficients(T G, T S, T num_classes, const RowStat
 template <class V>
 LOGITSTD_HD V grad_from_term(V g, V dev, V a, V neg_b, V neg_a_mean) {
   return m_fma(a, g, m_fma(neg_b, dev, neg_a_mean));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loss without cancellation. KL = kl_cross + log(Z_a / Z_b) is computed from terms of size
+// about E_p|delta| (delta = (b - max b) - (a - max a)); at high temperatures, or when the student is
+// close to the teacher, KL is far smaller, and keeps only their rounding error (relative error
+// about ratio * eps, ratio = (E_p|delta| + |log(Z_a/Z_b)|) / KL: the median ratio of random rows
+// is ~3 at T = 2, ~6 at T = 4, ~11 at T = 8, ~140 at T = 100). Such rows are recomputed from the
+// Bregman form, a sum of non-negative terms (Sigma p e^t = Sigma q = 1):
+//     KL = sum_k p_k phi(t_k),  phi(t) = e^t - 1 - t,  t_k = -(delta_k unit + log(Z_a / Z_b)),
+// phi from its Taylor series where |t| <= 1/2 and as q_k - p_k (1 + t_k) elsewhere (no overflow of
+// e^t where p_k is tiny). An error in log(Z_a / Z_b) moves the sum only to second order.
+constexpr int kKlRefineRatio = 4;  // the cancellation ratio above which a row is recomputed
+
+template <class T>
+LOGITSTD_HD bool kl_needs_refinement(const RowSums<T>& sums, T unit) {
+  const T lz = m_log(sums.za / sums.zb);
+  const T kl = kl_cross_term(sums, unit) + lz;
+  if (!m_isfinite(kl) || !m_isfinite(sums.tabs)) return false;  // NaN/Inf rows keep the reference's
+  return !(kl * T(kKlRefineRatio) >= unit * sums.tabs / sums.zb + m_abs(lz));
+}
+
+// Taylor coefficients 1/k!, k = 2..17, of phi: truncation below 2^-60 relative for |t| <= 1/2.
+template <class V>
+LOGITSTD_HD V bregman_phi_series(V t) {
+  V r = V(1.0 / 355687428096000.0);
+  r = m_fma(r, t, V(1.0 / 20922789888000.0));
+  r = m_fma(r, t, V(1.0 / 1307674368000.0));
+  r = m_fma(r, t, V(1.0 / 87178291200.0));
+  r = m_fma(r, t, V(1.0 / 6227020800.0));
+  r = m_fma(r, t, V(1.0 / 479001600.0));
+  r = m_fma(r, t, V(1.0 / 39916800.0));
+  r = m_fma(r, t, V(1.0 / 3628800.0));
+  r = m_fma(r, t, V(1.0 / 362880.0));
+  r = m_fma(r, t, V(1.0 / 40320.0));
+  r = m_fma(r, t, V(1.0 / 5040.0));
+  r = m_fma(r, t, V(1.0 / 720.0));
+  r = m_fma(r, t, V(1.0 / 120.0));
+  r = m_fma(r, t, V(1.0 / 24.0));
+  r = m_fma(r, t, V(1.0 / 6.0));
+  r = m_fma(r, t, V(0.5));
+  return r * t * t;
+}
+
+// The argument t_k of phi for one element: -(delta unit + log(Z_a / Z_b)) (lz = log(Z_a / Z_b)).
+template <class V>
+LOGITSTD_HD V bregman_arg(V delta, V unit, V neg_lz) {
+  return m_fma(-delta, unit, neg_lz);
+}
+
+// p_k phi(t_k) from p_k = eb / Z_b and q_k = ea / Z_a (scalar form; the CPU kernel has a vector one).
+template <class T>
+LOGITSTD_HD T bregman_term(T ea, T eb, T t, T rza, T rzb) {
+  if (!(eb > T(0))) return T(0);  // p_k = 0 contributes 0 (a -inf teacher logit, underflow)
+  const T p = eb * rzb;
+  if (m_abs(t) <= T(0.5)) return p * bregman_phi_series(t);
+  return m_fma(ea, rza, -m_fma(p, t, p));
+}
+
+// tau_s^2 KL from the Bregman sum.
+template <class T>
+LOGITSTD_HD T refined_row_loss(T bregman_sum, T tau_s) {
+  return tau_s * tau_s * bregman_sum;
 }
 
 }  // namespace logitstd
