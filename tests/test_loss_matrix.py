@@ -264,3 +264,145 @@ def test_float16_with_loss_scaling(case, reduction):
     assert fast[1].dtype == torch.float16 and fast[2].dtype == torch.float16
     assert_within_eager_error("grad_student", fast[1], eager[1], exact[1])
     assert_within_eager_error("grad_teacher", fast[2], eager[2], exact[2])
+
+
+# --------------------------------------------------------------------------------------------
+# Findings of an independent fuzzer, each pinned by a test (every fused backend that runs here).
+def _leaf_grads(fn, student, teacher, upstream, retain=False, **kwargs):
+    """(loss, grad_student, grad_teacher) of ``fn`` for an upstream gradient (retain: keep the graph)."""
+    x = student.detach().clone().requires_grad_(True)
+    y = teacher.detach().clone().requires_grad_(True)
+    loss = fn(x, y, **kwargs)
+    loss.backward(upstream.to(loss.dtype), retain_graph=retain)
+    return loss.detach(), x.grad, y.grad
+
+
+def _assert_relative(name, got, exact, ulps=64.0):
+    """Per row: |got - exact| <= ulps * 2^-24 * max|exact| (float32 noise of the row, no eager bound)."""
+    got64, exact64 = got.double().reshape(-1, got.shape[-1]), exact.reshape(-1, exact.shape[-1])
+    err = (got64 - exact64).abs().amax(-1)
+    bound = ulps * 2.0**-24 * exact64.abs().amax(-1)
+    assert torch.isfinite(got64).all(), f"{name}: non-finite values where the float64 result is finite"
+    assert bool((err <= bound).all()), f"{name}: relative error {float((err / bound).max()) * ulps:.1f} ulps"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("magnitude", [1e18, 3e37, 1e-30, 1e-40], ids=lambda m: f"{m:g}")
+def test_rows_of_extreme_magnitude(case, magnitude):
+    """float32 rows whose variance sum would overflow (sigma sqrt(V) > ~1.8e19) or underflow: the
+    z-score is scale-free, so loss and gradients (times the magnitude) are those of ordinary rows."""
+    backend, device = case
+    x = (magnitude * torch.randn(3, 1000, dtype=torch.float64)).float().to(device)
+    y = (magnitude * torch.randn(3, 1000, dtype=torch.float64)).float().to(device)
+    # eps = 1e-7 would make rows of tiny logits constant (u = 0): compare those with Algorithm 1's eps = 0.
+    options = dict(eps=0.0, correction=0) if magnitude < 1 else {}
+    upstream = torch.ones(3, dtype=torch.float64)
+    exact = _leaf_grads(lsk.reference.logitstd_kd_loss, x.double(), y.double(), upstream, reduction="none", **options)
+    loss, gx, gy = _leaf_grads(lsk.logitstd_kd_loss, x, y, upstream, backend=backend, reduction="none", **options)
+    _assert_relative("loss", loss.reshape(-1, 1), exact[0].reshape(-1, 1))
+    # Gradients of size 1 / magnitude: subnormal in float32 beyond ~1e36, and beyond its range below ~1e-36.
+    if 1e-36 < magnitude < 1e36:
+        _assert_relative("grad_student", gx, exact[1])
+        _assert_relative("grad_teacher", gy, exact[2])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("temperature", [8.0, 16.0, 100.0])
+@pytest.mark.parametrize("standardize", [True, False], ids=["standardized", "plain"])
+def test_high_temperatures(case, temperature, standardize):
+    """tau^2 KL at high temperatures is a small difference of large terms in the partition-sum form;
+    the kernels switch to the cancellation-free Bregman form there (row_math.h)."""
+    backend, device = case
+    for num_classes in (5, 1000, 5000):
+        x, y = logits(6, num_classes, device), logits(6, num_classes, device, scale=5.0)
+        check_against_reference(x, y, backend, temperature=temperature, standardize=standardize)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_two_classes_with_close_student_logits(case):
+    """V = 2: the gradient is O(eps / s) of the chain rule's terms; the closed form keeps it exact."""
+    backend, device = case
+    spread = torch.logspace(-1, -3, 30, dtype=torch.float64)
+    base = torch.randn(30, dtype=torch.float64)
+    x = torch.stack([base, base + spread * torch.sign(torch.randn(30, dtype=torch.float64))], 1)
+    y = 3 * torch.randn(30, 2, dtype=torch.float64)
+    check_against_reference(x.float().to(device), y.float().to(device), backend, reduction="sum")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_minus_inf_teacher_logit_without_standardization(case):
+    """A class with p = 0 contributes exactly 0 to both gradients (0 * -inf must not become NaN)."""
+    backend, device = case
+    x = torch.tensor([[0.3, -1.2, 2.0, 0.7]], device=device)
+    y = torch.tensor([[1.0, float("-inf"), 0.5, -0.25]], device=device)
+    loss, gx, gy = _leaf_grads(lsk.kd_loss, x, y, torch.tensor(1.0, dtype=torch.float64), backend=backend)
+    # The eager reference's teacher gradient is NaN in every class (autograd of 0 * log 0 through the
+    # softmax); the limit is that of a logit so low that p is exactly 0 in float64 (e^-1000 = 0), which
+    # the independent NumPy formula computes without NaN.
+    from formula import row_loss_and_grads
+
+    limit = y.double().cpu().numpy()[0]
+    limit[1] = -1000.0
+    kl, grad_x, grad_y = row_loss_and_grads(x.double().cpu().numpy()[0], limit, 1.0, 1.0, False, 1, 0.0)
+    assert torch.isfinite(gy).all() and gy[0, 1] == 0
+    _assert_relative("grad_teacher", gy.cpu(), torch.from_numpy(grad_y).reshape(1, -1))
+    _assert_relative("grad_student", gx.cpu(), torch.from_numpy(grad_x).reshape(1, -1))
+    assert abs(float(loss) - kl) <= 1e-6 * kl
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_strided_mask_at_the_op_level(case):
+    """torch.ops.logitstd.kd_loss with a non-contiguous mask (the public functions make it contiguous)."""
+    backend, device = case
+    x, y = logits(4, 50, device), logits(4, 50, device)
+    wide = torch.tensor([True, False, False, True, True, True, False, True], device=device)
+    mask = wide[::2]
+    loss, _, _ = torch.ops.logitstd.kd_loss(x, y, mask, 2.0, 2.0, True, 1, 1e-7, "none", False, False, backend)
+    expected = lsk.reference.logitstd_kd_loss(x.double(), y.double(), mask=mask.contiguous(), reduction="none")
+    assert torch.equal(loss == 0, expected == 0)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+def _half_ulp_violation(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """max over elements of |got - exact| / (half an ulp of exact in got's dtype + float32 noise of the row)."""
+    info = torch.finfo(got.dtype)
+    rows_exact = exact.reshape(-1, exact.shape[-1])
+    half_ulp = rows_exact.abs().clamp_min(info.smallest_normal) * info.eps / 2
+    noise = 16 * 2.0**-24 * rows_exact.abs().amax(-1, keepdim=True)
+    return float(((got.double().reshape(rows_exact.shape) - rows_exact).abs() / (half_ulp + noise)).max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("upstream", [1.0, 0.842, 3.0, 9.0, 65536.0])
+@pytest.mark.parametrize("retain", [False, True], ids=["in-place", "retained-graph"])
+def test_low_precision_gradients_are_rounded_once(case, dtype, upstream, retain):
+    """A bf16/fp16 gradient is within half an ulp of the float64 truth plus float32 noise of the row,
+    for any upstream gradient (``loss * 9``, a GradScaler's 65536): it is recomputed with the factor
+    folded in, not rescaled after rounding (which rounds twice), and both teacher dtypes keep theirs."""
+    backend, device = case
+    x = logits(4, 513, device, dtype)
+    for teacher_dtype in (dtype, torch.float32):
+        y = logits(4, 513, device, teacher_dtype, scale=5.0)
+        factor = torch.tensor(upstream, dtype=torch.float64)
+        _, gx, gy = _leaf_grads(lsk.logitstd_kd_loss, x, y, factor, retain=retain, backend=backend)
+        exact = _leaf_grads(lsk.reference.logitstd_kd_loss, x.double(), y.double(), factor)
+        assert gx.dtype == dtype and gy.dtype == teacher_dtype
+        assert _half_ulp_violation(gx, exact[1]) <= 1.0, "student gradient rounded more than once"
+        if teacher_dtype == dtype:
+            assert _half_ulp_violation(gy, exact[2]) <= 1.0, "teacher gradient rounded more than once"
+        else:
+            _assert_relative("grad_teacher", gy, exact[2])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_low_precision_gradients_with_per_row_upstream(case):
+    """reduction="none" with an upstream gradient per row (some rows exactly 1, one masked row)."""
+    backend, device = case
+    x, y = logits(5, 300, device, torch.bfloat16), logits(5, 300, device, torch.bfloat16)
+    mask = torch.tensor([True, True, False, True, True], device=device)
+    upstream = torch.tensor([1.0, 0.3, 7.0, 1.0, -2.5], dtype=torch.float64)
+    _, gx, gy = _leaf_grads(lsk.logitstd_kd_loss, x, y, upstream, backend=backend, reduction="none", mask=mask)
+    exact = _leaf_grads(lsk.reference.logitstd_kd_loss, x.double(), y.double(), upstream, reduction="none", mask=mask)
+    assert _half_ulp_violation(gx, exact[1]) <= 1.0 and _half_ulp_violation(gy, exact[2]) <= 1.0
+    assert torch.count_nonzero(gx[2]) == 0 and torch.count_nonzero(gy[2]) == 0
