@@ -3,15 +3,22 @@
     python benchmarks/make_tables.py            # rewrite the README section in place
     python benchmarks/make_tables.py --check    # exit 1 if the README is out of date
 
-For each device, the newest ``benchmarks/results/*.json`` becomes one table of the forward+backward
-("full") mode: median time and speedup over eager PyTorch per provider, the fused kernel's time as a
-multiple of the memory floor, and peak memory above the inputs. Nothing in the section is typed by hand.
+For each device, the newest committed ``benchmarks/results/*.json`` becomes one table of the
+forward+backward ("full") mode: median time and speedup over eager PyTorch per provider, the fused
+kernel's time as a multiple of the memory floor, and peak memory above the inputs. Nothing in the
+section is typed by hand.
+
+"Committed" means known to git (``git ls-files``, so a staged file counts): a result file that is
+only on disk never changes the tables, and ``--check`` passes in a checkout with untracked results.
+To publish a result: ``python -m logitstd_kernels bench --out benchmarks/results``, ``git add`` the
+new files, then run this script. Outside a git checkout (an sdist, or no git) every file on disk counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +27,33 @@ START, END = "<!-- perf-tables:start -->", "<!-- perf-tables:end -->"
 FUSED = ("triton", "cuda", "cpu")
 
 
+def _git(results_dir: Path, *args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", "-C", str(results_dir), *args], capture_output=True, text=True)
+    except OSError:  # no git
+        return None
+
+
+def result_files(results_dir: Path) -> list[Path]:
+    """The ``*.json`` directly in ``results_dir`` that git tracks; all of them outside a git checkout."""
+    on_disk = sorted(results_dir.glob("*.json"))
+    inside = _git(results_dir, "rev-parse", "--is-inside-work-tree")
+    if inside is None or inside.returncode != 0 or inside.stdout.strip() != "true":
+        return on_disk
+    listed = _git(results_dir, "ls-files", "-z", "--", ".")
+    if listed is None or listed.returncode != 0:
+        return on_disk
+    tracked = {name for name in listed.stdout.split("\0") if name and "/" not in name}
+    untracked = [path for path in on_disk if path.name not in tracked]
+    if untracked:
+        print("make_tables: left out untracked " + ", ".join(path.name for path in untracked)
+              + " (git add a result to put it in the tables)", file=sys.stderr)
+    return [path for path in on_disk if path.name in tracked]
+
+
 def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
     runs: dict[str, tuple[Path, dict]] = {}
-    for path in sorted(results_dir.glob("*.json")):
+    for path in result_files(results_dir):
         data = json.loads(path.read_text())
         device = data["metadata"]["device"]
         if device not in runs or data["metadata"]["date"] > runs[device][1]["metadata"]["date"]:

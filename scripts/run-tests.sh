@@ -3,8 +3,23 @@
 # kernels through the Triton interpreter; a CUDA machine also runs the tests marked `gpu`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LOGITSTD_REQUIRE_EXTENSION=1 bash scripts/setup-venv.sh "test,examples,bench"  # a broken C++ build fails the run
+# The same extras as scripts/run-benchmark.sh, so that either script reuses the .venv the other one made;
+# LOGITSTD_REQUIRE_EXTENSION=1: a broken C++ build fails the run.
+LOGITSTD_REQUIRE_EXTENSION=1 bash scripts/setup-venv.sh "test,examples,bench"
 if [ -f .ci/check_cuda_compile.sh ]; then
-  bash .ci/check_cuda_compile.sh
+  # The nvcc compile check (a minute) runs again only when what it compiles or compiles with changed.
+  cuda_check_hash="$( {
+    find .ci/check_cuda_compile.sh csrc -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+    cat .venv/lib/python*/site-packages/torch/version.py
+    printf '%s\n' "${NVCC:-}" "${CUDA_HOME:-}" "${CUDA_CHECK_ARCH:-}" "${CUDA_CHECK_EXTRA_FLAGS:-}"
+    "${NVCC:-nvcc}" --version || true
+  } 2>/dev/null | sha256sum | cut -d' ' -f1)"
+  cuda_check_stamp=.venv/.logitstd-cuda-check-stamp
+  if [ "$(cat "$cuda_check_stamp" 2>/dev/null)" = "$cuda_check_hash" ]; then
+    echo "check_cuda_compile: passed before on the same sources, torch and nvcc; skipped"
+  else
+    bash .ci/check_cuda_compile.sh
+    echo "$cuda_check_hash" > "$cuda_check_stamp"
+  fi
 fi
 exec .venv/bin/python -m pytest -q --benchmark-disable "$@"

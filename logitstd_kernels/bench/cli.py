@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-standardize", dest="standardize", action="store_false",
                         help="plain KD (adds the liger provider on CUDA)")
     parser.add_argument("--cpu-budget", type=float, default=1.0, help="seconds of timed runs per CPU measurement")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
+    parser.add_argument("--out", type=Path, default=Path("logitstd_results") / "bench",
+                        help="results directory (default ./logitstd_results/bench, outside the tracked tree; "
+                        "--out benchmarks/results to commit a result)")
 
 
 def _inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,5 +180,5 @@ def run(args: argparse.Namespace) -> int:
         if r.status.startswith("failed"):
             print(f"{r.status.split(':')[0].upper()} {r.provider} rows={r.rows} V={r.vocab} {r.dtype} {r.mode}: {r.status}")
     paths = write_files(bench_run, args.out, paths)
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"\nwrote {len(paths)} files to {args.out.resolve()}: " + ", ".join(p.name for p in paths.values()))
     return 1 if failed else 0
