@@ -21,10 +21,10 @@ import torch
 
 import logitstd_kernels as lsk
 from logitstd_kernels._backends import unavailable_reason
-from support import check_against_reference
+from support import check_against_reference, needs, require_all, require_or_skip
 
 CPU_REASON = unavailable_reason("cpu", "cpu")
-needs_cpu_kernel = pytest.mark.skipif(CPU_REASON is not None, reason=f"C++ CPU kernel: {CPU_REASON}")
+needs_cpu_kernel = needs(CPU_REASON is None, f"C++ CPU kernel: {CPU_REASON}")
 
 
 def logits(rows: int, num_classes: int, device: str = "cpu", dtype=torch.float32, scale: float = 3.0) -> torch.Tensor:
@@ -41,9 +41,12 @@ def fused(student, teacher, mask=None, grad_scale=1.0, tau_s=2.0, tau_t=2.0, sta
 
 
 def test_extension_is_built_where_required():
-    """With LOGITSTD_REQUIRE_EXTENSION=1 (CI), a missing extension is a failure, not a skip."""
-    if os.environ.get("LOGITSTD_REQUIRE_EXTENSION") == "1":
+    """With LOGITSTD_REQUIRE_EXTENSION=1 or LOGITSTD_REQUIRE_ALL=1 (CI), a missing extension is a
+    failure, not a skip; on a CUDA machine so is a missing CUDA kernel."""
+    if os.environ.get("LOGITSTD_REQUIRE_EXTENSION") == "1" or require_all():
         assert CPU_REASON is None, CPU_REASON
+        if torch.cuda.is_available():
+            assert unavailable_reason("cuda", "cuda") is None, unavailable_reason("cuda", "cuda")
     if CPU_REASON is None:
         assert "cpu" in lsk.available_backends()
 
@@ -159,7 +162,7 @@ def test_each_cpu_build_against_the_reference(capability):
     """The kernel is compiled per instruction set; ATEN_CPU_CAPABILITY selects a narrower build.
     Runs in a fresh interpreter because ATen reads the variable once."""
     if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("this CPU has no AVX2")
+        require_or_skip(False, "this CPU has no AVX2", required=False)
     script = textwrap.dedent("""
         import sys, torch
         sys.path.insert(0, sys.argv[1])
@@ -233,8 +236,16 @@ def test_input_checks_name_the_tensor():
         op(x, y, torch.ones(3, dtype=torch.bool), one, 2.0, 2.0, True, 1, 1e-7, True, True)
     with pytest.raises(TypeError, match="grad_scale must have the accumulation dtype"):
         op(x, y, None, one.double(), 2.0, 2.0, True, 1, 1e-7, True, True)
-    with pytest.raises(ValueError, match="grad_scale must have exactly one element"):
+    with pytest.raises(ValueError, match=r"grad_scale must have one element or shape \(4,\)"):
         op(x, y, None, torch.ones(2), 2.0, 2.0, True, 1, 1e-7, True, True)
+    regrad = torch.ops.logitstd.fused_kd_regrad_
+    active = torch.ones(4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="grad_x must be a contiguous tensor of shape"):
+        regrad(x, y, active, one, 2.0, 2.0, True, 1, 1e-7, torch.empty(4, 9), torch.empty(0))
+    with pytest.raises(TypeError, match="grad_y must have dtype"):
+        regrad(x, y, active, one, 2.0, 2.0, True, 1, 1e-7, torch.empty(0), torch.empty(4, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"mask must have shape \(4,\)"):
+        regrad(x, y, active[:3], one, 2.0, 2.0, True, 1, 1e-7, torch.empty(4, 10), torch.empty(0))
     with pytest.raises(ValueError, match="tau_s must be finite and > 0"):
         op(x, y, None, one, 0.0, 2.0, True, 1, 1e-7, True, True)
     with pytest.raises(ValueError, match="correction=10"):
@@ -319,6 +330,7 @@ R kernel_order(int64_t V, int C, int T, int P, R identity, F thread_part, R (*co
 
 template <class A> Moments<A> merge_fn(const Moments<A>& a, const Moments<A>& b) { return merge_moments(a, b); }
 template <class A> RowSums<A> add_fn(const RowSums<A>& a, const RowSums<A>& b) { return add_sums(a, b); }
+template <class A> A add_scalar_fn(const A& a, const A& b) { return a + b; }
 template <class A> TermSums<A> add_terms_fn(const TermSums<A>& a, const TermSums<A>& b) { return add_term_sums(a, b); }
 constexpr int64_t terms_max_cols = 4096;  // kTermsMaxCols of csrc/cuda/launch_config.h
 
@@ -330,63 +342,81 @@ void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P
   const A eps = A(eps_), tau_s = A(tau_s_), tau_t = A(tau_t_), gs = A(gs_), dof = A(V - corr);
   for (int64_t r = 0; r < N; ++r) {
     const A* x = xs + r * V; const A* y = ys + r * V; A* gx = gxs + r * V; A* gy = gys + r * V;
-    auto moments_of = [&](const A* v) {
-      const A shift = v[0];
+    auto moments_of = [&](const A* v, A c) {
+      const A shift = v[0] * c;
       return kernel_order<Moments<A>>(V, C, T, P, empty_moments<A>(), [&](Moments<A> m, int64_t e) {
-        A sum = 0, mx = v[e];
-        for (int i = 0; i < P; ++i) { sum += v[e + i] - shift; mx = nan_max(mx, v[e + i]); }
+        A sum = 0, mx = v[e] * c, mn = mx;
+        for (int i = 0; i < P; ++i) {
+          sum += v[e + i] * c - shift; mx = nan_max(mx, v[e + i] * c); mn = nan_min(mn, v[e + i] * c);
+        }
         const A mean = sum / A(P);
         A m2 = 0;
-        if (std_) for (int i = 0; i < P; ++i) { const A d = (v[e + i] - shift) - mean; m2 = m_fma(d, d, m2); }
-        return merge_moments(m, Moments<A>{A(P), mean, m2, mx});
+        if (std_) for (int i = 0; i < P; ++i) { const A d = (v[e + i] * c - shift) - mean; m2 = m_fma(d, d, m2); }
+        return merge_moments(m, Moments<A>{A(P), mean, m2, mx, mn});
       }, &merge_fn<A>);
     };
-    const RowStats<A> sx = finalize_moments(moments_of(x), x[0], dof, eps, std_);
-    const RowStats<A> sy = finalize_moments(moments_of(y), y[0], dof, eps, std_);
+    auto stats_of = [&](const A* v) {  // unscaled moments, again on c v for extreme magnitudes
+      const Moments<A> m = moments_of(v, A(1));
+      const A c = std_ ? magnitude_scale(m.max, m.min) : A(1);
+      return finalize_moments(c == A(1) ? m : moments_of(v, c), c, v[0] * c, dof, eps, std_);
+    };
+    const RowStats<A> sx = stats_of(x);
+    const RowStats<A> sy = stats_of(y);
     const ExpPlan<A> plan = make_exp_plan(sx, sy, tau_s, tau_t, E::kInv);
     const RowSums<A> sums = kernel_order<RowSums<A>>(V, C, T, P, zero_sums<A>(), [&](RowSums<A> p, int64_t e) {
       for (int i = 0; i < P; ++i) {
-        const A sa = exp_arg(x[e + i], plan.x_max, plan.xa), sb = exp_arg(y[e + i], plan.y_max, plan.ya);
+        const A sa = exp_arg(x[e + i], plan.x_max, plan.xa, plan.x_scale), sb = exp_arg(y[e + i], plan.y_max, plan.ya, plan.y_scale);
         const A ea = E::ex(sa), eb = E::ex(sb), ebd = eb * kl_delta(sa, sb);
-        p.za += ea; p.zb += eb; p.t += ebd;
+        p.za += ea; p.zb += eb; p.t += ebd; p.tabs += m_abs(ebd);
         p.saa = m_fma(ea, sa, p.saa); p.sab = m_fma(eb, sa, p.sab);
         p.sbb = m_fma(eb, sb, p.sbb); p.sbd = m_fma(ebd, sb, p.sbd);
       }
       return p;
     }, &add_fn<A>);
     loss[r] = row_loss(sums, tau_s, E::kUnit);
+    if (kl_needs_refinement(sums, E::kUnit)) {  // the Bregman form, in the same reduction order
+      const A rza = A(1) / sums.za, rzb = A(1) / sums.zb, neg_lz = -m_log(sums.za / sums.zb);
+      loss[r] = refined_row_loss(kernel_order<A>(V, C, T, P, A(0), [&](A b, int64_t e) {
+        for (int i = 0; i < P; ++i) {
+          const A sa = exp_arg(x[e + i], plan.x_max, plan.xa, plan.x_scale);
+          const A sb = exp_arg(y[e + i], plan.y_max, plan.ya, plan.y_scale);
+          b += bregman_term(E::ex(sa), E::ex(sb), bregman_arg(kl_delta(sa, sb), E::kUnit, neg_lz), rza, rzb);
+        }
+        return b;
+      }, &add_scalar_fn<A>), tau_s);
+    }
     if (V <= terms_max_cols) {  // short rows: the chain rule from the per-element terms
       const A rza = A(1) / sums.za, rzb = A(1) / sums.zb, klc = kl_cross_term(sums, E::kUnit);
       auto term_x = [&](int64_t k) {
-        return student_term(E::ex(exp_arg(x[k], plan.x_max, plan.xa)), E::ex(exp_arg(y[k], plan.y_max, plan.ya)),
+        return student_term(E::ex(exp_arg(x[k], plan.x_max, plan.xa, plan.x_scale)), E::ex(exp_arg(y[k], plan.y_max, plan.ya, plan.y_scale)),
                             rza, -rzb);
       };
       auto term_y = [&](int64_t k) {
-        const A sa = exp_arg(x[k], plan.x_max, plan.xa), sb = exp_arg(y[k], plan.y_max, plan.ya);
+        const A sa = exp_arg(x[k], plan.x_max, plan.xa, plan.x_scale), sb = exp_arg(y[k], plan.y_max, plan.ya, plan.y_scale);
         return teacher_term(E::ex(sb), kl_delta(sa, sb), rzb, E::kUnit, -klc);
       };
       const TermSums<A> ts = kernel_order<TermSums<A>>(V, C, T, P, TermSums<A>{0, 0, 0, 0},
           [&](TermSums<A> t, int64_t e) {
             for (int i = 0; i < P && std_; ++i) {
               const A gxk = term_x(e + i), gyk = term_y(e + i);
-              t.gx += gxk; t.sx = m_fma(gxk, (x[e + i] - sx.shift) - sx.mean, t.sx);
-              t.gy += gyk; t.sy = m_fma(gyk, (y[e + i] - sy.shift) - sy.mean, t.sy);
+              t.gx += gxk; t.sx = m_fma(gxk, centered(x[e + i], sx), t.sx);
+              t.gy += gyk; t.sy = m_fma(gyk, centered(y[e + i], sy), t.sy);
             }
             return t;
           }, &add_terms_fn<A>);
-      const TermCoef<A> cx = term_coefficients(ts.gx, ts.sx, A(V), sx, dof, gs * tau_s, std_);
-      const TermCoef<A> cy = term_coefficients(ts.gy, ts.sy, A(V), sy, dof, gs * tau_s * tau_s / tau_t, std_);
+      const TermCoef<A> cx = term_coefficients(ts.gx, ts.sx, A(V), sx, dof, gs * tau_s, std_, eps);
+      const TermCoef<A> cy = term_coefficients(ts.gy, ts.sy, A(V), sy, dof, gs * tau_s * tau_s / tau_t, std_, eps);
       for (int64_t k = 0; k < V; ++k) {
-        gx[k] = grad_from_term(term_x(k), std_ ? (x[k] - sx.shift) - sx.mean : A(0), cx.a, -cx.b, -cx.a_mean);
-        gy[k] = grad_from_term(term_y(k), std_ ? (y[k] - sy.shift) - sy.mean : A(0), cy.a, -cy.b, -cy.a_mean);
+        gx[k] = grad_from_term(term_x(k), std_ ? centered(x[k], sx) : A(0), cx.a, -cx.b, -cx.a_mean);
+        gy[k] = grad_from_term(term_y(k), std_ ? centered(y[k], sy) : A(0), cy.a, -cy.b, -cy.a_mean);
       }
       continue;
     }
     const RowResult<A> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, std_, E::kUnit, gs);
     for (int64_t k = 0; k < V; ++k) {
-      const A sa = exp_arg(x[k], plan.x_max, plan.xa), sb = exp_arg(y[k], plan.y_max, plan.ya);
+      const A sa = exp_arg(x[k], plan.x_max, plan.xa, plan.x_scale), sb = exp_arg(y[k], plan.y_max, plan.ya, plan.y_scale);
       const A ea = E::ex(sa), eb = E::ex(sb);
-      const A xk = std_ ? x[k] - sx.shift : A(0), yk = std_ ? y[k] - sy.shift : A(0);
+      const A xk = std_ ? x[k] * sx.scale - sx.shift : A(0), yk = std_ ? y[k] * sy.scale - sy.shift : A(0);
       gx[k] = grad_student_elem(ea, eb, xk, res.gx.alpha_a, -res.gx.alpha_b, -res.gx.beta, res.gx.beta_m);
       gy[k] = grad_teacher_elem(eb, kl_delta(sa, sb), yk, res.gy.gamma, res.gy.unit, -res.gy.kl_cross,
                                 -res.gy.beta, res.gy.beta_m);
@@ -410,8 +440,7 @@ void emulate_f64(const double* x, const double* y, int64_t N, int64_t V, int C, 
 @pytest.fixture(scope="module")
 def emulation(tmp_path_factory):
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler")
+    require_or_skip(compiler is not None, "no C++ compiler (for the host emulation of the CUDA row math)")
     directory = tmp_path_factory.mktemp("cuda_emulation")
     source = directory / "emulation.cpp"
     source.write_text(EMULATION_SOURCE)
@@ -482,7 +511,8 @@ def test_cuda_row_math_emulated_on_host(emulation, dtype, num_classes, cluster, 
 # --------------------------------------------------------------------------------------------
 # CUDA kernel
 CUDA_REASON = unavailable_reason("cuda", "cuda")
-needs_cuda_kernel = pytest.mark.skipif(CUDA_REASON is not None, reason=f"CUDA kernel: {CUDA_REASON}")
+# Required (a failure under LOGITSTD_REQUIRE_ALL=1) only where there is a CUDA device to run it on.
+needs_cuda_kernel = needs(CUDA_REASON is None, f"CUDA kernel: {CUDA_REASON}", required=torch.cuda.is_available())
 
 
 @pytest.mark.gpu
@@ -559,12 +589,21 @@ def test_cuda_opcheck_and_scale_rows():
 @pytest.mark.gpu
 @needs_cuda_kernel
 def test_cuda_kernel_runs_on_the_current_stream():
-    x, y = logits(64, 32768, "cuda", torch.bfloat16), logits(64, 32768, "cuda", torch.bfloat16)
-    want = fused(x, y)
+    """The kernel runs on the caller's current stream. The inputs are written on a side stream behind
+    a long-running kernel and consumed on that stream, and the default stream never waits for it: a
+    kernel launched on the default (or any other) stream would read the inputs before they are
+    written (NaN) and give other results."""
+    src_x, src_y = logits(64, 32768, "cuda", torch.bfloat16), logits(64, 32768, "cuda", torch.bfloat16)
+    want = fused(src_x, src_y)  # on the default stream (also warms up)
+    x, y = torch.full_like(src_x, float("nan")), torch.full_like(src_y, float("nan"))
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
+        torch.cuda._sleep(2**30)  # ~0.5 s of spinning on the side stream before the inputs are written
+        x.copy_(src_x)
+        y.copy_(src_y)
         got = fused(x, y)
-    torch.cuda.current_stream().wait_stream(side)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+    assert not side.query(), "the side stream finished before the check: make the sleep longer"
+    side.synchronize()  # that stream only; the default stream was never made to wait
+    for name, a, b in zip(("rows", "grad_student", "grad_teacher"), got, want):
+        assert torch.equal(a, b), f"{name} differs: the kernel did not run on the current (side) stream"
