@@ -1,20 +1,24 @@
 """logitstd-kernels: fused kernels for logit-standardized knowledge distillation.
 
-Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024. See DESIGN.md for the
+Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024. See docs/design.md for the
 math and README.md for the API.
 """
 
 from . import reference
 from ._backends import available_backends, backend_status
 from .functional import kd_loss, logitstd_kd_loss, zscore
-from .modules import LogitStdKDLoss
+from .modules import DistillationLoss, LogitStdKDLoss
+from .objective import DistillationParts, distillation_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistillationLoss",
+    "DistillationParts",
     "LogitStdKDLoss",
     "available_backends",
     "backend_status",
+    "distillation_loss",
     "kd_loss",
     "logitstd_kd_loss",
     "reference",

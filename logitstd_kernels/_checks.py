@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
+OBJECTIVE_REDUCTIONS = ("none", "sum", "mean")
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -159,3 +160,67 @@ def check_op_args(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[t
     if backend not in ("triton", "cuda", "cpu"):
         raise ValueError(f"backend must be a fused backend ('triton', 'cuda' or 'cpu'), got {backend!r}")
     check_mask(mask, student)
+
+
+def check_weight(name: str, value: object) -> float:
+    """A finite number >= 0 (comparisons only, so torch.compile can trace them)."""
+    if isinstance(value, bool) or not isinstance(value, _REAL):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0.0 <= value < math.inf):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def check_label_smoothing(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, _REAL):
+        raise TypeError(f"label_smoothing must be a number, got {type(value).__name__}")
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_labels(labels: object, student: torch.Tensor, ignore_index: object) -> Optional[torch.Tensor]:
+    """``None`` or an integer tensor of the leading shape on the logits' device.
+
+    On the CPU the values are checked too (a label outside [0, V) that is not ``ignore_index``
+    raises); on other devices that would need a host synchronization, and the kernels make such a
+    row's loss NaN instead.
+    """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must have an integer dtype (e.g. torch.long), got {labels.dtype}")
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but must match the leading dimensions of the "
+                         f"logits {tuple(student.shape[:-1])}")
+    if labels.device != student.device:
+        raise ValueError(f"labels is on {labels.device} but the logits are on {student.device}")
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        num_classes = student.shape[-1]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise IndexError(f"labels{list(index)} = {int(labels[index])} is outside [0, {num_classes}) and is not "
+                             f"ignore_index ({ignore_index})")
+    return labels
+
+
+def check_objective_args(student_logits: object, teacher_logits: object, labels: object, *, ce_weight: object,
+                         kd_weight: object, temperature: object, teacher_temperature: object, standardize: bool,
+                         correction: object, eps: object, ignore_index: object, label_smoothing: object,
+                         mask: object, reduction: object):
+    """All checks of ``distillation_loss``; returns (student, teacher, labels, mask, tau_s, tau_t, ce_weight,
+    kd_weight, label_smoothing)."""
+    student, teacher, checked_mask, tau_s, tau_t = check_kd_args(
+        student_logits, teacher_logits, temperature=temperature, teacher_temperature=teacher_temperature,
+        standardize=standardize, correction=correction, eps=eps, reduction="sum", mask=mask,
+    )
+    if reduction not in OBJECTIVE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {OBJECTIVE_REDUCTIONS}, got {reduction!r}")
+    checked_labels = check_labels(labels, student, ignore_index)
+    return (student, teacher, checked_labels, checked_mask, tau_s, tau_t, check_weight("ce_weight", ce_weight),
+            check_weight("kd_weight", kd_weight), check_label_smoothing(label_smoothing))

@@ -13,6 +13,8 @@ Equivalent eager code of ``fused_kd_forward`` (per included row ``r``; excluded 
                                          teacher_temperature=tau_t, standardize=standardize,
                                          correction=correction, eps=eps, reduction="sum")
     grad_student[r], grad_teacher[r] = grad_scale * torch.autograd.grad(rows[r], (student[r], teacher[r]))
+
+and with an ``objective``, ``reference.distillation_loss`` of the row instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ._backends import Objective
 from .reference import accumulation_dtype
 
 try:
@@ -54,17 +57,26 @@ def fused_kd_forward(
     eps: float,
     grad_student: bool,
     grad_teacher: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    objective: Optional[Objective] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss and the gradients scaled by ``grad_scale``: the kernel contract of ``_backends``.
 
-    Returns ``(rows, grad_student, grad_teacher)``: ``rows`` is (N,) in the accumulation dtype, each
-    gradient a new contiguous (N, V) tensor in its input's dtype, or an empty (0,) tensor when not
-    requested.
+    Returns ``(rows, grad_student, grad_teacher, ce_rows, kd_rows)``: ``rows`` is (N,) in the
+    accumulation dtype, each gradient a new contiguous (N, V) tensor in its input's dtype, or an empty
+    (0,) tensor when not requested; ``ce_rows``/``kd_rows`` the objective's parts per row.
     """
     return torch.ops.logitstd.fused_kd_forward(
-        student, teacher, None if mask is None else mask.contiguous(), grad_scale, float(tau_s), float(tau_t), bool(standardize), int(correction),
-        float(eps), bool(grad_student), bool(grad_teacher),
+        student, teacher, None if mask is None else mask.contiguous(), grad_scale, float(tau_s), float(tau_t),
+        bool(standardize), int(correction), float(eps), bool(grad_student), bool(grad_teacher), *_objective_args(objective),
     )
+
+
+def _objective_args(objective: Optional[Objective]) -> tuple:
+    """The trailing (labels, ignore_index, label_smoothing, ce_weight, kd_weight) of the C++ ops."""
+    if objective is None:
+        return (None, -100, 0.0, 0.0, 1.0)
+    return (objective.labels.contiguous(), int(objective.ignore_index), float(objective.label_smoothing),
+            float(objective.ce_weight), float(objective.kd_weight))
 
 
 def fused_kd_regrad_(
@@ -79,12 +91,13 @@ def fused_kd_regrad_(
     eps: float,
     grad_x: torch.Tensor,
     grad_y: torch.Tensor,
+    objective: Optional[Objective] = None,
 ) -> None:
     """Recompute in place the gradients of the rows where ``active`` is true (factor ``grad_scale[r]``);
     other rows are not touched. ``grad_x``/``grad_y``: (N, V) buffers from ``fused_kd_forward``, or empty."""
     torch.ops.logitstd.fused_kd_regrad_(
         student, teacher, active.contiguous(), grad_scale, float(tau_s), float(tau_t), bool(standardize),
-        int(correction), float(eps), grad_x, grad_y,
+        int(correction), float(eps), grad_x, grad_y, *_objective_args(objective),
     )
 
 
@@ -98,18 +111,19 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
 @torch.library.register_fake("logitstd::fused_kd_forward")
 def _fused_kd_forward_fake(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps,
-                           grad_student, grad_teacher):
+                           grad_student, grad_teacher, labels=None, ignore_index=-100, label_smoothing=0.0,
+                           ce_weight=0.0, kd_weight=1.0):
     torch._check(student.dim() == 2, lambda: f"student must be 2-D, got {student.dim()}-D")
     torch._check(teacher.shape == student.shape, lambda: "teacher and student must have the same shape")
     rows = student.new_empty((student.shape[0],), dtype=accumulation_dtype(student, teacher))
     grad_x = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
     grad_y = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
-    return rows, grad_x, grad_y
+    return rows, grad_x, grad_y, torch.empty_like(rows), torch.empty_like(rows)
 
 
 @torch.library.register_fake("logitstd::fused_kd_regrad_")
 def _fused_kd_regrad_fake(student, teacher, active, grad_scale, tau_s, tau_t, standardize, correction, eps, grad_x,
-                          grad_y):
+                          grad_y, labels=None, ignore_index=-100, label_smoothing=0.0, ce_weight=0.0, kd_weight=1.0):
     return None
 
 

@@ -1,14 +1,16 @@
-"""``LogitStdKDLoss``: the loss as an ``nn.Module`` for training loops."""
+"""``LogitStdKDLoss`` and ``DistillationLoss``: the losses as ``nn.Module`` for training loops."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ._checks import check_backend, check_reduction, check_temperature
+from ._checks import (OBJECTIVE_REDUCTIONS, check_backend, check_label_smoothing, check_reduction,
+                      check_temperature, check_weight)
 from .functional import logitstd_kd_loss
+from .objective import DistillationParts, distillation_loss
 
 
 class LogitStdKDLoss(nn.Module):
@@ -52,3 +54,63 @@ class LogitStdKDLoss(nn.Module):
         return (f"temperature={self.temperature}, teacher_temperature={self.teacher_temperature}, "
                 f"standardize={self.standardize}, correction={self.correction}, eps={self.eps}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class DistillationLoss(nn.Module):
+    """The distillation objective as a module; ``forward(student, teacher, labels=None, mask=None)``.
+
+    Equivalent eager code: ``reference.distillation_loss(student, teacher, labels, **keywords, mask=mask)``.
+    The keywords are those of :func:`logitstd_kernels.distillation_loss` (defaults: the official
+    code's ``ce_weight=0.1, kd_weight=9``, base temperature 2) and are checked here, once.
+    """
+
+    def __init__(
+        self,
+        ce_weight: float = 0.1,
+        kd_weight: float = 9.0,
+        *,
+        temperature: float = 2.0,
+        teacher_temperature: Optional[float] = None,
+        standardize: bool = True,
+        correction: int = 1,
+        eps: float = 1e-7,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        return_components: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.kd_weight = check_weight("kd_weight", kd_weight)
+        self.temperature = check_temperature("temperature", temperature)
+        self.teacher_temperature = (
+            None if teacher_temperature is None else check_temperature("teacher_temperature", teacher_temperature)
+        )
+        self.standardize = bool(standardize)
+        self.correction = correction
+        self.eps = eps
+        self.ignore_index = ignore_index
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        if reduction not in OBJECTIVE_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {OBJECTIVE_REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+        self.return_components = bool(return_components)
+        self.backend = check_backend(backend)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> Union[torch.Tensor, DistillationParts]:
+        return distillation_loss(
+            student_logits, teacher_logits, labels, ce_weight=self.ce_weight, kd_weight=self.kd_weight,
+            temperature=self.temperature, teacher_temperature=self.teacher_temperature,
+            standardize=self.standardize, correction=self.correction, eps=self.eps,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, mask=mask,
+            reduction=self.reduction, return_components=self.return_components, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, temperature={self.temperature}, "
+                f"teacher_temperature={self.teacher_temperature}, standardize={self.standardize}, "
+                f"correction={self.correction}, eps={self.eps}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, backend={self.backend!r}")

@@ -18,7 +18,9 @@ traced), so the peak memory is the inputs plus one gradient buffer per input tha
   keeps references to the low-precision logits until the backward; the recomputation reads them
   again (6 bytes per element in bfloat16 for the student gradient).
 
-Equivalent eager code: ``reference.logitstd_kd_loss`` with the same arguments.
+Equivalent eager code: ``reference.logitstd_kd_loss`` with the same arguments. The autograd
+machinery (``save_gradients`` / ``saved_gradients_backward``) is shared with the distillation
+objective's op (``objective.py``).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from typing import Optional
 
 import torch
 
-from ._backends import backend_module
+from ._backends import Objective, backend_module
 from ._checks import check_op_args
 from .reference import accumulation_dtype
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _reduction_denominator(mask: Optional[torch.Tensor], num_rows: int, num_classes: int,
@@ -42,9 +46,6 @@ def _reduction_denominator(mask: Optional[torch.Tensor], num_rows: int, num_clas
     else:
         count = mask.sum().reshape(1).clamp_min(1).to(dtype)
     return count * num_classes if reduction == "mean" else count
-
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @torch.library.custom_op("logitstd::kd_loss", mutates_args=())
@@ -74,13 +75,23 @@ def kd_loss(
     num_rows, num_classes = student.shape
     acc = accumulation_dtype(student, teacher)
     denominator = _reduction_denominator(mask, num_rows, num_classes, reduction, student.device, acc)
-    rows, grad_s, grad_t = backend_module(backend).fused_kd_forward(
+    rows, grad_s, grad_t, _, _ = backend_module(backend).fused_kd_forward(
         student, teacher, mask, denominator.reciprocal(), temperature, teacher_temperature, standardize,
         correction, eps, grad_student, grad_teacher,
     )
     if reduction == "none":
         return rows, grad_s, grad_t
     return (rows.sum() / denominator).reshape(()), grad_s, grad_t
+
+
+@kd_loss.register_fake
+def _kd_loss_fake(student, teacher, mask, temperature, teacher_temperature, standardize, correction, eps,
+                  reduction, grad_student, grad_teacher, backend):
+    num_rows = student.shape[0]
+    loss = student.new_empty((num_rows,) if reduction == "none" else (), dtype=accumulation_dtype(student, teacher))
+    grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+    grad_t = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
+    return loss, grad_s, grad_t
 
 
 @torch.library.custom_op("logitstd::kd_grad", mutates_args=())
@@ -97,55 +108,74 @@ def kd_grad(
     grad_student: bool,
     grad_teacher: bool,
     backend: str,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of ``kd_loss``'s rows times ``grad_scale`` ((1,) or (N,)), recomputed in new buffers.
+    """The gradients of the fused rows times ``grad_scale`` ((1,) or (N,)), recomputed in new buffers.
 
     Equivalent eager code: ``grad_scale[:, None] * d rows / d student`` (and the teacher), rounded
-    once to each input's dtype. The backward uses it for low-precision gradients when it may not
-    overwrite the saved ones (a retained graph, torch.compile).
+    once to each input's dtype, where ``rows`` are the KD rows, or the objective's rows when
+    ``labels`` is given. The backward uses it for low-precision gradients when it may not overwrite
+    the saved ones (a retained graph, torch.compile).
     """
-    _, grad_s, grad_t = backend_module(backend).fused_kd_forward(
+    objective = (None if labels is None
+                 else Objective(labels, ignore_index, label_smoothing, ce_weight, kd_weight))
+    _, grad_s, grad_t, _, _ = backend_module(backend).fused_kd_forward(
         student, teacher, None if mask is None else mask.contiguous(), grad_scale, temperature,
-        teacher_temperature, standardize, correction, eps, grad_student, grad_teacher,
+        teacher_temperature, standardize, correction, eps, grad_student, grad_teacher, objective,
     )
     return grad_s, grad_t
 
 
 @kd_grad.register_fake
 def _kd_grad_fake(student, teacher, mask, grad_scale, temperature, teacher_temperature, standardize, correction,
-                  eps, grad_student, grad_teacher, backend):
+                  eps, grad_student, grad_teacher, backend, labels=None, ignore_index=-100, label_smoothing=0.0,
+                  ce_weight=0.0, kd_weight=1.0):
     grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
     grad_t = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
     return grad_s, grad_t
 
 
-@kd_loss.register_fake
-def _kd_loss_fake(student, teacher, mask, temperature, teacher_temperature, standardize, correction, eps,
-                  reduction, grad_student, grad_teacher, backend):
-    num_rows = student.shape[0]
-    loss = student.new_empty((num_rows,) if reduction == "none" else (), dtype=accumulation_dtype(student, teacher))
-    grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
-    grad_t = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
-    return loss, grad_s, grad_t
+def save_gradients(ctx, student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor],
+                   labels: Optional[torch.Tensor], grad_s: torch.Tensor, grad_t: torch.Tensor,
+                   kernel_args: tuple, objective_args: Optional[tuple], reduction_scale: torch.Tensor,
+                   requested: tuple[bool, bool], backend: str) -> None:
+    """Remember what the backward needs: the saved (pre-scaled) gradients and, for a low-precision
+    gradient, what recomputing it takes (the logits, mask, labels, and the forward's factor).
+
+    ``kernel_args`` = (tau_s, tau_t, standardize, correction, eps); ``objective_args`` = None or
+    (ignore_index, label_smoothing, ce_weight, kd_weight); ``reduction_scale``: the (1,) factor the
+    forward scaled the gradients by (1 / count).
+    """
+    ctx.mark_non_differentiable(grad_s, grad_t)
+    ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
+    ctx.recompute = ((requested[0] and student.dtype in LOW_PRECISION),
+                     (requested[1] and teacher.dtype in LOW_PRECISION))
+    if any(ctx.recompute):  # the logits are needed again to recompute a low-precision gradient
+        ctx.save_for_backward(grad_s, grad_t, student, teacher, mask, labels, reduction_scale)
+    else:
+        ctx.save_for_backward(grad_s, grad_t)
+    ctx.kernel_args = kernel_args
+    ctx.objective_args = objective_args
+    ctx.backend = backend
+    ctx.requested = requested
 
 
 def _setup_context(ctx, inputs, output) -> None:
     (student, teacher, mask, temperature, teacher_temperature, standardize, correction, eps, reduction,
      grad_student, grad_teacher, backend) = inputs
     _, grad_s, grad_t = output
-    ctx.mark_non_differentiable(grad_s, grad_t)
-    ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
-    ctx.recompute = ((grad_student and student.dtype in LOW_PRECISION),
-                     (grad_teacher and teacher.dtype in LOW_PRECISION))
-    if any(ctx.recompute):  # the logits are needed again to recompute a low-precision gradient
-        ctx.save_for_backward(grad_s, grad_t, student, teacher, mask)
-    else:
-        ctx.save_for_backward(grad_s, grad_t)
-    ctx.args = (temperature, teacher_temperature, standardize, correction, eps)
-    ctx.reduction = reduction
-    ctx.backend = backend
-    ctx.dtypes = (student.dtype, teacher.dtype)
-    ctx.requested = (grad_student, grad_teacher)
+    scale = None
+    if (grad_student and student.dtype in LOW_PRECISION) or (grad_teacher and teacher.dtype in LOW_PRECISION):
+        num_rows, num_classes = student.shape
+        scale = _reduction_denominator(mask, num_rows, num_classes, reduction, student.device,
+                                       accumulation_dtype(student, teacher)).reciprocal()
+    save_gradients(ctx, student, teacher, mask, None, grad_s, grad_t,
+                   (temperature, teacher_temperature, standardize, correction, eps), None, scale,
+                   (grad_student, grad_teacher), backend)
 
 
 def _may_overwrite_saved(saved: torch.Tensor) -> bool:
@@ -174,40 +204,41 @@ def _scale_saved(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, in_place: bo
 def _recompute(ctx, saved_s: torch.Tensor, saved_t: torch.Tensor, grad_loss: torch.Tensor,
                in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The low-precision gradients (those in ``ctx.recompute``) for the incoming gradient, rounded once."""
-    _, _, student, teacher, mask = ctx.saved_tensors
-    num_rows, num_classes = student.shape
+    _, _, student, teacher, mask, labels, reduction_scale = ctx.saved_tensors
     acc = accumulation_dtype(student, teacher)
-    denominator = _reduction_denominator(mask, num_rows, num_classes, ctx.reduction, student.device, acc)
-    factor = grad_loss.to(acc).reshape(-1) / denominator
+    factor = grad_loss.to(acc).reshape(-1) * reduction_scale
     redo_s, redo_t = ctx.recompute
+    objective = None if ctx.objective_args is None else Objective(labels, *ctx.objective_args)
     if not in_place:
-        new_s, new_t = kd_grad(student, teacher, mask, factor, *ctx.args, redo_s, redo_t, ctx.backend)
+        extra = () if objective is None else (labels, *ctx.objective_args)
+        new_s, new_t = kd_grad(student, teacher, mask, factor, *ctx.kernel_args, redo_s, redo_t, ctx.backend, *extra)
         return (new_s if redo_s else saved_s), (new_t if redo_t else saved_t)
     # Rows whose incoming gradient is exactly 1 keep the forward's gradient (skipped on the device).
-    active = (grad_loss.reshape(-1) != 1).expand(num_rows)
+    active = (grad_loss.reshape(-1) != 1).expand(student.shape[0])
     active = active if mask is None else active & mask
     if student.device.type != "cpu" or bool(active.any()):
-        empty = student.new_empty((0,))
         backend_module(ctx.backend).fused_kd_regrad_(
-            student, teacher, active.contiguous(), factor, *ctx.args,
-            saved_s if redo_s else empty, saved_t if redo_t else teacher.new_empty((0,)))
+            student, teacher, active.contiguous(), factor, *ctx.kernel_args,
+            saved_s if redo_s else student.new_empty((0,)), saved_t if redo_t else teacher.new_empty((0,)),
+            objective)
     return saved_s, saved_t
 
 
-def _backward(ctx, grad_loss, _grad_s, _grad_t):
+def saved_gradients_backward(ctx, grad_loss: Optional[torch.Tensor], op_name: str) -> tuple:
+    """(grad_student, grad_teacher) from what :func:`save_gradients` kept, for the incoming gradient."""
     if grad_loss is None:
-        return (None,) * 12
+        return None, None
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
-            "logitstd.kd_loss does not support double backward (create_graph=True): its gradient is "
-            "computed by the fused kernel; use backend=\"torch\" for higher-order gradients"
+            f"logitstd.{op_name} does not support double backward (create_graph=True): its gradient is "
+            f"computed by the fused kernel; use backend=\"torch\" for higher-order gradients"
         )
     saved_s, saved_t = ctx.saved_tensors[:2]
     needs = ctx.needs_input_grad[:2]
     for name, need, requested in zip(("student", "teacher"), needs, ctx.requested):
         if need and not requested:
             raise RuntimeError(
-                f"logitstd.kd_loss was called with grad_{name}=False but autograd asks for the {name} "
+                f"logitstd.{op_name} was called with grad_{name}=False but autograd asks for the {name} "
                 f"gradient; pass grad_{name}=True when the {name} logits require grad"
             )
     in_place = _may_overwrite_saved(saved_s if ctx.requested[0] else saved_t)
@@ -216,7 +247,11 @@ def _backward(ctx, grad_loss, _grad_s, _grad_t):
     grads = []
     for saved, need, redo in zip((saved_s, saved_t), needs, ctx.recompute):
         grads.append(None if not need else saved if redo else _scale_saved(ctx, saved, grad_loss, in_place))
-    return (grads[0], grads[1]) + (None,) * 10
+    return grads[0], grads[1]
+
+
+def _backward(ctx, grad_loss, _grad_s, _grad_t):
+    return saved_gradients_backward(ctx, grad_loss, "kd_loss") + (None,) * 10
 
 
 kd_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -12,14 +12,14 @@ and with ``correction=0, eps=0`` it is the paper's Algorithm 1. The math is in D
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_kd_args, check_logits, check_std_args, check_temperature
+from ._checks import check_kd_args, check_logits, check_objective_args, check_std_args, check_temperature
 
-__all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "accumulation_dtype"]
+__all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "distillation_loss", "DistillationParts", "accumulation_dtype"]
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -119,3 +119,78 @@ def kd_loss(
     """Vanilla (Hinton) KD: ``T**2 * KL(softmax(y/T) || softmax(x/T))``, i.e. no standardization."""
     return logitstd_kd_loss(student_logits, teacher_logits, temperature=temperature,
                             standardize=False, reduction=reduction, mask=mask)
+
+
+class DistillationParts(NamedTuple):
+    """``distillation_loss(..., return_components=True)``: the loss and its two (detached) parts,
+    reduced like the loss: ``ce`` the cross-entropy, ``kd`` the ``tau_s**2 * KL`` term (unweighted),
+    so that ``loss = ce_weight * ce + kd_weight * kd``."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    ce_weight: float = 0.1,
+    kd_weight: float = 9.0,
+    temperature: float = 2.0,
+    teacher_temperature: Optional[float] = None,
+    standardize: bool = True,
+    correction: int = 1,
+    eps: float = 1e-7,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    return_components: bool = False,
+) -> Union[torch.Tensor, DistillationParts]:
+    """The distillation objective (the paper's Algorithm 2 with token labels)::
+
+        included = mask & (labels != ignore_index)            # rows of the objective
+        ce = F.cross_entropy(x[included], labels[included], label_smoothing=label_smoothing, reduction="none")
+        kd = tau_s**2 * KL(softmax(Z(y)/tau_t) || softmax(Z(x)/tau_s))[included]
+        loss = (ce_weight * ce + kd_weight * kd).sum() / max(included.sum(), 1)     # reduction="mean"
+
+    Without labels the CE term is absent (pure KD: ``kd_weight * kd``). ``reduction``: ``"mean"``
+    (over the included rows: token-level averaging, ``batchmean`` for classification), ``"sum"``, or
+    ``"none"`` (per row; excluded rows 0). All rows excluded: loss 0, gradients 0.
+    """
+    (student, teacher, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = check_objective_args(
+        student_logits, teacher_logits, labels, ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature,
+        teacher_temperature=teacher_temperature, standardize=standardize, correction=correction, eps=eps,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, mask=mask, reduction=reduction,
+    )
+    num_classes = student.shape[-1]
+    lead = student.shape[:-1]
+    x = student.reshape(-1, num_classes)
+    y = teacher.reshape(-1, num_classes)
+    acc = accumulation_dtype(x, y)
+    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
+    if labels is not None:
+        keep = keep & (labels.reshape(-1) != ignore_index)
+    # Index the included rows out so that excluded rows (even NaN ones) get an exact 0 gradient.
+    kd = torch.zeros(x.shape[0], dtype=acc, device=x.device).index_put(
+        (keep,), _row_kl(x[keep], y[keep], tau_s, tau_t, standardize, correction, eps))
+    ce = torch.zeros_like(kd)
+    if labels is not None:
+        ce = ce.index_put((keep,), F.cross_entropy(x[keep].to(acc), labels.reshape(-1)[keep].long(),
+                                                   reduction="none", label_smoothing=label_smoothing))
+        rows = ce_weight * ce + kd_weight * kd
+    else:
+        rows = kd_weight * kd
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        if reduction == "none":
+            return values.reshape(lead)
+        total = values.sum()
+        return total if reduction == "sum" else total / max(int(keep.sum()), 1)
+
+    loss = reduce(rows)
+    if not return_components:
+        return loss
+    return DistillationParts(loss, reduce(ce).detach(), reduce(kd).detach())

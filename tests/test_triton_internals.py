@@ -79,8 +79,8 @@ def _check(x, y, *, mask=None, config=None, grad_student=True, grad_teacher=True
     """fused_kd_forward against the reference in float64, within twice the eager error."""
     acc = reference.accumulation_dtype(x, y)
     scale = torch.tensor([0.75], dtype=acc, device=DEVICE)
-    rows, gx, gy = fused_kd_forward(x, y, mask, scale, tau_s, tau_t, standardize, correction, eps,
-                                    grad_student, grad_teacher, config=config)
+    rows, gx, gy, _, _ = fused_kd_forward(x, y, mask, scale, tau_s, tau_t, standardize, correction, eps,
+                                          grad_student, grad_teacher, config=config)
     kwargs = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=standardize,
                   correction=correction, eps=eps, reduction="none", mask=mask)
     results = []
@@ -162,8 +162,8 @@ def test_unmasked_non_finite_rows_stay_in_their_row(register):
 
 def test_zero_rows_skip_the_launch():
     x = torch.randn(0, 10, device=DEVICE)
-    rows, gx, gy = fused_kd_forward(x, x, None, torch.ones(1, device=DEVICE), 2.0, 2.0, True, 1, 1e-7,
-                                    True, False)
+    rows, gx, gy, _, _ = fused_kd_forward(x, x, None, torch.ones(1, device=DEVICE), 2.0, 2.0, True, 1, 1e-7,
+                                          True, False)
     assert rows.shape == (0,) and gx.shape == (0, 10) and gy.shape == (0,)
 
 

@@ -83,30 +83,38 @@ void run_rows(const KdProblem& p) {
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
     const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize, int64_t correction, double eps,
-    bool grad_student, bool grad_teacher) {
+    bool grad_student, bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+    double label_smoothing, double ce_weight, double kd_weight) {
+  constexpr const char* op = "logitstd::fused_kd_forward";
   const at::ScalarType acc =
       check_fused_kd_forward(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps);
-  TORCH_CHECK_VALUE(student.device().is_cpu(), "logitstd::fused_kd_forward (CPU): student is on ",
-                    student.device());
+  check_objective(op, student, labels, label_smoothing, ce_weight, kd_weight);
+  TORCH_CHECK_VALUE(student.device().is_cpu(), op, " (CPU): student is on ", student.device());
+  check_label_values_cpu(op, labels, student.size(1), ignore_index);
   const int64_t rows = student.size(0);
   const int64_t cols = student.size(1);
   at::Tensor loss = at::empty({rows}, student.options().dtype(acc));
+  at::Tensor ce_rows = at::empty({rows}, student.options().dtype(acc));
+  at::Tensor kd_rows = at::empty({rows}, student.options().dtype(acc));
   at::Tensor grad_x = grad_student ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_y = grad_teacher ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
-  if (rows == 0) return {loss, grad_x, grad_y};
+  if (rows == 0) return {loss, grad_x, grad_y, ce_rows, kd_rows};
   if (grad_student) advise_huge_pages(grad_x);
   if (grad_teacher) advise_huge_pages(grad_y);
 
   const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
   KdProblem p = make_problem(student, teacher, mask, acc, loss, grad_x, grad_y, tau_s, tau_t, standardize,
                              correction, eps);
+  set_objective(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight);
+  p.ce_rows = ce_rows.data_ptr();
+  p.kd_rows = kd_rows.data_ptr();
   p.grad_scale = factors.data_ptr();
   p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
   run_rows(p);
-  return {loss, grad_x, grad_y};
+  return {loss, grad_x, grad_y, ce_rows, kd_rows};
 }
 
 // Recompute the gradients of the rows where `active` is true with their factor grad_scale[r], in
@@ -114,15 +122,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cpu(
 // gradient for any upstream factor (ops.py's backward), where scaling the saved one would round twice.
 void fused_kd_regrad_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& active,
                          const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize,
-                         int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y) {
+                         int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y,
+                         const std::optional<at::Tensor>& labels, int64_t ignore_index, double label_smoothing,
+                         double ce_weight, double kd_weight) {
+  constexpr const char* op = "logitstd::fused_kd_regrad_";
   const at::ScalarType acc = check_fused_kd_regrad(student, teacher, active, grad_scale, tau_s, tau_t, standardize,
                                                    correction, eps, grad_x, grad_y);
-  TORCH_CHECK_VALUE(student.device().is_cpu(), "logitstd::fused_kd_regrad_ (CPU): student is on ", student.device());
+  check_objective(op, student, labels, label_smoothing, ce_weight, kd_weight);
+  TORCH_CHECK_VALUE(student.device().is_cpu(), op, " (CPU): student is on ", student.device());
+  check_label_values_cpu(op, labels, student.size(1), ignore_index);
   if (student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;
   const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
   const at::Tensor no_loss = at::empty({0}, student.options().dtype(acc));
   KdProblem p = make_problem(student, teacher, active, acc, no_loss, grad_x, grad_y, tau_s, tau_t, standardize,
                              correction, eps);
+  set_objective(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight);
   p.loss = nullptr;
   p.zero_excluded = false;
   p.grad_scale = factors.data_ptr();

@@ -31,6 +31,7 @@
 #include "logitstd/row_math.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -354,20 +355,62 @@ TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const
 }
 
 // ------------------------------------------------------------------------------------------
-// Pass 4: gradients from the stored terms. out may alias terms (read before written).
+// CE pass (the distillation objective only): e^sz over the raw student row, sz = x - max x
+// (row_math.h, CeSums), stored in ez_out when the student gradient is requested.
+template <class T, bool kStore>
+CeSums<T> ce_pass(const T* x, int64_t n, const ExpPlan<T>& plan, T* ez_out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec x_max(plan.x_max), xc(plan.x_scale), inv_c(T(1) / plan.x_scale), zero(T(0));
+  CeSums<T> total{T(0), T(0)};
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    Vec zc = zero, zsum = zero;
+    auto body = [&](int64_t i, int64_t count) {
+      const bool tail = count < W;
+      const Vec sz = exp_arg(tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i), x_max, inv_c, xc);
+      Vec ez = sz.exp();
+      if (tail) ez = Vec::set(zero, ez, count);
+      zc = zc + ez;
+      zsum = zsum + (tail ? Vec::set(zero, sz, count) : sz);
+      if constexpr (kStore) {
+        if (tail) ez.store(ez_out + i, count); else ez.store(ez_out + i);
+      }
+    };
+    int64_t i = b0;
+    for (; i + W <= b1; i += W) body(i, W);
+    if (i < b1) body(i, b1 - i);
+    total = add_ce_sums(total, CeSums<T>{lane_sum(zc), lane_sum(zsum)});
+  }
+  return total;
+}
+
+// The CE gradient's per-element part: ce_a e^sz + ce_b (ce_b = -ce_weight scale s / V); the label's
+// -(1 - s) ce_weight scale is added to its element afterwards.
+template <class T>
+struct CeGrad {
+  const T* ez = nullptr;  // nullptr: no CE term
+  T a = T(0), b = T(0);
+};
+
+// ------------------------------------------------------------------------------------------
+// Pass 4: gradients from the stored terms (plus the CE term). out may alias terms (read before written).
 template <class T>
 void grad_pass(const T* v, const T* terms, int64_t n, bool standardize, const RowStats<T>& st,
-               const TermCoef<T>& c, T* out) {
+               const TermCoef<T>& c, const CeGrad<T>& ce, T* out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec zero(T(0));
-  const Vec a(c.a), neg_b(-c.b), neg_a_mean(-c.a_mean);
+  const Vec a(c.a), neg_b(-c.b), neg_a_mean(-c.a_mean), ce_a(ce.a), ce_b(ce.b);
   auto body = [&](int64_t i, int64_t count) {
     const bool tail = count < W;
     const Vec g = tail ? Vec::loadu(terms + i, count) : Vec::loadu(terms + i);
     Vec dev = zero;  // without standardization there is no std term (and a -inf logit stays out)
     if (standardize) dev = centered(tail ? Vec::loadu(v + i, count) : Vec::loadu(v + i), st);
-    const Vec out_v = grad_from_term(g, dev, a, neg_b, neg_a_mean);
+    Vec out_v = grad_from_term(g, dev, a, neg_b, neg_a_mean);
+    if (ce.ez != nullptr) {
+      out_v = out_v + at::vec::fmadd(ce_a, tail ? Vec::loadu(ce.ez + i, count) : Vec::loadu(ce.ez + i), ce_b);
+    }
     if (tail) out_v.store(out + i, count); else out_v.store(out + i);
   };
   int64_t i = 0;
@@ -426,20 +469,32 @@ T bregman_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const 
 // Per-thread scratch rows, allocated once per range of rows.
 template <class T>
 struct Scratch {
-  std::unique_ptr<T[]> x, y, ea, eb;
+  std::unique_ptr<T[]> x, y, ea, eb, ez;
 };
+
+template <class T>
+void store_parts(const KdProblem& p, int64_t r, T ce, T kd) {
+  if (p.ce_rows != nullptr) static_cast<T*>(p.ce_rows)[r] = ce;
+  if (p.kd_rows != nullptr) static_cast<T*>(p.kd_rows)[r] = kd;
+}
 
 template <class T, bool kGx, bool kGy>
 void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   const int64_t n = p.cols;
   T* loss = static_cast<T*>(p.loss);
-  if (p.mask != nullptr && !p.mask[r]) {
+  const bool has_labels = p.labels != nullptr;
+  const int64_t label = has_labels ? p.labels[r] : 0;
+  if ((p.mask != nullptr && !p.mask[r]) || (has_labels && label == p.ignore_index)) {
     if (!p.zero_excluded) return;  // recomputation: excluded rows keep their gradient
     if (loss != nullptr) loss[r] = T(0);
+    store_parts(p, r, T(0), T(0));
     if constexpr (kGx) zero_row(p.x_dtype, p.grad_x, r * n, n);
     if constexpr (kGy) zero_row(p.y_dtype, p.grad_y, r * n, n);
     return;
   }
+  // The op layer rejects labels outside [0, V) on CPU; a direct kernel call gets a NaN row, not a
+  // read out of bounds.
+  const bool label_ok = !has_labels || (label >= 0 && label < n);
   const T* x = acc_row<T>(p.x_dtype, p.x, r * p.x_stride, s.x.get(), n);
   const T* y = acc_row<T>(p.y_dtype, p.y, r * p.y_stride, s.y.get(), n);
 
@@ -455,35 +510,61 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   const bool finite = row_is_finite(sx) && row_is_finite(sy);
   const RowSums<T> sums = finite ? exp_pass<T, false, kStore>(x, y, n, plan, s.ea.get(), s.eb.get())
                                  : exp_pass<T, true, kStore>(x, y, n, plan, s.ea.get(), s.eb.get());
+  const T ce_weight = static_cast<T>(p.ce_weight);
+  const T kd_weight = static_cast<T>(p.kd_weight);
+  const T smoothing = static_cast<T>(p.label_smoothing);
+  const T classes = static_cast<T>(n);
+  CeSums<T> ce_sums{T(1), T(0)};
+  if (has_labels) {
+    ce_sums = kGx ? ce_pass<T, true>(x, n, plan, s.ez.get()) : ce_pass<T, false>(x, n, plan, nullptr);
+  }
   if (loss != nullptr) {
-    T row = row_loss(sums, tau_s, T(1));
+    T kd = row_loss(sums, tau_s, T(1));
     if (kl_needs_refinement(sums, T(1))) {
-      row = refined_row_loss(kStore ? bregman_pass<T, true>(x, y, n, plan, sums, s.ea.get(), s.eb.get())
-                                    : bregman_pass<T, false>(x, y, n, plan, sums, nullptr, nullptr),
-                             tau_s);
+      kd = refined_row_loss(kStore ? bregman_pass<T, true>(x, y, n, plan, sums, s.ea.get(), s.eb.get())
+                                   : bregman_pass<T, false>(x, y, n, plan, sums, nullptr, nullptr),
+                            tau_s);
     }
-    loss[r] = row;
+    T ce = T(0);
+    if (has_labels) {
+      const T sz_label = label_ok ? (x[label] * plan.x_scale - plan.x_max) / plan.x_scale : T(NAN);
+      ce = row_ce(ce_sums, sz_label, smoothing, classes, T(1));
+    }
+    loss[r] = row_objective(ce, kd, ce_weight, kd_weight, has_labels);
+    store_parts(p, r, ce, kd);
   }
   if constexpr (kStore) {
     const T kl_cross = kl_cross_term(sums, T(1));
     const TermSums<T> ts = term_pass<T, kGx, kGy>(x, y, n, p.standardize, plan, sx, sy, T(1) / sums.za,
                                                   T(1) / sums.zb, kl_cross, s.ea.get(), s.eb.get());
     const T grad_scale = static_cast<const T*>(p.grad_scale)[r * p.grad_scale_stride];
-    const T classes = static_cast<T>(n);
+    const T kd_scale = grad_scale * kd_weight;
     if constexpr (kGx) {
-      const TermCoef<T> c =
-          term_coefficients(ts.gx, ts.sx, classes, sx, dof, grad_scale * tau_s, p.standardize, eps);
+      const TermCoef<T> c = term_coefficients(ts.gx, ts.sx, classes, sx, dof, kd_scale * tau_s, p.standardize, eps);
+      CeGrad<T> ce;
+      if (has_labels) {
+        ce.ez = s.ez.get();
+        ce.a = grad_scale * ce_weight / ce_sums.zc;
+        ce.b = -grad_scale * ce_weight * smoothing / classes;
+      }
       const bool direct = is_acc_dtype<T>(p.x_dtype);
       T* out = direct ? static_cast<T*>(p.grad_x) + r * n : s.ea.get();
-      grad_pass(x, s.ea.get(), n, p.standardize, sx, c, out);
+      grad_pass(x, s.ea.get(), n, p.standardize, sx, c, ce, out);
+      if (has_labels) {  // the label's one-hot part (a NaN row for a label out of range)
+        if (label_ok) {
+          out[label] -= grad_scale * ce_weight * (T(1) - smoothing);
+        } else {
+          std::fill(out, out + n, T(NAN));
+        }
+      }
       if (!direct) store_row(out, p.x_dtype, p.grad_x, r * n, n);
     }
     if constexpr (kGy) {
       const TermCoef<T> c =
-          term_coefficients(ts.gy, ts.sy, classes, sy, dof, grad_scale * tau_s * tau_s / tau_t, p.standardize, eps);
+          term_coefficients(ts.gy, ts.sy, classes, sy, dof, kd_scale * tau_s * tau_s / tau_t, p.standardize, eps);
       const bool direct = is_acc_dtype<T>(p.y_dtype);
       T* out = direct ? static_cast<T*>(p.grad_y) + r * n : s.eb.get();
-      grad_pass(y, s.eb.get(), n, p.standardize, sy, c, out);
+      grad_pass(y, s.eb.get(), n, p.standardize, sy, c, CeGrad<T>{}, out);
       if (!direct) store_row(out, p.y_dtype, p.grad_y, r * n, n);
     }
   }
@@ -499,6 +580,7 @@ void run_rows(const KdProblem& p, int64_t begin, int64_t end) {
     s.ea.reset(new T[n]);
     s.eb.reset(new T[n]);
   }
+  if (kGx && p.labels != nullptr) s.ez.reset(new T[n]);
   for (int64_t r = begin; r < end; ++r) run_row<T, kGx, kGy>(p, r, s);
 }
 

@@ -205,6 +205,16 @@ __device__ __forceinline__ RowSums<A> combine(const RowSums<A>& a, const RowSums
 }
 
 template <class A>
+__device__ __forceinline__ CeSums<A> combine(const CeSums<A>& a, const CeSums<A>& b) {
+  return add_ce_sums(a, b);
+}
+
+template <class A>
+__device__ __forceinline__ CeSums<A> shfl_down(const CeSums<A>& c, int off) {
+  return CeSums<A>{__shfl_down_sync(0xffffffffu, c.zc, off), __shfl_down_sync(0xffffffffu, c.zsum, off)};
+}
+
+template <class A>
 __device__ __forceinline__ TermSums<A> combine(const TermSums<A>& a, const TermSums<A>& b) {
   return add_term_sums(a, b);
 }
@@ -338,6 +348,13 @@ struct KdCudaArgs {
   bool resident;           // chunks staged in shared memory (else read from global memory)
   bool from_terms;         // short rows: the chain rule from per-element terms (one more pass)
   bool standardize;
+  const int64_t* labels;   // the objective's labels (nullptr: pure KD)
+  int64_t ignore_index;
+  double label_smoothing;
+  double ce_weight;
+  double kd_weight;
+  void* ce_rows;           // the objective's parts per row (nullptr: not written)
+  void* kd_rows;
   int64_t correction;
   double tau_s;
   double tau_t;
@@ -361,6 +378,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   __shared__ TermSums<A> s_warp_t[kWarps];
   __shared__ TermSums<A> s_cta_t;
   __shared__ TermSums<A> s_row_t;
+  __shared__ CeSums<A> s_warp_c[kWarps];
+  __shared__ CeSums<A> s_cta_c;
+  __shared__ CeSums<A> s_row_c;
   __shared__ A s_warp_b[kWarps];
   __shared__ A s_cta_b;
   __shared__ A s_row_b;
@@ -381,8 +401,17 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   T* gy = args.grad_y != nullptr ? static_cast<T*>(args.grad_y) + row * cols + start : nullptr;
   A* loss = static_cast<A*>(args.loss);
 
-  if (args.mask != nullptr && !args.mask[row]) {  // the same branch in every CTA of the cluster
+  const bool has_labels = args.labels != nullptr;
+  const int64_t label = has_labels ? args.labels[row] : 0;
+  // A label outside [0, V) (not ignore_index) gives a NaN row: no host synchronization checks them.
+  const bool label_ok = !has_labels || (label >= 0 && label < cols);
+  if ((args.mask != nullptr && !args.mask[row]) || (has_labels && label == args.ignore_index)) {
+    // the same branch in every CTA of the cluster
     if (!args.zero_excluded) return;
+    if (rank == 0 && threadIdx.x == 0) {
+      if (args.ce_rows != nullptr) static_cast<A*>(args.ce_rows)[row] = A(0);
+      if (args.kd_rows != nullptr) static_cast<A*>(args.kd_rows)[row] = A(0);
+    }
     A zeros[P];
 #pragma unroll
     for (int i = 0; i < P; ++i) zeros[i] = A(0);
@@ -471,6 +500,27 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
     }
   }
   const RowSums<A> sums = row_reduce(part, s_warp_s, &s_cta_s, &s_row_s, cluster);
+  // 3a. The objective's CE sums over the raw student row, sz = (x - max x) / unit (row_math.h).
+  const A z_scale = E::kInvUnit / plan.x_scale;
+  CeSums<A> ce_sums{A(1), A(0)};
+  if (has_labels) {
+    CeSums<A> cpart{A(0), A(0)};
+    for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
+      const int64_t e = static_cast<int64_t>(j) * P;
+      A xv[P];
+      load_pack<S, P, kVec>(xc + e, xv);
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const A sz = exp_arg(xv[i], plan.x_max, z_scale, plan.x_scale);
+        cpart.zc += E::exp(sz);
+        cpart.zsum += sz;
+      }
+    }
+    ce_sums = row_reduce(cpart, s_warp_c, &s_cta_c, &s_row_c, cluster);
+  }
+  const A ce_weight = static_cast<A>(args.ce_weight);
+  const A kd_weight = static_cast<A>(args.kd_weight);
+  const A smoothing = static_cast<A>(args.label_smoothing);
   if (loss != nullptr) {
     A row_value = row_loss(sums, tau_s, E::kUnit);
     if (kl_needs_refinement(sums, E::kUnit)) {  // 3b. rare: the loss from the Bregman form
@@ -491,9 +541,25 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
       }
       row_value = refined_row_loss(row_reduce(bpart, s_warp_b, &s_cta_b, &s_row_b, cluster), tau_s);
     }
-    if (rank == 0 && threadIdx.x == 0) loss[row] = row_value;
+    A ce = A(0);
+    if (has_labels) {
+      const A x_label = label_ok ? Conv<S>::template load<A>(xg[label]) : A(NAN);
+      ce = row_ce(ce_sums, exp_arg(x_label, plan.x_max, z_scale, plan.x_scale), smoothing, static_cast<A>(cols),
+                  E::kUnit);
+    }
+    if (rank == 0 && threadIdx.x == 0) {
+      loss[row] = row_objective(ce, row_value, ce_weight, kd_weight, has_labels);
+      if (args.ce_rows != nullptr) static_cast<A*>(args.ce_rows)[row] = ce;
+      if (args.kd_rows != nullptr) static_cast<A*>(args.kd_rows)[row] = row_value;
+    }
   }
   const A grad_scale = static_cast<const A*>(args.grad_scale)[row * args.grad_scale_stride];
+  const A kd_scale = grad_scale * kd_weight;
+  // The CE part of the student gradient: ce_a e^sz + ce_b, and ce_l at the label (NaN: bad label).
+  const A ce_a = has_labels ? grad_scale * ce_weight / ce_sums.zc : A(0);
+  const A ce_b = has_labels ? -grad_scale * ce_weight * smoothing / static_cast<A>(cols) : A(0);
+  const A ce_l = label_ok ? -grad_scale * ce_weight * (A(1) - smoothing) : A(NAN);
+  const int64_t label_local = has_labels ? label - start : -1;  // the label's index in this CTA's chunk
 
   if ((want_gx || want_gy) && args.from_terms) {
     // 4a. Short rows: the per-element terms g and their sums G, S (row_math.h, term_coefficients),
@@ -528,9 +594,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
     if (cluster > 1) cluster_arrive();  // other CTAs may still read s_cta_t: wait before exiting
     const A classes = static_cast<A>(cols);
     const TermCoef<A> cx =
-        term_coefficients(ts.gx, ts.sx, classes, sx, dof, grad_scale * tau_s, args.standardize, eps);
+        term_coefficients(ts.gx, ts.sx, classes, sx, dof, kd_scale * tau_s, args.standardize, eps);
     const TermCoef<A> cy =
-        term_coefficients(ts.gy, ts.sy, classes, sy, dof, grad_scale * tau_s * tau_s / tau_t, args.standardize, eps);
+        term_coefficients(ts.gy, ts.sy, classes, sy, dof, kd_scale * tau_s * tau_s / tau_t, args.standardize, eps);
     // 4b. Gradients from the same terms (recomputed: the same inputs and code give the same bits).
     for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
       const int64_t e = static_cast<int64_t>(j) * P;
@@ -546,6 +612,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
         if (want_gx) {
           const A dev = args.standardize ? centered(xv[i], sx) : A(0);
           ox[i] = grad_from_term(student_term(ea, eb, rza, neg_rzb), dev, cx.a, -cx.b, -cx.a_mean);
+          if (has_labels) {
+            ox[i] += m_fma(ce_a, E::exp(exp_arg(xv[i], plan.x_max, z_scale, plan.x_scale)), ce_b);
+            if (!label_ok || e + i == label_local) ox[i] += ce_l;
+          }
         }
         if (want_gy) {
           const A dev = args.standardize ? centered(yv[i], sy) : A(0);
@@ -562,7 +632,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
 
   // Other CTAs may still read s_cta_s: arrive now, wait before exiting (overlaps the gradient pass).
   if (cluster > 1) cluster_arrive();
-  const RowResult<A> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, args.standardize, E::kUnit, grad_scale);
+  const RowResult<A> res = finalize_row(sums, sx, sy, dof, tau_s, tau_t, args.standardize, E::kUnit, kd_scale);
 
   // 4. Gradients.
   if (want_gx || want_gy) {
@@ -584,6 +654,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
         if (want_gx) {
           const A xk = args.standardize ? xv[i] * sx.scale - sx.shift : A(0);
           ox[i] = grad_student_elem(ea, eb, xk, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
+          if (has_labels) {
+            ox[i] += m_fma(ce_a, E::exp(exp_arg(xv[i], plan.x_max, z_scale, plan.x_scale)), ce_b);
+            if (!label_ok || e + i == label_local) ox[i] += ce_l;
+          }
         }
         if (want_gy) {
           const A yk = args.standardize ? yv[i] * sy.scale - sy.shift : A(0);
@@ -745,6 +819,13 @@ void launch_fused(const KdProblem& p, cudaStream_t stream) {
   args.x_stride = p.x_stride;
   args.y_stride = p.y_stride;
   args.mask = p.mask;
+  args.labels = p.labels;
+  args.ignore_index = p.ignore_index;
+  args.label_smoothing = p.label_smoothing;
+  args.ce_weight = p.ce_weight;
+  args.kd_weight = p.kd_weight;
+  args.ce_rows = p.ce_rows;
+  args.kd_rows = p.kd_rows;
   args.grad_scale = p.grad_scale;
   args.grad_scale_stride = p.grad_scale_stride;
   args.zero_excluded = p.zero_excluded;
@@ -823,37 +904,47 @@ void launch(const KdProblem& p, at::ScalarType s, at::ScalarType t, cudaStream_t
 
 // ----------------------------------------------------------------------------------------------
 // The ops.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
     const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize, int64_t correction, double eps,
-    bool grad_student, bool grad_teacher) {
+    bool grad_student, bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+    double label_smoothing, double ce_weight, double kd_weight) {
+  constexpr const char* op = "logitstd::fused_kd_forward";
   const at::ScalarType acc =
       check_fused_kd_forward(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps);
-  TORCH_CHECK_VALUE(student.is_cuda(), "logitstd::fused_kd_forward (CUDA): student is on ", student.device());
-  TORCH_CHECK_VALUE(student.size(1) <= INT32_MAX, "logitstd::fused_kd_forward (CUDA): student has ",
-                    student.size(1), " classes, more than the kernel's limit of 2^31 - 1");
+  check_objective(op, student, labels, label_smoothing, ce_weight, kd_weight);
+  TORCH_CHECK_VALUE(student.is_cuda(), op, " (CUDA): student is on ", student.device());
+  TORCH_CHECK_VALUE(student.size(1) <= INT32_MAX, op, " (CUDA): student has ", student.size(1),
+                    " classes, more than the kernel's limit of 2^31 - 1");
   const c10::cuda::CUDAGuard guard(student.device());
   if (!native_pair(student.scalar_type(), teacher.scalar_type())) {
     auto out = fused_kd_forward_cuda(student.to(acc), teacher.to(acc), mask, grad_scale, tau_s, tau_t,
-                                     standardize, correction, eps, grad_student, grad_teacher);
+                                     standardize, correction, eps, grad_student, grad_teacher, labels, ignore_index,
+                                     label_smoothing, ce_weight, kd_weight);
     at::Tensor grad_x = std::get<1>(out);
     at::Tensor grad_y = std::get<2>(out);
     return {std::get<0>(out), grad_student ? grad_x.to(student.scalar_type()) : student.new_empty({0}),
-            grad_teacher ? grad_y.to(teacher.scalar_type()) : teacher.new_empty({0})};
+            grad_teacher ? grad_y.to(teacher.scalar_type()) : teacher.new_empty({0}), std::get<3>(out),
+            std::get<4>(out)};
   }
   const int64_t rows = student.size(0);
   const int64_t cols = student.size(1);
   at::Tensor loss = at::empty({rows}, student.options().dtype(acc));
+  at::Tensor ce_rows = at::empty({rows}, student.options().dtype(acc));
+  at::Tensor kd_rows = at::empty({rows}, student.options().dtype(acc));
   at::Tensor grad_x = grad_student ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_y = grad_teacher ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
-  if (rows == 0) return {loss, grad_x, grad_y};
+  if (rows == 0) return {loss, grad_x, grad_y, ce_rows, kd_rows};
   const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
   KdProblem p = make_problem(student, teacher, mask, acc, loss, grad_x, grad_y, tau_s, tau_t, standardize,
                              correction, eps);
+  set_objective(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight);
+  p.ce_rows = ce_rows.data_ptr();
+  p.kd_rows = kd_rows.data_ptr();
   p.grad_scale = factors.data_ptr();
   p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
   launch(p, student.scalar_type(), teacher.scalar_type(), c10::cuda::getCurrentCUDAStream());
-  return {loss, grad_x, grad_y};
+  return {loss, grad_x, grad_y, ce_rows, kd_rows};
 }
 
 // Recompute the gradients of the rows where `active` is true, in place (the backward's one-rounding
@@ -861,15 +952,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cuda(
 // cost no memory traffic: the kernel returns before loading them (no host synchronization).
 void fused_kd_regrad_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& active,
                           const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize,
-                          int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y) {
+                          int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y,
+                          const std::optional<at::Tensor>& labels, int64_t ignore_index, double label_smoothing,
+                          double ce_weight, double kd_weight) {
+  constexpr const char* op = "logitstd::fused_kd_regrad_";
   const at::ScalarType acc = check_fused_kd_regrad(student, teacher, active, grad_scale, tau_s, tau_t, standardize,
                                                    correction, eps, grad_x, grad_y);
-  TORCH_CHECK_VALUE(student.is_cuda(), "logitstd::fused_kd_regrad_ (CUDA): student is on ", student.device());
+  check_objective(op, student, labels, label_smoothing, ce_weight, kd_weight);
+  TORCH_CHECK_VALUE(student.is_cuda(), op, " (CUDA): student is on ", student.device());
   if (student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;
   const c10::cuda::CUDAGuard guard(student.device());
   if (!native_pair(student.scalar_type(), teacher.scalar_type())) {
     auto out = fused_kd_forward_cuda(student.to(acc), teacher.to(acc), active, grad_scale, tau_s, tau_t, standardize,
-                                     correction, eps, grad_x.numel() > 0, grad_y.numel() > 0);
+                                     correction, eps, grad_x.numel() > 0, grad_y.numel() > 0, labels, ignore_index,
+                                     label_smoothing, ce_weight, kd_weight);
     const at::Tensor rows = active.reshape({-1, 1});
     if (grad_x.numel() > 0) grad_x.copy_(at::where(rows, std::get<1>(out).to(grad_x.scalar_type()), grad_x));
     if (grad_y.numel() > 0) grad_y.copy_(at::where(rows, std::get<2>(out).to(grad_y.scalar_type()), grad_y));
@@ -879,6 +975,7 @@ void fused_kd_regrad_cuda(const at::Tensor& student, const at::Tensor& teacher, 
   const at::Tensor no_loss = at::empty({0}, student.options().dtype(acc));
   KdProblem p = make_problem(student, teacher, active, acc, no_loss, grad_x, grad_y, tau_s, tau_t, standardize,
                              correction, eps);
+  set_objective(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight);
   p.loss = nullptr;
   p.zero_excluded = false;
   p.grad_scale = factors.data_ptr();

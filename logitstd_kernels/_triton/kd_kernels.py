@@ -165,6 +165,39 @@ def _keep_row(keep_ptr, row, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _row_label(labels_ptr, row, V, ignore_index, keep, HAS_LABELS: tl.constexpr):
+    """(keep and the label is not ignore_index, the label, whether it lies in [0, V))."""
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        keep = keep & (label != ignore_index)
+        label_ok = (label >= 0) & (label < V)
+    else:
+        label = row.to(tl.int64) * 0
+        label_ok = keep | True
+    return keep, label, label_ok
+
+
+@triton.jit
+def _row_ce(zc, zsum, sz_label, smoothing, v_f):
+    """CE = (1 - s)(log Zc - ln2 sz_label) + s (log Zc - ln2 zsum / V) (row_math.h, row_ce; log2 units)."""
+    log_z = LN2 * tl.log2(zc)
+    nll = log_z - LN2 * sz_label
+    return (1.0 - smoothing) * nll + smoothing * (log_z - LN2 * zsum / v_f)
+
+
+@triton.jit
+def _store_row_results(rows_ptr, ce_ptr, kd_ptr, row, keep, ce, kd, ce_w, kd_w, HAS_LABELS: tl.constexpr):
+    """The row's objective ce_w CE + kd_w KD (kd_w KD without labels) and its two parts."""
+    if HAS_LABELS:
+        obj = ce_w * ce + kd_w * kd
+    else:
+        obj = kd_w * kd
+    tl.store(rows_ptr + row, tl.where(keep, obj, 0.0))
+    tl.store(ce_ptr + row, tl.where(keep, ce, 0.0))
+    tl.store(kd_ptr + row, tl.where(keep, kd, 0.0))
+
+
+@triton.jit
 def _total(t):
     """Sum of a [R, VEC] tile: inside each thread along VEC, then across threads."""
     return tl.sum(tl.sum(t, axis=1), axis=0)
@@ -250,17 +283,19 @@ def _term_coefficients(G, S, sigma, s, c, eps_a, dof_a, v_f, a_full, STANDARDIZE
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def kd_register_kernel(
-    x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr,
-    V, v_runs, runs_x, runs_y, scale_stride,
+    x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr, labels_ptr, ce_ptr, kd_ptr,
+    V, v_runs, runs_x, runs_y, scale_stride, ignore_index,
     tau_s: tl.float64, tau_t: tl.float64, eps: tl.float64, dof: tl.float64, v_float: tl.float64,
+    smoothing: tl.float64, ce_weight: tl.float64, kd_weight: tl.float64,
     BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr,
 ):
     """Loss (and gradients) of one row with V <= BLOCK: one read of x and y, one write per gradient."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    keep = _keep_row(keep_ptr, row, HAS_MASK)
+    keep, label, label_ok = _row_label(labels_ptr, row, V, ignore_index, _keep_row(keep_ptr, row, HAS_MASK),
+                                       HAS_LABELS)
     # row offsets in runs of VEC classes times VEC: the compiler sees VEC-aligned rows (vector access)
     x_row = x_ptr + row64 * runs_x * VEC
     y_row = y_ptr + row64 * runs_y * VEC
@@ -279,8 +314,8 @@ def kd_register_kernel(
     dof_a = _scalar(dof, ACC64)
     eps_a = _scalar(eps, ACC64)
     one = _scalar(1.0, ACC64)
+    mx, my = _max2(tl.max(x, axis=1), tl.max(y, axis=1))
     if STANDARDIZE:
-        mx, my = _max2(tl.max(x, axis=1), tl.max(y, axis=1))
         nx, ny = _min2(tl.min(x, axis=1), tl.min(y, axis=1))
         cx = _magnitude_scale(mx, nx, ACC64)
         cy = _magnitude_scale(my, ny, ACC64)
@@ -311,7 +346,8 @@ def kd_register_kernel(
         dy = dx
         u = x
         w = y
-        u_max, w_max = _max2(tl.max(x, axis=1), tl.max(y, axis=1))
+        u_max = mx
+        w_max = my
 
     da = (u - u_max) * (LOG2E / ts)
     db = (w - w_max) * (LOG2E / tt)
@@ -326,21 +362,40 @@ def kd_register_kernel(
     r_zb = 1.0 / zb
     kl, refine, neg_lz = _kl_parts(za, zb, t2, _total(tl.abs(eh)))
     kl = tl.where(refine, _total(_bregman_terms(ea, eb, delta, r_za, r_zb, neg_lz)), kl)
-    tl.store(rows_ptr + row, tl.where(keep, ts * ts * kl, 0.0))
+    ce_w = _scalar(ce_weight, ACC64)
+    kd_w = _scalar(kd_weight, ACC64)
+    smooth = _scalar(smoothing, ACC64)
+    ce = kl * 0.0
+    if HAS_LABELS:
+        # The objective's CE over the raw student row (row_math.h): sz = (x - max x) log2(e).
+        sz = (x - mx) * LOG2E
+        ez = tl.where(valid, tl.exp2(sz), 0.0)
+        r_zc = 1.0 / _total(ez)
+        x_label = _to_acc(tl.load(x_ptr + row64 * runs_x * VEC + label, mask=keep & label_ok, other=0.0), ACC64)
+        sz_label = tl.where(label_ok, (x_label - mx) * LOG2E, float("nan"))
+        ce = _row_ce(_total(ez), _total(tl.where(valid, sz, 0.0)), sz_label, smooth, v_f)
+    _store_row_results(rows_ptr, ce_ptr, kd_ptr, row, keep, ce, ts * ts * kl, ce_w, kd_w, HAS_LABELS)
 
     if GRAD_S or GRAD_T:
         scale = _to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
+        kd_scale = scale * kd_w
         out_offs = row64 * v_runs * VEC + offs
         p = eb * r_zb
         if GRAD_S:
             g = ea * r_za - p
             a, b, a_mean = _term_coefficients(_total(g), _total(g * dx), sigma_x, s_x, cx, eps_a, dof_a, v_f,
-                                              scale * ts, STANDARDIZE)
-            _store_grad(gx_ptr, out_offs, valid, a * g - b * dx - a_mean, one, keep, ZERO_EXCLUDED, ROUND_BF16)
+                                              kd_scale * ts, STANDARDIZE)
+            out = a * g - b * dx - a_mean
+            if HAS_LABELS:  # + ce_w (softmax(x) - s / V - (1 - s) onehot); a NaN row for a bad label
+                ce_scale = scale * ce_w
+                out += ce_scale * (ez * r_zc - smooth / v_f)
+                out -= tl.where(offs == label, ce_scale * (1.0 - smooth), 0.0)
+                out = tl.where(label_ok, out, float("nan"))
+            _store_grad(gx_ptr, out_offs, valid, out, one, keep, ZERO_EXCLUDED, ROUND_BF16)
         if GRAD_T:
             g = tl.where(eb > 0.0, p * (delta * LN2 - LN2 * (t2 * r_zb)), 0.0)
             a, b, a_mean = _term_coefficients(_total(g), _total(g * dy), sigma_y, s_y, cy, eps_a, dof_a, v_f,
-                                              scale * ts * ts / tt, STANDARDIZE)
+                                              kd_scale * ts * ts / tt, STANDARDIZE)
             _store_grad(gy_ptr, out_offs, valid, a * g - b * dy - a_mean, one, keep, ZERO_EXCLUDED, ROUND_BF16)
 
 
@@ -487,6 +542,17 @@ def _std_args(x, y, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max
 
 
 @triton.jit
+def _ce_tile(x, m, raw_max, zc_r, zsum_r):
+    """The objective's CE sums of one tile (raw x): e^sz and sz, sz = (x - max x) log2(e)."""
+    sz = (x - raw_max) * LOG2E
+    ez = tl.exp2(sz)
+    if m is not None:
+        ez = tl.where(m, ez, 0.0)
+        sz = tl.where(m, sz, 0.0)
+    return zc_r + tl.sum(ez, axis=1), zsum_r + tl.sum(sz, axis=1)
+
+
+@triton.jit
 def _sums_tile(x, y, m, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
                za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r,
                STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, MASKED: tl.constexpr):
@@ -517,12 +583,15 @@ def _sums_tile(x, y, m, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w
 
 
 @triton.jit
-def _grad_tile(x, y, m, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, x0, y0, cx, cy, mean_x, mean_y,
+def _grad_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, x0, y0, cx, cy, mean_x, mean_y,
                inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r,
+               raw_max, r_zc, ce_scale, ce_b, ce_l, label, label_ok,
                STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-               ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr):
+               ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr):
     """Pass 3 on one tile: write ``scale * dL/dx`` and/or ``scale * dL/dy`` (t2n = T / Z_b), and add
-    the tile's Bregman terms of the loss to ``br_r``.
+    the tile's Bregman terms of the loss to ``br_r``. With labels the student gradient also gets the
+    CE term ``ce_scale e^sz / Zc - ce_b`` and ``- ce_l`` at the label (``scale_x`` holds the KD
+    weight; ce_b = ce_scale s / V, ce_l = ce_scale (1 - s); a NaN row for a label outside [0, V)).
 
     ``m`` masks the stores of the partial tile; full tiles pass None (unmasked vector stores).
     """
@@ -540,7 +609,12 @@ def _grad_tile(x, y, m, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, x0, y0
         g = ts * (ea * r_za - p)
         if STANDARDIZE:
             g = g * inv_sx - u * coef_x
-        _store_grad(gx_ptr, out_offs, m, g, scale_x, keep, ZERO_EXCLUDED, ROUND_BF16)
+        g = g * scale_x
+        if HAS_LABELS:
+            g += ce_scale * tl.exp2((x - raw_max) * LOG2E) * r_zc - ce_b
+            g -= tl.where(offs == label, ce_l, 0.0)
+            g = tl.where(label_ok, g, float("nan"))
+        _store_grad(gx_ptr, out_offs, m, g, 1.0, keep, ZERO_EXCLUDED, ROUND_BF16)
     if GRAD_T:
         g = tl.where(eb > 0.0, kt * p * (delta - t2n), 0.0)
         if STANDARDIZE:
@@ -566,17 +640,19 @@ def _bregman_tile(x, y, m, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max
 
 @triton.jit
 def kd_blocked_kernel(
-    x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr,
-    V, v_runs, runs_x, runs_y, scale_stride,
+    x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr, labels_ptr, ce_ptr, kd_ptr,
+    V, v_runs, runs_x, runs_y, scale_stride, ignore_index,
     tau_s: tl.float64, tau_t: tl.float64, eps: tl.float64, dof: tl.float64, v_float: tl.float64,
+    smoothing: tl.float64, ce_weight: tl.float64, kd_weight: tl.float64,
     BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr,
 ):
     """Loss (and gradients) of one row of any length: three passes over BLOCK-wide tiles."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    keep = _keep_row(keep_ptr, row, HAS_MASK)
+    keep, label, label_ok = _row_label(labels_ptr, row, V, ignore_index, _keep_row(keep_ptr, row, HAS_MASK),
+                                       HAS_LABELS)
     # row offsets in runs of VEC classes times VEC: the compiler sees VEC-aligned rows (vector access)
     x_row = x_ptr + row64 * runs_x * VEC
     y_row = y_ptr + row64 * runs_y * VEC
@@ -625,6 +701,7 @@ def kd_blocked_kernel(
         inv_sy = one
     u_max = (max_x - x0 - mean_x) * inv_sx
     w_max = (max_y - y0 - mean_y) * inv_sy
+    raw_max = max_x / cx  # exact: cx is a power of two
 
     # Pass 2, last tile first: the partial tile, then the full tiles backwards.
     zero = _to_acc(tl.zeros([BLOCK // VEC], dtype=tl.float32), ACC64)
@@ -636,6 +713,8 @@ def kd_blocked_kernel(
     sbu_r = zero
     sbw_r = zero
     tbw_r = zero
+    zc_r = zero
+    zsum_r = zero
     if has_tail:
         offs = num_full * BLOCK + offs0
         x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
@@ -643,6 +722,8 @@ def kd_blocked_kernel(
             _to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
             u_max, w_max, ca, cb, za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S,
             GRAD_T, True)
+        if HAS_LABELS:
+            zc_r, zsum_r = _ce_tile(_to_acc(x, ACC64), offs < V, raw_max, zc_r, zsum_r)
     x_next, y_next = _load_tile(x_row, y_row, tl.maximum(num_full - 1, 0) * BLOCK + offs0, v_full,
                                 x0_raw, y0_raw)
     for i in range(0, num_full):
@@ -655,6 +736,19 @@ def kd_blocked_kernel(
         za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
             x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
             za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, False)
+        if HAS_LABELS:
+            zc_r, zsum_r = _ce_tile(x, None, raw_max, zc_r, zsum_r)
+    ce_w = _scalar(ce_weight, ACC64)
+    kd_w = _scalar(kd_weight, ACC64)
+    smooth = _scalar(smoothing, ACC64)
+    v_f = _scalar(v_float, ACC64)
+    zc = tl.sum(zc_r, axis=0)
+    r_zc = 1.0 / zc
+    ce = zc * 0.0
+    if HAS_LABELS:  # the objective's CE (row_math.h, row_ce)
+        x_label = _to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
+        sz_label = tl.where(label_ok, (x_label - raw_max) * LOG2E, float("nan"))
+        ce = _row_ce(zc, tl.sum(zsum_r, axis=0), sz_label, smooth, v_f)
     za = tl.sum(za_r, axis=0)
     zb = tl.sum(zb_r, axis=0)
     t2 = tl.sum(t2_r, axis=0)
@@ -674,6 +768,10 @@ def kd_blocked_kernel(
             num_pass3 = num_full
             tail3 = has_tail
         scale = _to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
+        kd_scale = scale * kd_w
+        ce_scale = scale * ce_w
+        ce_b = ce_scale * smooth / v_f
+        ce_l = ce_scale * (1.0 - smooth)
         kt = ts * ts / tt * LN2
         coef_x = sigma_x
         coef_y = sigma_y
@@ -692,17 +790,18 @@ def kd_blocked_kernel(
             x = _to_acc(x_next, ACC64)
             y = _to_acc(y_next, ACC64)
             x_next, y_next = _load_tile(x_row, y_row, offs + BLOCK, v_full, x0_raw, y0_raw)
-            br_r = _grad_tile(x, y, None, out_row + offs, gx_ptr, gy_ptr, scale * cx, scale * cy, keep, x0, y0,
-                              cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts, kt,
-                              t2n, coef_x, coef_y, neg_lz, br_r, STANDARDIZE, GRAD_S, GRAD_T, ZERO_EXCLUDED,
-                              ROUND_BF16)
+            br_r = _grad_tile(x, y, None, offs, out_row + offs, gx_ptr, gy_ptr, kd_scale * cx, kd_scale * cy, keep,
+                              x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts,
+                              kt, t2n, coef_x, coef_y, neg_lz, br_r, raw_max, r_zc, ce_scale, ce_b, ce_l, label,
+                              label_ok, STANDARDIZE, GRAD_S, GRAD_T, ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS)
         if tail3:
             offs = num_pass3 * BLOCK + offs0
             x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
-            br_r = _grad_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, out_row + offs, gx_ptr, gy_ptr,
-                              scale * cx, scale * cy, keep, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max,
-                              w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r, STANDARDIZE,
-                              GRAD_S, GRAD_T, ZERO_EXCLUDED, ROUND_BF16)
+            br_r = _grad_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, offs, out_row + offs, gx_ptr, gy_ptr,
+                              kd_scale * cx, kd_scale * cy, keep, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
+                              u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r, raw_max,
+                              r_zc, ce_scale, ce_b, ce_l, label, label_ok, STANDARDIZE, GRAD_S, GRAD_T,
+                              ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS)
     else:
         num_pass3 = num_full * refine.to(tl.int32)
         x_next, y_next = _load_tile(x_row, y_row, offs0, num_pass3 * BLOCK, x0_raw, y0_raw)
@@ -718,7 +817,7 @@ def kd_blocked_kernel(
             br_r = _bregman_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y,
                                  inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, neg_lz, br_r, STANDARDIZE)
     kl = tl.where(refine, tl.sum(br_r, axis=0), kl)
-    tl.store(rows_ptr + row, tl.where(keep, ts * ts * kl, 0.0))
+    _store_row_results(rows_ptr, ce_ptr, kd_ptr, row, keep, ce, ts * ts * kl, ce_w, kd_w, HAS_LABELS)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import triton
 
+from .._backends import Objective
 from .config import SCALE_BLOCK, SCALE_WARPS, KernelConfig, kd_config, vector_width
 from .kd_kernels import kd_blocked_kernel, kd_register_kernel, scale_rows_kernel
 
@@ -42,9 +43,9 @@ def _check_rows(name: str, t: torch.Tensor) -> None:
 
 
 def _launch(student: torch.Tensor, teacher: torch.Tensor, keep: Optional[torch.Tensor], grad_scale: torch.Tensor,
-            rows: torch.Tensor, gx: Optional[torch.Tensor], gy: Optional[torch.Tensor], tau_s: float, tau_t: float,
-            standardize: bool, correction: int, eps: float, zero_excluded: bool,
-            config: Optional[KernelConfig]) -> None:
+            rows: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor], gx: Optional[torch.Tensor],
+            gy: Optional[torch.Tensor], tau_s: float, tau_t: float, standardize: bool, correction: int, eps: float,
+            objective: Optional[Objective], zero_excluded: bool, config: Optional[KernelConfig]) -> None:
     """One launch of the fused kernel over every row (see ``fused_kd_forward`` for the arguments)."""
     num_rows, num_classes = student.shape
     acc64 = torch.float64 in (student.dtype, teacher.dtype)
@@ -60,16 +61,22 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, keep: Optional[torch.T
     # The interpreter (CPU tensors) rounds float32 -> bfloat16 wrongly: the kernels round on the bits.
     round_bf16 = student.device.type == "cpu" and any(
         g is not None and g.dtype == torch.bfloat16 for g in (gx, gy))
+    labels = objective.labels.contiguous() if objective is not None else None
     with _device_guard(student):
         kernel[(num_rows,)](
             student, teacher, keep if keep is not None else rows, factors, rows,
             gx if gx is not None else rows, gy if gy is not None else rows,
+            labels if labels is not None else rows, parts[0], parts[1],
             num_classes, num_classes // vec, student.stride(0) // vec, teacher.stride(0) // vec,
             factors.stride(0) if factors.numel() > 1 else 0,
+            int(objective.ignore_index) if objective is not None else -100,
             float(tau_s), float(tau_t), float(eps), dof, float(num_classes),
+            float(objective.label_smoothing) if objective is not None else 0.0,
+            float(objective.ce_weight) if objective is not None else 0.0,
+            float(objective.kd_weight) if objective is not None else 1.0,
             BLOCK=cfg.block, VEC=vec, STANDARDIZE=bool(standardize), GRAD_S=gx is not None,
             GRAD_T=gy is not None, HAS_MASK=keep is not None, ACC64=acc64, ZERO_EXCLUDED=zero_excluded,
-            ROUND_BF16=round_bf16, num_warps=cfg.num_warps,
+            ROUND_BF16=round_bf16, HAS_LABELS=objective is not None, num_warps=cfg.num_warps,
         )
 
 
@@ -90,9 +97,10 @@ def fused_kd_forward(
     eps: float,
     grad_student: bool,
     grad_teacher: bool,
+    objective: Optional[Objective] = None,
     *,
     config: Optional[KernelConfig] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss ``tau_s**2 * KL`` of (N, V) logits and, if requested, the scaled gradients.
 
     Equivalent eager code (``acc`` = float64 if an input is float64, else float32)::
@@ -101,9 +109,12 @@ def fused_kd_forward(
         rows = torch.where(mask, rows, 0)                      # masked rows: 0, and no NaN leak
         grad_student = (grad_scale[:, None] * d rows / d student).to(student.dtype)   # same for teacher
 
-    ``grad_scale`` has one element or one per row. ``config`` overrides the table of
-    ``config.kd_config`` (tests use it to force the blocked path at small V). Returns
-    ``(rows, grad_student, grad_teacher)``; a gradient that is not requested is an empty (0,) tensor.
+    ``grad_scale`` has one element or one per row. With an ``objective`` the rows are
+    ``ce_weight * CE + kd_weight * tau_s**2 KL`` (``reference.distillation_loss``), the gradients
+    likewise; a label outside [0, V) gives its row NaN (no host synchronization). ``config``
+    overrides the table of ``config.kd_config`` (tests use it to force the blocked path at small V).
+    Returns ``(rows, grad_student, grad_teacher, ce_rows, kd_rows)``; a gradient that is not
+    requested is an empty (0,) tensor; ``ce_rows``/``kd_rows`` are the objective's two parts.
     """
     _check_rows("student", student)
     _check_rows("teacher", teacher)
@@ -114,10 +125,11 @@ def fused_kd_forward(
           if grad_student else student.new_empty((0,)))
     gy = (torch.empty((num_rows, num_classes), dtype=teacher.dtype, device=teacher.device)
           if grad_teacher else teacher.new_empty((0,)))
+    parts = (torch.empty_like(rows), torch.empty_like(rows))
     if num_rows > 0:
-        _launch(student, teacher, _keep(mask), grad_scale, rows, gx if grad_student else None,
-                gy if grad_teacher else None, tau_s, tau_t, standardize, correction, eps, True, config)
-    return rows, gx, gy
+        _launch(student, teacher, _keep(mask), grad_scale, rows, parts, gx if grad_student else None,
+                gy if grad_teacher else None, tau_s, tau_t, standardize, correction, eps, objective, True, config)
+    return rows, gx, gy, parts[0], parts[1]
 
 
 def fused_kd_regrad_(
@@ -132,6 +144,7 @@ def fused_kd_regrad_(
     eps: float,
     grad_x: torch.Tensor,
     grad_y: torch.Tensor,
+    objective: Optional[Objective] = None,
     *,
     config: Optional[KernelConfig] = None,
 ) -> None:
@@ -151,8 +164,8 @@ def fused_kd_regrad_(
         return
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     scratch = torch.empty(student.shape[0], dtype=acc, device=student.device)
-    _launch(student, teacher, _keep(active), grad_scale, scratch, grad_x if want_x else None,
-            grad_y if want_y else None, tau_s, tau_t, standardize, correction, eps, False, config)
+    _launch(student, teacher, _keep(active), grad_scale, scratch, (scratch, scratch), grad_x if want_x else None,
+            grad_y if want_y else None, tau_s, tau_t, standardize, correction, eps, objective, False, config)
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

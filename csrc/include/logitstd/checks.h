@@ -124,6 +124,45 @@ inline void check_scale_rows(const at::Tensor& grad, const at::Tensor& scale) {
                     grad.device());
 }
 
+// The objective's arguments (fused_kd_forward / fused_kd_regrad_ with labels).
+inline void check_objective(const char* op, const at::Tensor& student, const std::optional<at::Tensor>& labels,
+                            double label_smoothing, double ce_weight, double kd_weight) {
+  TORCH_CHECK_VALUE(std::isfinite(kd_weight) && kd_weight >= 0, op, ": kd_weight must be finite and >= 0, got ",
+                    kd_weight);
+  if (!labels.has_value()) return;
+  const at::Tensor& l = *labels;
+  TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, op, ": labels must have dtype int64, got ", l.scalar_type());
+  TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == student.size(0) && l.is_contiguous(), op,
+                    ": labels must be a contiguous tensor of shape (", student.size(0), ",), got shape ", l.sizes());
+  TORCH_CHECK_VALUE(l.device() == student.device(), op, ": labels is on ", l.device(), " but student is on ",
+                    student.device());
+  TORCH_CHECK_VALUE(std::isfinite(ce_weight) && ce_weight >= 0, op, ": ce_weight must be finite and >= 0, got ",
+                    ce_weight);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1, op, ": label_smoothing must be in [0, 1), got ",
+                    label_smoothing);
+}
+
+// Labels outside [0, V) that are not ignore_index: the CPU kernels raise (reading them costs nothing
+// there); the CUDA kernels make such a row's loss and gradient NaN (no host synchronization).
+inline void check_label_values_cpu(const char* op, const std::optional<at::Tensor>& labels, int64_t num_classes,
+                                   int64_t ignore_index) {
+  if (!labels.has_value()) return;
+  const int64_t* l = labels->data_ptr<int64_t>();
+  for (int64_t r = 0; r < labels->numel(); ++r) {
+    TORCH_CHECK_INDEX(l[r] == ignore_index || (l[r] >= 0 && l[r] < num_classes), op, ": labels[", r, "] = ", l[r],
+                      " is outside [0, ", num_classes, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+inline void set_objective(KdProblem& p, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                          double label_smoothing, double ce_weight, double kd_weight) {
+  p.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.ce_weight = ce_weight;
+  p.kd_weight = kd_weight;
+}
+
 // The kernel-facing description of a checked call (outputs already allocated by the caller).
 inline KdProblem make_problem(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& mask, at::ScalarType acc, const at::Tensor& loss,

@@ -34,6 +34,16 @@ struct KdProblem {
   double eps = 0.0;
   int64_t correction = 1;
   bool standardize = true;
+  // The distillation objective (objective.py): labels (rows,) int64 or nullptr (pure KD); a row
+  // whose label is ignore_index is excluded like a masked row. loss = ce_weight * CE + kd_weight * KD,
+  // the gradients likewise; ce_rows / kd_rows (rows,) receive the two parts (nullptr: not written).
+  const int64_t* labels = nullptr;
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double ce_weight = 0.0;
+  double kd_weight = 1.0;
+  void* ce_rows = nullptr;
+  void* kd_rows = nullptr;
   bool acc_double = false;  // accumulate in float64 (either input is float64), else float32
 };
 

@@ -483,4 +483,38 @@ LOGITSTD_HD T refined_row_loss(T bregman_sum, T tau_s) {
   return tau_s * tau_s * bregman_sum;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Hard-label cross-entropy of the raw student row (temperature 1, no standardization), fused with
+// the KD term (docs/design.md, "the distillation objective"). With sz_k = (x_k - max x) / unit
+// (exp_arg with scale inv_unit / c on the scaled row, exact since c is a power of two),
+//   Z_c = sum e^sz,  lse - x_l = (max x - x_l) + log Z_c,  lse - mean x = -unit sum sz / V + log Z_c,
+//   CE  = (1 - s)(lse - x_l) + s (lse - mean x)                   (label smoothing s)
+//   dCE/dx_k = e^sz_k / Z_c - s / V - (1 - s) [k = l]
+// No term is a difference of large numbers: max x - x_l >= 0 and log Z_c in [0, log V].
+template <class T>
+struct CeSums {
+  T zc;    // sum e^sz
+  T zsum;  // sum sz (label smoothing's mean term)
+};
+
+template <class T>
+LOGITSTD_HD CeSums<T> add_ce_sums(const CeSums<T>& a, const CeSums<T>& b) {
+  return CeSums<T>{a.zc + b.zc, a.zsum + b.zsum};
+}
+
+// The CE of a row; sz_label is sz at the label (a value <= 0), num_classes = V.
+template <class T>
+LOGITSTD_HD T row_ce(const CeSums<T>& c, T sz_label, T smoothing, T num_classes, T unit) {
+  const T log_z = m_log(c.zc);
+  const T nll = log_z - unit * sz_label;
+  if (smoothing == T(0)) return nll;
+  return m_fma(T(1) - smoothing, nll, smoothing * (log_z - unit * c.zsum / num_classes));
+}
+
+// The row's objective and its two parts: ce_weight * CE + kd_weight * tau_s^2 KL.
+template <class T>
+LOGITSTD_HD T row_objective(T ce, T kd, T ce_weight, T kd_weight, bool has_labels) {
+  return has_labels ? m_fma(ce_weight, ce, kd_weight * kd) : kd_weight * kd;
+}
+
 }  // namespace logitstd
