@@ -358,20 +358,28 @@ TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const
 // CE pass (the distillation objective only): e^sz over the raw student row, sz = x - max x
 // (row_math.h, CeSums), stored in ez_out when the student gradient is requested.
 template <class T, bool kStore>
-CeSums<T> ce_pass(const T* x, int64_t n, const ExpPlan<T>& plan, T* ez_out) {
+CeSums<T> ce_pass(const T* x, int64_t n, const ExpPlan<T>& plan, int64_t label, T* ez_out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec x_max(plan.x_max), xc(plan.x_scale), inv_c(T(1) / plan.x_scale), zero(T(0));
-  CeSums<T> total{T(0), T(0)};
+  CeSums<T> total{T(0), T(0), T(0)};
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = std::min(n, b0 + kBlock);
-    Vec zc = zero, zsum = zero;
+    Vec zc = zero, zsum = zero, excl = zero;
     auto body = [&](int64_t i, int64_t count) {
       const bool tail = count < W;
       const Vec sz = exp_arg(tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i), x_max, inv_c, xc);
       Vec ez = sz.exp();
       if (tail) ez = Vec::set(zero, ez, count);
       zc = zc + ez;
+      if (label >= i && label < i + count) {  // the label's lane stays out of E
+        alignas(64) T lanes[Vec::size()];
+        ez.store(lanes);
+        lanes[label - i] = T(0);
+        excl = excl + Vec::loadu(lanes);
+      } else {
+        excl = excl + ez;
+      }
       zsum = zsum + (tail ? Vec::set(zero, sz, count) : sz);
       if constexpr (kStore) {
         if (tail) ez.store(ez_out + i, count); else ez.store(ez_out + i);
@@ -380,7 +388,7 @@ CeSums<T> ce_pass(const T* x, int64_t n, const ExpPlan<T>& plan, T* ez_out) {
     int64_t i = b0;
     for (; i + W <= b1; i += W) body(i, W);
     if (i < b1) body(i, b1 - i);
-    total = add_ce_sums(total, CeSums<T>{lane_sum(zc), lane_sum(zsum)});
+    total = add_ce_sums(total, CeSums<T>{lane_sum(zc), lane_sum(zsum), lane_sum(excl)});
   }
   return total;
 }
@@ -514,9 +522,9 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   const T kd_weight = static_cast<T>(p.kd_weight);
   const T smoothing = static_cast<T>(p.label_smoothing);
   const T classes = static_cast<T>(n);
-  CeSums<T> ce_sums{T(1), T(0)};
+  CeSums<T> ce_sums{T(1), T(0), T(0)};
   if (has_labels) {
-    ce_sums = kGx ? ce_pass<T, true>(x, n, plan, s.ez.get()) : ce_pass<T, false>(x, n, plan, nullptr);
+    ce_sums = kGx ? ce_pass<T, true>(x, n, plan, label, s.ez.get()) : ce_pass<T, false>(x, n, plan, label, nullptr);
   }
   if (loss != nullptr) {
     T kd = row_loss(sums, tau_s, T(1));
@@ -528,7 +536,7 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
     T ce = T(0);
     if (has_labels) {
       const T sz_label = label_ok ? (x[label] * plan.x_scale - plan.x_max) / plan.x_scale : T(NAN);
-      ce = row_ce(ce_sums, sz_label, smoothing, classes, T(1));
+      ce = row_ce(ce_sums, sz_label, std::exp(sz_label), smoothing, classes, T(1));
     }
     loss[r] = row_objective(ce, kd, ce_weight, kd_weight, has_labels);
     store_parts(p, r, ce, kd);
@@ -549,10 +557,18 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
       }
       const bool direct = is_acc_dtype<T>(p.x_dtype);
       T* out = direct ? static_cast<T*>(p.grad_x) + r * n : s.ea.get();
+      // The label's element from its own formula (row_math.h, ce_label_grad): its KD part first,
+      // before grad_pass overwrites the terms it is computed from.
+      T label_grad = T(NAN);
+      if (has_labels && label_ok) {
+        const T dev = p.standardize ? centered(x[label], sx) : T(0);
+        label_grad = grad_from_term(s.ea[label], dev, c.a, -c.b, -c.a_mean) +
+                     grad_scale * ce_weight * ce_label_grad(ce_sums, smoothing, classes);
+      }
       grad_pass(x, s.ea.get(), n, p.standardize, sx, c, ce, out);
-      if (has_labels) {  // the label's one-hot part (a NaN row for a label out of range)
+      if (has_labels) {  // (a NaN row for a label out of range)
         if (label_ok) {
-          out[label] -= grad_scale * ce_weight * (T(1) - smoothing);
+          out[label] = label_grad;
         } else {
           std::fill(out, out + n, T(NAN));
         }

@@ -211,7 +211,8 @@ __device__ __forceinline__ CeSums<A> combine(const CeSums<A>& a, const CeSums<A>
 
 template <class A>
 __device__ __forceinline__ CeSums<A> shfl_down(const CeSums<A>& c, int off) {
-  return CeSums<A>{__shfl_down_sync(0xffffffffu, c.zc, off), __shfl_down_sync(0xffffffffu, c.zsum, off)};
+  return CeSums<A>{__shfl_down_sync(0xffffffffu, c.zc, off), __shfl_down_sync(0xffffffffu, c.zsum, off),
+                   __shfl_down_sync(0xffffffffu, c.excl, off)};
 }
 
 template <class A>
@@ -502,9 +503,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   const RowSums<A> sums = row_reduce(part, s_warp_s, &s_cta_s, &s_row_s, cluster);
   // 3a. The objective's CE sums over the raw student row, sz = (x - max x) / unit (row_math.h).
   const A z_scale = E::kInvUnit / plan.x_scale;
-  CeSums<A> ce_sums{A(1), A(0)};
+  CeSums<A> ce_sums{A(1), A(0), A(0)};
+  const int64_t label_local = has_labels ? label - start : -1;  // the label's index in this CTA's chunk
   if (has_labels) {
-    CeSums<A> cpart{A(0), A(0)};
+    CeSums<A> cpart{A(0), A(0), A(0)};
     for (int j = threadIdx.x; j < n_packs; j += blockDim.x) {
       const int64_t e = static_cast<int64_t>(j) * P;
       A xv[P];
@@ -512,7 +514,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
 #pragma unroll
       for (int i = 0; i < P; ++i) {
         const A sz = exp_arg(xv[i], plan.x_max, z_scale, plan.x_scale);
-        cpart.zc += E::exp(sz);
+        const A ez = E::exp(sz);
+        cpart.zc += ez;
+        if (e + i != label_local) cpart.excl += ez;
         cpart.zsum += sz;
       }
     }
@@ -544,8 +548,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
     A ce = A(0);
     if (has_labels) {
       const A x_label = label_ok ? Conv<S>::template load<A>(xg[label]) : A(NAN);
-      ce = row_ce(ce_sums, exp_arg(x_label, plan.x_max, z_scale, plan.x_scale), smoothing, static_cast<A>(cols),
-                  E::kUnit);
+      const A sz_label = exp_arg(x_label, plan.x_max, z_scale, plan.x_scale);
+      ce = row_ce(ce_sums, sz_label, E::exp(sz_label), smoothing, static_cast<A>(cols), E::kUnit);
     }
     if (rank == 0 && threadIdx.x == 0) {
       loss[row] = row_objective(ce, row_value, ce_weight, kd_weight, has_labels);
@@ -558,8 +562,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   // The CE part of the student gradient: ce_a e^sz + ce_b, and ce_l at the label (NaN: bad label).
   const A ce_a = has_labels ? grad_scale * ce_weight / ce_sums.zc : A(0);
   const A ce_b = has_labels ? -grad_scale * ce_weight * smoothing / static_cast<A>(cols) : A(0);
-  const A ce_l = label_ok ? -grad_scale * ce_weight * (A(1) - smoothing) : A(NAN);
-  const int64_t label_local = has_labels ? label - start : -1;  // the label's index in this CTA's chunk
+  // at the label: ce_l replaces ce_a e^sz + ce_b (row_math.h, ce_label_grad); NaN for a bad label
+  const A ce_l = label_ok ? grad_scale * ce_weight * ce_label_grad(ce_sums, smoothing, static_cast<A>(cols)) : A(NAN);
 
   if ((want_gx || want_gy) && args.from_terms) {
     // 4a. Short rows: the per-element terms g and their sums G, S (row_math.h, term_coefficients),
@@ -613,8 +617,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
           const A dev = args.standardize ? centered(xv[i], sx) : A(0);
           ox[i] = grad_from_term(student_term(ea, eb, rza, neg_rzb), dev, cx.a, -cx.b, -cx.a_mean);
           if (has_labels) {
-            ox[i] += m_fma(ce_a, E::exp(exp_arg(xv[i], plan.x_max, z_scale, plan.x_scale)), ce_b);
-            if (!label_ok || e + i == label_local) ox[i] += ce_l;
+            ox[i] += (!label_ok || e + i == label_local)
+                         ? ce_l
+                         : m_fma(ce_a, E::exp(exp_arg(xv[i], plan.x_max, z_scale, plan.x_scale)), ce_b);
           }
         }
         if (want_gy) {
@@ -655,8 +660,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
           const A xk = args.standardize ? xv[i] * sx.scale - sx.shift : A(0);
           ox[i] = grad_student_elem(ea, eb, xk, alpha_a, neg_alpha_b, neg_beta_x, beta_m_x);
           if (has_labels) {
-            ox[i] += m_fma(ce_a, E::exp(exp_arg(xv[i], plan.x_max, z_scale, plan.x_scale)), ce_b);
-            if (!label_ok || e + i == label_local) ox[i] += ce_l;
+            ox[i] += (!label_ok || e + i == label_local)
+                         ? ce_l
+                         : m_fma(ce_a, E::exp(exp_arg(xv[i], plan.x_max, z_scale, plan.x_scale)), ce_b);
           }
         }
         if (want_gy) {

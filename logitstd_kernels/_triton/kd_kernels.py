@@ -178,10 +178,16 @@ def _row_label(labels_ptr, row, V, ignore_index, keep, HAS_LABELS: tl.constexpr)
 
 
 @triton.jit
-def _row_ce(zc, zsum, sz_label, smoothing, v_f):
-    """CE = (1 - s)(log Zc - ln2 sz_label) + s (log Zc - ln2 zsum / V) (row_math.h, row_ce; log2 units)."""
+def _row_ce(zc, zsum, excl, sz_label, smoothing, v_f):
+    """CE = (1 - s) nll + s (log Zc - ln2 zsum / V), nll = log1p(E / 2^sz_label) (row_math.h, row_ce;
+    sz in log2 units; E the sum over the classes other than the label)."""
     log_z = LN2 * tl.log2(zc)
-    nll = log_z - LN2 * sz_label
+    ez_label = tl.exp2(sz_label)
+    ratio = excl / ez_label
+    # log1p(r) = log(1 + r) * r / ((1 + r) - 1): exact to a few ulps without a log1p primitive
+    one_plus = 1.0 + ratio
+    log1p = tl.where(one_plus == 1.0, ratio, LN2 * tl.log2(one_plus) * ratio / (one_plus - 1.0))
+    nll = tl.where(ez_label > 1e-30, log1p, log_z - LN2 * sz_label)
     return (1.0 - smoothing) * nll + smoothing * (log_z - LN2 * zsum / v_f)
 
 
@@ -370,10 +376,12 @@ def kd_register_kernel(
         # The objective's CE over the raw student row (row_math.h): sz = (x - max x) log2(e).
         sz = (x - mx) * LOG2E
         ez = tl.where(valid, tl.exp2(sz), 0.0)
-        r_zc = 1.0 / _total(ez)
+        zc = _total(ez)
+        r_zc = 1.0 / zc
+        excl = _total(tl.where(offs == label, 0.0, ez))
         x_label = _to_acc(tl.load(x_ptr + row64 * runs_x * VEC + label, mask=keep & label_ok, other=0.0), ACC64)
         sz_label = tl.where(label_ok, (x_label - mx) * LOG2E, float("nan"))
-        ce = _row_ce(_total(ez), _total(tl.where(valid, sz, 0.0)), sz_label, smooth, v_f)
+        ce = _row_ce(zc, _total(tl.where(valid, sz, 0.0)), excl, sz_label, smooth, v_f)
     _store_row_results(rows_ptr, ce_ptr, kd_ptr, row, keep, ce, ts * ts * kl, ce_w, kd_w, HAS_LABELS)
 
     if GRAD_S or GRAD_T:
@@ -388,8 +396,8 @@ def kd_register_kernel(
             out = a * g - b * dx - a_mean
             if HAS_LABELS:  # + ce_w (softmax(x) - s / V - (1 - s) onehot); a NaN row for a bad label
                 ce_scale = scale * ce_w
-                out += ce_scale * (ez * r_zc - smooth / v_f)
-                out -= tl.where(offs == label, ce_scale * (1.0 - smooth), 0.0)
+                label_grad = smooth - smooth / v_f - excl * r_zc  # row_math.h, ce_label_grad
+                out += ce_scale * tl.where(offs == label, label_grad, ez * r_zc - smooth / v_f)
                 out = tl.where(label_ok, out, float("nan"))
             _store_grad(gx_ptr, out_offs, valid, out, one, keep, ZERO_EXCLUDED, ROUND_BF16)
         if GRAD_T:
@@ -542,14 +550,15 @@ def _std_args(x, y, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max
 
 
 @triton.jit
-def _ce_tile(x, m, raw_max, zc_r, zsum_r):
-    """The objective's CE sums of one tile (raw x): e^sz and sz, sz = (x - max x) log2(e)."""
+def _ce_tile(x, m, offs, label, raw_max, zc_r, zsum_r, excl_r):
+    """The objective's CE sums of one tile (raw x): e^sz, sz, and e^sz off the label; sz = (x - max x) log2(e)."""
     sz = (x - raw_max) * LOG2E
     ez = tl.exp2(sz)
     if m is not None:
         ez = tl.where(m, ez, 0.0)
         sz = tl.where(m, sz, 0.0)
-    return zc_r + tl.sum(ez, axis=1), zsum_r + tl.sum(sz, axis=1)
+    return (zc_r + tl.sum(ez, axis=1), zsum_r + tl.sum(sz, axis=1),
+            excl_r + tl.sum(tl.where(offs == label, 0.0, ez), axis=1))
 
 
 @triton.jit
@@ -590,8 +599,9 @@ def _grad_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, 
                ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr):
     """Pass 3 on one tile: write ``scale * dL/dx`` and/or ``scale * dL/dy`` (t2n = T / Z_b), and add
     the tile's Bregman terms of the loss to ``br_r``. With labels the student gradient also gets the
-    CE term ``ce_scale e^sz / Zc - ce_b`` and ``- ce_l`` at the label (``scale_x`` holds the KD
-    weight; ce_b = ce_scale s / V, ce_l = ce_scale (1 - s); a NaN row for a label outside [0, V)).
+    CE term ``ce_scale e^sz / Zc - ce_b``, and ``ce_l`` at the label (``scale_x`` holds the KD
+    weight; ce_b = ce_scale s / V, ce_l = ce_scale (s - s / V - E / Zc); a NaN row for a label
+    outside [0, V)).
 
     ``m`` masks the stores of the partial tile; full tiles pass None (unmasked vector stores).
     """
@@ -611,8 +621,7 @@ def _grad_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, 
             g = g * inv_sx - u * coef_x
         g = g * scale_x
         if HAS_LABELS:
-            g += ce_scale * tl.exp2((x - raw_max) * LOG2E) * r_zc - ce_b
-            g -= tl.where(offs == label, ce_l, 0.0)
+            g += tl.where(offs == label, ce_l, ce_scale * tl.exp2((x - raw_max) * LOG2E) * r_zc - ce_b)
             g = tl.where(label_ok, g, float("nan"))
         _store_grad(gx_ptr, out_offs, m, g, 1.0, keep, ZERO_EXCLUDED, ROUND_BF16)
     if GRAD_T:
@@ -715,6 +724,7 @@ def kd_blocked_kernel(
     tbw_r = zero
     zc_r = zero
     zsum_r = zero
+    excl_r = zero
     if has_tail:
         offs = num_full * BLOCK + offs0
         x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
@@ -723,7 +733,7 @@ def kd_blocked_kernel(
             u_max, w_max, ca, cb, za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S,
             GRAD_T, True)
         if HAS_LABELS:
-            zc_r, zsum_r = _ce_tile(_to_acc(x, ACC64), offs < V, raw_max, zc_r, zsum_r)
+            zc_r, zsum_r, excl_r = _ce_tile(_to_acc(x, ACC64), offs < V, offs, label, raw_max, zc_r, zsum_r, excl_r)
     x_next, y_next = _load_tile(x_row, y_row, tl.maximum(num_full - 1, 0) * BLOCK + offs0, v_full,
                                 x0_raw, y0_raw)
     for i in range(0, num_full):
@@ -737,7 +747,8 @@ def kd_blocked_kernel(
             x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
             za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, False)
         if HAS_LABELS:
-            zc_r, zsum_r = _ce_tile(x, None, raw_max, zc_r, zsum_r)
+            tile = (num_full - 1 - i) * BLOCK + offs0
+            zc_r, zsum_r, excl_r = _ce_tile(x, None, tile, label, raw_max, zc_r, zsum_r, excl_r)
     ce_w = _scalar(ce_weight, ACC64)
     kd_w = _scalar(kd_weight, ACC64)
     smooth = _scalar(smoothing, ACC64)
@@ -745,10 +756,12 @@ def kd_blocked_kernel(
     zc = tl.sum(zc_r, axis=0)
     r_zc = 1.0 / zc
     ce = zc * 0.0
+    excl = ce
     if HAS_LABELS:  # the objective's CE (row_math.h, row_ce)
         x_label = _to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
         sz_label = tl.where(label_ok, (x_label - raw_max) * LOG2E, float("nan"))
-        ce = _row_ce(zc, tl.sum(zsum_r, axis=0), sz_label, smooth, v_f)
+        excl = tl.sum(excl_r, axis=0)
+        ce = _row_ce(zc, tl.sum(zsum_r, axis=0), excl, sz_label, smooth, v_f)
     za = tl.sum(za_r, axis=0)
     zb = tl.sum(zb_r, axis=0)
     t2 = tl.sum(t2_r, axis=0)
@@ -771,7 +784,7 @@ def kd_blocked_kernel(
         kd_scale = scale * kd_w
         ce_scale = scale * ce_w
         ce_b = ce_scale * smooth / v_f
-        ce_l = ce_scale * (1.0 - smooth)
+        ce_l = ce_scale * (smooth - smooth / v_f - excl * r_zc)  # row_math.h, ce_label_grad
         kt = ts * ts / tt * LN2
         coef_x = sigma_x
         coef_y = sigma_y

@@ -39,6 +39,8 @@ LOGITSTD_HD float m_sqrt(float v) { return sqrtf(v); }
 LOGITSTD_HD double m_sqrt(double v) { return sqrt(v); }
 LOGITSTD_HD float m_log(float v) { return logf(v); }
 LOGITSTD_HD double m_log(double v) { return log(v); }
+LOGITSTD_HD float m_log1p(float v) { return log1pf(v); }
+LOGITSTD_HD double m_log1p(double v) { return log1p(v); }
 LOGITSTD_HD float m_fma(float a, float b, float c) { return fmaf(a, b, c); }
 LOGITSTD_HD double m_fma(double a, double b, double c) { return fma(a, b, c); }
 #if defined(__CUDA_ARCH__)
@@ -486,29 +488,38 @@ LOGITSTD_HD T refined_row_loss(T bregman_sum, T tau_s) {
 // ---------------------------------------------------------------------------------------------
 // Hard-label cross-entropy of the raw student row (temperature 1, no standardization), fused with
 // the KD term (docs/design.md, "the distillation objective"). With sz_k = (x_k - max x) / unit
-// (exp_arg with scale inv_unit / c on the scaled row, exact since c is a power of two),
-//   Z_c = sum e^sz,  lse - x_l = (max x - x_l) + log Z_c,  lse - mean x = -unit sum sz / V + log Z_c,
-//   CE  = (1 - s)(lse - x_l) + s (lse - mean x)                   (label smoothing s)
-//   dCE/dx_k = e^sz_k / Z_c - s / V - (1 - s) [k = l]
-// No term is a difference of large numbers: max x - x_l >= 0 and log Z_c in [0, log V].
+// (exp_arg with scale inv_unit / c on the scaled row, exact since c is a power of two) and l the label,
+//   Z_c = sum e^sz,  E = sum_{k != l} e^sz (accumulated apart: Z_c - e^sz_l would cancel when p_l ~ 1),
+//   nll = lse - x_l = log(Z_c / e^sz_l) = log1p(E / e^sz_l),   lse - mean x = log Z_c - unit sum sz / V,
+//   CE  = (1 - s) nll + s (lse - mean x)                                      (label smoothing s)
+//   dCE/dx_k = e^sz_k / Z_c - s / V          (k != l)
+//   dCE/dx_l = s - s / V - E / Z_c           (= e^sz_l / Z_c - s / V - (1 - s), without cancellation)
+// A confidently right prediction (p_l = 1 - 1e-5) keeps every digit of its small loss and gradient.
 template <class T>
 struct CeSums {
   T zc;    // sum e^sz
   T zsum;  // sum sz (label smoothing's mean term)
+  T excl;  // sum of e^sz over the classes other than the label
 };
 
 template <class T>
 LOGITSTD_HD CeSums<T> add_ce_sums(const CeSums<T>& a, const CeSums<T>& b) {
-  return CeSums<T>{a.zc + b.zc, a.zsum + b.zsum};
+  return CeSums<T>{a.zc + b.zc, a.zsum + b.zsum, a.excl + b.excl};
 }
 
-// The CE of a row; sz_label is sz at the label (a value <= 0), num_classes = V.
+// The CE of a row; sz_label is sz at the label (<= 0), ez_label = e^sz_label, num_classes = V.
 template <class T>
-LOGITSTD_HD T row_ce(const CeSums<T>& c, T sz_label, T smoothing, T num_classes, T unit) {
-  const T log_z = m_log(c.zc);
-  const T nll = log_z - unit * sz_label;
+LOGITSTD_HD T row_ce(const CeSums<T>& c, T sz_label, T ez_label, T smoothing, T num_classes, T unit) {
+  // log1p(E / e^sz_l) while e^sz_l is a normal number; far below the max, log Z_c - sz_l does not cancel.
+  const T nll = ez_label > T(1e-30) ? m_log1p(c.excl / ez_label) : m_log(c.zc) - unit * sz_label;
   if (smoothing == T(0)) return nll;
-  return m_fma(T(1) - smoothing, nll, smoothing * (log_z - unit * c.zsum / num_classes));
+  return m_fma(T(1) - smoothing, nll, smoothing * (m_log(c.zc) - unit * c.zsum / num_classes));
+}
+
+// The CE gradient at the label, per unit of ce_weight * grad_scale.
+template <class T>
+LOGITSTD_HD T ce_label_grad(const CeSums<T>& c, T smoothing, T num_classes) {
+  return smoothing - smoothing / num_classes - c.excl / c.zc;
 }
 
 // The row's objective and its two parts: ce_weight * CE + kd_weight * tau_s^2 KL.
