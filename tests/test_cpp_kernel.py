@@ -33,11 +33,11 @@ def logits(rows: int, num_classes: int, device: str = "cpu", dtype=torch.float32
 
 def fused(student, teacher, mask=None, grad_scale=1.0, tau_s=2.0, tau_t=2.0, standardize=True, correction=1,
           eps=1e-7, grad_student=True, grad_teacher=True):
-    """torch.ops.logitstd.fused_kd_forward with the contract's grad_scale tensor."""
+    """torch.ops.logitstd.fused_kd_forward with the contract's grad_scale tensor: (rows, grad_x, grad_y)."""
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     scale = torch.full((1,), grad_scale, dtype=acc, device=student.device)
     return torch.ops.logitstd.fused_kd_forward(student, teacher, mask, scale, tau_s, tau_t, standardize, correction,
-                                               eps, grad_student, grad_teacher)
+                                               eps, grad_student, grad_teacher)[:3]
 
 
 def test_extension_is_built_where_required():
@@ -192,7 +192,7 @@ def test_each_cpu_build_against_the_reference(capability):
                 # to the input dtype (the public API rounds the saved gradient, then scales it).
                 scale = 0.37
                 got = torch.ops.logitstd.fused_kd_forward(x, y, None, torch.full((1,), scale), 2.0, 2.0, True, 1,
-                                                          1e-7, True, True)
+                                                          1e-7, True, True)[:3]
                 eager, exact = grads(x, y, scale), grads(x.double(), y.double(), scale)
                 for name, a, e, w in zip(("rows", "grad_student", "grad_teacher"), got, eager, exact):
                     assert_within_eager_error(name, a, e, w)
@@ -331,15 +331,19 @@ R kernel_order(int64_t V, int C, int T, int P, R identity, F thread_part, R (*co
 template <class A> Moments<A> merge_fn(const Moments<A>& a, const Moments<A>& b) { return merge_moments(a, b); }
 template <class A> RowSums<A> add_fn(const RowSums<A>& a, const RowSums<A>& b) { return add_sums(a, b); }
 template <class A> A add_scalar_fn(const A& a, const A& b) { return a + b; }
+template <class A> CeSums<A> add_ce_fn(const CeSums<A>& a, const CeSums<A>& b) { return add_ce_sums(a, b); }
 template <class A> TermSums<A> add_terms_fn(const TermSums<A>& a, const TermSums<A>& b) { return add_term_sums(a, b); }
 constexpr int64_t terms_max_cols = 4096;  // kTermsMaxCols of csrc/cuda/launch_config.h
 
 template <class A>
 void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P, int standardize, int64_t corr,
-             double eps_, double tau_s_, double tau_t_, double gs_, A* loss, A* gxs, A* gys) {
+             double eps_, double tau_s_, double tau_t_, double gs_, A* loss, A* gxs, A* gys, const int64_t* labels,
+             double ce_w_, double kd_w_, double smoothing_) {
   using E = Units<A>;
   const bool std_ = standardize != 0;
-  const A eps = A(eps_), tau_s = A(tau_s_), tau_t = A(tau_t_), gs = A(gs_), dof = A(V - corr);
+  const A eps = A(eps_), tau_s = A(tau_s_), tau_t = A(tau_t_), dof = A(V - corr);
+  // with labels (the objective): the KD part weighted by kd_w, plus ce_w * CE (row_math.h, CeSums)
+  const A ce_w = A(ce_w_), smoothing = A(smoothing_), gs = A(gs_) * A(labels ? kd_w_ : 1.0), ce_gs = A(gs_) * ce_w;
   for (int64_t r = 0; r < N; ++r) {
     const A* x = xs + r * V; const A* y = ys + r * V; A* gx = gxs + r * V; A* gy = gys + r * V;
     auto moments_of = [&](const A* v, A c) {
@@ -385,6 +389,27 @@ void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P
         return b;
       }, &add_scalar_fn<A>), tau_s);
     }
+    CeSums<A> ce_sums{A(1), A(0), A(0)};
+    const A z_scale = E::kInv / plan.x_scale;
+    auto sz_of = [&](int64_t k) { return exp_arg(x[k], plan.x_max, z_scale, plan.x_scale); };
+    if (labels) {
+      const int64_t l = labels[r];
+      ce_sums = kernel_order<CeSums<A>>(V, C, T, P, CeSums<A>{0, 0, 0}, [&](CeSums<A> c, int64_t e) {
+        for (int i = 0; i < P; ++i) {
+          const A ez = E::ex(sz_of(e + i));
+          c.zc += ez; c.zsum += sz_of(e + i);
+          if (e + i != l) c.excl += ez;
+        }
+        return c;
+      }, &add_ce_fn<A>);
+      const A ce = row_ce(ce_sums, sz_of(l), E::ex(sz_of(l)), smoothing, A(V), E::kUnit);
+      loss[r] = row_objective(ce, loss[r], ce_w, A(kd_w_), true);
+    }
+    auto add_ce = [&](int64_t k) {  // the CE part of the student gradient at class k
+      if (!labels) return;
+      gx[k] += k == labels[r] ? ce_gs * ce_label_grad(ce_sums, smoothing, A(V))
+                              : m_fma(ce_gs / ce_sums.zc, E::ex(sz_of(k)), -ce_gs * smoothing / A(V));
+    };
     if (V <= terms_max_cols) {  // short rows: the chain rule from the per-element terms
       const A rza = A(1) / sums.za, rzb = A(1) / sums.zb, klc = kl_cross_term(sums, E::kUnit);
       auto term_x = [&](int64_t k) {
@@ -409,6 +434,7 @@ void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P
       for (int64_t k = 0; k < V; ++k) {
         gx[k] = grad_from_term(term_x(k), std_ ? centered(x[k], sx) : A(0), cx.a, -cx.b, -cx.a_mean);
         gy[k] = grad_from_term(term_y(k), std_ ? centered(y[k], sy) : A(0), cy.a, -cy.b, -cy.a_mean);
+        add_ce(k);
       }
       continue;
     }
@@ -420,18 +446,21 @@ void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P
       gx[k] = grad_student_elem(ea, eb, xk, res.gx.alpha_a, -res.gx.alpha_b, -res.gx.beta, res.gx.beta_m);
       gy[k] = grad_teacher_elem(eb, kl_delta(sa, sb), yk, res.gy.gamma, res.gy.unit, -res.gy.kl_cross,
                                 -res.gy.beta, res.gy.beta_m);
+      add_ce(k);
     }
   }
 }
 
 extern "C" {
 void emulate_f32(const float* x, const float* y, int64_t N, int64_t V, int C, int T, int P, int s, int64_t c,
-                 double eps, double ts, double tt, double gs, float* l, float* gx, float* gy) {
-  emulate<float>(x, y, N, V, C, T, P, s, c, eps, ts, tt, gs, l, gx, gy);
+                 double eps, double ts, double tt, double gs, float* l, float* gx, float* gy, const int64_t* labels,
+                 double ce_w, double kd_w, double smoothing) {
+  emulate<float>(x, y, N, V, C, T, P, s, c, eps, ts, tt, gs, l, gx, gy, labels, ce_w, kd_w, smoothing);
 }
 void emulate_f64(const double* x, const double* y, int64_t N, int64_t V, int C, int T, int P, int s, int64_t c,
-                 double eps, double ts, double tt, double gs, double* l, double* gx, double* gy) {
-  emulate<double>(x, y, N, V, C, T, P, s, c, eps, ts, tt, gs, l, gx, gy);
+                 double eps, double ts, double tt, double gs, double* l, double* gx, double* gy, const int64_t* labels,
+                 double ce_w, double kd_w, double smoothing) {
+  emulate<double>(x, y, N, V, C, T, P, s, c, eps, ts, tt, gs, l, gx, gy, labels, ce_w, kd_w, smoothing);
 }
 }
 """
@@ -467,9 +496,10 @@ EMULATED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("objective", [False, True], ids=["kd", "objective"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_classes,cluster,pack,options", EMULATED_CASES)
-def test_cuda_row_math_emulated_on_host(emulation, dtype, num_classes, cluster, pack, options):
+def test_cuda_row_math_emulated_on_host(emulation, dtype, num_classes, cluster, pack, options, objective):
     """The CUDA kernel's math and reduction order (log2 units, packs, clusters, both forms of the
     chain rule) through the shared header, against the float64 reference: covers what only the
     GPU runs, on a machine without one."""
@@ -490,16 +520,24 @@ def test_cuda_row_math_emulated_on_host(emulation, dtype, num_classes, cluster, 
     fn = emulation.emulate_f32 if dtype == torch.float32 else emulation.emulate_f64
     scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
     ptr = lambda t: ctypes.cast(t.data_ptr(), ctypes.POINTER(scalar))  # noqa: E731
+    labels = torch.randint(0, num_classes, (3,)) if objective else None
+    objective_args = dict(ce_weight=0.3, kd_weight=2.0, label_smoothing=0.1)
     fn(ptr(xd), ptr(yd), ctypes.c_int64(3), ctypes.c_int64(num_classes), ctypes.c_int(cluster), ctypes.c_int(256),
        ctypes.c_int(pack), ctypes.c_int(int(options["standardize"])), ctypes.c_int64(options["correction"]),
        ctypes.c_double(options["eps"]), ctypes.c_double(options["tau_s"]), ctypes.c_double(options["tau_t"]),
-       ctypes.c_double(grad_scale), ptr(loss), ptr(gx), ptr(gy))
+       ctypes.c_double(grad_scale), ptr(loss), ptr(gx), ptr(gy),
+       None if labels is None else ctypes.cast(labels.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
+       *(ctypes.c_double(objective_args[k]) for k in ("ce_weight", "kd_weight", "label_smoothing")))
 
     def ref(a, b):
         a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-        rows = reference.logitstd_kd_loss(a, b, temperature=options["tau_s"], teacher_temperature=options["tau_t"],
-                                          standardize=options["standardize"], correction=options["correction"],
-                                          eps=options["eps"], reduction="none")
+        common = dict(temperature=options["tau_s"], teacher_temperature=options["tau_t"],
+                      standardize=options["standardize"], correction=options["correction"], eps=options["eps"],
+                      reduction="none")
+        if labels is None:
+            rows = reference.logitstd_kd_loss(a, b, **common)
+        else:
+            rows = reference.distillation_loss(a, b, labels, **objective_args, **common)
         ga, gb = torch.autograd.grad(rows.sum(), (a, b))
         return rows.detach(), ga * grad_scale, gb * grad_scale
 
