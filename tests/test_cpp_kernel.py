@@ -361,7 +361,7 @@ void emulate(const A* xs, const A* ys, int64_t N, int64_t V, int C, int T, int P
     };
     auto stats_of = [&](const A* v) {  // unscaled moments, again on c v for extreme magnitudes
       const Moments<A> m = moments_of(v, A(1));
-      const A c = std_ ? magnitude_scale(m.max, m.min) : A(1);
+      const A c = magnitude_scale(m.max, m.min);
       return finalize_moments(c == A(1) ? m : moments_of(v, c), c, v[0] * c, dof, eps, std_);
     };
     const RowStats<A> sx = stats_of(x);

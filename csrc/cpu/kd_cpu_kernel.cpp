@@ -5,7 +5,7 @@
 // time with CPU_CAPABILITY defined, the way ATen builds its own kernels; kd_cpu.cpp picks one at run
 // time from at::get_cpu_capability() (which honours ATEN_CPU_CAPABILITY).
 //
-// Math (DESIGN.md section 1, formulas in logitstd/row_math.h), per row, all in the accumulation
+// Math (docs/design.md section 1, formulas in logitstd/row_math.h), per row, all in the accumulation
 // type T (float, or double when an input is float64):
 //   pass 1  moments of x and y: per block of kBlock elements the mean and M2 around the block mean
 //           (two passes over the block, which is in L1), merged across blocks with Chan's formula;
@@ -232,9 +232,12 @@ Moments<T> row_moments(const T* v, int64_t n, T shift, T scale, bool need_m2) {
 template <class T>
 RowStats<T> row_stats(const T* v, int64_t n, T dof, T eps, bool standardize) {
   const Moments<T> m = row_moments(v, n, v[0], T(1), standardize);
-  const T scale = standardize ? magnitude_scale(m.max, m.min) : T(1);
+  const T scale = magnitude_scale(m.max, m.min);
   if (scale == T(1)) return finalize_moments(m, T(1), v[0], dof, eps, standardize);
   const T shift = v[0] * scale;
+  if (!standardize) {  // only the max is used: c max is exact
+    return finalize_moments(Moments<T>{m.n, T(0), T(0), m.max * scale, m.min * scale}, scale, shift, dof, eps, false);
+  }
   return finalize_moments(row_moments(v, n, shift, scale, true), scale, shift, dof, eps, standardize);
 }
 
@@ -461,7 +464,7 @@ T bregman_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const 
       const Vec series = p * bregman_phi_series(t);
       const Vec direct = at::vec::fmsub(ea, rza, at::vec::fmadd(p, t, p));
       Vec term = Vec::blendv(direct, series, t.abs() <= half);
-      term = Vec::blendv(zero, term, eb > zero);  // p_k = 0 contributes 0
+      term = Vec::blendv(ea * rza, term, eb > zero);  // p_k = 0 contributes q_k (row_math.h, bregman_term)
       if (tail) term = Vec::set(zero, term, count);
       acc = acc + term;
     };

@@ -12,12 +12,12 @@
 //      memory, recomputing the two exponentials (cheaper than keeping them on chip). Rows of at
 //      most kTermsMaxCols classes take one more pass first: the chain rule from the per-element
 //      terms (as the CPU kernel does), which keeps degenerate rows (V = 2) as accurate as eager.
-// Math per element (DESIGN.md section 1; formulas in logitstd/row_math.h, shared with the CPU
+// Math per element (docs/design.md section 1; formulas in logitstd/row_math.h, shared with the CPU
 // kernel): sa = (x - max x) * xa in log2 units, e^sa = 2^sa (ex2.approx), sums in the accumulation
 // type A (float; double, with exp, when an input is float64).
 // Memory traffic per element: reads sizeof(x) + sizeof(y) bytes, writes sizeof(x) (student
 // gradient) and/or sizeof(y) (teacher gradient): 6 bytes for bf16 with the student gradient, the
-// floor of DESIGN.md section 4. Rows too long for shared memory even with 16 CTAs (bf16 V > ~900k)
+// floor of docs/design.md section 4. Rows too long for shared memory even with 16 CTAs (bf16 V > ~900k)
 // are streamed: the same passes then read the chunk from global memory three times.
 //
 // Row scaling (scale_rows_kernel): grad[r] *= scale[r]; a row whose scale is exactly 1 is skipped
@@ -453,8 +453,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
     return row_reduce(m, s_warp_m, &s_cta_m, &s_row_m, cluster);
   };
   MomentsPair<A> m = moments(A(1), A(1));
-  const A scale_x = args.standardize ? magnitude_scale(m.x.max, m.x.min) : A(1);
-  const A scale_y = args.standardize ? magnitude_scale(m.y.max, m.y.min) : A(1);
+  const A scale_x = magnitude_scale(m.x.max, m.x.min);
+  const A scale_y = magnitude_scale(m.y.max, m.y.min);
   if (scale_x != A(1) || scale_y != A(1)) {
 #if defined(_CG_HAS_CLUSTER_GROUP)
     if (cluster > 1) cg::this_cluster().sync();  // other CTAs may still read s_cta_m

@@ -1,7 +1,7 @@
 """Triton kernels of the fused (logit-standardized) KD loss and of the in-place row scaling.
 
 One program handles one row pair (student row ``x``, teacher row ``y``, V classes each). The math is
-DESIGN.md section 1; in the notation used here (all sums over the V classes of the row)::
+docs/design.md section 1; in the notation used here (all sums over the V classes of the row)::
 
     c       = 1, or 2^-e for the rare row whose magnitude max|x| lies outside [2^-20, 2^40]
                                              # (float32; see row_math.h, magnitude_scale): the
@@ -135,11 +135,11 @@ def _phi_series(t):
 @triton.jit
 def _bregman_terms(ea, eb, delta, r_za, r_zb, neg_lz):
     """p_k phi(t_k), t_k = -(delta_k ln2 + log(Za/Zb)) (delta in log2 units): the series where
-    |t| <= 1/2, else q_k - p_k (1 + t_k) (no overflow of e^t where p is tiny); 0 where p = 0."""
+    |t| <= 1/2, else q_k - p_k (1 + t_k) (no overflow of e^t where p is tiny); q_k where p = 0."""
     t = neg_lz - delta * LN2
     p = eb * r_zb
     term = tl.where(tl.abs(t) <= 0.5, p * _phi_series(t), ea * r_za - (p * t + p))
-    return tl.where(eb > 0.0, term, 0.0)
+    return tl.where(eb > 0.0, term, ea * r_za)  # p = 0: the limit q (row_math.h, bregman_term)
 
 
 @triton.jit
@@ -321,10 +321,14 @@ def kd_register_kernel(
     eps_a = _scalar(eps, ACC64)
     one = _scalar(1.0, ACC64)
     mx, my = _max2(tl.max(x, axis=1), tl.max(y, axis=1))
+    nx, ny = _min2(tl.min(x, axis=1), tl.min(y, axis=1))
+    cx = _magnitude_scale(mx, nx, ACC64)
+    cy = _magnitude_scale(my, ny, ACC64)
+    # exponent scales: log2(e) / tau, and / c without standardization, where u = c x (so that the
+    # differences u - max u of rows of extreme magnitude cannot overflow)
+    ca = LOG2E / ts
+    cb = LOG2E / tt
     if STANDARDIZE:
-        nx, ny = _min2(tl.min(x, axis=1), tl.min(y, axis=1))
-        cx = _magnitude_scale(mx, nx, ACC64)
-        cy = _magnitude_scale(my, ny, ACC64)
         xs = x * cx - _to_acc(x0_raw, ACC64) * cx
         ys = y * cy - _to_acc(y0_raw, ACC64) * cy
         mean_x = _total(xs) / v_f
@@ -342,21 +346,21 @@ def kd_register_kernel(
         u_max = (mx * cx - _to_acc(x0_raw, ACC64) * cx - mean_x) * inv_sx
         w_max = (my * cy - _to_acc(y0_raw, ACC64) * cy - mean_y) * inv_sy
     else:
-        cx = one
-        cy = one
         sigma_x = one
         sigma_y = one
-        s_x = one
-        s_y = one
+        s_x = cx
+        s_y = cy
         dx = tl.zeros(x.shape, dtype=x.dtype)  # no standardization term: a -inf logit must not give 0 * inf
         dy = dx
-        u = x
-        w = y
-        u_max = mx
-        w_max = my
+        u = x * cx
+        w = y * cy
+        u_max = mx * cx
+        w_max = my * cy
+        ca = ca / cx
+        cb = cb / cy
 
-    da = (u - u_max) * (LOG2E / ts)
-    db = (w - w_max) * (LOG2E / tt)
+    da = (u - u_max) * ca
+    db = (w - w_max) * cb
     ea = tl.where(valid, tl.exp2(da), 0.0)
     eb = tl.where(valid, tl.exp2(db), 0.0)
     delta = tl.where(eb > 0.0, db, 0.0) - da  # a class with p = 0 counts 0 (0 * -inf would be NaN)
@@ -544,8 +548,8 @@ def _std_args(x, y, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max
         u = ((x * cx - x0) - mean_x) * inv_sx
         w = ((y * cy - y0) - mean_y) * inv_sy
     else:
-        u = x
-        w = y
+        u = x * cx
+        w = y * cy
     return u, w, (u - u_max) * ca, (w - w_max) * cb
 
 
@@ -685,11 +689,9 @@ def kd_blocked_kernel(
     # Pass 1: statistics, maxima and minima (again on c x, c y for a row of extreme magnitude).
     mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y = _row_stats(
         x_row, y_row, x0_raw, y0_raw, one, one, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64)
-    cx = one
-    cy = one
+    cx = _magnitude_scale(max_x, min_x, ACC64)
+    cy = _magnitude_scale(max_y, min_y, ACC64)
     if STANDARDIZE:
-        cx = _magnitude_scale(max_x, min_x, ACC64)
-        cy = _magnitude_scale(max_y, min_y, ACC64)
         if (cx != 1.0) | (cy != 1.0):
             mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y = _row_stats(
                 x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64)
@@ -701,16 +703,21 @@ def kd_blocked_kernel(
         sigma_y = _sqrt(m2_y / dof_a, ACC64)
         inv_sx = 1.0 / (sigma_x + eps_a * cx)
         inv_sy = 1.0 / (sigma_y + eps_a * cy)
-    else:
+        u_max = (max_x - x0 - mean_x) * inv_sx
+        w_max = (max_y - y0 - mean_y) * inv_sy
+        raw_max = max_x / cx  # exact: cx is a power of two
+    else:  # u = c x (_std_args), exponents (u - max u) log2(e) / (tau c): no overflow of x - max x
         x0 = mean_x
         y0 = mean_x
         sigma_x = mean_x
         sigma_y = mean_x
         inv_sx = one
         inv_sy = one
-    u_max = (max_x - x0 - mean_x) * inv_sx
-    w_max = (max_y - y0 - mean_y) * inv_sy
-    raw_max = max_x / cx  # exact: cx is a power of two
+        u_max = max_x * cx
+        w_max = max_y * cy
+        ca = ca / cx
+        cb = cb / cy
+        raw_max = max_x
 
     # Pass 2, last tile first: the partial tile, then the full tiles backwards.
     zero = _to_acc(tl.zeros([BLOCK // VEC], dtype=tl.float32), ACC64)
@@ -783,6 +790,9 @@ def kd_blocked_kernel(
         scale = _to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
         kd_scale = scale * kd_w
         ce_scale = scale * ce_w
+        # d/dx = c d/d(c x) with standardization; without it the scale only formed the exponents
+        gcx = cx if STANDARDIZE else one
+        gcy = cy if STANDARDIZE else one
         ce_b = ce_scale * smooth / v_f
         ce_l = ce_scale * (smooth - smooth / v_f - excl * r_zc)  # row_math.h, ce_label_grad
         kt = ts * ts / tt * LN2
@@ -803,7 +813,7 @@ def kd_blocked_kernel(
             x = _to_acc(x_next, ACC64)
             y = _to_acc(y_next, ACC64)
             x_next, y_next = _load_tile(x_row, y_row, offs + BLOCK, v_full, x0_raw, y0_raw)
-            br_r = _grad_tile(x, y, None, offs, out_row + offs, gx_ptr, gy_ptr, kd_scale * cx, kd_scale * cy, keep,
+            br_r = _grad_tile(x, y, None, offs, out_row + offs, gx_ptr, gy_ptr, kd_scale * gcx, kd_scale * gcy, keep,
                               x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts,
                               kt, t2n, coef_x, coef_y, neg_lz, br_r, raw_max, r_zc, ce_scale, ce_b, ce_l, label,
                               label_ok, STANDARDIZE, GRAD_S, GRAD_T, ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS)
@@ -811,7 +821,7 @@ def kd_blocked_kernel(
             offs = num_pass3 * BLOCK + offs0
             x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
             br_r = _grad_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, offs, out_row + offs, gx_ptr, gy_ptr,
-                              kd_scale * cx, kd_scale * cy, keep, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
+                              kd_scale * gcx, kd_scale * gcy, keep, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
                               u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r, raw_max,
                               r_zc, ce_scale, ce_b, ce_l, label, label_ok, STANDARDIZE, GRAD_S, GRAD_T,
                               ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS)

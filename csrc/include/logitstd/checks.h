@@ -1,6 +1,6 @@
 // Argument checks of the C++ ops, shared by the CPU and CUDA implementations. Every message names
 // the offending tensor or argument; the Python layer checks the public API first, these guard
-// direct calls of torch.ops.logitstd.* and the kernel contract (DESIGN.md, _backends.py).
+// direct calls of torch.ops.logitstd.* and the kernel contract (docs/design.md, _backends.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>

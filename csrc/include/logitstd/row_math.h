@@ -1,5 +1,5 @@
 // Row math of the fused logit-standardized KD loss, shared by the CPU kernel (host code, on scalars
-// and on at::vec::Vectorized lanes) and the CUDA kernel (device code). DESIGN.md section 1 has the
+// and on at::vec::Vectorized lanes) and the CUDA kernel (device code). docs/design.md section 1 has the
 // derivation; this header is the single implementation of every formula the kernels use.
 //
 // Per row of V logits (student x, teacher y) a kernel does:
@@ -16,7 +16,7 @@
 //      chain rule from per-element terms instead (student_term ... term_coefficients below)
 //        dL/dx_k = alpha_a e^sa_k - alpha_b e^sb_k - beta (x_k - shift_x) + beta_m       (grad_student_elem)
 //        dL/dy_k = gamma e^sb_k (unit delta_k - kl_cross) - beta (y_k - shift_y) + beta_m  (grad_teacher_elem)
-//      which are DESIGN.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
+//      which are docs/design.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
 //      and the same chain rule for the teacher with g_w = tau_s^2 p (log p - log q - KL) / tau_t,
 //      multiplied by grad_scale.
 #pragma once
@@ -149,7 +149,8 @@ template <> struct MagnitudeRange<double> {
 
 // The magnitude scale c of a row from the max and min of the unscaled row: 1 when max |v| lies in
 // MagnitudeRange (nearly every row: then nothing is recomputed), or is 0 (a zero row) or not finite
-// (a NaN/Inf row keeps its NaN/Inf); otherwise 2^-ilogb(max |v|).
+// (a NaN/Inf row keeps its NaN/Inf); otherwise 2^-ilogb(max |v|). Rows without standardization use
+// it too: their exponents (x - max x) / tau are then formed from c x, so x - max x cannot overflow.
 template <class T>
 LOGITSTD_HD T magnitude_scale(T max, T min) {
   const T r = m_abs(max) > m_abs(min) ? m_abs(max) : m_abs(min);
@@ -167,7 +168,7 @@ struct RowStats {
   T shift;  // c * (the row's first element): the data are c v - shift
   T mean;   // mean of (c v - shift)
   T sigma;  // sqrt(M2 / (V - correction)) of c v; 0 when not standardizing
-  T s;      // sigma + c eps; 1 when not standardizing
+  T s;      // sigma + c eps; c when not standardizing
   T max;    // max of c v
 };
 
@@ -182,9 +183,9 @@ LOGITSTD_HD RowStats<T> finalize_moments(const Moments<T>& m, T scale, T shift, 
   if (standardize) {
     r.sigma = m_sqrt(m.m2 / dof);
     r.s = r.sigma + eps * scale;
-  } else {
+  } else {  // a = x / tau = (c x) / (c tau): the exponents are differences of the small numbers c x
     r.sigma = T(0);
-    r.s = T(1);
+    r.s = scale;
   }
   return r;
 }
@@ -473,7 +474,9 @@ LOGITSTD_HD V bregman_arg(V delta, V unit, V neg_lz) {
 // p_k phi(t_k) from p_k = eb / Z_b and q_k = ea / Z_a (scalar form; the CPU kernel has a vector one).
 template <class T>
 LOGITSTD_HD T bregman_term(T ea, T eb, T t, T rza, T rzb) {
-  if (!(eb > T(0))) return T(0);  // p_k = 0 contributes 0 (a -inf teacher logit, underflow)
+  // p_k = 0 (a -inf teacher logit, underflow): p phi(t) -> q_k - p_k - p_k t_k = q_k, the limit (the
+  // identity sum p e^t = sum q that makes the sum the KL needs every q_k)
+  if (!(eb > T(0))) return ea * rza;
   const T p = eb * rzb;
   if (m_abs(t) <= T(0.5)) return p * bregman_phi_series(t);
   return m_fma(ea, rza, -m_fma(p, t, p));
