@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from .cases import DTYPES, MODES, Case, build_cases, default_cases
+from . import objective
 from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
 from .providers import PROVIDERS, make_loss, unavailable
 from .report import Result, Run, fill_speedups, metadata, progress, table, write_files
@@ -25,8 +27,9 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to benchmark (default: cuda if present, else cpu)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help="comma-separated providers; unavailable ones are reported and skipped")
+    parser.add_argument("--providers", default=None,
+                        help=f"comma-separated providers (default: all: {','.join(PROVIDERS)}, or the objective's "
+                             "with --objective); unavailable ones are reported and skipped")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: forward,backward,full")
     parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16,float16 "
                         "(default: bfloat16,float32 on GPU, float32 on CPU)")
@@ -37,7 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--no-standardize", dest="standardize", action="store_false",
                         help="plain KD (adds the liger provider on CUDA)")
+    parser.add_argument("--objective", action="store_true",
+                        help="benchmark the distillation objective (0.1 CE + 9 KD with token labels) instead of "
+                             f"the KD loss; providers: {', '.join(objective.OBJECTIVE_PROVIDERS)}")
     parser.add_argument("--cpu-budget", type=float, default=1.0, help="seconds of timed runs per CPU measurement")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no new case after this many seconds; the cases left are recorded as "
+                             "'skipped: time budget' (default: no limit)")
     parser.add_argument("--out", type=Path, default=Path("logitstd_results") / "bench",
                         help="results directory (default ./logitstd_results/bench, outside the tracked tree; "
                         "--out benchmarks/results to commit a result)")
@@ -98,9 +107,18 @@ def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student
     def failed(why: str) -> list[Result]:
         return [Result(case.sweep, case.rows, case.vocab, case.dtype, m, provider, f"failed: {why}") for m in modes]
 
-    loss_fn = make_loss(provider, **options)
+    kd_options = {k: options[k] for k in ("temperature", "standardize")}
     try:
-        violation = correctness_violation(loss_fn, student, teacher, **options)
+        if options.get("objective"):
+            labels = objective.labels_for(case.rows, case.vocab, device)
+            fn = objective.make_objective(provider, **kd_options)
+            violation = objective.objective_violation(fn, student, teacher, labels, **kd_options)
+
+            def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return fn(x, y, labels)
+        else:
+            loss_fn = make_loss(provider, **kd_options)
+            violation = correctness_violation(loss_fn, student, teacher, **kd_options)
         if violation:
             return failed(violation)
         results = []
@@ -123,10 +141,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}", file=sys.stderr)
         return 2
     modes = tuple(args.modes.split(","))
-    providers = tuple(args.providers.split(","))
-    bad = [m for m in modes if m not in MODES] + [p for p in providers if p not in PROVIDERS]
+    known = objective.OBJECTIVE_PROVIDERS if args.objective else PROVIDERS
+    providers = tuple(args.providers.split(",")) if args.providers else known
+    bad = [m for m in modes if m not in MODES] + [p for p in providers if p not in known]
     if bad:
-        print(f"unknown mode(s)/provider(s) {bad}; modes: {MODES}, providers: {PROVIDERS}", file=sys.stderr)
+        print(f"unknown mode(s)/provider(s) {bad}; modes: {MODES}, providers: {known}", file=sys.stderr)
         return 2
     def given(value, default):
         return default if value is None else value
@@ -138,13 +157,14 @@ def run(args: argparse.Namespace) -> int:
         print("--rows, --rows-sweep must be >= 1 and --vocab, --rows-sweep-vocab >= 2", file=sys.stderr)
         return 2
     copy_gbps = copy_bandwidth_gbps(device)
-    options = {"temperature": args.temperature, "standardize": args.standardize}
+    options = {"temperature": args.temperature, "standardize": args.standardize, "objective": args.objective}
     bench_run = Run(metadata(device, list(args.argv), copy_gbps, options))
     print(f"device: {bench_run.metadata['device']}, copy bandwidth {copy_gbps:.1f} GB/s, "
           f"{len(cases)} cases x {len(providers)} providers x {len(modes)} modes")
     usable = []
     for provider in providers:
-        reason = unavailable(provider, device, args.standardize)
+        reason = (objective.unavailable(provider, device) if args.objective
+                  else unavailable(provider, device, args.standardize))
         if reason:
             print(f"  {provider}: unavailable ({reason})")
             bench_run.results += [Result(c.sweep, c.rows, c.vocab, c.dtype, m, provider, f"unavailable: {reason}")
@@ -152,7 +172,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             usable.append(provider)
     paths: dict = {}
+    started = time.monotonic()
     for index, case in enumerate(cases, 1):
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+            left = cases[index - 1:]
+            print(f"time budget of {args.time_budget:g} s spent: {len(left)} case(s) skipped")
+            bench_run.results += [Result(c.sweep, c.rows, c.vocab, c.dtype, m, p, "skipped: time budget")
+                                  for c in left for p in usable for m in modes]
+            break
         cells = []
         try:
             student, teacher = _inputs(case, device)
