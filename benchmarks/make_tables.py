@@ -3,8 +3,8 @@
     python benchmarks/make_tables.py            # rewrite the README section in place
     python benchmarks/make_tables.py --check    # exit 1 if the README is out of date
 
-For each device, the newest committed ``benchmarks/results/*.json`` becomes one table of the
-forward+backward ("full") mode: median time and speedup over eager PyTorch per provider, the fused
+For each device and benchmark (the KD loss, or the distillation objective of ``bench --objective``),
+the newest committed ``benchmarks/results/*.json`` becomes one table of the forward+backward ("full") mode: median time and speedup over eager PyTorch per provider, the fused
 kernel's time as a multiple of the memory floor, and peak memory above the inputs. Nothing in the
 section is typed by hand.
 
@@ -51,14 +51,20 @@ def result_files(results_dir: Path) -> list[Path]:
     return [path for path in on_disk if path.name in tracked]
 
 
+def benchmark_kind(metadata: dict) -> str:
+    """What a result file measured: the KD loss, or the distillation objective (CE + KD)."""
+    return "distillation objective (0.1 CE + 9 KD, token labels)" if metadata.get("objective") else "KD loss"
+
+
 def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
-    runs: dict[str, tuple[Path, dict]] = {}
+    runs: dict[tuple[str, str], tuple[Path, dict]] = {}
     for path in result_files(results_dir):
         data = json.loads(path.read_text())
-        device = data["metadata"]["device"]
-        if device not in runs or data["metadata"]["date"] > runs[device][1]["metadata"]["date"]:
-            runs[device] = (path, data)
-    return sorted(runs.values(), key=lambda item: (item[1]["metadata"]["device_type"] != "cuda", item[0].name))
+        key = (data["metadata"]["device"], benchmark_kind(data["metadata"]))
+        if key not in runs or data["metadata"]["date"] > runs[key][1]["metadata"]["date"]:
+            runs[key] = (path, data)
+    return sorted(runs.values(), key=lambda item: (item[1]["metadata"]["device_type"] != "cuda",
+                                                   bool(item[1]["metadata"].get("objective")), item[0].name))
 
 
 def _cell(result: dict | None) -> str:
@@ -81,7 +87,7 @@ def render(path: Path, data: dict) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in full))
     fused = [p for p in providers if p in FUSED]
     lines = [
-        f"**{meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton {meta['triton']}, "
+        f"**{benchmark_kind(meta)}, {meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton {meta['triton']}, "
         f"logitstd_kernels {meta['logitstd_kernels']} ({meta.get('git_commit') or 'no git'}), {meta['date']}, copy bandwidth "
         f"{meta['copy_bandwidth_gbps']} GB/s, load {meta.get('load_average_1m', '?')}; `{meta['command']}`; "
         f"from `benchmarks/results/{path.name}`. Peak memory: {meta['peak_memory']}.",
