@@ -30,3 +30,29 @@ def test_bench_command_writes_results(tmp_path, capsys):
     (table,) = tmp_path.glob("*.csv")
     rows = list(csv.DictReader(line for line in table.read_text().splitlines() if not line.startswith("#")))
     assert len(rows) == len(data["results"])
+
+
+def test_backward_mode_reports_no_speedups():
+    """The fused op's gradient is computed in its forward: eager's backward over its backward is no speedup."""
+    from logitstd_kernels.bench.report import Result, fill_speedups, table
+
+    results = [Result("vocab", 8, 512, "float32", mode, provider, "ok", ms, ms, ms, 1.0, 2.0, None)
+               for mode in ("full", "backward") for provider, ms in (("torch", 4.0), ("cpu", 0.001))]
+    fill_speedups(results)
+    speedups = {(r.mode, r.provider): r.speedup_vs_torch for r in results}
+    assert speedups[("full", "cpu")] == 4000.0 and speedups[("backward", "cpu")] is None
+    backward = table(results, "backward")
+    assert "no speedups" in backward and "x," not in backward
+    assert "(4000.0x," in table(results, "full")
+
+
+def test_time_budget_skips_the_cases_left(tmp_path, capsys):
+    code = main(["bench", "--device", "cpu", "--vocab", "256,512", "--rows", "4", "--rows-sweep", "",
+                 "--providers", "torch", "--modes", "full", "--cpu-budget", "0.01", "--time-budget", "0",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "case(s) skipped" in out
+    (report,) = tmp_path.glob("*.json")
+    statuses = [r["status"] for r in json.loads(report.read_text())["results"]]
+    assert statuses and all(s == "skipped: time budget" for s in statuses)

@@ -2,6 +2,11 @@
 
 ``TRITON_INTERPRET`` must be set before triton is imported, hence here, before any test module
 imports the package. On a CUDA machine the real compiler is used.
+
+Seeding (every test's inputs come from a seed derived from its node id, ``LOGITSTD_TEST_SEED``) is
+in the repository's root ``conftest.py``, which covers ``benchmarks/`` too. Requirements that are
+skips by default and failures under ``LOGITSTD_REQUIRE_ALL=1`` are in ``support.py``
+(:func:`support.require_or_skip`, :func:`support.needs`).
 """
 
 import os
@@ -13,21 +18,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _fresh_seed(request):
-    """Fresh random inputs every run, but reproducible from the printed seed when a test fails."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    request.node.user_properties.append(("seed", seed))
-    yield
-    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-        print(f"torch seed for {request.node.nodeid}: {seed}")
+from support import NEEDS_MARK, require_or_skip  # noqa: E402
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.when == "call":
-        item.rep_call = report
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"{NEEDS_MARK}(available, reason, required=True): skip the test when not available, "
+                   "fail it instead under LOGITSTD_REQUIRE_ALL=1 (see tests/support.py)")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers(NEEDS_MARK):
+        require_or_skip(*mark.args, **mark.kwargs)

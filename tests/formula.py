@@ -1,27 +1,50 @@
-"""An independent float64 NumPy transcription of DESIGN.md section 1, including its gradients.
+"""An independent NumPy transcription of docs/design.md section 1, including its gradients and the reductions.
 
 It deliberately shares no code with the package: the reference (PyTorch autograd) and every fused
 backend are checked against it, so a mistake in the shared math would have to be made twice.
+
+The math runs in float64 by default; ``dtype=np.longdouble`` (80-bit extended precision on x86,
+quad precision on aarch64) gives a truth more exact than any float64 implementation, which the tests
+use to measure the error of float64 results. Conventions: ``0 * log 0 = 0`` (a teacher class with
+probability 0, e.g. a ``-inf`` teacher logit without standardization, contributes nothing to the
+loss and gets a zero gradient), and a constant row (``std = 0``, ``eps > 0``) has no gradient
+through its standard deviation, as in ``torch.std``'s backward.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max())
-    return e / e.sum()
+REDUCTIONS = ("none", "sum", "batchmean", "mean")
 
 
-def row_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float, standardize: bool,
-                       correction: int, eps: float) -> tuple[float, np.ndarray, np.ndarray]:
-    """Loss of one row and its gradients with respect to the student x and the teacher y."""
-    num_classes = x.size
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    top = z.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0)
+    shifted = z - top
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def rows_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float, standardize: bool,
+                        correction: int, eps: float, magnitudes: bool = False):
+    """Loss of every row (last axis = classes) and its gradients with respect to x and y, row by row.
+
+    With ``magnitudes=True`` also the magnitudes of the terms each result is a sum or difference of
+    (same shapes; recursively: an intermediate sum such as the KL or the chain rule's row sum enters
+    with its own terms' magnitude): the scale a rounding error of the computation is proportional
+    to, so that ``u * magnitude`` is the error a computation with unit roundoff ``u`` makes by
+    rounding those terms alone, and bounds how well it can resolve a result that cancels far below
+    them (logitstd_kernels/testing.py uses it as the criterion's allowance).
+    """
+    num_classes = x.shape[-1]
+    dtype = x.dtype
+    tau_s, tau_t, eps = dtype.type(tau_s), dtype.type(tau_t), dtype.type(eps)
 
     def standardized(v: np.ndarray):
-        mu = v.mean()
-        sigma = np.sqrt(((v - mu) ** 2).sum() / (num_classes - correction))
+        mu = v.mean(axis=-1, keepdims=True)
+        sigma = np.sqrt(((v - mu) ** 2).sum(axis=-1, keepdims=True) / (num_classes - correction))
         s = sigma + eps
         return (v - mu) / s, s, sigma
 
@@ -31,20 +54,98 @@ def row_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float,
     else:
         u, w = x, y
     a, b = u / tau_s, w / tau_t
-    q, p = _softmax(a), _softmax(b)
-    log_q = a - a.max() - np.log(np.exp(a - a.max()).sum())
-    log_p = b - b.max() - np.log(np.exp(b - b.max()).sum())
-    kl = float((p * (log_p - log_q)).sum())
+    log_q, log_p = _log_softmax(a), _log_softmax(b)
+    q, p = np.exp(log_q), np.exp(log_p)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0, p * (log_p - log_q), 0)
+    kl = terms.sum(axis=-1, keepdims=True)
 
     g_u = tau_s * (q - p)
-    g_b = tau_s**2 * p * (log_p - log_q - kl)
+    with np.errstate(invalid="ignore"):
+        g_b = np.where(p > 0, tau_s**2 * p * (log_p - log_q - kl), 0)
     g_w = g_b / tau_t
-    if not standardize:
-        return tau_s**2 * kl, g_u, g_w
+    loss = tau_s**2 * kl[..., 0]
+    if magnitudes:
+        # The magnitude of a sum / difference is the sum of its terms' magnitudes, applied recursively:
+        # the KL shared by a row's teacher gradient enters with its own terms' magnitude, not |KL|
+        # (a KL near 0 is a cancellation of terms p |log p|, and so is resolved only to u x those).
+        with np.errstate(invalid="ignore"):
+            kl_mag = np.where(p > 0, p * (np.abs(log_p) + np.abs(log_q)), 0).sum(axis=-1, keepdims=True)
+            loss_mag = tau_s**2 * kl_mag[..., 0]
+            g_u_mag = tau_s * (q + p)
+            g_w_mag = np.where(p > 0, tau_s**2 * p * (np.abs(log_p) + np.abs(log_q) + kl_mag), 0) / tau_t
 
-    def chain(g: np.ndarray, z: np.ndarray, s: float, sigma: float) -> np.ndarray:
-        big_s = (g * z).sum()
-        second = z * big_s * s / ((num_classes - correction) * sigma) if sigma > 0 else np.zeros_like(z)
+    def chain(g: np.ndarray, z: np.ndarray, s: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        big_s = (g * z).sum(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            second = np.where(sigma > 0, z * big_s * s / ((num_classes - correction) * sigma), 0)
         return (g - second) / s
 
-    return tau_s**2 * kl, chain(g_u, u, s_x, sigma_x), chain(g_w, w, s_y, sigma_y)
+    def chain_magnitude(g_mag: np.ndarray, z: np.ndarray, s: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        big_s = (g_mag * np.abs(z)).sum(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            second = np.where(sigma > 0, np.abs(z) * big_s * s / ((num_classes - correction) * sigma), 0)
+        return (g_mag + second) / s
+
+    if not standardize:
+        results = (loss, g_u, g_w)
+        mags = (loss_mag, g_u_mag, g_w_mag) if magnitudes else None
+    else:
+        results = (loss, chain(g_u, u, s_x, sigma_x), chain(g_w, w, s_y, sigma_y))
+        mags = ((loss_mag, chain_magnitude(g_u_mag, u, s_x, sigma_x), chain_magnitude(g_w_mag, w, s_y, sigma_y))
+                if magnitudes else None)
+    return (results, mags) if magnitudes else results
+
+
+def row_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float, standardize: bool,
+                       correction: int, eps: float) -> tuple[float, np.ndarray, np.ndarray]:
+    """Loss of one row and its gradients with respect to the student x and the teacher y."""
+    loss, gx, gy = rows_loss_and_grads(x[None], y[None], tau_s, tau_t, standardize, correction, eps)
+    return float(loss[0]), gx[0], gy[0]
+
+
+def loss_and_grads(x: np.ndarray, y: np.ndarray, *, temperature: float = 2.0,
+                   teacher_temperature: Optional[float] = None, standardize: bool = True, correction: int = 1,
+                   eps: float = 1e-7, reduction: str = "batchmean", mask: Optional[np.ndarray] = None,
+                   upstream=1.0, dtype=np.float64, magnitudes: bool = False):
+    """The public contract for (..., V) logits: the reduced loss and ``upstream``-weighted gradients.
+
+    ``reduction``: "none" (the loss of every row; ``upstream`` has the leading shape), "sum",
+    "batchmean" (sum / included rows, at least 1), "mean" (sum / (included rows x V)). Rows where
+    ``mask`` is False give 0 loss and 0 gradient and are not counted; their data is never read.
+    With ``magnitudes=True`` returns ``(results, magnitudes)``, see :func:`rows_loss_and_grads`.
+    """
+    assert reduction in REDUCTIONS, reduction
+    tau_s = float(temperature)
+    tau_t = tau_s if teacher_temperature is None else float(teacher_temperature)
+    x, y = np.asarray(x, dtype=dtype), np.asarray(y, dtype=dtype)
+    lead, num_classes = x.shape[:-1], x.shape[-1]
+    xs, ys = x.reshape(-1, num_classes), y.reshape(-1, num_classes)
+    keep = np.ones(xs.shape[0], bool) if mask is None else np.asarray(mask, bool).reshape(-1)
+    rows = [np.zeros(xs.shape[0], dtype), np.zeros_like(xs), np.zeros_like(ys)]
+    mags = [np.zeros(xs.shape[0], dtype), np.zeros_like(xs), np.zeros_like(ys)]
+    if keep.any():
+        computed = rows_loss_and_grads(xs[keep], ys[keep], tau_s, tau_t, standardize, correction, eps, magnitudes)
+        values, magnitude_values = computed if magnitudes else (computed, None)
+        for target, value in zip(rows, values):
+            target[keep] = value
+        if magnitudes:
+            for target, value in zip(mags, magnitude_values):
+                target[keep] = value
+    count = int(keep.sum())
+    upstream = np.asarray(upstream, dtype=dtype)
+
+    def reduce(row_loss, gx, gy, absolute=False):
+        if reduction == "none":
+            loss = row_loss.reshape(lead)
+            weight = upstream.reshape(-1, 1) * np.ones((xs.shape[0], 1), dtype)
+        else:
+            divisor = {"sum": 1, "batchmean": max(count, 1), "mean": max(count, 1) * num_classes}[reduction]
+            loss = np.asarray(row_loss.sum() / divisor)
+            weight = upstream / divisor * np.ones((xs.shape[0], 1), dtype)
+        if absolute:
+            weight = np.abs(weight)
+        return loss, (gx * weight).reshape(x.shape), (gy * weight).reshape(y.shape)
+
+    results = reduce(*rows)
+    return (results, reduce(*mags, absolute=True)) if magnitudes else results

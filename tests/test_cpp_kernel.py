@@ -166,7 +166,7 @@ def test_each_cpu_build_against_the_reference(capability):
     script = textwrap.dedent("""
         import sys, torch
         sys.path.insert(0, sys.argv[1])
-        from support import check_against_reference
+        from support import check_against_reference, term_magnitudes
         from logitstd_kernels import reference
         from logitstd_kernels.testing import assert_within_eager_error
         assert torch.backends.cpu.get_cpu_capability() == sys.argv[2].upper()
@@ -194,8 +194,9 @@ def test_each_cpu_build_against_the_reference(capability):
                 got = torch.ops.logitstd.fused_kd_forward(x, y, None, torch.full((1,), scale), 2.0, 2.0, True, 1,
                                                           1e-7, True, True)[:3]
                 eager, exact = grads(x, y, scale), grads(x.double(), y.double(), scale)
-                for name, a, e, w in zip(("rows", "grad_student", "grad_teacher"), got, eager, exact):
-                    assert_within_eager_error(name, a, e, w)
+                mags = term_magnitudes(x, y, torch.full((3,), scale, dtype=torch.float64), reduction="none")
+                for name, a, e, w, m in zip(("rows", "grad_student", "grad_teacher"), got, eager, exact, mags):
+                    assert_within_eager_error(name, a, e, w, magnitude=m)
         print("ok")
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
@@ -505,6 +506,7 @@ def test_cuda_row_math_emulated_on_host(emulation, dtype, num_classes, cluster, 
     GPU runs, on a machine without one."""
     from logitstd_kernels import reference
     from logitstd_kernels.testing import assert_within_eager_error
+    from support import objective_term_magnitudes, term_magnitudes
 
     x = 3 * torch.randn(3, num_classes, dtype=torch.float64)
     y = 5 * torch.randn(3, num_classes, dtype=torch.float64)
@@ -541,9 +543,16 @@ def test_cuda_row_math_emulated_on_host(emulation, dtype, num_classes, cluster, 
         ga, gb = torch.autograd.grad(rows.sum(), (a, b))
         return rows.detach(), ga * grad_scale, gb * grad_scale
 
-    exact, eager = ref(x, y), ref(xd, yd)
-    for name, got, e, want in zip(("loss", "grad_student", "grad_teacher"), (loss, gx, gy), eager, exact):
-        assert_within_eager_error(name, got, e, want)
+    # The truth of the inputs the kernel got (x rounded to dtype), not of the float64 draws.
+    exact, eager = ref(xd.double(), yd.double()), ref(xd, yd)
+    kd_options = dict(temperature=options["tau_s"], teacher_temperature=options["tau_t"],
+                      standardize=options["standardize"], correction=options["correction"], eps=options["eps"],
+                      reduction="none")
+    upstream = torch.full((3,), grad_scale, dtype=torch.float64)
+    mags = (term_magnitudes(xd, yd, upstream, **kd_options) if labels is None
+            else objective_term_magnitudes(xd, yd, labels, upstream, **objective_args, **kd_options))
+    for name, got, e, want, m in zip(("loss", "grad_student", "grad_teacher"), (loss, gx, gy), eager, exact, mags):
+        assert_within_eager_error(name, got, e, want, magnitude=m)
 
 
 # --------------------------------------------------------------------------------------------

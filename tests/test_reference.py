@@ -1,4 +1,4 @@
-"""The reference implementation: the paper's code, Algorithm 1, DESIGN.md's formula, its properties."""
+"""The reference implementation: the paper's code, Algorithm 1, docs/design.md's formula, its properties."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_zscore_is_algorithm_1():
 @pytest.mark.parametrize("standardize", [True, False])
 @pytest.mark.parametrize("correction,eps", [(1, 1e-7), (0, 0.0)])
 def test_reference_and_fused_backends_match_design_formula(standardize, correction, eps):
-    """Loss and both gradients, against the independent transcription of DESIGN.md section 1."""
+    """Loss and both gradients, against the independent transcription of docs/design.md section 1."""
     rows, num_classes, tau_s, tau_t = 4, 37, 1.7, 2.3
     x = torch.randn(rows, num_classes, dtype=torch.float64) * 3
     y = torch.randn(rows, num_classes, dtype=torch.float64) * 3
