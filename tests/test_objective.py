@@ -276,3 +276,52 @@ def test_bad_input_names_the_argument(case):
         call(labels=torch.tensor([1, 2, -100, 10], device=device))
     with pytest.raises(IndexError, match="is not ignore_index"):
         call(labels=torch.tensor([1, -1, 0, 0], device=device))
+
+
+GPU_CASES = [c for c in CASES if c[1] == "cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_cuda_graph_capture_and_out_of_range_labels(case):
+    """No host synchronization: the objective's step is captured and replayed in a CUDA graph with
+    changing labels; a label outside [0, V) (not ignore_index) gives its row NaN, the others stay exact."""
+    backend, device = case
+    rows, vocab = 64, 5000
+    x = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+
+    def step():
+        x.grad = None
+        loss = lsk.distillation_loss(x, y, labels, reduction="none", backend=backend)
+        loss.sum().backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        static = lsk.distillation_loss(x, y, labels, reduction="none", backend=backend)
+        static.sum().backward()
+    for replay in range(2):
+        with torch.no_grad():
+            x.copy_(3 * torch.randn_like(x))
+            labels.copy_(torch.randint(0, vocab, (rows,), device=device))
+            labels[::7] = -100
+            if replay == 1:
+                labels[5] = vocab + 3  # out of range: that row is NaN
+        graph.replay()
+        torch.cuda.synchronize()
+        good = labels != vocab + 3
+        want = run(lsk.reference.distillation_loss, x.detach().double()[good], y.double()[good], labels[good],
+                   torch.ones(int(good.sum()), dtype=torch.float64, device=device), reduction="none")
+        close("loss", static.detach()[good], want[0].cpu().numpy(), rtol=1e-5)
+        assert bool(torch.isnan(static[~good]).all()) and bool(torch.isnan(x.grad[~good]).all())
+        rel = (x.grad[good].double() - want[1]).abs().max() / want[1].abs().max()
+        assert float(rel) < 2e-2, f"bf16 student gradient off by {float(rel):.2e}"
