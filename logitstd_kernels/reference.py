@@ -7,7 +7,7 @@ paper's official code (and torchdistill's ``LogitStdKDLoss``)::
     z = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-7) / tau
     loss = F.kl_div(F.log_softmax(z_s, -1), F.softmax(z_t, -1), reduction="batchmean") * tau**2
 
-and with ``correction=0, eps=0`` it is the paper's Algorithm 1. The math is in DESIGN.md section 1.
+and with ``correction=0, eps=0`` it is the paper's Algorithm 1. The math is in docs/design.md section 1.
 """
 
 from __future__ import annotations

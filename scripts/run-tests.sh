@@ -22,4 +22,19 @@ if [ -f .ci/check_cuda_compile.sh ]; then
     echo "$cuda_check_hash" > "$cuda_check_stamp"
   fi
 fi
+# The Triton kernels compiled ahead of time for sm_90 (no GPU needed): every launch-table entry,
+# registers and spills per variant; a compile error fails the run (2-4 minutes on 2 cores). Like
+# the nvcc check, it runs again only when the kernels, the check or triton changed.
+triton_check_hash="$( {
+  find scripts/triton_aot_check.py logitstd_kernels/_triton -name '*.py' -type f -print0 | LC_ALL=C sort -z \
+    | xargs -0 sha256sum
+  .venv/bin/python -c "import triton; print(triton.__version__)" || true
+} 2>/dev/null | sha256sum | cut -d' ' -f1)"
+triton_check_stamp=.venv/.logitstd-triton-aot-stamp
+if [ "$(cat "$triton_check_stamp" 2>/dev/null)" = "$triton_check_hash" ]; then
+  echo "triton_aot_check: passed before on the same kernels and triton; skipped"
+else
+  .venv/bin/python scripts/triton_aot_check.py
+  echo "$triton_check_hash" > "$triton_check_stamp"
+fi
 exec .venv/bin/python -m pytest -q --benchmark-disable "$@"

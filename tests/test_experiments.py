@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from logitstd_kernels.cli import SUMMARIES, main as cli_main
 from logitstd_kernels.experiments import deps, toy
+from support import require_modules
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def test_toy_losses_match_the_seed_and_standardization_flips_the_preference(case
 
 
 def test_toy_command_prints_the_seed_numbers(tmp_path, capsys):
-    assert cli_main(["toy", "--json", str(tmp_path / "toy.json")]) == 0
+    assert cli_main(["toy", "--out-dir", str(tmp_path), "--no-plot"]) == 0
     out = capsys.readouterr().out
     # seed 000's printed values at T=1: Figure 2 and the 10-class case
     for line in ("student 1  [2, 2.8, 3, 1]        Bird          0.2427           0.1087",
@@ -58,6 +59,39 @@ def test_toy_command_prints_the_seed_numbers(tmp_path, capsys):
     assert out.count("plain KD prefers student 1 (lower loss)") == 2
     assert out.count("standardized KD prefers student 2 (lower loss)") == 2
     assert [r["case"] for r in json.loads((tmp_path / "toy.json").read_text())] == ["figure2", "ten-class"]
+    assert not (tmp_path / "toy.png").exists()  # --no-plot
+
+
+def test_toy_command_writes_json_and_plot_to_out_dir(tmp_path, capsys):
+    require_modules("matplotlib")
+    assert cli_main(["toy", "--case", "figure2", "--out-dir", str(tmp_path / "out")]) == 0
+    assert f"wrote {tmp_path / 'out' / 'toy.json'}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "toy.json").read_text())[0]["case"] == "figure2"
+    assert (tmp_path / "out" / "toy.png").stat().st_size > 1000
+    # --json / --plot name other files
+    assert cli_main(["toy", "--case", "figure2", "--out-dir", str(tmp_path / "unused"), "--json",
+                     str(tmp_path / "a.json"), "--plot", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.json").exists() and (tmp_path / "b.png").exists()
+    assert not (tmp_path / "unused").exists()
+
+
+def test_toy_without_matplotlib_skips_the_default_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli_main(["toy", "--out-dir", str(tmp_path)]) == 0
+    assert "skipping the plot" in capsys.readouterr().err
+    assert (tmp_path / "toy.json").exists() and not (tmp_path / "toy.png").exists()
+
+
+def test_analyze_demo_says_where_its_logits_go_and_how_big(tmp_path, capsys):
+    assert cli_main(["analyze", "--demo", "synthetic", "--quiet", "--out-dir", str(tmp_path / "a")]) == 0
+    path = tmp_path / "a" / "analyze_demo_synthetic.npz"
+    assert f"wrote the synthetic demo logits to {path} (72.5 MB" in capsys.readouterr().out
+    assert 72.4e6 < path.stat().st_size < 72.6e6
+    assert cli_main(["analyze", "--demo", "synthetic", "--quiet", "--out-dir", str(tmp_path / "b"),
+                     "--no-demo-file"]) == 0
+    assert "demo logits" not in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["analyze.json", "analyze.txt"]
+    assert (tmp_path / "b" / "analyze.txt").read_text() == (tmp_path / "a" / "analyze.txt").read_text()
 
 
 def test_every_command_has_help(capsys):
@@ -74,6 +108,8 @@ def test_a_missing_extra_is_named(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn` raise ImportError
     message = deps.missing_extra("the distill experiment", "sklearn")
     assert message is not None and ".[examples]" in message and "sklearn" in message
+    assert "logitstd-kernels[examples]" not in message  # not on PyPI: install from the checkout
+    assert 'pip install --no-build-isolation -e ".[examples]"' in message
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     for command in (["distill"], ["ghost"], ["analyze", "--demo", "digits"], ["toy", "--plot", "toy.png"]):
         assert cli_main(command) == 2
@@ -82,8 +118,7 @@ def test_a_missing_extra_is_named(monkeypatch, capsys):
 
 
 def test_distill_tiny_run_learns(tmp_path):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+    require_modules("sklearn", "matplotlib", "tqdm")
     from logitstd_kernels.experiments.distill import DistillConfig, format_results, plot_results, run_distill
     from logitstd_kernels.experiments.training import set_threads
 
@@ -99,8 +134,7 @@ def test_distill_tiny_run_learns(tmp_path):
 
 
 def test_distill_command_writes_json_and_plot(tmp_path, capsys):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+    require_modules("sklearn", "matplotlib", "tqdm")
     assert cli_main(["distill", "--kd-weights", "1", "--seeds", "1", "--epochs", "3", "--teacher-epochs", "3",
                      "--teacher-hidden", "32", "--out-dir", str(tmp_path), "--quiet"]) == 0
     assert "best mean:" in capsys.readouterr().out
@@ -109,8 +143,7 @@ def test_distill_command_writes_json_and_plot(tmp_path, capsys):
 
 
 def test_ghost_tiny_run_learns_from_ghost_logits_alone(tmp_path, capsys):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+    require_modules("sklearn", "matplotlib", "tqdm")
     assert cli_main(["ghost", "--seeds", "1", "--epochs", "4", "--noise-per-epoch", "10000", "--teacher-epochs", "10",
                      "--out-dir", str(tmp_path), "--quiet"]) == 0
     assert "final: plain KD, same init" in capsys.readouterr().out
@@ -124,3 +157,17 @@ def test_ghost_tiny_run_learns_from_ghost_logits_alone(tmp_path, capsys):
     for variant in ("plain", "standardized"):  # never saw a digit, yet well above chance (0.1)
         assert curves[variant]["mean"][-1] > 0.2, curves[variant]["mean"]
         assert curves[variant]["mean"][-1] > curves["control"]["mean"][-1] + 0.1
+
+
+def test_ghost_is_bit_reproducible(tmp_path):
+    """Same settings, same machine: the same curves (every input, initialization and batch is seeded;
+    the loss kernel computes each row in a fixed order; one thread)."""
+    require_modules("sklearn")
+    from logitstd_kernels.experiments.ghost import GhostConfig, run_ghost
+    from logitstd_kernels.experiments.training import set_threads
+
+    set_threads(1)
+    config = GhostConfig(seeds=(0,), epochs=2, noise_per_epoch=1024, teacher_epochs=2, hidden=(32,), control=False)
+    first, second = (run_ghost(config, show_progress=False) for _ in range(2))
+    assert first["curves"] == second["curves"]
+    assert first["backend"] in ("cpu", "torch") and first["cpu_capability"]

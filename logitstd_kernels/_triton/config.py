@@ -11,37 +11,38 @@ had run anywhere but the interpreter; no timing on a GPU confirms it yet.
 
 Registers and spills as ``scripts/triton_aot_check.py`` measures them (triton 3.9.0, ptxas for
 sm_90, no GPU; every entry x bf16/bf16, bf16/fp32, fp32/fp32, fp64/fp64 x the heaviest switch sets,
-134 variants, all compile). Most variants do not spill, but five do, 4-44 bytes per thread:
+134 variants, all compile). No KD variant spills; three with the fused CE (HAS_LABELS) do, 4-44
+bytes per thread:
 
-- blocked 2048-wide, 8 warps, bf16/bf16, unstandardized (4 B at 80 registers);
-- blocked 4096-wide, 16 warps (capped at 128 registers: 65536 / 512 threads): fp32/fp32
-  unstandardized (12 B), and with the fused CE (HAS_LABELS) bf16/fp32 (8 B) and fp32/fp32 (36 B);
-- float64 blocked, 1024-wide, with the fused CE (4 B at 255 registers).
+- blocked 4096-wide, 16 warps (capped at 128 registers: 65536 / 512 threads), standardized with
+  both gradients: bf16/fp32 (8 B) and fp32/fp32 (36 B stored, 44 loaded);
+- float64 blocked, 1024-wide, the same switches (4 B at 255 registers).
 
-Per entry (KD alone; with the fused CE in brackets): register path 56-92 [109-120]; blocked
-2048-wide 8 warps 80-165 [166-196]; blocked 4096-wide 16 warps 85-128 [128]; scalar-run blocked
-tiles 76-126 [102-128]; float64 register path 68-112 [138-146], float64 blocked 114-216 [193-255];
+Per entry (KD alone; with the fused CE in brackets): register path 63-93 [100-117]; blocked
+2048-wide 8 warps 93-165 [171-198]; blocked 4096-wide 16 warps 84-128 [128]; scalar-run blocked
+tiles 74-124 [101-128]; float64 register path 72-102 [136-143], float64 blocked 116-216 [193-255];
 row scaling 24-32. The check prints every variant; ``--all`` compiles the full cross product.
 
 - EPT, elements per thread and tensor = BLOCK / (32 * num_warps). The register path keeps the row's
   x, y and the derived u, w, e^a, e^b live. It was sized for 40-64 registers at EPT 8, so that a
   16-warp program fits twice per SM (one overlaps the other's barriers); the kernels as they are
-  now take 58-86 registers at V <= 4096 (16 warps): one program per SM, not two (two need <= 64).
-  At V = 8192 (EPT 8 with 32 warps, or 16 with 16 warps: 89-128 registers when it was sized) only one
-  program fits per SM, and its phases (load, reductions with barriers, exponentials, store) run one
-  after the other with nothing to overlap them; V = 16384 in registers spilled (64-360 bytes of
-  stack) at any warp count. So the register path stops at 4096 and the blocked path takes over.
+  now take 63-88 registers at V <= 4096 (16 warps): one program per SM, not two (two need <= 64).
+  At V = 8192 (EPT 8 with 32 warps, or 16 with 16 warps: 89-128 registers when the table was
+  sized) only one program fits per SM, and its phases (load, reductions with barriers,
+  exponentials, store) run one after the other with nothing to overlap them; V = 16384 in
+  registers spilled (64-360 bytes of stack) at any warp count. So the register path stops at 4096
+  and the blocked path takes over.
 - The blocked path streams BLOCK-wide tiles with one tile prefetched. A 2048-wide, 8-warp program
   fits twice per SM (16 warps, ~32 KB of loads in flight per SM) up to 128 registers: true with bf16
-  inputs (80-128 measured), not for fp32/fp32 standardized with both gradients (161-165) nor with
-  the fused CE (166-196). Its passes 2 and 3 re-read the row; they hit L2 while (rows in
+  inputs (93-128 measured), not for fp32/fp32 standardized with both gradients (161-165) nor with
+  the fused CE (171-198). Its passes 2 and 3 re-read the row; they hit L2 while (rows in
   flight) x (row pair bytes) stays well below L2: 264 rows x 64 KB = 17 MB at V = 16384 in bf16.
   Longer rows use one 4096-wide 16-warp program per SM (same EPT and bytes in flight, half the rows
   in flight): 132 x 128 KB = 17 MB at V = 32768, and at V = 131072 (67 MB in flight) the backward
   pass 2 still finds the tail of each row in L2.
 - Rows that are not 16-byte aligned (V or a row stride not a multiple of the run) get scalar,
   per-class accesses and one accumulator per class instead of per run: the blocked tiles are
-  halved (EPT 4, 76-128 registers, no spills) by ``kd_config(..., full_vectors=False)``.
+  halved (EPT 4, 74-128 registers, no spills) by ``kd_config(..., full_vectors=False)``.
 - float64 (gradcheck, tests; speed is not a goal) has twice the registers per element: EPT 4.
 """
 
@@ -69,23 +70,23 @@ class KernelConfig:
 # (largest V, path, BLOCK (0: next power of two >= V), num_warps) for float32 accumulation
 # (float32/float16/bfloat16 inputs). The first row whose largest V is >= V is used.
 _TABLE_F32 = (
-    # Register path at EPT <= 8 (one 16-byte bf16 vector per thread and tensor); 56-92 registers
-    # measured (KD; 109-120 with the fused CE).
+    # Register path at EPT <= 8 (one 16-byte bf16 vector per thread and tensor); 63-93 registers
+    # measured (KD; 100-117 with the fused CE).
     # Tiny rows: one warp (more would only replicate lanes).
     (256, "register", 0, 1),
     (512, "register", 0, 2),
     # 4 warps: 8+ programs per SM.
     (1024, "register", 0, 4),
-    # 8 warps: 4 programs (32 warps) per SM at <= 64 registers; 60-92 measured: 2 programs.
+    # 8 warps: 4 programs (32 warps) per SM at <= 64 registers; 70-91 measured: 2 programs.
     (2048, "register", 0, 8),
-    # 16 warps: 2 programs (32 warps) per SM at <= 64 registers, one overlapping the other's barriers;
-    # 58-86 measured: 1 program.
+    # 16 warps: 2 programs (32 warps) per SM at <= 64 registers, one overlapping the other's
+    # barriers; 63-88 measured: 1 program.
     (4096, "register", 0, 16),
-    # Blocked, 2048-wide tiles, 8 warps (EPT 8; 80-165 registers measured, 196 with the fused CE):
+    # Blocked, 2048-wide tiles, 8 warps (EPT 8; 93-165 registers measured, 198 with the fused CE):
     # 2 programs per SM at <= 128 registers; re-reads served by L2.
     (16384, "blocked", 2048, 8),
-    # Blocked, 4096-wide tiles, 16 warps (EPT 8; 85-128 registers measured, at the 128 cap, some
-    # variants spill 8-36 bytes): 1 program per SM, half the
+    # Blocked, 4096-wide tiles, 16 warps (EPT 8; 84-128 registers measured, at the 128 cap; two
+    # variants with the fused CE spill 8-36 bytes): 1 program per SM, half the
     # rows in flight, so that the re-read rows still fit in L2 (V = 32768) or their last tiles do
     # (V >= 65536).
     (1 << 62, "blocked", 4096, 16),
@@ -123,7 +124,7 @@ def kd_config(num_classes: int, acc64: bool, full_vectors: bool = True) -> Kerne
 
     ``full_vectors``: the rows allow 16-byte runs (VEC = ``vector_width``). When they do not (V or a
     row stride not a multiple of it), the blocked path holds one accumulator per class instead of
-    one per run and uses scalar loads: its tiles are halved (EPT 4), which keeps ptxas at 76-128
+    one per run and uses scalar loads: its tiles are halved (EPT 4), which keeps ptxas at 74-128
     registers (scripts/triton_aot_check.py) instead of 150-215 at full width.
     """
     table = _TABLE_F64 if acc64 else _TABLE_F32

@@ -26,7 +26,7 @@ class Result:
     dtype: str
     mode: str
     provider: str
-    status: str  # "ok", "failed: <why>" or "unavailable: <why>"
+    status: str  # "ok", "failed: <why>", "unavailable: <why>" or "skipped: time budget"
     median_ms: Optional[float] = None
     p20_ms: Optional[float] = None
     p80_ms: Optional[float] = None
@@ -104,13 +104,23 @@ def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: d
     }
 
 
+# Modes whose times are comparable across providers. Not "backward": the fused kernels compute the
+# gradient in the forward, and their backward only applies the incoming gradient (nothing at all for
+# a scalar loss's gradient of 1), so eager's backward time over theirs is no speedup of anything.
+SPEEDUP_MODES = ("forward", "full")
+BACKWARD_NOTE = ("no speedups: the fused kernels compute the gradient during the forward and their backward "
+                 "only applies the incoming gradient, so their backward times are not comparable to eager's; "
+                 "compare mode=full")
+
+
 def fill_speedups(results: list[Result]) -> None:
+    """``speedup_vs_torch`` (eager's median over the provider's) of every timed result of a mode in
+    ``SPEEDUP_MODES``; None in the backward mode."""
     baseline = {(r.rows, r.vocab, r.dtype, r.mode): r.median_ms for r in results
                 if r.provider == "torch" and r.status == "ok"}
     for r in results:
         base = baseline.get((r.rows, r.vocab, r.dtype, r.mode))
-        if r.status == "ok" and base:
-            r.speedup_vs_torch = base / r.median_ms
+        r.speedup_vs_torch = base / r.median_ms if (r.status == "ok" and base and r.mode in SPEEDUP_MODES) else None
 
 
 def _slug(text: str) -> str:
@@ -191,19 +201,26 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def table(results: list[Result], mode: str = "full") -> str:
-    """A terminal table of one mode: a line per case, ms (speedup vs eager) per provider."""
+    """A terminal table of one mode: a line per case, ms (speedup vs eager, x floor) per provider;
+    the backward mode shows ms and x floor only (see ``SPEEDUP_MODES``)."""
     chosen = [r for r in results if r.mode == mode]
     providers = list(dict.fromkeys(r.provider for r in chosen if not r.status.startswith("unavailable")))
     header = f"{'rows':>6} {'V':>7} {'dtype':>9} | " + " | ".join(f"{p:>22}" for p in providers)
-    lines = [f"mode={mode}: median ms (speedup vs torch eager, x memory floor)", header, "-" * len(header)]
+    if mode in SPEEDUP_MODES:
+        title = f"mode={mode}: median ms (speedup vs torch eager, x memory floor)"
+    else:
+        title = f"mode={mode}: median ms (x memory floor); {BACKWARD_NOTE}"
+    lines = [title, header, "-" * len(header)]
     for key in dict.fromkeys((r.rows, r.vocab, r.dtype) for r in chosen):
         cells = []
         for p in providers:
             r = next((r for r in chosen if (r.rows, r.vocab, r.dtype) == key and r.provider == p), None)
             if r is None or r.status != "ok":
                 cells.append(f"{(r.status.split(':')[0] if r else '-'):>22}")
-            else:
+            elif mode in SPEEDUP_MODES:
                 cells.append(f"{r.median_ms:>8.3f} ({_fmt(r.speedup_vs_torch, '5.1f')}x,{_fmt(r.x_floor, '5.1f')}f)")
+            else:
+                cells.append(f"{r.median_ms:>8.3f} ({_fmt(r.x_floor, '5.1f')}f)".rjust(22))
         lines.append(f"{key[0]:>6} {key[1]:>7} {key[2]:>9} | " + " | ".join(cells))
     return "\n".join(lines)
 

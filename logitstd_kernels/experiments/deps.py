@@ -12,8 +12,9 @@ __all__ = ["EXTRA_HINT", "MissingExtraError", "require", "missing_extra", "check
 
 T = TypeVar("T")
 
-EXTRA_HINT = ('install the "examples" extra: pip install --no-build-isolation -e ".[examples]" (from a checkout) or '
-              'pip install "logitstd-kernels[examples]" (scikit-learn, matplotlib, tqdm)')
+# The package is not on PyPI: the extra is installed from a checkout of the repository.
+EXTRA_HINT = ('install the "examples" extra (scikit-learn, matplotlib, tqdm) from the repository checkout: '
+              'pip install --no-build-isolation -e ".[examples]"')
 
 
 class MissingExtraError(ImportError):

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .._backends import resolve_backend
 from ..functional import logitstd_kd_loss
 from .deps import check_extras, progress
 from .digits import NUM_CLASSES, NUM_FEATURES, Digits, load_digits
@@ -55,10 +56,11 @@ class GhostConfig:
     control: bool = True
     test_fraction: float = 0.4
     split_seed: int = 0
+    backend: str = "auto"
 
 
 def ghost_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, *, standardize: bool,
-               temperature: float) -> torch.Tensor:
+               temperature: float, backend: str = "auto") -> torch.Tensor:
     """The matching loss on the ghost outputs (every output after the first ``NUM_CLASSES``).
 
     Equivalent eager code for ``standardize=False`` (seed 002), with ``s, t`` the ghost outputs::
@@ -70,7 +72,7 @@ def ghost_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, *, standard
     std), so standardization removes most of what the ghost outputs carry.
     """
     return logitstd_kd_loss(student_out[:, NUM_CLASSES:], teacher_out[:, NUM_CLASSES:], temperature=temperature,
-                            standardize=standardize)
+                            standardize=standardize, backend=backend)
 
 
 def distill_ghost(student: MLP, teacher: MLP, data: Digits, *, standardize: bool, config: GhostConfig,
@@ -90,7 +92,8 @@ def distill_ghost(student: MLP, teacher: MLP, data: Digits, *, standardize: bool
     def loss(model: MLP, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = teacher(x)
-        return ghost_loss(model(x), target, standardize=standardize, temperature=config.temperature)
+        return ghost_loss(model(x), target, standardize=standardize, temperature=config.temperature,
+                          backend=config.backend)
 
     teacher.eval()
     for _ in train_epochs(student, config.epochs, batches, loss, lr=config.lr):
@@ -138,7 +141,9 @@ def run_ghost(config: GhostConfig = GhostConfig(), *, show_progress: bool = True
                            "std": [s for _, s in stats]}
     return {"config": asdict(config), "teacher_accuracy": teachers, "teacher_accuracy_mean": mean_std(teachers)[0],
             "curves": curves, "train_size": len(data.y_train), "test_size": len(data.y_test),
-            "wall_seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
+            "wall_seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
+            "backend": resolve_backend(config.backend, torch.device("cpu")),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -194,6 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=len(d.seeds), help=f"number of seeds (default {len(d.seeds)})")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=d.control,
                         help="also train a student from a different initialization (default: on)")
+    parser.add_argument("--backend", default=d.backend,
+                        help="backend of the loss op (default auto: the C++ kernel when built, else torch)")
     add_run_options(parser, "ghost")
 
 
@@ -209,10 +216,11 @@ def run(args: argparse.Namespace) -> int:
     config = GhostConfig(ghost=args.ghost, hidden=tuple(args.hidden), teacher_epochs=args.teacher_epochs,
                          epochs=args.epochs, noise_per_epoch=args.noise_per_epoch, batch_size=args.batch_size,
                          lr=args.lr, temperature=args.temperature, seeds=tuple(range(args.seeds)),
-                         control=args.control)
+                         control=args.control, backend=args.backend)
     results = run_ghost(config, show_progress=not args.quiet)
     print(format_results(results))
-    print(f"wall time {results['wall_seconds']:.1f} s on {results['threads']} thread(s)")
+    print(f"wall time {results['wall_seconds']:.1f} s on {results['threads']} thread(s); loss backend "
+          f"{results['backend']}, CPU capability {results['cpu_capability']}")
     print(f"wrote {write_json(args.out_dir / 'ghost.json', results)}")
     if not args.no_plot:
         print(f"wrote {plot_results(results, args.out_dir / 'ghost.png')}")

@@ -136,8 +136,11 @@ def _numpy(array: ArrayLike) -> np.ndarray:
 
 
 def save_bundle(path: Path, splits: Mapping[str, LogitSet]) -> Path:
-    """Write ``splits`` to an uncompressed ``.npz`` bundle with ``<split>_<role>`` keys; returns the path."""
+    """Write ``splits`` to an uncompressed ``.npz`` bundle with ``<split>_<role>`` keys; returns the path
+    written (``np.savez`` appends ``.npz`` to a name without it)."""
     path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{split}_{role}": _numpy(array) for split, logits in splits.items()
               for role, array in zip(ROLES, logits)}

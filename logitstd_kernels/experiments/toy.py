@@ -13,6 +13,7 @@ Each loss is ``T**2 * KL(softmax(y / T) || softmax(x / T))`` from the package's 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from ..functional import logitstd_kd_loss, zscore
-from .deps import check_extras
+from .deps import check_extras, missing_extra
 from .results import pyplot, save_figure, write_json
 
 __all__ = ["ToyCase", "FIGURE2", "TEN_CLASS", "CASES", "evaluate_case", "format_case", "plot_cases",
@@ -160,24 +161,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="added to the std (default 1e-8, as in the seed; the official code uses 1e-7, "
                              "Algorithm 1 uses 0)")
     parser.add_argument("--backend", default="auto", help="backend of the loss op (default auto)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--out-dir", type=Path, default=Path("logitstd_results"),
+                        help="where toy.json and toy.png go (default ./logitstd_results)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="write the results as JSON here instead of <out-dir>/toy.json")
     parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
-                        help="also draw the probabilities before and after standardization (needs matplotlib)")
+                        help="draw the probabilities before and after standardization here instead of "
+                             "<out-dir>/toy.png (needs matplotlib)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print each case's predictions, losses and verdicts; optionally write JSON and a plot."""
-    if args.plot is not None:
+    """Print each case's predictions, losses and verdicts; write the JSON and the plot.
+
+    Writes ``<out-dir>/toy.json`` and ``<out-dir>/toy.png`` (``--json``/``--plot`` name other paths).
+    The plot needs matplotlib: when it is missing, an explicit ``--plot`` is an error (exit status
+    2) and the default plot is skipped with a note.
+    """
+    plot_path = None if args.no_plot else (args.plot or args.out_dir / "toy.png")
+    if args.plot is not None and not args.no_plot:
         if not check_extras("toy --plot", "matplotlib"):
             return 2
+    elif plot_path is not None:
+        skipped = missing_extra("the toy plot", "matplotlib")
+        if skipped is not None:
+            print(f"note: skipping the plot; {skipped.removeprefix('error: ')}", file=sys.stderr)
+            plot_path = None
     cases = list(CASES.values()) if args.case == "all" else [CASES[args.case]]
     results = [evaluate_case(case, temperature=args.temperature, correction=args.correction, eps=args.eps,
                              backend=args.backend) for case in cases]
     print("\n\n".join(format_case(r) for r in results))
-    if args.json is not None:
-        print(f"\nwrote {write_json(args.json, results)}")
-    if args.plot is not None:
-        path = plot_cases(cases, args.plot, temperature=args.temperature, correction=args.correction, eps=args.eps)
+    print(f"\nwrote {write_json(args.json or args.out_dir / 'toy.json', results)}")
+    if plot_path is not None:
+        path = plot_cases(cases, plot_path, temperature=args.temperature, correction=args.correction, eps=args.eps)
         print(f"wrote {path}")
     return 0
-

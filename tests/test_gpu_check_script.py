@@ -1,0 +1,60 @@
+"""``scripts/gpu-check.sh --smoke``: the prepared GPU check, run at tiny sizes on the present device.
+
+The full check only runs on a GPU machine, which CI does not have; the smoke mode runs the same
+steps (build or reuse of the extension, the gpu tests, a few loss-matrix cases, a one-case
+benchmark, the summary), so that the script cannot rot between GPU runs. About a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu-check.sh"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
+def test_smoke_run_passes_and_writes_its_files(tmp_path):
+    out = tmp_path / "gpu-check"
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(SCRIPT), str(out), "--smoke", "--tar", str(tmp_path / "gpu-check.tgz")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    # the summary comes last on stdout and in summary.txt
+    assert "== gpu-check summary" in done.stdout and "gpu-check: PASSED" in done.stdout.splitlines()[-1], output
+    assert (out / "summary.txt").read_text().strip().splitlines()[-1].startswith("gpu-check: PASSED")
+
+    steps = json.loads((out / "steps.json").read_text())
+    assert steps["passed"] is True
+    by_name = {s["step"]: s for s in steps["steps"]}
+    assert list(by_name) == ["wheels", "build", "gpu-tests", "matrix", "bench", "bench-kd"]
+    for name in ("gpu-tests", "matrix", "bench"):
+        assert by_name[name]["status"] == "ok", by_name[name]
+        assert (out / by_name[name]["log"]).stat().st_size > 0
+    assert by_name["build"]["status"] in ("ok", "skipped")
+    assert by_name["matrix"]["tests"]["passed"] > 0 and by_name["matrix"]["tests"]["failures"] == 0
+
+    for name in ("env.txt", "backends.txt", "junit-gpu.xml", "junit-matrix.xml"):
+        assert (out / name).stat().st_size > 0, name
+    (result,) = (out / "bench").glob("*.json")
+    assert (out / "bench" / (result.stem + ".csv")).exists()
+    data = json.loads(result.read_text())
+    assert data["metadata"]["standardize"] is True
+    ok = {r["provider"] for r in data["results"] if r["status"] == "ok"}
+    assert {"torch", "torch_compile"} <= ok
+    assert (tmp_path / "gpu-check.tgz").stat().st_size > 0
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    for args in ([], ["--no-such-option", str(tmp_path)], [str(tmp_path), "--wheels", str(tmp_path / "missing")]):
+        done = subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
