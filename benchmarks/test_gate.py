@@ -124,3 +124,21 @@ def test_bench_command_reports_a_wrong_provider_as_failed(tmp_path, capsys, monk
     (report,) = tmp_path.glob("*.json")
     results = json.loads(report.read_text())["results"]
     assert results and all(r["status"].startswith("failed") and "grad_teacher" in r["status"] for r in results)
+
+
+def test_gate_checks_the_student_alone_for_a_provider_without_teacher_gradient():
+    """teacher_grad=False (Liger's KL-divergence loss takes no gradient for its target): the student's
+    gradient is still checked, and a wrong one still fails."""
+    import torch.nn.functional as F
+
+    from logitstd_kernels.bench.measure import correctness_violation
+
+    x, y = 3 * torch.randn(16, 300), 5 * torch.randn(16, 300)
+
+    def plain_kd(s, t, scale=1.0):
+        return scale * F.kl_div(F.log_softmax(s / 2, -1), F.softmax(t.detach() / 2, -1), reduction="batchmean") * 4
+
+    assert correctness_violation(plain_kd, x, y, teacher_grad=False, temperature=2.0, standardize=False) is None
+    assert correctness_violation(plain_kd, x, y, temperature=2.0, standardize=False) is not None
+    wrong = lambda s, t: plain_kd(s, t, 1.01)  # noqa: E731
+    assert correctness_violation(wrong, x, y, teacher_grad=False, temperature=2.0, standardize=False) is not None

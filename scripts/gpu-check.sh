@@ -8,7 +8,10 @@
 #   4. matrix     pytest tests/test_loss_matrix.py, the CUDA backends' cases  (junit-matrix.xml)
 #   5. bench      python -m logitstd_kernels bench: 8192 rows, V in {32768, 131072, 262144}, bf16 and
 #                 float32, providers torch, torch_compile, triton, cuda        (bench/*.json|csv|png)
-#   6. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
+#   6. bench-objective  the distillation objective (bench --objective: CE + LS-KD with labels), 8192
+#                 tokens, V in {32768, 131072}, bf16: fused vs eager vs torch.compile vs our KD kernel
+#                 plus torch's CE                                               (bench-objective/)
+#   7. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
 #
 # then prints a short summary table last (also in OUTDIR/summary.txt; steps.json holds each step's
 # status, exit code, seconds and log). A failing step is recorded and the next one still runs; every
@@ -62,9 +65,9 @@ START=$(date +%s)
 EXPECT_LIGER=0
 if [ -n "$WHEELS" ] || "$PYTHON" -c "import liger_kernel" >/dev/null 2>&1; then EXPECT_LIGER=1; fi
 if [ "$SMOKE" = 1 ]; then
-  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_KD=$(( EXPECT_LIGER * 25 ))
+  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_OBJ=20 MIN_KD=$(( EXPECT_LIGER * 25 ))
 else
-  MIN_BUILD=120 MIN_GPU=60 MIN_MATRIX=90 MIN_BENCH=180 MIN_KD=$(( EXPECT_LIGER * 100 ))
+  MIN_BUILD=120 MIN_GPU=60 MIN_MATRIX=90 MIN_BENCH=180 MIN_OBJ=60 MIN_KD=$(( EXPECT_LIGER * 100 ))
 fi
 STEPS="$OUTDIR/steps.tsv"
 : > "$STEPS"
@@ -150,7 +153,7 @@ if [ -z "$WHEELS" ]; then
 else
   # Dependencies from the folder or the environment; if they cannot be resolved offline, the
   # wheel alone (liger-kernel needs only torch and triton, which are installed).
-  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
+  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
     { echo "retrying without dependencies"; "$0" -m pip install --no-index --find-links "$1" --no-deps liger-kernel; }' \
     "$PYTHON" "$WHEELS"
   record wheels "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "$STEP_NOTE"
@@ -162,7 +165,7 @@ if [ "$SMOKE" = 1 ] && "$PYTHON" -c "import logitstd_kernels._C" >/dev/null 2>&1
   record build skipped - 0 "$LOG" "smoke: the extension already imports"
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_KD )) \
+  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_KD )) \
     "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
   record build "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST}"
 fi
@@ -177,22 +180,22 @@ LOG="$OUTDIR/gpu-tests.log"
 if [ "${#GPU_FILES[@]}" -eq 0 ]; then
   STEP_STATUS=failed STEP_RC=- STEP_SECS=0 STEP_NOTE="no test file under tests/ has a gpu mark"
 elif [ "$SMOKE" = 1 ]; then
-  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
+  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 else
   # A missing CUDA kernel or extra fails instead of skipping (tests/support.py).
-  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_KD )) \
     "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 fi
 record gpu-tests "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-${GPU_FILES[*]}}"
 
 LOG="$OUTDIR/matrix.log"
 if [ "$SMOKE" = 1 ]; then
-  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_KD )) "${PYTEST[@]}" tests/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
+  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_OBJ + MIN_KD )) "${PYTEST[@]}" tests/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
     -k "test_a_fused_backend_runs_here or test_zero_rows or test_student_grad_only or test_mask"
   NOTE="a few fast cases"
 else
   # The CUDA backends' cases (triton-cuda, cuda-cuda); the CPU kernel's run in CI.
-  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 180 $(( MIN_BENCH + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 180 $(( MIN_BENCH + MIN_OBJ + MIN_KD )) \
     "${PYTEST[@]}" tests/test_loss_matrix.py -k "cuda" --junitxml="$OUTDIR/junit-matrix.xml"
   NOTE="-k cuda"
 fi
@@ -227,7 +230,15 @@ else
   PROVIDERS=torch,torch_compile,triton,cuda
 fi
 HAVE_LIGER=$("$PYTHON" -c "import liger_kernel; print(1)" 2>/dev/null || echo 0)
-bench_step bench "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" "${GRID[@]}" --providers "$PROVIDERS"
+bench_step bench "$(( MIN_OBJ + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "${GRID[@]}" --providers "$PROVIDERS"
+if [ "$SMOKE" = 1 ]; then
+  OBJ_GRID=(--rows 8 --vocab 256 --dtypes float32 --cpu-budget 0.05)
+  OBJ_PROVIDERS=torch,torch_compile,triton,cuda,cpu,cpu_kd+torch_ce
+else
+  OBJ_GRID=(--device cuda --rows 8192 --vocab 32768,131072 --dtypes bfloat16)
+  OBJ_PROVIDERS=torch,torch_compile,triton,cuda,triton_kd+torch_ce
+fi
+bench_step bench-objective "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" --objective "${OBJ_GRID[@]}" --providers "$OBJ_PROVIDERS"
 if [ "$HAVE_LIGER" = 1 ]; then
   # Liger-Kernel has no standardization: plain KD, bf16 only (the peer's regime)
   if [ "$SMOKE" = 1 ]; then KD_GRID=("${GRID[@]}"); else
@@ -285,7 +296,7 @@ for s in steps:
     for name in s.get("failed_tests", [])[:8]:
         print(f"{'':<{width}}    FAILED {name}")
 
-for name in ("bench", "bench-kd"):
+for name in ("bench", "bench-objective", "bench-kd"):
     files = sorted((out / name).glob("*.json"))
     if not files:
         continue

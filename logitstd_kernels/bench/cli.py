@@ -118,7 +118,9 @@ def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student
                 return fn(x, y, labels)
         else:
             loss_fn = make_loss(provider, **kd_options)
-            violation = correctness_violation(loss_fn, student, teacher, **kd_options)
+            # Liger's KL-divergence loss takes no gradient for its target: the student's is checked
+            violation = correctness_violation(loss_fn, student, teacher, teacher_grad=provider != "liger",
+                                              **kd_options)
         if violation:
             return failed(violation)
         results = []

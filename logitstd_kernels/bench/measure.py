@@ -146,7 +146,8 @@ def _row_picks(rows: int, check_rows: Optional[int], device: torch.device) -> Op
 
 
 def correctness_violation(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student: torch.Tensor,
-                          teacher: torch.Tensor, check_rows: Optional[int] = None, **options) -> Optional[str]:
+                          teacher: torch.Tensor, check_rows: Optional[int] = None, teacher_grad: bool = True,
+                          **options) -> Optional[str]:
     """None if ``loss_fn`` (a "batchmean" loss) matches the reference on this case, else why not.
 
     The criterion is the tests' (``logitstd_kernels.testing``): in every row, the error against the
@@ -154,16 +155,18 @@ def correctness_violation(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
     taken before their rounding to bf16/fp16, which is then allowed once per element) plus 16 ulps of
     float32 times the row's largest value. Checked: the loss, and both gradients (the teacher
     requires grad here, as in online distillation; a provider through which no gradient reaches the
-    teacher fails), on every row, or on ``check_rows`` rows (the first, the last and a fixed random
+    teacher fails; ``teacher_grad=False`` checks the student's alone, for a provider whose target takes
+    no gradient by design, such as Liger's KL-divergence loss), on every row, or on ``check_rows`` rows (the first, the last and a fixed random
     sample) when given. The references are computed a chunk of rows at a time (bounded memory).
     """
     x = student.detach().requires_grad_(True)
-    y = teacher.detach().requires_grad_(True)
+    y = teacher.detach().requires_grad_(teacher_grad)
     loss = loss_fn(x, y)
-    grad_x, grad_y = torch.autograd.grad(loss, (x, y), allow_unused=True)
+    grad_x, grad_y = torch.autograd.grad(loss, (x, y) if teacher_grad else (x,), allow_unused=True) + (
+        () if teacher_grad else (None,))
     if grad_x is None:
         return "grad_student: no gradient reaches the student"
-    if grad_y is None:
+    if teacher_grad and grad_y is None:
         return "grad_teacher: no gradient reaches the teacher (it requires grad in the correctness check)"
     rows, vocab = student.shape
     acc = reference.accumulation_dtype(student, teacher)
@@ -175,13 +178,16 @@ def correctness_violation(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
         return violation
     picks = _row_picks(rows, check_rows, student.device)
     if picks is not None:
-        student, teacher, grad_x, grad_y = (t[picks] for t in (student, teacher, grad_x, grad_y))
+        student, teacher, grad_x = (t[picks] for t in (student, teacher, grad_x))
+        grad_y = grad_y[picks] if teacher_grad else None
     for start in range(0, student.shape[0], chunk):
         part = slice(start, start + chunk)
         exact_x, exact_y = _reference_grads(student[part], teacher[part], torch.float64, rows, **options)
         eager_x, eager_y = _reference_grads(student[part], teacher[part], acc, rows, **options)
-        for name, fast, e, want in (("grad_student", grad_x[part], eager_x, exact_x),
-                                    ("grad_teacher", grad_y[part], eager_y, exact_y)):
+        checks = [("grad_student", grad_x[part], eager_x, exact_x)]
+        if teacher_grad:
+            checks.append(("grad_teacher", grad_y[part], eager_y, exact_y))
+        for name, fast, e, want in checks:
             violation = eager_error_violation(name, fast, e, want)
             if violation:
                 where = f"rows {start}..{start + fast.shape[0] - 1}" if picks is None else "sampled rows"
