@@ -36,8 +36,8 @@ def test_smoke_run_passes_and_writes_its_files(tmp_path):
     steps = json.loads((out / "steps.json").read_text())
     assert steps["passed"] is True
     by_name = {s["step"]: s for s in steps["steps"]}
-    assert list(by_name) == ["wheels", "build", "gpu-tests", "matrix", "bench", "bench-kd"]
-    for name in ("gpu-tests", "matrix", "bench"):
+    assert list(by_name) == ["wheels", "build", "gpu-tests", "matrix", "bench", "bench-objective", "bench-kd"]
+    for name in ("gpu-tests", "matrix", "bench", "bench-objective"):
         assert by_name[name]["status"] == "ok", by_name[name]
         assert (out / by_name[name]["log"]).stat().st_size > 0
     assert by_name["build"]["status"] in ("ok", "skipped")
@@ -51,6 +51,10 @@ def test_smoke_run_passes_and_writes_its_files(tmp_path):
     assert data["metadata"]["standardize"] is True
     ok = {r["provider"] for r in data["results"] if r["status"] == "ok"}
     assert {"torch", "torch_compile"} <= ok
+    (objective,) = (out / "bench-objective").glob("*.json")
+    data = json.loads(objective.read_text())
+    assert data["metadata"]["objective"] is True
+    assert {"torch", "torch_compile"} <= {r["provider"] for r in data["results"] if r["status"] == "ok"}
     assert (tmp_path / "gpu-check.tgz").stat().st_size > 0
 
 
