@@ -80,8 +80,9 @@ def case_id(case: tuple[str, str]) -> str:
 
 
 def interpreted(backend: str, device: str) -> bool:
-    """The Triton interpreter runs programs one at a time, and its bf16 stores do not round like a GPU's
-    (measured: up to ~5x eager's error in bf16 gradients), so bf16 is tested on GPUs only."""
+    """The Triton kernels run by the interpreter on the CPU: one program at a time (slow, so the
+    largest shapes are left to GPUs). Its float32 -> bfloat16 stores truncate (a Triton bug); the
+    kernels round on the bits there (kd_kernels._round_bf16), so bf16 is tested under it too."""
     return backend == "triton" and device == "cpu"
 
 
