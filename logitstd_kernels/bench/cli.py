@@ -112,7 +112,8 @@ def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student
         if options.get("objective"):
             labels = objective.labels_for(case.rows, case.vocab, device)
             fn = objective.make_objective(provider, **kd_options)
-            violation = objective.objective_violation(fn, student, teacher, labels, **kd_options)
+            violation = objective.objective_violation(fn, student, teacher, labels, **kd_options,
+                                                      ce_weight=objective.gate_ce_weight(provider))
 
             def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 return fn(x, y, labels)

@@ -7,7 +7,9 @@ Providers (each computes ``0.1 * CE + 9 * LS-KD`` at the bench's temperature, or
 - ``torch_compile``: ``torch.compile`` of that eager code;
 - ``cpu``, ``cuda``, ``triton``: the fused objective, ``distillation_loss(..., backend=...)`` (one pass);
 - ``<backend>_kd+torch_ce``: our fused KD kernel plus torch's ``F.cross_entropy`` (what a user of the
-  KD loss alone writes: one more read of the logits and one more N x V gradient).
+  KD loss alone writes: one more read of the logits and one more N x V gradient);
+- ``<backend>_kd_only``: the KD term alone through our KD kernel (``9 * logitstd_kd_loss``), the
+  yardstick of what the CE costs inside the fused pass (its gate: the reference with ``ce_weight=0``).
 
 The correctness gate is the tests' criterion (``logitstd_kernels.testing``) on the loss and the
 student gradient against the float64 reference objective, a chunk of rows at a time.
@@ -29,7 +31,8 @@ from ..testing import eager_error_violation
 
 ObjectiveFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 FUSED = ("triton", "cuda", "cpu")
-OBJECTIVE_PROVIDERS = ("torch", "torch_compile", *FUSED, *(f"{b}_kd+torch_ce" for b in FUSED))
+OBJECTIVE_PROVIDERS = ("torch", "torch_compile", *FUSED, *(f"{b}_kd+torch_ce" for b in FUSED),
+                       *(f"{b}_kd_only" for b in FUSED))
 WEIGHTS = dict(ce_weight=0.1, kd_weight=9.0)  # the paper's official code
 
 
@@ -41,7 +44,7 @@ def labels_for(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
 
 def unavailable(provider: str, device: torch.device) -> Optional[str]:
     """None if ``provider`` can be timed on ``device``, else why not."""
-    backend = provider.split("_kd+")[0]
+    backend = provider.split("_kd")[0]
     if backend in ("torch", "torch_compile"):
         return None
     if backend == "triton" and device.type != "cuda":
@@ -69,7 +72,12 @@ def make_objective(provider: str, temperature: float, standardize: bool) -> Obje
         return functools.partial(_compiled(), **options)
     if provider in FUSED:
         return functools.partial(distillation_loss, backend=provider, **WEIGHTS, **options)
-    backend = provider.split("_kd+")[0]
+    backend = provider.split("_kd")[0]
+    if provider.endswith("_kd_only"):
+        def kd_only(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return WEIGHTS["kd_weight"] * logitstd_kd_loss(student, teacher, backend=backend, **options)
+
+        return kd_only
 
     def kd_plus_torch_ce(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         kd = logitstd_kd_loss(student, teacher, backend=backend, **options)
@@ -79,14 +87,15 @@ def make_objective(provider: str, temperature: float, standardize: bool) -> Obje
 
 
 def objective_violation(fn: ObjectiveFn, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                        temperature: float, standardize: bool) -> Optional[str]:
+                        temperature: float, standardize: bool, ce_weight: float = WEIGHTS["ce_weight"]) -> Optional[str]:
     """None if ``fn`` matches the reference objective (loss and student gradient, every row), else why not."""
     x = student.detach().requires_grad_(True)
     loss = fn(x, teacher, labels)
     (grad_x,) = torch.autograd.grad(loss, (x,))
     rows, vocab = student.shape
     chunk = max(1, (2**24 if student.device.type == "cuda" else 2**22) // vocab)
-    options = dict(temperature=temperature, standardize=standardize, reduction="sum", **WEIGHTS)
+    options = dict(temperature=temperature, standardize=standardize, reduction="sum", ce_weight=ce_weight,
+                   kd_weight=WEIGHTS["kd_weight"])
     exact_sum = torch.zeros((), dtype=torch.float64, device=student.device)
     eager_sum = torch.zeros((), dtype=torch.float64, device=student.device)
     for start in range(0, rows, chunk):
@@ -104,3 +113,8 @@ def objective_violation(fn: ObjectiveFn, student: torch.Tensor, teacher: torch.T
         if violation:
             return f"rows {start}..{min(start + chunk, rows) - 1}: {violation}"
     return eager_error_violation("loss", loss.detach(), eager_sum / rows, exact_sum / rows)
+
+
+def gate_ce_weight(provider: str) -> float:
+    """The CE weight of the objective ``provider`` computes (0 for the KD-only yardstick)."""
+    return 0.0 if provider.endswith("_kd_only") else WEIGHTS["ce_weight"]
