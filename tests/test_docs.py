@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from support import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -36,7 +36,8 @@ def _newer_result(results: Path) -> dict:
     return newest
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@needs(shutil.which("git") is not None,
+       "needs the git command: the test builds a throwaway repository to check which result files count")
 def test_untracked_result_file_does_not_change_tables(tmp_path):
     """A benchmark run that wrote into benchmarks/results without committing leaves --check passing."""
     repo = tmp_path / "repo"

@@ -14,14 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from support import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                    reason="needs bash and coreutils' timeout")
+@needs(shutil.which("bash") is not None and shutil.which("timeout") is not None,
+       "needs bash and coreutils' timeout to run scripts/gpu-check.sh")
 def test_smoke_run_passes_and_writes_its_files(tmp_path):
     out = tmp_path / "gpu-check"
     env = dict(os.environ, PYTHON=sys.executable)

@@ -108,11 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_kd_
   const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
   KdProblem p = make_problem(student, teacher, mask, acc, loss, grad_x, grad_y, tau_s, tau_t, standardize,
                              correction, eps);
-  set_objective(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight);
+  set_objective_and_factors(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight, factors);
   p.ce_rows = ce_rows.data_ptr();
   p.kd_rows = kd_rows.data_ptr();
-  p.grad_scale = factors.data_ptr();
-  p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
   run_rows(p);
   return {loss, grad_x, grad_y, ce_rows, kd_rows};
 }
@@ -136,11 +134,8 @@ void fused_kd_regrad_cpu(const at::Tensor& student, const at::Tensor& teacher, c
   const at::Tensor no_loss = at::empty({0}, student.options().dtype(acc));
   KdProblem p = make_problem(student, teacher, active, acc, no_loss, grad_x, grad_y, tau_s, tau_t, standardize,
                              correction, eps);
-  set_objective(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight);
-  p.loss = nullptr;
-  p.zero_excluded = false;
-  p.grad_scale = factors.data_ptr();
-  p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
+  set_objective_and_factors(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight, factors);
+  make_recomputation(p);
   run_rows(p);
 }
 

@@ -154,13 +154,24 @@ inline void check_label_values_cpu(const char* op, const std::optional<at::Tenso
   }
 }
 
-inline void set_objective(KdProblem& p, const std::optional<at::Tensor>& labels, int64_t ignore_index,
-                          double label_smoothing, double ce_weight, double kd_weight) {
+// The rest of a fused call's description: the objective's arguments and the per-row gradient
+// factors (`factors`: grad_scale flattened and contiguous, alive until the launch returns).
+inline void set_objective_and_factors(KdProblem& p, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                                      double label_smoothing, double ce_weight, double kd_weight,
+                                      const at::Tensor& factors) {
   p.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;
   p.ce_weight = ce_weight;
   p.kd_weight = kd_weight;
+  p.grad_scale = factors.data_ptr();
+  p.grad_scale_stride = factors.numel() == 1 ? 0 : 1;
+}
+
+// fused_kd_regrad_: the gradients of some rows recomputed in place; no loss, excluded rows untouched.
+inline void make_recomputation(KdProblem& p) {
+  p.loss = nullptr;
+  p.zero_excluded = false;
 }
 
 // The kernel-facing description of a checked call (outputs already allocated by the caller).
@@ -181,7 +192,6 @@ inline KdProblem make_problem(const at::Tensor& student, const at::Tensor& teach
   p.loss = loss.data_ptr();
   p.grad_x = grad_x.numel() > 0 ? grad_x.data_ptr() : nullptr;
   p.grad_y = grad_y.numel() > 0 ? grad_y.data_ptr() : nullptr;
-  p.grad_scale_stride = 0;
   p.tau_s = tau_s;
   p.tau_t = tau_t;
   p.eps = eps;
