@@ -224,3 +224,103 @@ def check_objective_args(student_logits: object, teacher_logits: object, labels:
     checked_labels = check_labels(labels, student, ignore_index)
     return (student, teacher, checked_labels, checked_mask, tau_s, tau_t, check_weight("ce_weight", ce_weight),
             check_weight("kd_weight", kd_weight), check_label_smoothing(label_smoothing))
+
+
+FUSED_LINEAR_REDUCTIONS = ("sum", "mean")
+
+
+def _check_matrix(name: str, tensor: object, dims: int) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+    if (tensor.dim() != dims) if dims else tensor.dim() < 1:
+        want = f"{dims}-d" if dims else "at least 1-d"
+        raise ValueError(f"{name} must be {want}, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _check_linear(prefix: str, hidden: object, weight: object, bias: object) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        Optional[torch.Tensor]]:
+    """``{prefix}_hidden`` (..., H), ``{prefix}_weight`` (V, H) and ``{prefix}_bias`` (V,) or None."""
+    hidden = _check_matrix(f"{prefix}_hidden", hidden, 0)
+    weight = _check_matrix(f"{prefix}_weight", weight, 2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}_weight has shape {tuple(weight.shape)}: its second dimension must be the hidden "
+                         f"size of {prefix}_hidden ({hidden.shape[-1]})")
+    if bias is not None:
+        bias = _check_matrix(f"{prefix}_bias", bias, 1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{prefix}_bias has shape {tuple(bias.shape)} but {prefix}_weight has "
+                             f"{weight.shape[0]} rows (classes)")
+    tensors = [("hidden", hidden), ("weight", weight)] + ([] if bias is None else [("bias", bias)])
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    for part, t in tensors[1:]:
+        if t.device != hidden.device:
+            raise ValueError(f"{prefix}_{part} is on {t.device} but {prefix}_hidden is on {hidden.device}")
+        if t.dtype != hidden.dtype and not autocast:
+            raise TypeError(f"{prefix}_{part} is {t.dtype} but {prefix}_hidden is {hidden.dtype}; the matmul needs "
+                            f"one dtype (cast them, or run under torch.autocast)")
+    return hidden, weight, bias
+
+
+def check_fused_linear_args(student_hidden: object, student_weight: object, student_bias: object,
+                            teacher_hidden: object, teacher_weight: object, teacher_bias: object,
+                            teacher_logits: object, labels: object, mask: object, *, chunk_size: object,
+                            accum_dtype: object, reduction: object, **objective: object):
+    """All checks of ``fused_linear_distillation_loss``; returns the validated tensors and a dict of the
+    objective's keywords (those of ``reference.distillation_loss``, temperatures resolved)."""
+    hidden, weight, bias = _check_linear("student", student_hidden, student_weight, student_bias)
+    num_classes = weight.shape[0]
+    lead = tuple(hidden.shape[:-1])
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("pass the teacher either as teacher_logits or as teacher_hidden + teacher_weight "
+                             "(+ teacher_bias), not both")
+        teacher_logits = check_logits("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != lead + (num_classes,):
+            raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but must be "
+                             f"{lead + (num_classes,)} (student_hidden's leading dimensions, then the "
+                             f"{num_classes} classes of student_weight)")
+        if teacher_logits.device != hidden.device:
+            raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_hidden is on {hidden.device}")
+        teacher_parts = [("teacher_logits", teacher_logits)]
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
+            raise ValueError(f"{missing} is missing: pass the teacher as teacher_hidden + teacher_weight, or as "
+                             f"teacher_logits")
+        teacher_hidden, teacher_weight, teacher_bias = _check_linear("teacher", teacher_hidden, teacher_weight,
+                                                                     teacher_bias)
+        if tuple(teacher_hidden.shape[:-1]) != lead:
+            raise ValueError(f"teacher_hidden has leading shape {tuple(teacher_hidden.shape[:-1])} but "
+                             f"student_hidden has {lead}; the rows must match")
+        if teacher_weight.shape[0] != num_classes:
+            raise ValueError(f"teacher_weight has {teacher_weight.shape[0]} classes but student_weight has "
+                             f"{num_classes}")
+        if teacher_hidden.device != hidden.device:
+            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {hidden.device}")
+        teacher_parts = [("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                         ("teacher_bias", teacher_bias)]
+    if torch.is_grad_enabled():
+        for name, t in teacher_parts:
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad, but the teacher is constant in the fused linear loss: "
+                                 f"pass {name}.detach(), or compute it under torch.no_grad()")
+    if reduction not in FUSED_LINEAR_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {FUSED_LINEAR_REDUCTIONS} for the fused linear loss (its "
+                         f"gradients are computed in the forward, for a scalar loss), got {reduction!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"accum_dtype must be a floating dtype or None, got {accum_dtype!r}")
+    # The objective's checks on a stand-in of the logits' shape (a zero-stride view: no memory).
+    logits = hidden.new_empty(()).expand(lead + (num_classes,))
+    (_, _, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = check_objective_args(
+        logits, logits, labels, mask=mask, reduction=reduction, **objective)
+    options = dict(ce_weight=ce_weight, kd_weight=kd_weight, temperature=tau_s, teacher_temperature=tau_t,
+                   standardize=bool(objective["standardize"]), correction=int(objective["correction"]),
+                   eps=float(objective["eps"]), ignore_index=int(objective["ignore_index"]),
+                   label_smoothing=label_smoothing, reduction=reduction)
+    return (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels, mask, options)

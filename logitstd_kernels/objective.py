@@ -50,6 +50,27 @@ def _check_op_labels(labels: Optional[torch.Tensor], student: torch.Tensor) -> N
         raise ValueError(f"labels is on {labels.device} but student is on {student.device}")
 
 
+def fused_objective_rows(backend: str, student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                         mask: Optional[torch.Tensor], factor: torch.Tensor, kernel_args: tuple, objective_args: tuple,
+                         grad_student: bool, grad_teacher: bool) -> tuple[torch.Tensor, ...]:
+    """One launch of the objective's fused kernel over (N, V) rows: ``(rows, grad_s, grad_t, ce, kd)``.
+
+    ``rows`` is ``ce_weight * CE + kd_weight * tau_s**2 * KL`` per row (0 where excluded), ``ce`` and
+    ``kd`` its parts; the gradients are those of ``factor * rows`` ((1,) or (N,) factor).
+    ``kernel_args`` = (tau_s, tau_t, standardize, correction, eps); ``objective_args`` =
+    (ignore_index, label_smoothing, ce_weight, kd_weight). Without labels (pure KD) the KD weight is
+    folded into the kernel's factor.
+    """
+    ignore_index, label_smoothing, ce_weight, kd_weight = objective_args
+    module = backend_module(backend)
+    if labels is None:
+        rows, grad_s, grad_t, ce, kd = module.fused_kd_forward(student, teacher, mask, kd_weight * factor, *kernel_args,
+                                                               grad_student, grad_teacher)
+        return kd_weight * rows, grad_s, grad_t, ce, kd
+    objective = Objective(labels.contiguous(), ignore_index, label_smoothing, ce_weight, kd_weight)
+    return module.fused_kd_forward(student, teacher, mask, factor, *kernel_args, grad_student, grad_teacher, objective)
+
+
 @torch.library.custom_op("logitstd::distillation_loss", mutates_args=())
 def distillation_loss_op(
     student: torch.Tensor,
@@ -88,16 +109,10 @@ def distillation_loss_op(
     acc = accumulation_dtype(student, teacher)
     count = (_included_count(labels, mask, ignore_index, student.shape[0], acc, student.device)
              if reduction == "mean" else torch.ones(1, dtype=acc, device=student.device))
-    if labels is None:  # pure KD through the same kernel: the KD weight folded into the factor
-        rows, grad_s, grad_t, ce, kd = backend_module(backend).fused_kd_forward(
-            student, teacher, mask, kd_weight / count, temperature, teacher_temperature, standardize, correction,
-            eps, grad_student, grad_teacher)
-        rows = kd_weight * rows
-    else:
-        objective = Objective(labels.contiguous(), ignore_index, label_smoothing, ce_weight, kd_weight)
-        rows, grad_s, grad_t, ce, kd = backend_module(backend).fused_kd_forward(
-            student, teacher, mask, count.reciprocal(), temperature, teacher_temperature, standardize, correction,
-            eps, grad_student, grad_teacher, objective)
+    rows, grad_s, grad_t, ce, kd = fused_objective_rows(
+        backend, student, teacher, labels, mask, count.reciprocal(),
+        (temperature, teacher_temperature, standardize, correction, eps),
+        (ignore_index, label_smoothing, ce_weight, kd_weight), grad_student, grad_teacher)
     if reduction == "none":
         return rows, ce, kd, grad_s, grad_t
     return tuple(  # type: ignore[return-value]

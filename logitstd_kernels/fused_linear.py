@@ -1,0 +1,320 @@
+"""The distillation objective of an lm_head without its logits: chunked, fused linear + loss.
+
+At LLM scale the logits are the memory (16k tokens x 128k classes is 4 GB per bf16 tensor, and a
+step holds the student's, the teacher's and the gradient). ``fused_linear_distillation_loss`` never
+materializes them: the rows go through in chunks of C, and per chunk
+
+    xs = hs[chunk] @ ws.T (+ bs)                  # C x V student logits, in the input dtype
+    xt = ht[chunk] @ wt.T (+ bt)  or  teacher_logits[chunk]
+    g  = d objective / d xs                       # the fused objective kernel, one launch
+    grad_hs[chunk] = g @ ws;  grad_ws += g.T @ hs[chunk];  grad_bs += g.sum(0)
+
+so the gradients are computed in the forward (like Liger-Kernel's fused linear losses) and the
+backward only multiplies them by the incoming gradient. Peak memory beyond the inputs and the
+parameter gradients: the three C x V blocks (xs, xt, g), never N x V. See docs/design.md, "fused
+linear".
+
+Equivalent eager code (``backend="torch"`` runs exactly this, with the full logits)::
+
+    distillation_loss(F.linear(student_hidden, student_weight, student_bias),
+                      F.linear(teacher_hidden, teacher_weight, teacher_bias) (or teacher_logits),
+                      labels, **options)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._backends import resolve_backend_name
+from ._checks import check_backend, check_fused_linear_args
+from .functional import _as_rows
+from .objective import DistillationParts, fused_objective_rows
+from .reference import accumulation_dtype
+
+__all__ = ["fused_linear_distillation_loss", "default_chunk_size"]
+
+# The chunk rule. Each chunk holds three C x V blocks in the logits' dtype (student logits, teacher
+# logits, student gradient); C is the largest power of two whose blocks fit the budget:
+# - CUDA, 1 GiB: C = 1024 rows at V = 128k in bf16 (768 MB), 4096 at V = 32k. A 1024 x H @ H x V
+#   matmul keeps the tensor cores busy (the matmuls, not the loss, dominate a fused step), and 1 GiB
+#   is small next to the 4-68 GB the full logits of such a step take.
+# - CPU, 64 MiB: 128 rows at V = 32k in float32 (48 MB); larger chunks only add memory, the CPU
+#   matmuls reach their throughput at a few dozen rows.
+_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+_LOGIT_BLOCKS = 3
+
+
+def default_chunk_size(num_rows: int, num_classes: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The rows per chunk for ``chunk_size=None``: the largest power of two C with
+    ``3 * C * num_classes * dtype.itemsize <= budget`` (1 GiB on CUDA, 64 MiB elsewhere), at least 1
+    and no more than ``num_rows`` rounded up to a power of two."""
+    budget = _CHUNK_BUDGET_BYTES.get(device.type, _CHUNK_BUDGET_BYTES["cpu"])
+    per_row = _LOGIT_BLOCKS * max(num_classes, 1) * torch.empty((), dtype=dtype).element_size()
+    fit = max(budget // per_row, 1)
+    chunk = 1 << (fit.bit_length() - 1)
+    return max(1, min(chunk, 1 << max(num_rows - 1, 0).bit_length()))
+
+
+def _included(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:
+    """The rows of the objective as a bool (N,) tensor, or None when every row is."""
+    keep = mask
+    if labels is not None:
+        keep = (labels != ignore_index) if keep is None else keep & (labels != ignore_index)
+    return keep
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc += g.T @ h`` with ``acc`` in its own (accumulation) dtype.
+
+    On CUDA a bf16/fp16 product accumulates into float32 in the GEMM itself (``out_dtype``); elsewhere
+    the chunk is converted first (C x V floats, the size of one logits block).
+    """
+    if g.dtype == acc.dtype:
+        acc.addmm_(g.t(), h)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, g.t(), h, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(g.t().to(acc.dtype), h.to(acc.dtype))
+
+
+@torch.library.custom_op("logitstd::fused_linear_distillation_loss", mutates_args=())
+def fused_linear_op(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: Optional[torch.Tensor],
+    teacher_hidden: Optional[torch.Tensor],
+    teacher_weight: Optional[torch.Tensor],
+    teacher_bias: Optional[torch.Tensor],
+    teacher_logits: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    temperature: float,
+    teacher_temperature: float,
+    standardize: bool,
+    correction: int,
+    eps: float,
+    ignore_index: int,
+    label_smoothing: float,
+    ce_weight: float,
+    kd_weight: float,
+    reduction: str,
+    chunk_size: int,
+    accum_dtype: torch.dtype,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked fused linear objective of (N, H) hidden states; see the module docstring.
+
+    Returns ``(loss, ce, kd, grad_hidden, grad_weight, grad_bias)``: the reduced objective and its
+    parts, then the internal gradients of the loss (empty (0,) tensors when not requested), in the
+    hidden state's dtype for ``grad_hidden`` and ``accum_dtype`` for the weight and bias.
+    """
+    device = student_hidden.device
+    num_rows = student_hidden.shape[0]
+    num_classes = student_weight.shape[0]
+    teacher_parts = [t for t in (teacher_hidden, teacher_weight, teacher_logits) if t is not None]
+    acc = accumulation_dtype(student_hidden, student_weight, *teacher_parts)
+    keep = _included(labels, mask, ignore_index)
+    # On the CPU the included rows are gathered first, so that ignored rows cost no matmul; on CUDA
+    # that would take a host synchronization, and the kernel zeroes their gradient instead.
+    rows_index = keep.nonzero().squeeze(1) if keep is not None and device.type == "cpu" else None
+    count = (torch.full((1,), float(max(num_rows, 1)), dtype=acc, device=device) if keep is None
+             else keep.sum().reshape(1).clamp_min(1).to(acc))
+    factor = count.reciprocal() if reduction == "mean" else torch.ones(1, dtype=acc, device=device)
+    totals = torch.zeros(3, dtype=acc, device=device)
+    g_hidden = torch.zeros_like(student_hidden) if grad_hidden else student_hidden.new_empty((0,))
+    g_weight = (torch.zeros(student_weight.shape, dtype=accum_dtype, device=device) if grad_weight
+                else student_weight.new_empty((0,)))
+    g_bias = torch.zeros(num_classes, dtype=accum_dtype, device=device) if grad_bias else student_weight.new_empty((0,))
+    wants_grad = grad_hidden or grad_weight or grad_bias
+    kernel_args = (temperature, teacher_temperature, standardize, correction, eps)
+    objective_args = (ignore_index, label_smoothing, ce_weight, kd_weight)
+    work_rows = num_rows if rows_index is None else rows_index.shape[0]
+    with torch.autocast(device.type, enabled=False):
+        for start in range(0, work_rows, chunk_size):
+            if rows_index is None:
+                pick = slice(start, min(start + chunk_size, work_rows))
+                chunk_mask = None if mask is None else mask[pick]
+            else:
+                pick = rows_index[start:start + chunk_size]
+                chunk_mask = None
+            hs = student_hidden[pick]
+            xs = F.linear(hs, student_weight, student_bias)
+            if teacher_logits is not None:
+                xt = teacher_logits[pick]
+            else:
+                xt = F.linear(teacher_hidden[pick], teacher_weight, teacher_bias)
+            chunk_labels = None if labels is None else labels[pick]
+            rows, g, _, ce, kd = fused_objective_rows(backend, xs, xt, chunk_labels, chunk_mask, factor, kernel_args,
+                                                      objective_args, wants_grad, False)
+            del xs, xt
+            totals += torch.stack((rows.sum(), ce.sum(), kd.sum()))
+            if grad_hidden:
+                g_hidden[pick] = g @ student_weight
+            if grad_weight:
+                _accumulate_weight_grad(g_weight, g, hs)
+            if grad_bias:
+                g_bias += g.sum(0, dtype=accum_dtype)
+    if reduction == "mean":
+        totals = totals / count
+    loss, ce, kd = (part.clone() for part in totals.unbind())  # three outputs, not views of one tensor
+    return loss, ce, kd, g_hidden, g_weight, g_bias
+
+
+@fused_linear_op.register_fake
+def _fused_linear_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       teacher_logits, labels, mask, temperature, teacher_temperature, standardize, correction, eps,
+                       ignore_index, label_smoothing, ce_weight, kd_weight, reduction, chunk_size, accum_dtype,
+                       grad_hidden, grad_weight, grad_bias, backend):
+    teacher_parts = [t for t in (teacher_hidden, teacher_weight, teacher_logits) if t is not None]
+    acc = accumulation_dtype(student_hidden, student_weight, *teacher_parts)
+    parts = tuple(student_hidden.new_empty((), dtype=acc) for _ in range(3))
+    empty = student_hidden.new_empty((0,))
+    return parts + (
+        student_hidden.new_empty(student_hidden.shape) if grad_hidden else empty,
+        student_weight.new_empty(student_weight.shape, dtype=accum_dtype) if grad_weight else empty,
+        student_weight.new_empty((student_weight.shape[0],), dtype=accum_dtype) if grad_bias else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    student_hidden, student_weight, student_bias = inputs[:3]
+    _, ce, kd, g_hidden, g_weight, g_bias = output
+    ctx.mark_non_differentiable(ce, kd, g_hidden, g_weight, g_bias)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(g_hidden, g_weight, g_bias)
+    ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
+    ctx.requested = inputs[21:24]
+
+
+def _backward(ctx, grad_loss, _grad_ce, _grad_kd, _grad_h, _grad_w, _grad_b):
+    if grad_loss is None:
+        return (None,) * 25
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("logitstd.fused_linear_distillation_loss does not support double backward "
+                           "(create_graph=True): its gradients are computed in the forward; use backend=\"torch\"")
+    for name, need, requested in zip(("student_hidden", "student_weight", "student_bias"), ctx.needs_input_grad[:3],
+                                     ctx.requested):
+        if need and not requested:
+            raise RuntimeError(f"logitstd.fused_linear_distillation_loss was called without the {name} gradient but "
+                               f"autograd asks for it; call it with grad enabled when {name} requires grad")
+    grads = []
+    for saved, need, dtype in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.dtypes):
+        grads.append((saved * grad_loss).to(dtype) if need else None)
+    return tuple(grads) + (None,) * 22
+
+
+fused_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast(tensors: list[Optional[torch.Tensor]], device_type: str) -> list[Optional[torch.Tensor]]:
+    """What ``F.linear`` under an active ``torch.autocast`` would compute in: the autocast dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [None if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+
+
+def fused_linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    accum_dtype: Optional[torch.dtype] = None,
+    ce_weight: float = 0.1,
+    kd_weight: float = 9.0,
+    temperature: float = 2.0,
+    teacher_temperature: Optional[float] = None,
+    standardize: bool = True,
+    correction: int = 1,
+    eps: float = 1e-7,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    return_components: bool = False,
+    backend: str = "auto",
+) -> Union[torch.Tensor, DistillationParts]:
+    """The distillation objective of two lm_heads, computed in chunks so that the logits never exist.
+
+    Equivalent eager code::
+
+        student_logits = F.linear(student_hidden, student_weight, student_bias)
+        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)  # unless given
+        distillation_loss(student_logits, teacher_logits, labels, ce_weight=..., kd_weight=..., ...)
+
+    Args:
+        student_hidden: ``(..., H_s)`` hidden states (e.g. a causal LM's last hidden state, (B, T, H)).
+        student_weight: ``(V, H_s)``, the lm_head weight (may be tied to the embedding).
+        teacher_hidden, teacher_weight: ``(..., H_t)`` and ``(V, H_t)``; ``H_t`` may differ from
+            ``H_s``. Or pass ``teacher_logits`` ``(..., V)`` instead (computed elsewhere). The teacher
+            is constant: none of its tensors may require grad.
+        labels, mask, ce_weight, kd_weight, temperature, teacher_temperature, standardize,
+            correction, eps, ignore_index, label_smoothing, return_components: as in
+            :func:`logitstd_kernels.distillation_loss`.
+        student_bias, teacher_bias: optional ``(V,)`` lm_head biases.
+        chunk_size: rows per chunk; None: :func:`default_chunk_size` (three C x V blocks within
+            1 GiB on CUDA, 64 MiB elsewhere).
+        accum_dtype: the dtype ``student_weight``'s and ``student_bias``'s gradients are accumulated
+            in over the chunks; None: float32 for bf16/fp16 weights, the weight's dtype otherwise.
+        reduction: ``"mean"`` (over included rows) or ``"sum"``. ``"none"`` is not offered: the
+            gradients are computed in the forward, for a scalar loss.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` (the fused kernels, chunked) or
+            ``"torch"`` (the eager composition above, full logits, for reference).
+
+    Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` (those that require
+    grad). Under ``torch.autocast`` the matmuls run in the autocast dtype, as ``F.linear`` would.
+    """
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+     labels, mask, options) = check_fused_linear_args(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+        labels, mask, chunk_size=chunk_size, accum_dtype=accum_dtype, ce_weight=ce_weight, kd_weight=kd_weight,
+        temperature=temperature, teacher_temperature=teacher_temperature, standardize=standardize,
+        correction=correction, eps=eps, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction)
+    device = student_hidden.device
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) = _autocast(
+        [student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias], device.type)
+    name = resolve_backend_name(check_backend(backend), device.type)
+    if name == "torch":
+        student_logits = F.linear(student_hidden, student_weight, student_bias)
+        if teacher_logits is None:
+            with torch.no_grad():
+                teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+        return reference.distillation_loss(student_logits, teacher_logits, labels, mask=mask,
+                                           return_components=return_components, **options)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    num_classes = student_weight.shape[0]
+    if accum_dtype is None:
+        accum_dtype = torch.float32 if student_weight.dtype in (torch.bfloat16, torch.float16) else student_weight.dtype
+    if chunk_size is None:
+        logits_dtype = hidden.dtype if teacher_logits is None else max(
+            (hidden.dtype, teacher_logits.dtype), key=lambda d: torch.empty((), dtype=d).element_size())
+        chunk_size = default_chunk_size(hidden.shape[0], num_classes, logits_dtype, device)
+    grad_on = torch.is_grad_enabled()
+    loss, ce, kd, _, _, _ = torch.ops.logitstd.fused_linear_distillation_loss(
+        hidden, student_weight, student_bias,
+        None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight, teacher_bias,
+        None if teacher_logits is None else _as_rows(teacher_logits),
+        None if labels is None else labels.reshape(-1).long(),
+        None if mask is None else mask.reshape(-1).contiguous(),
+        options["temperature"], options["teacher_temperature"], options["standardize"], options["correction"],
+        options["eps"], options["ignore_index"], options["label_smoothing"], options["ce_weight"],
+        options["kd_weight"], options["reduction"], int(chunk_size), accum_dtype,
+        grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad, name,
+    )
+    return DistillationParts(loss, ce, kd) if return_components else loss
