@@ -7,7 +7,8 @@ math and README.md for the API.
 from . import reference
 from ._backends import available_backends, backend_status
 from .functional import kd_loss, logitstd_kd_loss, zscore
-from .modules import DistillationLoss, LogitStdKDLoss
+from .fused_linear import default_chunk_size, fused_linear_distillation_loss
+from .modules import DistillationLoss, FusedLinearDistillationLoss, LogitStdKDLoss
 from .objective import DistillationParts, distillation_loss
 
 __version__ = "0.1.0"
@@ -15,10 +16,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DistillationLoss",
     "DistillationParts",
+    "FusedLinearDistillationLoss",
     "LogitStdKDLoss",
     "available_backends",
     "backend_status",
+    "default_chunk_size",
     "distillation_loss",
+    "fused_linear_distillation_loss",
     "kd_loss",
     "logitstd_kd_loss",
     "reference",
