@@ -49,6 +49,8 @@ def _row_kl(student: torch.Tensor, teacher: torch.Tensor, tau_s: float, tau_t: f
             standardize: bool, correction: int, eps: float) -> torch.Tensor:
     """``tau_s**2 * KL(softmax(b) || softmax(a))`` for each row, in the accumulation dtype."""
     acc = accumulation_dtype(student, teacher)
+    if student.shape[0] == 0:  # no rows: nothing to standardize (torch.std would warn)
+        return student.new_zeros((0,), dtype=acc)
     x = student.to(acc)
     y = teacher.to(acc)
     if standardize:

@@ -149,3 +149,42 @@ def loss_and_grads(x: np.ndarray, y: np.ndarray, *, temperature: float = 2.0,
 
     results = reduce(*rows)
     return (results, reduce(*mags, absolute=True)) if magnitudes else results
+
+
+def objective_numpy(x, y, labels, *, ce_weight, kd_weight, temperature, teacher_temperature=None, standardize=True,
+                    correction=1, eps=1e-7, ignore_index=-100, label_smoothing=0.0, mask=None, reduction="mean",
+                    upstream=1.0):
+    """(loss, d/dx, d/dy, ce, kd) of ce_weight * CE + kd_weight * tau^2 KL in float64, row by row."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    lead, num_classes = x.shape[:-1], x.shape[-1]
+    xs, ys = x.reshape(-1, num_classes), y.reshape(-1, num_classes)
+    keep = np.ones(xs.shape[0], bool) if mask is None else np.asarray(mask).reshape(-1).copy()
+    lab = None if labels is None else np.asarray(labels).reshape(-1)
+    if lab is not None:
+        keep &= lab != ignore_index
+    tau_t = temperature if teacher_temperature is None else teacher_temperature
+    rows, ce_rows, kd_rows = (np.zeros(xs.shape[0]) for _ in range(3))
+    gx, gy = np.zeros_like(xs), np.zeros_like(ys)
+    for r in np.nonzero(keep)[0]:
+        kd, kgx, kgy = row_loss_and_grads(xs[r], ys[r], temperature, tau_t, standardize, correction, eps)
+        kd_rows[r] = kd
+        gx[r] = kd_weight * kgx
+        gy[r] = kd_weight * kgy
+        rows[r] = kd_weight * kd
+        if lab is not None:
+            z = xs[r] - xs[r].max()
+            log_softmax = z - np.log(np.exp(z).sum())
+            target = np.full(num_classes, label_smoothing / num_classes)
+            target[lab[r]] += 1.0 - label_smoothing
+            ce_rows[r] = -(target * log_softmax).sum()
+            rows[r] += ce_weight * ce_rows[r]
+            gx[r] += ce_weight * (np.exp(log_softmax) - target)
+    count = max(int(keep.sum()), 1)
+    if reduction == "none":
+        weight = np.asarray(upstream, np.float64).reshape(-1, 1) * np.ones((xs.shape[0], 1))
+        return (rows.reshape(lead), (weight * gx).reshape(x.shape), (weight * gy).reshape(y.shape),
+                ce_rows.reshape(lead), kd_rows.reshape(lead))
+    div = 1.0 if reduction == "sum" else float(count)
+    up = float(upstream)
+    return (rows.sum() / div, up * gx.reshape(x.shape) / div, up * gy.reshape(y.shape) / div, ce_rows.sum() / div,
+            kd_rows.sum() / div)

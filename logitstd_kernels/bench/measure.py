@@ -11,6 +11,7 @@ counts every allocation the step touches, the allocator's and the kernels' own.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import statistics
 import time
@@ -97,6 +98,16 @@ def _status_bytes(key: str) -> int:
         return int(re.search(rf"^{key}:\s+(\d+) kB", status.read(), re.M).group(1)) * 1024
 
 
+def _return_free_heap() -> None:
+    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``), so that a step reusing
+    blocks an earlier run freed (below malloc's mmap threshold, e.g. a chunk's logits) faults them in
+    again and shows in the peak resident set, instead of hiding in an already resident heap."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the resident set may then undercount reused heap blocks
+
+
 def peak_memory_mb(run: Step, device: torch.device) -> Optional[float]:
     """Peak memory of ``run()`` above what was allocated before it (the inputs), in MiB."""
     if device.type == "cuda":
@@ -106,6 +117,7 @@ def peak_memory_mb(run: Step, device: torch.device) -> Optional[float]:
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
+    _return_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM to the current resident set
