@@ -179,12 +179,14 @@ def check_label_smoothing(value: object) -> float:
     return float(value)
 
 
-def check_labels(labels: object, student: torch.Tensor, ignore_index: object) -> Optional[torch.Tensor]:
+def check_labels(labels: object, student: torch.Tensor, ignore_index: object,
+                 num_classes: Optional[int] = -1) -> Optional[torch.Tensor]:
     """``None`` or an integer tensor of the leading shape on the logits' device.
 
     On the CPU the values are checked too (a label outside [0, V) that is not ``ignore_index``
-    raises); on other devices that would need a host synchronization, and the kernels make such a
-    row's loss NaN instead.
+    raises; V is ``num_classes``, by default ``student.shape[-1]``, and ``None`` checks only >= 0, for
+    logits sharded by class); on other devices that would need a host synchronization, and the
+    kernels make such a row's loss NaN instead.
     """
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -200,11 +202,11 @@ def check_labels(labels: object, student: torch.Tensor, ignore_index: object) ->
     if labels.device != student.device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {student.device}")
     if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-        num_classes = student.shape[-1]
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        upper = student.shape[-1] if num_classes == -1 else num_classes
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= upper if upper is not None else False))
         if bool(bad.any()):
             index = tuple(int(i) for i in bad.nonzero()[0])
-            raise IndexError(f"labels{list(index)} = {int(labels[index])} is outside [0, {num_classes}) and is not "
+            raise IndexError(f"labels{list(index)} = {int(labels[index])} is outside [0, {upper or 'V'}) and is not "
                              f"ignore_index ({ignore_index})")
     return labels
 

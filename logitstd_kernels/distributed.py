@@ -1,0 +1,375 @@
+"""Vocabulary-parallel (tensor-parallel) distillation: the objective of logits sharded by class.
+
+Each rank of a process group holds the classes ``[V_start, V_end)`` of every row (contiguous, in rank
+order, ``V_r`` may differ between ranks), the same rows on every rank, and the global labels. Every
+rank gets the same loss and the gradients of its own slice. Three phases per step, two collectives of
+O(rows) bytes, none of O(rows x V) (docs/design.md, "vocabulary-parallel rows"):
+
+1. local per-row statistics of the slice: count, mean, M2 (as a scale and a scaled sum of squares, so
+   that rows of 1e18 do not overflow), max of the student and the teacher, and the student logit at
+   the label where this rank owns it. **all_gather**, then Chan's merge in float64 in rank order, so
+   every rank holds bitwise the same global mean, sigma and maxima:
+   ``m = m_a + d n_b / n``, ``M2 = M2_a + M2_b + d^2 n_a n_b / n``, ``d = m_b - m_a``;
+2. with the global statistics, the slice's partial sums: ``Za = sum e^(a - a_max)``, ``Zb``,
+   ``sum e^(b - b_max)(b - a)``, ``sum e^(a - a_max) u``, ``sum e^(b - b_max) u``, ``sum e^(b - b_max) w``,
+   ``sum e^(b - b_max)(b - a) w`` and the CE's ``sum e^(x - max x)``. **all_gather**, summed in float64
+   in rank order;
+3. loss and the local gradients: every term of the chain rule (docs/design.md section 1) is a
+   per-element quantity times a per-row global sum.
+
+The phases are PyTorch operations on the local slice (a few (N, V_r) temporaries in the accumulation
+dtype), not the fused kernels. A constant-size header (the shapes, dtypes and class ranges of every
+rank) is exchanged first when ``check_shards=True`` (the default), so that mismatched shards raise the
+same error on every rank instead of aborting the process group; ``check_shards=False`` leaves the two
+collectives.
+
+Equivalent single-process code: ``distillation_loss(cat(student_shards, -1), cat(teacher_shards, -1),
+labels, ...)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from ._checks import (OBJECTIVE_REDUCTIONS, check_label_smoothing, check_labels, check_mask, check_pair,
+                      check_temperature, check_weight)
+from .reference import DistillationParts, accumulation_dtype
+
+__all__ = ["vocab_parallel_distillation_loss", "ShardedRows"]
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_HEADER = 8  # rows, V_r, V_start, V_end, student dtype, teacher dtype, labels given, mask given
+
+
+class ShardedRows(NamedTuple):
+    """Per-row results of the sharded objective and the local slice's unreduced gradients."""
+
+    rows: torch.Tensor  # (N,) ce_weight * CE + kd_weight * KD (0 where excluded)
+    ce: torch.Tensor
+    kd: torch.Tensor
+    grad_student: Optional[torch.Tensor]  # (N, V_r): d rows[r] / d x[r, local classes]
+    grad_teacher: Optional[torch.Tensor]
+
+
+def _gather(tensor: torch.Tensor, group) -> torch.Tensor:
+    """(world, *shape): every rank's ``tensor`` in rank order (one all_gather)."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def _check_header(student: torch.Tensor, teacher: torch.Tensor, labels, mask, vocab_range, group) -> tuple[int, int]:
+    """Exchange the shards' shapes and ranges; the same ValueError on every rank if they do not fit.
+
+    Returns (V_start, V) of this rank's slice and the whole row.
+    """
+    rows, width = student.shape
+    start = -1 if vocab_range is None else vocab_range[0]
+    end = -1 if vocab_range is None else vocab_range[1]
+    header = torch.tensor([rows, width, start, end, _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
+                           labels is not None, mask is not None], dtype=torch.int64, device=student.device)
+    table = _gather(header, group).cpu().tolist()
+    problems = []
+    for column, what in ((0, "rows"), (4, "student dtype"), (5, "teacher dtype"), (6, "labels given"),
+                         (7, "mask given")):
+        values = [entry[column] for entry in table]
+        if len(set(values)) > 1:
+            problems.append(f"ranks disagree on the {what}: {values}")
+    widths = [entry[1] for entry in table]
+    offsets = [sum(widths[:r]) for r in range(len(widths))]
+    if all(entry[2] >= 0 for entry in table):
+        ranges = [(entry[2], entry[3]) for entry in table]
+        tiles = all(ranges[r] == (offsets[r], offsets[r] + widths[r]) for r in range(len(ranges)))
+        if not tiles:
+            problems.append(f"the class ranges {ranges} (rank order) do not tile [0, {sum(widths)}) with the "
+                            f"slice widths {widths}")
+    elif any(entry[2] >= 0 for entry in table):
+        problems.append("some ranks passed vocab_range and others did not")
+    if problems:
+        raise ValueError(f"vocab-parallel shards do not fit (rank {dist.get_rank(group)} of "
+                         f"{len(table)}): " + "; ".join(problems))
+    return offsets[dist.get_rank(group)], sum(widths)
+
+
+def _local_stats(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(N, 4) float64: mean, scale s, scaled M2 (M2 = s^2 * m2s) and max of each row of the slice."""
+    v = v.to(acc)
+    mean = v.mean(-1, keepdim=True)
+    dev = v - mean
+    scale = dev.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    m2s = (dev / scale).square().sum(-1, keepdim=True)
+    return torch.cat((mean, scale, m2s, v.amax(-1, keepdim=True)), -1).double()
+
+
+def _merge(stats: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan's merge of (world, N, 4) slice statistics in rank order: (mean, M2, max) per row, float64."""
+    n = widths[0]
+    mean = stats[0, :, 0]
+    m2 = stats[0, :, 1].square() * stats[0, :, 2]
+    top = stats[0, :, 3]
+    for r in range(1, stats.shape[0]):
+        n_b = widths[r]
+        mean_b, m2_b = stats[r, :, 0], stats[r, :, 1].square() * stats[r, :, 2]
+        total = n + n_b
+        d = mean_b - mean
+        mean = mean + d * (n_b / total)
+        m2 = m2 + m2_b + d.square() * (n * n_b / total)
+        top = torch.maximum(top, stats[r, :, 3])
+        n = total
+    return mean, m2, top
+
+
+def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                 mask: Optional[torch.Tensor], group, *, temperature: float, teacher_temperature: float,
+                 standardize: bool, correction: int, eps: float, ignore_index: int, label_smoothing: float,
+                 ce_weight: float, kd_weight: float, grad_student: bool, grad_teacher: bool,
+                 vocab_range: Optional[tuple[int, int]] = None, check_shards: bool = True) -> ShardedRows:
+    """The three phases on (N, V_r) slices; see the module docstring. Rows without labels/mask
+    exclusion are all included; excluded rows get 0 and a zero gradient."""
+    acc = accumulation_dtype(student, teacher)
+    if check_shards:
+        _check_header(student, teacher, labels, mask, vocab_range, group)
+    rows, width = student.shape
+    zeros = torch.zeros(rows, dtype=acc, device=student.device)
+    if rows == 0:  # every rank has no rows (the header said so, or the caller guarantees it)
+        empty = student.new_zeros(student.shape) if grad_student else None
+        return ShardedRows(zeros, zeros, zeros, empty, teacher.new_zeros(teacher.shape) if grad_teacher else None)
+    x, y = student.to(acc), teacher.to(acc)
+
+    # Phase 1: the slice's statistics (and its width), merged in rank order.
+    width_column = torch.full((rows, 1), float(width), dtype=torch.float64, device=x.device)
+    gathered = _gather(torch.cat((_local_stats(x, acc), _local_stats(y, acc), width_column), -1), group)
+    widths = gathered[:, 0, -1]
+    rank = dist.get_rank(group)
+    start = int(widths[:rank].sum())
+    num_classes = int(widths.sum())
+    if standardize and num_classes - correction <= 0:
+        raise ValueError(f"correction={correction} leaves no degrees of freedom for the {num_classes} classes of "
+                         f"the whole row")
+    mean_x, m2_x, max_x = _merge(gathered[..., 0:4], widths)
+    mean_y, m2_y, max_y = _merge(gathered[..., 4:8], widths)
+
+    keep = torch.ones(rows, dtype=torch.bool, device=x.device) if mask is None else mask.clone()
+    if labels is not None:
+        keep &= labels != ignore_index
+    tau_s, tau_t = temperature, teacher_temperature
+    if standardize:
+        dof = num_classes - correction
+        sigma_x, sigma_y = (m2_x / dof).sqrt(), (m2_y / dof).sqrt()
+        ka, kb = 1.0 / ((sigma_x + eps) * tau_s), 1.0 / ((sigma_y + eps) * tau_t)
+        shift_x, shift_y = mean_x, mean_y
+    else:
+        ka = torch.full_like(mean_x, 1.0 / tau_s)
+        kb = torch.full_like(mean_y, 1.0 / tau_t)
+        shift_x, shift_y = torch.zeros_like(mean_x), torch.zeros_like(mean_y)
+    col = lambda v: v.to(acc).unsqueeze(1)  # noqa: E731  (a per-row float64 statistic as an acc column)
+    a = (x - col(shift_x)) * col(ka)
+    b = (y - col(shift_y)) * col(kb)
+    a_max = ((max_x - shift_x) * ka).to(acc)
+    b_max = ((max_y - shift_y) * kb).to(acc)
+    ea, eb = torch.exp(a - a_max.unsqueeze(1)), torch.exp(b - b_max.unsqueeze(1))
+    diff = b - a
+
+    # Phase 2: the slice's partial sums under the global statistics, summed in rank order.
+    sums = [ea.sum(-1), eb.sum(-1), (eb * diff).sum(-1)]
+    if standardize:
+        u = (x - col(mean_x)) / col(sigma_x).clamp_min(torch.finfo(acc).tiny)
+        w = (y - col(mean_y)) / col(sigma_y).clamp_min(torch.finfo(acc).tiny)
+        sums += [(ea * u).sum(-1), (eb * u).sum(-1), (eb * w).sum(-1), (eb * diff * w).sum(-1)]
+    if labels is not None:
+        local_label = labels - start
+        owns = (local_label >= 0) & (local_label < width) & keep
+        picked = x.gather(1, local_label.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
+        ex = torch.exp(x - col(max_x))
+        sums += [ex.sum(-1), torch.where(owns, picked, torch.zeros_like(picked)), owns.to(acc), x.sum(-1)]
+    totals = _gather(torch.stack([v.double() for v in sums], -1), group).sum(0)  # rank order: deterministic
+    za, zb, s_pd = totals[:, 0], totals[:, 1], totals[:, 2]
+
+    # Phase 3: loss and the local gradients.
+    log_ratio = (a_max.double() + za.log()) - (b_max.double() + zb.log())  # log(Za e^a_max / (Zb e^b_max))
+    kl = s_pd / zb + log_ratio
+    kd = (tau_s * tau_s) * kl
+    q = ea / col(za)
+    p = eb / col(zb)
+    grad_x = grad_y = None
+    if grad_student:
+        g = (tau_s * tau_s) * (q - p)
+        if standardize:
+            s_gu = (tau_s * tau_s) * (totals[:, 3] / za - totals[:, 4] / zb)
+            factor = s_gu * sigma_x / ((sigma_x + eps) * (num_classes - correction))
+            g = (g - u * col(factor)) * col(ka)
+        else:
+            g = g * col(ka)
+        grad_x = kd_weight * g
+    if grad_teacher:
+        delta = diff + col(log_ratio)
+        h = (tau_s * tau_s) * p * (delta - col(kl))
+        if standardize:
+            s_pw, s_pdw = totals[:, 5] / zb, totals[:, 6] / zb
+            s_hw = (tau_s * tau_s) * (s_pdw + log_ratio * s_pw - kl * s_pw)
+            factor = s_hw * sigma_y / ((sigma_y + eps) * (num_classes - correction))
+            h = (h - w * col(factor)) * col(kb)
+        else:
+            h = h * col(kb)
+        grad_y = kd_weight * h
+    ce = torch.zeros_like(kd)
+    if labels is not None:
+        zc, x_label, owners, sum_x = totals[:, -4], totals[:, -3], totals[:, -2], totals[:, -1]
+        lse = max_x + zc.log()
+        nll = lse - x_label
+        ce = (1 - label_smoothing) * nll + label_smoothing * (lse - sum_x / num_classes)
+        # A label no rank owns (outside [0, V)) raises on the CPU (every rank sees the same totals, so
+        # every rank raises); elsewhere it makes its row NaN, as the CUDA kernels do (no host sync).
+        unowned = (owners != 1) & keep
+        if x.device.type == "cpu" and bool(unowned.any()):
+            row = int(unowned.nonzero()[0])
+            raise IndexError(f"labels[{row}] = {int(labels[row])} is outside [0, {num_classes}) (the whole row's "
+                             f"classes) and is not ignore_index ({ignore_index})")
+        ce = torch.where((owners == 1) | ~keep, ce, torch.full_like(ce, float("nan")))
+        if grad_student:
+            soft = torch.exp(x - col(lse))
+            soft = soft - label_smoothing / num_classes
+            onehot = torch.zeros_like(soft)
+            onehot.scatter_(1, local_label.clamp(0, width - 1).unsqueeze(1), (1 - label_smoothing)
+                            * owns.to(acc).unsqueeze(1))
+            grad_x = grad_x + ce_weight * (soft - onehot)
+    rows_out = torch.where(keep, (ce_weight * ce + kd_weight * kd) if labels is not None else kd_weight * kd,
+                           torch.zeros_like(kd)).to(acc)
+    ce, kd = (torch.where(keep, v, torch.zeros_like(v)).to(acc) for v in (ce, kd))
+    drop = ~keep.unsqueeze(1)
+    if grad_x is not None:
+        grad_x = grad_x.masked_fill(drop, 0.0)
+    if grad_y is not None:
+        grad_y = grad_y.masked_fill(drop, 0.0)
+    return ShardedRows(rows_out, ce, kd, grad_x, grad_y)
+
+
+def _check_shard_args(student, teacher, labels, mask, *, ce_weight, kd_weight, temperature, teacher_temperature,
+                      ignore_index, label_smoothing, reduction):
+    """The checks that need no other rank: like ``distillation_loss``'s, except that the class count
+    (for ``correction`` and the labels' upper bound) is the global V, checked after phase 1."""
+    student, teacher = check_pair(student, teacher)
+    tau_s = check_temperature("temperature", temperature)
+    tau_t = tau_s if teacher_temperature is None else check_temperature("teacher_temperature", teacher_temperature)
+    if reduction not in OBJECTIVE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {OBJECTIVE_REDUCTIONS}, got {reduction!r}")
+    labels = check_labels(labels, student, ignore_index, num_classes=None)
+    return (student, teacher, labels, check_mask(mask, student), tau_s, tau_t, check_weight("ce_weight", ce_weight),
+            check_weight("kd_weight", kd_weight), check_label_smoothing(label_smoothing))
+
+
+class _ShardedLoss(torch.autograd.Function):
+    """Loss from :func:`sharded_rows`; the gradients, computed in the forward, scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, mask, group, options, reduction):
+        out = sharded_rows(student, teacher, labels, mask, group, **options)
+        count = out.rows.new_ones(()) if reduction != "mean" else (
+            torch.ones_like(out.rows, dtype=torch.bool) if mask is None else mask.clone()).sum().clamp_min(1)
+        if reduction == "mean" and labels is not None:
+            keep = labels != options["ignore_index"]
+            keep = keep if mask is None else keep & mask
+            count = keep.sum().clamp_min(1)
+        ctx.save_for_backward(out.grad_student, out.grad_teacher, count.to(out.rows.dtype))
+        ctx.reduction = reduction
+        ctx.dtypes = (student.dtype, teacher.dtype)
+        parts = (out.rows, out.ce, out.kd)
+        if reduction == "none":
+            reduced = parts
+        else:
+            reduced = tuple(v.sum() / count if reduction == "mean" else v.sum() for v in parts)
+        ctx.mark_non_differentiable(reduced[1], reduced[2])
+        return reduced
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        grad_x, grad_y, count = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
+        if ctx.reduction == "mean":
+            scale = scale / count
+        grads = [None if g is None else (g * scale).to(dtype) for g, dtype in zip((grad_x, grad_y), ctx.dtypes)]
+        return grads[0], grads[1], None, None, None, None, None
+
+
+def _local_shards(student, teacher, process_group):
+    """(student, teacher, group): DTensors sharded on the class dimension become their local slices."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without DTensor
+        return student, teacher, process_group
+    is_dtensor = [isinstance(t, DTensor) for t in (student, teacher)]
+    if not any(is_dtensor):
+        return student, teacher, process_group
+    if not all(is_dtensor):
+        raise TypeError("student_logits and teacher_logits must both be DTensors or both plain tensors")
+    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
+        placements = t.placements
+        if t.device_mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or \
+                placements[0].dim not in (-1, t.dim() - 1):
+            raise ValueError(f"{name} must be a DTensor sharded on its last (class) dimension on a 1-D mesh "
+                             f"(placements=[Shard(-1)]), got {placements} on a {t.device_mesh.ndim}-D mesh")
+    if process_group is not None and process_group != student.device_mesh.get_group():
+        raise ValueError("process_group differs from the DTensors' mesh group; pass one or the other")
+    return student.to_local(), teacher.to_local(), student.device_mesh.get_group()
+
+
+def vocab_parallel_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    process_group: Optional[dist.ProcessGroup] = None,
+    vocab_range: Optional[tuple[int, int]] = None,
+    check_shards: bool = True,
+    ce_weight: float = 0.1,
+    kd_weight: float = 9.0,
+    temperature: float = 2.0,
+    teacher_temperature: Optional[float] = None,
+    standardize: bool = True,
+    correction: int = 1,
+    eps: float = 1e-7,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    return_components: bool = False,
+) -> Union[torch.Tensor, DistillationParts]:
+    """:func:`logitstd_kernels.distillation_loss` of logits sharded by class across ``process_group``.
+
+    Equivalent single-process code::
+
+        distillation_loss(torch.cat(all student shards, -1), torch.cat(all teacher shards, -1), labels, ...)
+
+    Args:
+        student_logits, teacher_logits: this rank's ``(..., V_r)`` slices (the same rows on every
+            rank; classes contiguous and in rank order), or DTensors with ``placements=[Shard(-1)]``
+            on a 1-D mesh (then ``process_group`` is the mesh's). Gradients flow to both.
+        labels: the global labels (the same on every rank), class indices in ``[0, V)``.
+        process_group: the tensor-parallel group (default: the default group).
+        vocab_range: this rank's ``(V_start, V_end)``, checked against the others' (optional).
+        check_shards: exchange a constant-size header first so that mismatched shards (rows, dtypes,
+            ranges) raise a ValueError naming the problem on every rank; False saves that collective.
+        The other keywords are those of ``distillation_loss``.
+    """
+    student_logits, teacher_logits, group = _local_shards(student_logits, teacher_logits, process_group)
+    (student, teacher, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = _check_shard_args(
+        student_logits, teacher_logits, labels, mask, ce_weight=ce_weight, kd_weight=kd_weight,
+        temperature=temperature, teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction)
+    lead = student.shape[:-1]
+    options = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=bool(standardize),
+                   correction=int(correction), eps=float(eps), ignore_index=int(ignore_index),
+                   label_smoothing=label_smoothing, ce_weight=ce_weight, kd_weight=kd_weight,
+                   grad_student=torch.is_grad_enabled() and student.requires_grad,
+                   grad_teacher=torch.is_grad_enabled() and teacher.requires_grad,
+                   vocab_range=vocab_range, check_shards=bool(check_shards))
+    width = student.shape[-1]
+    loss, ce, kd = _ShardedLoss.apply(
+        student.reshape(-1, width), teacher.reshape(-1, width), None if labels is None else labels.reshape(-1).long(),
+        None if mask is None else mask.reshape(-1), group, options, reduction)
+    if reduction == "none":
+        loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)
+    return DistillationParts(loss, ce, kd) if return_components else loss
