@@ -373,3 +373,130 @@ def vocab_parallel_distillation_loss(
     if reduction == "none":
         loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)
     return DistillationParts(loss, ce, kd) if return_components else loss
+
+
+class _ShardedFusedLinear(torch.autograd.Function):
+    """The chunked lm_head + sharded objective; gradients computed in the forward (see fused_linear.py)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels, mask,
+                group, options, reduction, chunk_size, accum_dtype):
+        num_rows = hidden.shape[0]
+        wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        acc = accumulation_dtype(hidden, weight)
+        g_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if wants[0] else None
+        g_weight = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if wants[1] else None
+        g_bias = torch.zeros(weight.shape[0], dtype=accum_dtype, device=weight.device) if wants[2] else None
+        totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
+        chunk_options = dict(options, grad_student=any(wants), grad_teacher=False)
+        for start in range(0, num_rows, chunk_size):
+            pick = slice(start, min(start + chunk_size, num_rows))
+            h = hidden[pick]
+            xs = torch.nn.functional.linear(h, weight, bias)
+            xt = (teacher_logits[pick] if teacher_logits is not None
+                  else torch.nn.functional.linear(teacher_hidden[pick], teacher_weight, teacher_bias))
+            out = sharded_rows(xs, xt, None if labels is None else labels[pick], None if mask is None else mask[pick],
+                               group, **chunk_options)
+            chunk_options["check_shards"] = False  # the shards were checked with the first chunk
+            totals += torch.stack([v.double().sum() for v in (out.rows, out.ce, out.kd)])
+            if out.grad_student is not None:
+                g = out.grad_student
+                if g_hidden is not None:
+                    g_hidden[pick] = g @ weight.to(acc)
+                if g_weight is not None:
+                    g_weight.addmm_(g.t().to(accum_dtype), h.to(accum_dtype))
+                if g_bias is not None:
+                    g_bias += g.sum(0).to(accum_dtype)
+        keep = torch.ones(num_rows, dtype=torch.bool, device=hidden.device) if mask is None else mask
+        if labels is not None:
+            keep = keep & (labels != options["ignore_index"])
+        count = keep.sum().clamp_min(1).double() if reduction == "mean" else totals.new_ones(())
+        loss, ce, kd = (totals / count).to(acc).unbind()
+        ctx.save_for_backward(*(g if g is None else g / count.to(g.dtype) for g in (g_hidden, g_weight, g_bias)))
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return tuple(grads) + (None,) * 11
+
+
+def vocab_parallel_fused_linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
+    vocab_range: Optional[tuple[int, int]] = None,
+    check_shards: bool = True,
+    chunk_size: Optional[int] = None,
+    accum_dtype: Optional[torch.dtype] = None,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    return_components: bool = False,
+    **objective,
+) -> Union[torch.Tensor, DistillationParts]:
+    """:func:`logitstd_kernels.fused_linear_distillation_loss` with lm_heads split by vocabulary.
+
+    Each rank passes the full (replicated) hidden states and its rows ``[V_start, V_end)`` of the
+    lm_head weights (Megatron's ``ColumnParallelLinear(gather_output=False)`` layout), or its slice
+    of ``teacher_logits``. Equivalent single-process code::
+
+        fused_linear_distillation_loss(student_hidden, cat(all student_weight shards), teacher_hidden,
+                                       cat(all teacher_weight shards), labels, ...)
+
+    The gradient of ``student_weight`` (and bias) is this rank's shard of the full gradient. The
+    gradient of ``student_hidden`` is this rank's *partial* sum ``G_r @ W_r``: the full gradient is
+    the sum over the ranks, an all-reduce that belongs to the tensor-parallel layer's backward (in
+    Megatron, the input of a column-parallel layer is all-reduced there). Two collectives of O(rows)
+    per chunk of rows (plus the header exchange once per call with ``check_shards``). ``objective``:
+    the keywords of ``distillation_loss`` (``ce_weight``, ``kd_weight``, ``temperature``, ...);
+    ``reduction`` is ``"mean"`` or ``"sum"``.
+    """
+    from .fused_linear import default_chunk_size
+
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for the fused linear loss, got {reduction!r}")
+    group = process_group
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    width = student_weight.shape[0]
+    local_logits = hidden.new_empty(()).expand(hidden.shape[0], width)
+    (_, _, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = _check_shard_args(
+        local_logits, local_logits, None if labels is None else labels.reshape(-1),
+        None if mask is None else mask.reshape(-1),
+        ce_weight=objective.get("ce_weight", 0.1), kd_weight=objective.get("kd_weight", 9.0),
+        temperature=objective.get("temperature", 2.0), teacher_temperature=objective.get("teacher_temperature"),
+        ignore_index=objective.get("ignore_index", -100), label_smoothing=objective.get("label_smoothing", 0.0),
+        reduction=reduction)
+    unknown = set(objective) - {"ce_weight", "kd_weight", "temperature", "teacher_temperature", "standardize",
+                                "correction", "eps", "ignore_index", "label_smoothing"}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_logits", teacher_logits), ("teacher_bias", teacher_bias)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but the teacher is constant in the fused linear loss: pass "
+                             f"{name}.detach()")
+    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("pass the teacher either as teacher_logits or as teacher_hidden + teacher_weight")
+    options = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=bool(objective.get("standardize", True)),
+                   correction=int(objective.get("correction", 1)), eps=float(objective.get("eps", 1e-7)),
+                   ignore_index=int(objective.get("ignore_index", -100)), label_smoothing=label_smoothing,
+                   ce_weight=ce_weight, kd_weight=kd_weight, vocab_range=vocab_range, check_shards=bool(check_shards))
+    if accum_dtype is None:
+        accum_dtype = torch.float32 if student_weight.dtype in (torch.bfloat16, torch.float16) else student_weight.dtype
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], width, hidden.dtype, hidden.device)
+    loss, ce, kd = _ShardedFusedLinear.apply(
+        hidden, student_weight, student_bias,
+        None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
+        teacher_bias, None if teacher_logits is None else teacher_logits.reshape(-1, width), labels, mask, group,
+        options, reduction, int(chunk_size), accum_dtype)
+    return DistillationParts(loss, ce, kd) if return_components else loss

@@ -1,0 +1,273 @@
+"""Vocabulary-parallel distillation over torch.distributed (gloo, CPU), 2 and 3 processes spawned from
+the test: every rank's loss and gradient slices against the single-process reference on the whole
+rows. Each worker checks its own results and writes a one-line report; the test fails on a wrong
+report, a missing one, or a worker still running after the timeout (no hang)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from logitstd_kernels import reference
+from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
+                                          vocab_parallel_fused_linear_distillation_loss)
+
+TIMEOUT_S = 120
+
+
+def widths_for(num_classes: int, world: int) -> list[int]:
+    """Uneven slices: rank 0 takes the remainder and a few more classes."""
+    base = num_classes // world
+    widths = [base] * world
+    widths[0] += num_classes - base * world
+    if world > 1:
+        widths[0] += 3
+        widths[-1] -= 3
+    return widths
+
+
+def _worker(rank: int, world: int, folder: str, scenarios: tuple[str, ...]) -> None:
+    """Run the scenarios one after the other; each one's result or exception goes into the report
+    (a scenario that raises the same error on every rank leaves the process group usable)."""
+    reports = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        for name in scenarios:
+            torch.manual_seed(1234)  # the same full rows on every rank
+            try:
+                reports[name] = {"ok": True, "result": SCENARIOS[name](rank, world)}
+            except Exception as exc:  # reported to the test, which decides
+                reports[name] = {"ok": False, "type": type(exc).__name__, "error": str(exc),
+                                 "traceback": traceback.format_exc()}
+    finally:
+        (Path(folder) / f"rank{rank}.json").write_text(json.dumps(reports))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world: int, scenarios: tuple[str, ...], folder: Path) -> list[dict]:
+    """Spawn ``world`` processes running ``scenarios``; their reports (scenario -> report) in rank order."""
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=_worker, args=(r, world, str(folder), scenarios)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, f"ranks {alive} still running after {TIMEOUT_S} s (a hang)"
+    reports = []
+    for r in range(world):
+        path = folder / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote no report (exit code {procs[r].exitcode})"
+        reports.append(json.loads(path.read_text()))
+    return reports
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict[int, list[dict]]:
+    """One spawn per world size, every scenario in it (process start-up dominates a scenario)."""
+    runs = {2: tuple(SCENARIOS), 3: ("loss", "fused_linear")}
+    return {world: run_ranks(world, names, tmp_path_factory.mktemp(f"world{world}")) for world, names in runs.items()}
+
+
+def assert_ok(reports: list[dict], scenario: str) -> list[dict]:
+    for r, report in enumerate(reports):
+        assert scenario in report, f"rank {r} did not get to {scenario!r}"
+        assert report[scenario]["ok"], f"rank {r}: {report[scenario].get('traceback')}"
+    return [report[scenario]["result"] for report in reports]
+
+
+def _slice(rank: int, world: int, num_classes: int) -> slice:
+    widths = widths_for(num_classes, world)
+    start = sum(widths[:rank])
+    return slice(start, start + widths[rank])
+
+
+def _max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-300))
+
+
+def _compare_loss(rank: int, world: int) -> dict:
+    """Every configuration against the reference; returns the worst relative errors per dtype."""
+    num_classes, rows = 1003, 9
+    cols = _slice(rank, world, num_classes)
+    worst = {"float64": 0.0, "float32": 0.0}
+    x64 = 3 * torch.randn(rows, num_classes, dtype=torch.float64)
+    y64 = 5 * torch.randn(rows, num_classes, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (rows,))
+    labels[::4] = -100
+    mask = torch.rand(rows) > 0.2
+    for dtype in (torch.float64, torch.float32):
+        for standardize in (True, False):
+            for given_labels, given_mask in ((labels, None), (None, mask), (labels, mask)):
+                for reduction in ("mean", "sum", "none"):
+                    options = dict(standardize=standardize, reduction=reduction, mask=given_mask,
+                                   label_smoothing=0.1 if given_labels is not None else 0.0, ce_weight=0.3,
+                                   kd_weight=2.0, temperature=1.5, teacher_temperature=2.5)
+                    xs = x64.to(dtype)[:, cols].clone().requires_grad_(True)
+                    ys = y64.to(dtype)[:, cols].clone().requires_grad_(True)
+                    loss = vocab_parallel_distillation_loss(xs, ys, given_labels, **options)
+                    upstream = torch.linspace(0.5, 1.5, rows, dtype=loss.dtype) if reduction == "none" else None
+                    loss.backward(upstream)
+                    xf, yf = x64.clone().requires_grad_(True), y64.clone().requires_grad_(True)
+                    want = reference.distillation_loss(xf, yf, given_labels, **options)
+                    want.backward(None if upstream is None else upstream.double())
+                    errors = [_max_rel(loss, want), _max_rel(xs.grad, xf.grad[:, cols]),
+                              _max_rel(ys.grad, yf.grad[:, cols])]
+                    name = str(dtype).split(".")[-1]
+                    bound = 1e-12 if dtype == torch.float64 else 2e-5
+                    assert max(errors) <= bound, (f"{name} standardize={standardize} labels={given_labels is not None} "
+                                                  f"mask={given_mask is not None} {reduction}: errors {errors}")
+                    worst[name] = max(worst[name], *errors)
+    return worst
+
+
+def _count_collectives(rank: int, world: int) -> dict:
+    calls = []
+    original = dist.all_gather
+
+    def counting(tensor_list, tensor, *args, **kwargs):
+        calls.append(tensor.numel() * tensor.element_size())
+        return original(tensor_list, tensor, *args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        cols = _slice(rank, world, 500)
+        x, y = torch.randn(64, 500), torch.randn(64, 500)
+        labels = torch.randint(0, 500, (64,))
+        counts = {}
+        for check in (False, True):
+            calls.clear()
+            xs = x[:, cols].clone().requires_grad_(True)
+            vocab_parallel_distillation_loss(xs, y[:, cols], labels, check_shards=check).backward()
+            counts[str(check)] = list(calls)
+    finally:
+        dist.all_gather = original
+    return counts
+
+
+def _dtensor(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    x, y = torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 64, dtype=torch.float64)
+    labels = torch.randint(0, 64, (5,))
+    xd = distribute_tensor(x, mesh, [Shard(-1)]).requires_grad_(True)
+    yd = distribute_tensor(y, mesh, [Shard(-1)])
+    loss = vocab_parallel_distillation_loss(xd, yd, labels)
+    loss.backward()
+    xf = x.clone().requires_grad_(True)
+    want = reference.distillation_loss(xf, y, labels)
+    want.backward()
+    grad = xd.grad.full_tensor()
+    errors = [_max_rel(loss, want), _max_rel(grad, xf.grad)]
+    assert max(errors) <= 1e-12, errors
+    return {"errors": errors}
+
+
+def _fused_linear(rank: int, world: int) -> dict:
+    num_classes, hidden, teacher_hidden, rows = 301, 16, 24, 11
+    cols = _slice(rank, world, num_classes)
+    h = torch.randn(rows, hidden, dtype=torch.float64)
+    w = torch.randn(num_classes, hidden, dtype=torch.float64) / 4
+    ht = torch.randn(rows, teacher_hidden, dtype=torch.float64)
+    wt = torch.randn(num_classes, teacher_hidden, dtype=torch.float64) / 3
+    labels = torch.randint(0, num_classes, (rows,))
+    labels[1::3] = -100
+    worst = 0.0
+    for dtype, bound in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        hl = h.to(dtype).clone().requires_grad_(True)
+        wl = w.to(dtype)[cols].clone().requires_grad_(True)
+        loss = vocab_parallel_fused_linear_distillation_loss(hl, wl, ht.to(dtype), wt.to(dtype)[cols], labels,
+                                                             chunk_size=4)
+        loss.backward()
+        grad_hidden = hl.grad.double().clone()
+        dist.all_reduce(grad_hidden)  # the tensor-parallel layer's all-reduce of the partial sums
+        hf, wf = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        want = reference.distillation_loss(F.linear(hf, wf), F.linear(ht, wt), labels)
+        want.backward()
+        errors = [_max_rel(loss, want), _max_rel(grad_hidden, hf.grad), _max_rel(wl.grad, wf.grad[cols])]
+        assert max(errors) <= bound, f"{dtype}: {errors}"
+        worst = max(worst, *errors)
+    return {"worst": worst}
+
+
+def _rows_disagree(rank: int, world: int) -> dict:
+    rows = 4 if rank == 0 else 5
+    vocab_parallel_distillation_loss(torch.randn(rows, 10), torch.randn(rows, 10), None)
+    return {}
+
+
+def _dtype_disagrees(rank: int, world: int) -> dict:
+    dtype = torch.float64 if rank == 1 else torch.float32
+    vocab_parallel_distillation_loss(torch.randn(4, 10, dtype=dtype), torch.randn(4, 10, dtype=dtype), None)
+    return {}
+
+
+def _ranges_do_not_tile(rank: int, world: int) -> dict:
+    start = rank * 10 + (1 if rank == world - 1 else 0)  # a gap before the last rank's slice
+    vocab_parallel_distillation_loss(torch.randn(4, 10), torch.randn(4, 10), None, vocab_range=(start, start + 10))
+    return {}
+
+
+def _label_outside(rank: int, world: int) -> dict:
+    labels = torch.tensor([3, 10 * world + 2, -100, 1])
+    vocab_parallel_distillation_loss(torch.randn(4, 10), torch.randn(4, 10), labels)
+    return {}
+
+
+SCENARIOS = {"loss": _compare_loss, "collectives": _count_collectives, "dtensor": _dtensor,
+             "fused_linear": _fused_linear, "rows": _rows_disagree, "dtype": _dtype_disagrees,
+             "ranges": _ranges_do_not_tile, "label": _label_outside}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_matches_the_single_process_objective(world, reports):
+    """float64 to 1e-12 and float32 to its rounding, uneven slices, labels with ignore_index, masks,
+    label smoothing, two temperatures, teacher gradients, every reduction, with and without
+    standardization."""
+    assert_ok(reports[world], "loss")
+
+
+def test_two_collectives_of_rows_size_per_step(reports):
+    counts = assert_ok(reports[2], "collectives")[0]
+    rows = 64
+    # without the header check: phase 1 (rows x 9 float64) and phase 2 (rows x 11 float64)
+    assert counts["False"] == [rows * 9 * 8, rows * 11 * 8]
+    # with it: one constant-size header (8 int64) first
+    assert counts["True"] == [8 * 8, rows * 9 * 8, rows * 11 * 8]
+
+
+def test_dtensor_sharded_on_the_classes(reports):
+    assert_ok(reports[2], "dtensor")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fused_linear_with_a_vocab_sharded_weight(world, reports):
+    assert_ok(reports[world], "fused_linear")
+
+
+@pytest.mark.parametrize("scenario,error,match", [
+    ("rows", "ValueError", "ranks disagree on the rows"),
+    ("dtype", "ValueError", "ranks disagree on the student dtype"),
+    ("ranges", "ValueError", "do not tile"),
+    ("label", "IndexError", "is outside"),
+])
+def test_mismatched_shards_fail_on_every_rank(scenario, error, match, reports):
+    for r, report in enumerate(reports[2]):
+        got = report[scenario]
+        assert not got["ok"], f"rank {r} accepted the mismatch"
+        assert got["type"] == error and match in got["error"], f"rank {r}: {got['traceback']}"
