@@ -52,7 +52,12 @@ def result_files(results_dir: Path) -> list[Path]:
 
 
 def benchmark_kind(metadata: dict) -> str:
-    """What a result file measured: the KD loss, or the distillation objective (CE + KD)."""
+    """What a result file measured: the KD loss, the distillation objective (CE + KD), or a full step
+    through the lm_heads (``bench --fused-linear``)."""
+    if metadata.get("distributed"):
+        return f"vocabulary-parallel objective ({metadata['backend']}, standardized, with labels)"
+    if metadata.get("fused_linear"):
+        return f"fused linear step (lm_head matmuls + objective, forward + backward, H = {metadata['hidden']})"
     return "distillation objective (0.1 CE + 9 KD, token labels)" if metadata.get("objective") else "KD loss"
 
 
@@ -64,6 +69,8 @@ def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
         if key not in runs or data["metadata"]["date"] > runs[key][1]["metadata"]["date"]:
             runs[key] = (path, data)
     return sorted(runs.values(), key=lambda item: (item[1]["metadata"]["device_type"] != "cuda",
+                                                   bool(item[1]["metadata"].get("fused_linear")),
+                                                   bool(item[1]["metadata"].get("distributed")),
                                                    bool(item[1]["metadata"].get("objective")), item[0].name))
 
 
@@ -81,16 +88,69 @@ def _mib(result: dict | None) -> str:
     return f"{max(result['peak_mem_mb'], 0.0):.0f}"
 
 
+def _caption(path: Path, meta: dict) -> str:
+    return (f"**{benchmark_kind(meta)}, {meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton "
+            f"{meta['triton']}, logitstd_kernels {meta['logitstd_kernels']} ({meta.get('git_commit') or 'no git'}), "
+            f"{meta['date']}, copy bandwidth {meta['copy_bandwidth_gbps']} GB/s, load "
+            f"{meta.get('load_average_1m', '?')}; `{meta['command']}`; from `benchmarks/results/{path.name}`. "
+            f"Peak memory: {meta['peak_memory']}.")
+
+
+def render_fused_linear(path: Path, data: dict) -> str:
+    """One line per objective and case: time (speedup over eager) and peak memory per provider."""
+    meta = data["metadata"]
+    shown = [r for r in data["results"] if not r["status"].startswith("unavailable")]
+    providers = list(dict.fromkeys(r["provider"] for r in shown))
+    objectives = {"fused_linear": "LS-KD 0.1 CE + 9 KD", "fused_linear_plain": "plain KD 0.5 CE + 0.5 KL"}
+    lines = [_caption(path, meta), "",
+             "| objective | rows | V | dtype | " + " | ".join(providers) + " | "
+             + " | ".join(f"{p} peak MiB" for p in providers) + " |",
+             "|---|" + "---:|" * (3 + 2 * len(providers))]
+    for key in dict.fromkeys((r["sweep"], r["rows"], r["vocab"], r["dtype"]) for r in shown):
+        by_provider = {r["provider"]: r for r in shown if (r["sweep"], r["rows"], r["vocab"], r["dtype"]) == key}
+        cells = [_cell(by_provider.get(p)) for p in providers] + [_mib(by_provider.get(p)) for p in providers]
+        lines.append(f"| {objectives.get(key[0], key[0])} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+NVLINK_GBPS = 450  # H100 NVLink 4, one direction; the estimate below is arithmetic, not a measurement
+
+
+def render_distributed(path: Path, data: dict) -> str:
+    """Time and communication per step for each process count, and the cost model they give."""
+    meta = data["metadata"]
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    lines = [_caption(path, meta), "",
+             "| processes | rows | V | ms per step | collectives per step | bytes sent per rank | per row |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in ok:
+        lines.append(f"| {r['provider'].split('x')[-1]} | {r['rows']} | {r['vocab']} | {r['median_ms']:.1f} | "
+                     f"{r['collectives']} | {r['sent_bytes_per_rank']} | {r['sent_bytes_per_rank'] / r['rows']:.1f} |")
+    if ok:
+        r = ok[-1]
+        per_row, header = divmod(r["sent_bytes_per_rank"], r["rows"])
+        tokens, ranks = 8192, 2
+        sent = per_row * tokens + header
+        lines += ["", f"Cost model from this file: each rank sends {per_row} bytes per row plus a {header}-byte "
+                  f"header per step, whatever V and the number of ranks (and receives (ranks - 1) times that). "
+                  f"For {tokens} tokens x 256k classes on {ranks} tensor-parallel ranks: {sent / 1e6:.2f} MB per "
+                  f"rank per step, about {sent / (NVLINK_GBPS * 1e9) * 1e6:.0f} µs at {NVLINK_GBPS} GB/s of NVLink "
+                  f"plus the latency of {r['collectives']} collectives, against "
+                  f"{2 * tokens * 128 * 1024 * 2 / 1e9:.1f} GB of bf16 logits each rank's slice of the loss reads."]
+    return "\n".join(lines)
+
+
 def render(path: Path, data: dict) -> str:
     meta = data["metadata"]
+    if meta.get("distributed"):
+        return render_distributed(path, data)
+    if meta.get("fused_linear"):
+        return render_fused_linear(path, data)
     full = [r for r in data["results"] if r["mode"] == "full" and not r["status"].startswith("unavailable")]
     providers = list(dict.fromkeys(r["provider"] for r in full))
     fused = [p for p in providers if p in FUSED]
     lines = [
-        f"**{benchmark_kind(meta)}, {meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton {meta['triton']}, "
-        f"logitstd_kernels {meta['logitstd_kernels']} ({meta.get('git_commit') or 'no git'}), {meta['date']}, copy bandwidth "
-        f"{meta['copy_bandwidth_gbps']} GB/s, load {meta.get('load_average_1m', '?')}; `{meta['command']}`; "
-        f"from `benchmarks/results/{path.name}`. Peak memory: {meta['peak_memory']}.",
+        _caption(path, meta),
         "",
         "| rows | V | dtype | " + " | ".join(providers) + " | "
         + " | ".join(f"{p} x floor | {p} peak MiB" for p in fused) + " | torch peak MiB |",

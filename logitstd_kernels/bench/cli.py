@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .cases import DTYPES, MODES, Case, build_cases, default_cases
-from . import fused_linear, objective
+from . import distributed, fused_linear, objective
 from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
 from .providers import PROVIDERS, make_loss, unavailable
 from .report import Result, Run, fill_speedups, metadata, progress, table, write_files
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "eager composition vs torch.compile of it vs Liger's LigerFusedLinearJSDLoss); "
                              "grid: 8192 rows, H=4096, V=32768,131072, bf16 on GPU; 8192 rows, H=256, V=32000, "
                              f"float32 on CPU; providers: {', '.join(fused_linear.PROVIDERS)}")
+    parser.add_argument("--distributed", action="store_true",
+                        help="time the vocabulary-parallel objective on 1, 2 and 4 gloo processes (CPU) and record "
+                             "the bytes each rank sends per step (--rows, first --vocab value)")
     parser.add_argument("--hidden", type=int, default=None, help="hidden size H of --fused-linear")
     parser.add_argument("--cpu-budget", type=float, default=1.0, help="seconds of timed runs per CPU measurement")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -144,6 +147,8 @@ def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student
 def run(args: argparse.Namespace) -> int:
     if args.fused_linear:
         return fused_linear.run(args)
+    if args.distributed:
+        return distributed.run(args)
     device = torch.device(args.device)
     defaults = default_cases(device)
     dtypes = tuple(args.dtypes.split(",")) if args.dtypes else defaults.dtypes

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 FIELDS = ("sweep", "rows", "vocab", "dtype", "mode", "provider", "status", "median_ms", "p20_ms", "p80_ms",
-          "gbps", "x_floor", "peak_mem_mb", "speedup_vs_torch")
+          "gbps", "x_floor", "peak_mem_mb", "speedup_vs_torch", "sent_bytes_per_rank", "collectives")
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Result:
     x_floor: Optional[float] = None
     peak_mem_mb: Optional[float] = None
     speedup_vs_torch: Optional[float] = None
+    sent_bytes_per_rank: Optional[int] = None  # distributed runs: bytes one rank hands to the collectives
+    collectives: Optional[int] = None  # distributed runs: collective calls per step
 
 
 @dataclass

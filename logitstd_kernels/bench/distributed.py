@@ -1,0 +1,94 @@
+"""Scaling of the vocabulary-parallel objective (``python -m logitstd_kernels bench --distributed``).
+
+For 1, 2 and 4 gloo processes on this machine, each holding ``V / world`` classes of the same rows:
+the time of a step (forward + backward of ``vocab_parallel_distillation_loss``, standardized, with
+labels) and the bytes each rank contributes to the collectives per step, read from the tensors
+handed to ``torch.distributed.all_gather`` (the header, phase 1 and phase 2). The bytes depend on the
+rows only, not on V; the README's communication cost model is taken from this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .measure import copy_bandwidth_gbps
+from .report import Result, Run, metadata, write_files
+
+WORLDS = (1, 2, 4)
+DEFAULT_ROWS, DEFAULT_VOCAB = 2048, 32000
+STEPS = 5
+
+
+def _rank_main(rank: int, world: int, folder: str, rows: int, vocab: int) -> None:
+    from ..distributed import vocab_parallel_distillation_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    gen = torch.Generator().manual_seed(rows + vocab)
+    width = vocab // world + (vocab % world if rank == 0 else 0)
+    x, y = 3 * torch.randn(rows, width, generator=gen), 5 * torch.randn(rows, width, generator=gen)
+    labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(vocab))
+    sent: list[int] = []
+    original = dist.all_gather
+
+    def counting(tensor_list, tensor, *args, **kwargs):
+        sent.append(tensor.numel() * tensor.element_size())
+        return original(tensor_list, tensor, *args, **kwargs)
+
+    dist.all_gather = counting
+    times = []
+    for step in range(STEPS + 1):
+        sent.clear()
+        leaf = x.clone().requires_grad_(True)
+        dist.barrier()
+        start = time.perf_counter()
+        vocab_parallel_distillation_loss(leaf, y, labels).backward()
+        dist.barrier()
+        if step:  # the first step warms up
+            times.append((time.perf_counter() - start) * 1e3)
+    dist.all_gather = original
+    if rank == 0:
+        Path(folder, "result.json").write_text(json.dumps({"times_ms": times, "sent_bytes": sent}))
+    dist.destroy_process_group()
+
+
+def measure(world: int, rows: int, vocab: int) -> dict:
+    """Median ms per step and the per-collective bytes one rank contributes, for ``world`` processes."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_rank_main, args=(world, folder, rows, vocab), nprocs=world, start_method="spawn")
+        return json.loads(Path(folder, "result.json").read_text())
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = args.rows or DEFAULT_ROWS
+    vocab = (args.vocab or (DEFAULT_VOCAB,))[0]
+    device = torch.device("cpu")
+    bench_run = Run(metadata(device, list(args.argv), copy_bandwidth_gbps(device), {
+        "distributed": True, "backend": "gloo", "worlds": list(WORLDS), "steps": STEPS,
+        "bytes": "per rank and step: the sum of the tensors it hands to all_gather (it receives world - 1 "
+                 "times as much); collectives: the number of all_gather calls per step"}))
+    print(f"vocab-parallel objective, gloo on {bench_run.metadata['device']}: rows={rows}, V={vocab}")
+    for world in WORLDS:
+        out = measure(world, rows, vocab)
+        timing = sorted(out["times_ms"])
+        result = Result(f"world{world}", rows, vocab, "float32", "full", f"gloo x{world}", "ok",
+                        median_ms=statistics.median(timing), p20_ms=timing[0], p80_ms=timing[-1])
+        result.sent_bytes_per_rank = sum(out["sent_bytes"])
+        result.collectives = len(out["sent_bytes"])
+        bench_run.results.append(result)
+        print(f"  world {world}: {result.median_ms:.1f} ms/step, {len(out['sent_bytes'])} collectives, "
+              f"{sum(out['sent_bytes'])} bytes sent per rank ({out['sent_bytes']})")
+    paths = write_files(bench_run, args.out)
+    print(f"wrote {len(paths)} files to {args.out.resolve()}: " + ", ".join(p.name for p in paths.values()))
+    return 0
