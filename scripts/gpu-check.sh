@@ -11,7 +11,11 @@
 #   6. bench-objective  the distillation objective (bench --objective: CE + LS-KD with labels), 8192
 #                 tokens, V in {32768, 131072}, bf16: fused vs eager vs torch.compile vs our KD kernel
 #                 plus torch's CE                                               (bench-objective/)
-#   7. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
+#   7. bench-tuning  the Triton blocked path's tuning switches (_triton/config.py), each forced on
+#                 against the table's defaults: providers triton, triton_evict, triton_prefetch;
+#                 8192 rows, bf16, V = 131072 first (the cache model's case), 262144, 32768
+#                 (sending these V to the CUDA cluster kernel instead: step 5's cuda column) (bench-tuning/)
+#   8. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
 #
 # then prints a short summary table last (also in OUTDIR/summary.txt; steps.json holds each step's
 # status, exit code, seconds and log). A failing step is recorded and the next one still runs; every
@@ -24,7 +28,8 @@
 #
 # --smoke  the same steps at tiny sizes on whatever device is present (CI runs it on the CPU, so the
 #          script cannot rot): the build is skipped when the extension already imports, the tests
-#          are a few fast loss-matrix cases, the benchmark is one 8 x 256 case; ~1 minute on 2 cores.
+#          are a few fast loss-matrix cases, the benchmarks are one 8 x 256 case (8 x 8192 for the
+#          tuning step: the blocked path); ~1 minute on 2 cores.
 # --tar    also keep FILE (a .tar.gz of OUTDIR) up to date after every step: the device machine
 #          returns at most 8 files, so pass e.g. --tar "$OUT/gpu-check.tgz".
 #
@@ -64,10 +69,12 @@ START=$(date +%s)
 # steps after it (its "reserve"), so a slow build cannot starve the benchmark.
 EXPECT_LIGER=0
 if [ -n "$WHEELS" ] || "$PYTHON" -c "import liger_kernel" >/dev/null 2>&1; then EXPECT_LIGER=1; fi
+# The tuning step's minimum is taken from the main benchmark's (180 s before it existed), so that
+# the steps before them keep theirs.
 if [ "$SMOKE" = 1 ]; then
-  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_OBJ=20 MIN_KD=$(( EXPECT_LIGER * 25 ))
+  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_OBJ=20 MIN_TUNE=20 MIN_KD=$(( EXPECT_LIGER * 25 ))
 else
-  MIN_BUILD=120 MIN_GPU=60 MIN_MATRIX=90 MIN_BENCH=180 MIN_OBJ=60 MIN_KD=$(( EXPECT_LIGER * 100 ))
+  MIN_BUILD=120 MIN_GPU=60 MIN_MATRIX=90 MIN_BENCH=135 MIN_OBJ=60 MIN_TUNE=45 MIN_KD=$(( EXPECT_LIGER * 100 ))
 fi
 STEPS="$OUTDIR/steps.tsv"
 : > "$STEPS"
@@ -153,7 +160,7 @@ if [ -z "$WHEELS" ]; then
 else
   # Dependencies from the folder or the environment; if they cannot be resolved offline, the
   # wheel alone (liger-kernel needs only torch and triton, which are installed).
-  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
+  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
     { echo "retrying without dependencies"; "$0" -m pip install --no-index --find-links "$1" --no-deps liger-kernel; }' \
     "$PYTHON" "$WHEELS"
   record wheels "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "$STEP_NOTE"
@@ -165,7 +172,7 @@ if [ "$SMOKE" = 1 ] && "$PYTHON" -c "import logitstd_kernels._C" >/dev/null 2>&1
   record build skipped - 0 "$LOG" "smoke: the extension already imports"
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_KD )) \
+  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) \
     "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
   record build "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST}"
 fi
@@ -180,38 +187,40 @@ LOG="$OUTDIR/gpu-tests.log"
 if [ "${#GPU_FILES[@]}" -eq 0 ]; then
   STEP_STATUS=failed STEP_RC=- STEP_SECS=0 STEP_NOTE="no test file under tests/ has a gpu mark"
 elif [ "$SMOKE" = 1 ]; then
-  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
+  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 else
   # A missing CUDA kernel or extra fails instead of skipping (tests/support.py).
-  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) \
     "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 fi
 record gpu-tests "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-${GPU_FILES[*]}}"
 
 LOG="$OUTDIR/matrix.log"
 if [ "$SMOKE" = 1 ]; then
-  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_OBJ + MIN_KD )) "${PYTEST[@]}" tests/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
+  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) "${PYTEST[@]}" tests/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
     -k "test_a_fused_backend_runs_here or test_zero_rows or test_student_grad_only or test_mask"
   NOTE="a few fast cases"
 else
   # The CUDA backends' cases (triton-cuda, cuda-cuda); the CPU kernel's run in CI.
-  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 180 $(( MIN_BENCH + MIN_OBJ + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 180 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) \
     "${PYTEST[@]}" tests/test_loss_matrix.py -k "cuda" --junitxml="$OUTDIR/junit-matrix.xml"
   NOTE="-k cuda"
 fi
 record matrix "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-$NOTE}"
 
-# ---- 5./6. benchmark --------------------------------------------------------------------------------
-bench_step() {  # name reserve extra-args...
-  local name="$1" reserve="$2"; shift 2
-  local log="$OUTDIR/$name.log" cap
-  if [ "$SMOKE" = 1 ]; then cap=120; else cap=420; fi
+# ---- 5.-8. benchmark --------------------------------------------------------------------------------
+# Each bench step's cap, and the margin at its end in which it starts no new case (one case,
+# compilation included, must fit in it): the tuning step's cases are three Triton providers, one
+# dtype.
+if [ "$SMOKE" = 1 ]; then BENCH_CAP=120 BENCH_MARGIN=20 TUNE_CAP=60 TUNE_MARGIN=15
+else BENCH_CAP=420 BENCH_MARGIN=90 TUNE_CAP=150 TUNE_MARGIN=35; fi
+bench_step() {  # name reserve cap margin extra-args...
+  local name="$1" reserve="$2" cap="$3" margin="$4"; shift 4
+  local log="$OUTDIR/$name.log"
   local var="GPU_CHECK_CAP_$(echo "$name" | tr 'a-z-' 'A-Z_')"
   cap="${!var:-$cap}"
   local left=$(( BUDGET - $(elapsed) - reserve ))
   [ "$left" -lt "$cap" ] && cap="$left"
-  # start no new case in the last part of the cap: one case (compilation included) must fit in it
-  local margin=$(( SMOKE == 1 ? 20 : 90 ))
   local tb=$(( cap - margin )); [ "$tb" -lt 0 ] && tb=0
   run_step "$name" "$log" "$cap" "$reserve" \
     "$PYTHON" -m logitstd_kernels bench --modes full --rows-sweep "" --time-budget "$tb" \
@@ -230,7 +239,8 @@ else
   PROVIDERS=torch,torch_compile,triton,cuda
 fi
 HAVE_LIGER=$("$PYTHON" -c "import liger_kernel; print(1)" 2>/dev/null || echo 0)
-bench_step bench "$(( MIN_OBJ + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "${GRID[@]}" --providers "$PROVIDERS"
+bench_step bench "$(( MIN_OBJ + MIN_TUNE + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
+  "${GRID[@]}" --providers "$PROVIDERS"
 if [ "$SMOKE" = 1 ]; then
   OBJ_GRID=(--rows 8 --vocab 256 --dtypes float32 --cpu-budget 0.05)
   OBJ_PROVIDERS=torch,torch_compile,triton,cuda,cpu,cpu_kd+torch_ce
@@ -238,12 +248,25 @@ else
   OBJ_GRID=(--device cuda --rows 8192 --vocab 32768,131072 --dtypes bfloat16)
   OBJ_PROVIDERS=torch,torch_compile,triton,cuda,triton_kd+torch_ce
 fi
-bench_step bench-objective "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" --objective "${OBJ_GRID[@]}" --providers "$OBJ_PROVIDERS"
+bench_step bench-objective "$(( MIN_TUNE + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
+  --objective "${OBJ_GRID[@]}" --providers "$OBJ_PROVIDERS"
+# The tuning switches decide speed at long rows in bf16 only (the cache model's regime): V = 131072
+# first. On a machine without CUDA the Triton providers are reported unavailable and the C++ CPU
+# kernel keeps the step's files and summary exercised.
+if [ "$SMOKE" = 1 ]; then
+  TUNE_GRID=(--rows 8 --vocab 8192 --dtypes float32 --cpu-budget 0.05)
+  TUNE_PROVIDERS=triton,triton_evict,triton_prefetch,cpu
+else
+  TUNE_GRID=(--device cuda --rows 8192 --vocab 131072,262144,32768 --dtypes bfloat16)
+  TUNE_PROVIDERS=triton,triton_evict,triton_prefetch
+fi
+bench_step bench-tuning "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" "$TUNE_CAP" "$TUNE_MARGIN" "${TUNE_GRID[@]}" \
+  --providers "$TUNE_PROVIDERS"
 if [ "$HAVE_LIGER" = 1 ]; then
   # Liger-Kernel has no standardization: plain KD, bf16 only (the peer's regime)
   if [ "$SMOKE" = 1 ]; then KD_GRID=("${GRID[@]}"); else
     KD_GRID=(--device cuda --rows 8192 --vocab 32768,131072,262144 --dtypes bfloat16); fi
-  bench_step bench-kd 5 --no-standardize "${KD_GRID[@]}" --providers torch,liger,triton,cuda
+  bench_step bench-kd 5 "$BENCH_CAP" "$BENCH_MARGIN" --no-standardize "${KD_GRID[@]}" --providers torch,liger,triton,cuda
 else
   record bench-kd skipped - 0 "$OUTDIR/bench-kd.log" \
     "liger-kernel not importable$( [ -z "$WHEELS" ] && echo '; no --wheels folder')"
@@ -296,7 +319,7 @@ for s in steps:
     for name in s.get("failed_tests", [])[:8]:
         print(f"{'':<{width}}    FAILED {name}")
 
-for name in ("bench", "bench-objective", "bench-kd"):
+for name in ("bench", "bench-objective", "bench-tuning", "bench-kd"):
     files = sorted((out / name).glob("*.json"))
     if not files:
         continue

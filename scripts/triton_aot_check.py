@@ -19,10 +19,16 @@ Variant sets (the kernels' boolean switches are read from the kernels, so a new 
   fp32/fp32 (float32 table) and fp64/fp64 (float64 table) x four switch sets: the KD switches
   (STANDARDIZE, GRAD_S, GRAD_T, HAS_MASK) all on with ZERO_EXCLUDED on (the forward) and off (the
   in-place gradient recompute), the unstandardized forward, and every switch on (switches added
-  since, e.g. HAS_LABELS); plus the row-scaling kernel for float32 and float64 gradients.
+  since, e.g. HAS_LABELS); plus the row-scaling kernel for float32 and float64 gradients. Every
+  variant has the table's tuning switches (``config.BLOCKED_EVICT_HINTS``,
+  ``BLOCKED_PREFETCH_DEPTH``). Then the blocked path's tuning alternatives the first GPU run is to
+  decide: each float32-table blocked entry with 16-byte runs x the three float32 dtype pairs x the KD
+  forward and every-switch-on sets x each alternative (eviction hints on; prefetch depth 2).
 - ``--all``: register entries with scalar runs too, fp16/fp16 too, every valid switch combination,
   a per-row gradient factor (its stride specializes to a constant) on the heaviest combination, and
-  the row-scaling kernel for four gradient dtypes and both factor layouts.
+  the row-scaling kernel for four gradient dtypes and both factor layouts; the tuning alternatives
+  (and both together) for every blocked entry, run kind and dtype pair with the default set's
+  switch sets.
 
 Usage::
 
@@ -44,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +65,12 @@ sys.path.insert(0, str(ROOT))
 # dtype name -> (Triton signature type, bytes)
 DTYPES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4), "fp64": ("fp64", 8)}
 FLAG_NAMES = ("STANDARDIZE", "GRAD_S", "GRAD_T", "HAS_MASK", "ZERO_EXCLUDED")
-NON_FLAG_CONSTEXPRS = ("BLOCK", "VEC", "ACC64", "ROUND_BF16")
+# The blocked path's tuning switches (KernelConfig fields) and the alternatives to the table's values
+# that the first GPU run times; config.tuning_constexprs maps them to the kernel's constexprs.
+TUNING_ALTERNATIVES = ({"evict_hints": True}, {"prefetch_depth": 2})
+TUNING_BOTH = {"evict_hints": True, "prefetch_depth": 2}
+TUNING_CONSTEXPRS = ("EVICT_HINTS", "PREFETCH")
+NON_FLAG_CONSTEXPRS = ("BLOCK", "VEC", "ACC64", "ROUND_BF16") + TUNING_CONSTEXPRS
 
 
 @dataclass
@@ -74,13 +85,27 @@ class Variant:
     flags: dict = field(default_factory=dict)
     vocab: int = 0  # the V whose launch arguments give the specialization
     scale_stride: int = 0  # 0: one grad_scale value; 1: one per row (a constexpr after specialization)
+    tuning: dict = field(default_factory=dict)  # KernelConfig tuning fields that differ from the table's
 
     @property
     def flag_text(self) -> str:
         short = {"STANDARDIZE": "std", "GRAD_S": "gs", "GRAD_T": "gt", "HAS_MASK": "mask", "ZERO_EXCLUDED": "zero"}
         on = [short.get(name, name.lower()) for name, value in self.flags.items() if value]
         text = ",".join(on) if on else "-"
-        return text + (",rowscale" if self.scale_stride == 1 else "")
+        tuned = {"evict_hints": "evict", "prefetch_depth": f"prefetch{self.tuning.get('prefetch_depth')}"}
+        return (text + (",rowscale" if self.scale_stride == 1 else "")
+                + "".join(f"+{tuned[name]}" for name in self.tuning))
+
+    def constexprs(self) -> dict:
+        """The kernel's tuning constexprs: the table's switches, overridden by ``tuning``."""
+        from logitstd_kernels._triton import config
+
+        if self.kernel != "kd_blocked_kernel":
+            return {}
+        table = config.KernelConfig(register=False, block=self.block, num_warps=self.num_warps,
+                                    evict_hints=config.BLOCKED_EVICT_HINTS,
+                                    prefetch_depth=config.BLOCKED_PREFETCH_DEPTH)
+        return config.tuning_constexprs(replace(table, **self.tuning))
 
 
 @dataclass
@@ -133,7 +158,8 @@ def _entries(acc64: bool, scalar_register: bool) -> list[tuple[str, str, int, in
 
 def kernel_flags() -> tuple[str, ...]:
     """The boolean constexpr switches of the fused kernels, read from the kernels themselves (every
-    constexpr but BLOCK, VEC, ACC64 and ROUND_BF16), so that a new switch is compiled too."""
+    constexpr but BLOCK, VEC, ACC64, ROUND_BF16 and the tuning switches), so that a new switch is
+    compiled too."""
     from logitstd_kernels._triton import kd_kernels
 
     names: dict = {}
@@ -185,12 +211,30 @@ def build_variants(everything: bool) -> list[Variant]:
                 if everything:  # one gradient factor per row (the backward's recompute): a constexpr stride
                     variants.append(Variant(kernel, label, block, warps, vec, f"{x}/{y}", acc64, flag_sets[0],
                                             vocab, 1))
+    variants += _tuning_variants(variants, everything)
     grads = [("fp32", False), ("fp64", True)] + ([("bf16", False), ("fp16", False)] if everything else [])
     for g, acc64 in grads:
         for stride in ((0, 1) if everything else (0,)):
             variants.append(Variant("scale_rows_kernel", "row scaling", config.SCALE_BLOCK, config.SCALE_WARPS, 0, g,
                                     acc64, {}, 131072, stride))
     return variants
+
+
+def _tuning_variants(table_variants: list[Variant], everything: bool) -> list[Variant]:
+    """The blocked variants again with each tuning alternative (``TUNING_ALTERNATIVES``): by default
+    the float32 table's entries with 16-byte runs, for the KD forward (the first flag set of the
+    default check) and every switch on (its last); with ``everything`` every blocked entry, run
+    kind and dtype pair for the default check's flag sets, and both alternatives together too (the
+    switches change loads and stores only, so the other flag combinations add nothing)."""
+    sets = _flag_sets(False)
+    blocked = [v for v in table_variants if v.kernel == "kd_blocked_kernel" and v.scale_stride == 0]
+    if everything:
+        chosen = [v for v in blocked if v.flags in sets]
+        alternatives = TUNING_ALTERNATIVES + (TUNING_BOTH,)
+    else:
+        chosen = [v for v in blocked if not v.acc64 and v.vec > 1 and v.flags in (sets[0], sets[-1])]
+        alternatives = TUNING_ALTERNATIVES
+    return [replace(v, flags=dict(v.flags), tuning=dict(t)) for t in alternatives for v in chosen]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,7 +273,7 @@ def _source(v: Variant):
     from logitstd_kernels._triton import kd_kernels
 
     fn = getattr(kd_kernels, v.kernel)
-    given = dict(BLOCK=v.block, VEC=v.vec, ACC64=v.acc64, ROUND_BF16=False, **v.flags)
+    given = dict(BLOCK=v.block, VEC=v.vec, ACC64=v.acc64, ROUND_BF16=False, **v.flags, **v.constexprs())
     signature: dict = {}
     constexprs: dict = {}
     attrs: dict = {}
@@ -346,14 +390,15 @@ def summarize(outcomes: list[Outcome], wall: float) -> str:
              f"registers {min(regs) if regs else '?'}-{max(regs) if regs else '?'}; wall {wall:.0f} s"]
     by_entry: dict = {}
     for o in ok:
-        key = (o.variant.kernel, o.variant.entry, o.variant.block)
+        tuned = "".join(f"+{k}={v}" for k, v in o.variant.tuning.items())
+        key = (o.variant.kernel, o.variant.entry, o.variant.block, tuned)
         by_entry.setdefault(key, []).append(o)
-    lines.append("per entry: registers min-max, variants that spill (max spill bytes stored)")
-    for (kernel, entry, block), group in by_entry.items():
+    lines.append("per entry (and tuning alternative): registers min-max, variants that spill (max spill bytes stored)")
+    for (kernel, entry, block, tuned), group in by_entry.items():
         r = [o.registers for o in group if o.registers is not None]
         s = [o for o in group if o.spills]
         worst = max((o.spill_store_bytes or 0 for o in s), default=0)
-        lines.append(f"  {kernel.replace('_kernel', ''):<14} {entry:<26} BLOCK {block:>6}: "
+        lines.append(f"  {kernel.replace('_kernel', ''):<14} {entry:<26} BLOCK {block:>6}{tuned}: "
                      f"{min(r) if r else '?'}-{max(r) if r else '?'} registers, "
                      f"{len(s)}/{len(group)} spill{f' (up to {worst} B)' if s else ''}")
     for o in errors:

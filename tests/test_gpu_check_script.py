@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from support import needs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +38,9 @@ def test_smoke_run_passes_and_writes_its_files(tmp_path):
     steps = json.loads((out / "steps.json").read_text())
     assert steps["passed"] is True
     by_name = {s["step"]: s for s in steps["steps"]}
-    assert list(by_name) == ["wheels", "build", "gpu-tests", "matrix", "bench", "bench-objective", "bench-kd"]
-    for name in ("gpu-tests", "matrix", "bench", "bench-objective"):
+    assert list(by_name) == ["wheels", "build", "gpu-tests", "matrix", "bench", "bench-objective", "bench-tuning",
+                             "bench-kd"]
+    for name in ("gpu-tests", "matrix", "bench", "bench-objective", "bench-tuning"):
         assert by_name[name]["status"] == "ok", by_name[name]
         assert (out / by_name[name]["log"]).stat().st_size > 0
     assert by_name["build"]["status"] in ("ok", "skipped")
@@ -55,6 +58,13 @@ def test_smoke_run_passes_and_writes_its_files(tmp_path):
     data = json.loads(objective.read_text())
     assert data["metadata"]["objective"] is True
     assert {"torch", "torch_compile"} <= {r["provider"] for r in data["results"] if r["status"] == "ok"}
+    # the tuning switches: timed on CUDA, reported unavailable (with the reason) elsewhere
+    (tuning,) = (out / "bench-tuning").glob("*.json")
+    statuses = {r["provider"]: r["status"] for r in json.loads(tuning.read_text())["results"]}
+    assert set(statuses) == {"triton", "triton_evict", "triton_prefetch", "cpu"}
+    for provider in ("triton", "triton_evict", "triton_prefetch"):
+        assert statuses[provider] == "ok" if torch.cuda.is_available() else statuses[provider].startswith(
+            "unavailable: "), (provider, statuses[provider])
     assert (tmp_path / "gpu-check.tgz").stat().st_size > 0
 
 

@@ -22,7 +22,9 @@
 //
 // Row scaling (scale_rows_kernel): grad[r] *= scale[r]; a row whose scale is exactly 1 is skipped
 // without touching its data (the common loss.backward() on a scalar loss). Traffic: 0 bytes for
-// skipped rows, else reads and writes sizeof(grad) per element.
+// skipped rows, else reads and writes sizeof(grad) per element: 16-byte accesses (one pack of
+// kScaleVecBytes / sizeof(grad) elements per thread and step) when the gradient is 16-byte aligned
+// and V a multiple of the pack, so every row is; element by element otherwise.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -677,14 +679,24 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<S, T>) kd_fused_kernel(cons
   if (cluster > 1) cluster_wait();
 }
 
-template <class G, class F>
+// grad[r, k] = grad[r, k] * scale[r] in F (float, or double for a double factor), rounded once to G.
+// kVec: packs of P = kScaleVecBytes / sizeof(G) elements, one 16-byte load and one streaming store
+// (__stcs: this kernel never reads the row again) per pack; the host checks that every row start is
+// 16-byte aligned and that P divides cols. Otherwise P = 1: one scalar access per element.
+template <class G, class F, bool kVec>
 __global__ void scale_rows_kernel(G* grad, const F* scale, int64_t rows, int64_t cols, bool one_factor) {
+  constexpr int P = kVec ? static_cast<int>(kScaleVecBytes / sizeof(G)) : 1;
+  const int64_t packs = cols / P;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const F factor = scale[one_factor ? 0 : r];
     if (factor == F(1)) continue;
     G* g = grad + r * cols;
-    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-      g[i] = Conv<G>::store(Conv<G>::template load<F>(g[i]) * factor);
+    for (int64_t j = threadIdx.x; j < packs; j += blockDim.x) {
+      F v[P];
+      load_pack<G, P, kVec>(g + j * P, v);
+#pragma unroll
+      for (int i = 0; i < P; ++i) v[i] *= factor;
+      store_pack<G, P, kVec>(g + j * P, v);
     }
   }
 }
@@ -998,8 +1010,15 @@ void scale_rows_cuda(const at::Tensor& grad, const at::Tensor& scale) {
   auto run = [&](auto grad_type, auto factor_type) {
     using G = decltype(grad_type);
     using F = decltype(factor_type);
-    scale_rows_kernel<G, F><<<blocks, kScaleThreads, 0, stream>>>(
-        static_cast<G*>(grad.data_ptr()), static_cast<const F*>(factors.data_ptr()), rows, cols, one_factor);
+    G* g = static_cast<G*>(grad.data_ptr());
+    const F* f = static_cast<const F*>(factors.data_ptr());
+    // grad is contiguous: every row starts 16-byte aligned when the first does and V is a multiple
+    // of the pack (V * sizeof(G) a multiple of 16)
+    if (aligned16(g) && cols % static_cast<int64_t>(kScaleVecBytes / sizeof(G)) == 0) {
+      scale_rows_kernel<G, F, true><<<blocks, kScaleThreads, 0, stream>>>(g, f, rows, cols, one_factor);
+    } else {
+      scale_rows_kernel<G, F, false><<<blocks, kScaleThreads, 0, stream>>>(g, f, rows, cols, one_factor);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto with_factor = [&](auto grad_type) {

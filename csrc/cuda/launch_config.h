@@ -35,6 +35,11 @@ constexpr int64_t kTermsMaxCols = 4096;
 // Rows per CTA of the row-scaling kernel's grid-stride loop (grid = min(rows, this)).
 constexpr int64_t kScaleMaxBlocks = 65535;
 constexpr int kScaleThreads = 256;
+// The row-scaling kernel's access width on aligned gradients (V a multiple of 16 / sizeof(grad)):
+// 16 bytes, the widest single load/store per thread (8 bf16, 4 float, 2 double): an eighth (bf16)
+// or a quarter (float) of the memory instructions of scalar accesses for the same bytes. Not yet
+// timed on a GPU.
+constexpr int kScaleVecBytes = 16;
 
 }  // namespace cuda
 }  // namespace logitstd

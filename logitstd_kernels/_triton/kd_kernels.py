@@ -235,9 +235,11 @@ def _round_bf16(g):
 
 
 @triton.jit
-def _store_grad(g_ptr, offs, valid, g, scale, keep, ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr):
+def _store_grad(g_ptr, offs, valid, g, scale, keep, ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr,
+                STREAM: tl.constexpr):
     """Store ``scale * g`` in the gradient's dtype where ``valid`` (None: all): 0 for a masked-out
-    row with ``ZERO_EXCLUDED``, else nothing for it."""
+    row with ``ZERO_EXCLUDED``, else nothing for it. ``STREAM``: streaming stores (``.cs``, evict
+    first: the kernel never reads the gradient back)."""
     out = tl.where(keep, g * scale, 0.0)
     if not ZERO_EXCLUDED:
         keep_tile = (tl.zeros(offs.shape, dtype=tl.int32) + keep.to(tl.int32)) != 0
@@ -245,10 +247,15 @@ def _store_grad(g_ptr, offs, valid, g, scale, keep, ZERO_EXCLUDED: tl.constexpr,
             valid = keep_tile
         else:
             valid = valid & keep_tile
+    ptrs = g_ptr + offs
     if ROUND_BF16 and g_ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(g_ptr + offs, _round_bf16(out), mask=valid)
+        out = _round_bf16(out)
     else:
-        tl.store(g_ptr + offs, out.to(g_ptr.dtype.element_ty), mask=valid)
+        out = out.to(g_ptr.dtype.element_ty)
+    if STREAM:
+        tl.store(ptrs, out, mask=valid, cache_modifier=".cs")
+    else:
+        tl.store(ptrs, out, mask=valid)
 
 
 @triton.jit
@@ -403,12 +410,13 @@ def kd_register_kernel(
                 label_grad = smooth - smooth / v_f - excl * r_zc  # row_math.h, ce_label_grad
                 out += ce_scale * tl.where(offs == label, label_grad, ez * r_zc - smooth / v_f)
                 out = tl.where(label_ok, out, float("nan"))
-            _store_grad(gx_ptr, out_offs, valid, out, one, keep, ZERO_EXCLUDED, ROUND_BF16)
+            _store_grad(gx_ptr, out_offs, valid, out, one, keep, ZERO_EXCLUDED, ROUND_BF16, False)
         if GRAD_T:
             g = tl.where(eb > 0.0, p * (delta * LN2 - LN2 * (t2 * r_zb)), 0.0)
             a, b, a_mean = _term_coefficients(_total(g), _total(g * dy), sigma_y, s_y, cy, eps_a, dof_a, v_f,
                                               kd_scale * ts * ts / tt, STANDARDIZE)
-            _store_grad(gy_ptr, out_offs, valid, a * g - b * dy - a_mean, one, keep, ZERO_EXCLUDED, ROUND_BF16)
+            _store_grad(gy_ptr, out_offs, valid, a * g - b * dy - a_mean, one, keep, ZERO_EXCLUDED, ROUND_BF16,
+                        False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,16 +437,36 @@ def kd_register_kernel(
 # value per run of VEC classes (sums over a run stay inside a thread), so no loop has a barrier: the
 # warps of a program stream independently. Every loop loads the next tile before working on the
 # current one (two tiles in flight per thread; plain loads get no software pipelining).
+# Tuning switches (config.py, BLOCKED_EVICT_HINTS; off by default, the code is then the same as
+# without them; the first GPU run decides them):
+#   EVICT_HINTS: passes 1 and 2 load with evict_last (the row pair is read again in pass 3), pass 3
+#     with evict_first (its last use), and the gradients are stored streaming (.cs): the same bytes
+#     issued, fewer of pass 3's re-reads predicted to miss L2 when the rows in flight exceed it.
+#   PREFETCH = 2: every loop of full tiles keeps two tiles loaded ahead of the one being worked on
+#     instead of one (a queue: next, next2), doubling the loads in flight per thread for one more
+#     tile of x and y in registers (EPT elements of each input); same bytes, more of them in flight.
 # Memory per element: passes 1 and 2 read x and y, pass 3 reads them again and writes each requested
 #   gradient. In bf16 with the student gradient: 14 bytes per element issued, 6 of them the floor; the
 #   8 bytes of re-reads come from L2 when the rows in flight fit in it (V up to ~32k on H100), partly
 #   otherwise. Without a gradient: 8 bytes per element (12 for rows that need the Bregman form).
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_tile(x_row, y_row, offs, lim, x0_raw, y0_raw):
-    """Raw (input dtype) x and y at ``offs`` where ``offs < lim``; other lanes get x[0] / y[0]."""
-    x = tl.load(x_row + offs, mask=offs < lim, other=x0_raw)
-    y = tl.load(y_row + offs, mask=offs < lim, other=y0_raw)
+def _load_tile(x_row, y_row, offs, lim, x0_raw, y0_raw, EVICT_HINTS: tl.constexpr, LAST_USE: tl.constexpr):
+    """Raw (input dtype) x and y at ``offs`` where ``offs < lim``; other lanes get x[0] / y[0].
+
+    ``EVICT_HINTS``: L2 eviction hints, ``evict_first`` for the row's last read (``LAST_USE``: pass
+    3), else ``evict_last`` (passes 1 and 2: the row is read again).
+    """
+    if EVICT_HINTS:
+        if LAST_USE:
+            x = tl.load(x_row + offs, mask=offs < lim, other=x0_raw, eviction_policy="evict_first")
+            y = tl.load(y_row + offs, mask=offs < lim, other=y0_raw, eviction_policy="evict_first")
+        else:
+            x = tl.load(x_row + offs, mask=offs < lim, other=x0_raw, eviction_policy="evict_last")
+            y = tl.load(y_row + offs, mask=offs < lim, other=y0_raw, eviction_policy="evict_last")
+    else:
+        x = tl.load(x_row + offs, mask=offs < lim, other=x0_raw)
+        y = tl.load(y_row + offs, mask=offs < lim, other=y0_raw)
     return x, y
 
 
@@ -476,9 +504,9 @@ def _lane_merge(n_l, mean_l, m2_l):
 
 @triton.jit
 def _row_stats(x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0, BLOCK: tl.constexpr,
-               STANDARDIZE: tl.constexpr, ACC64: tl.constexpr):
+               STANDARDIZE: tl.constexpr, ACC64: tl.constexpr, EVICT_HINTS: tl.constexpr, PREFETCH: tl.constexpr):
     """Pass 1: (mean, M2, max, min) of c x - c x0 and of c y - c y0 (max and min of c x, c y);
-    unstandardized: mean = M2 = 0, max and min of x and y.
+    unstandardized: mean = M2 = 0, max and min of x and y. ``PREFETCH`` full tiles are loaded ahead.
 
     Lanes past V hold x[0], neutral for the max and min (and 0 after the shift, neutral for sums).
     ``num_full`` is 0 for a masked-out row (no loads).
@@ -500,12 +528,20 @@ def _row_stats(x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0,
     min_x = zero + float("inf")
     min_y = min_x
     one = _scalar(1.0, ACC64)
-    x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw)
+    x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw, EVICT_HINTS, False)
+    if PREFETCH == 2:
+        x_next2, y_next2 = _load_tile(x_row, y_row, BLOCK + offs0, v_full, x0_raw, y0_raw, EVICT_HINTS, False)
     for blk in range(0, num_full):
         xc = _to_acc(x_next, ACC64) * cx
         yc = _to_acc(y_next, ACC64) * cy
         # prefetch the next full tile (none after the last: masked, no traffic) before this one's math
-        x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, v_full, x0_raw, y0_raw)
+        if PREFETCH == 2:
+            x_next, y_next = x_next2, y_next2
+            x_next2, y_next2 = _load_tile(x_row, y_row, (blk + 2) * BLOCK + offs0, v_full, x0_raw, y0_raw,
+                                          EVICT_HINTS, False)
+        else:
+            x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, v_full, x0_raw, y0_raw,
+                                        EVICT_HINTS, False)
         max_x = tl.maximum(max_x, xc)
         max_y = tl.maximum(max_y, yc)
         min_x = tl.minimum(min_x, xc)
@@ -515,7 +551,7 @@ def _row_stats(x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0,
                                                        mean_x, m2_x, mean_y, m2_y, False)
     if num_full * BLOCK < V:
         offs = num_full * BLOCK + offs0
-        x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
+        x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, False)
         xc = _to_acc(x, ACC64) * cx
         yc = _to_acc(y, ACC64) * cy
         max_x = tl.maximum(max_x, xc)
@@ -600,7 +636,8 @@ def _grad_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, 
                inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r,
                raw_max, r_zc, ce_scale, ce_b, ce_l, label, label_ok,
                STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-               ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr):
+               ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr,
+               EVICT_HINTS: tl.constexpr):
     """Pass 3 on one tile: write ``scale * dL/dx`` and/or ``scale * dL/dy`` (t2n = T / Z_b), and add
     the tile's Bregman terms of the loss to ``br_r``. With labels the student gradient also gets the
     CE term ``ce_scale e^sz / Zc - ce_b``, and ``ce_l`` at the label (``scale_x`` holds the KD
@@ -608,6 +645,7 @@ def _grad_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, 
     outside [0, V)).
 
     ``m`` masks the stores of the partial tile; full tiles pass None (unmasked vector stores).
+    ``EVICT_HINTS``: the gradients are stored streaming.
     """
     u, w, da, db = _std_args(x, y, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
                              STANDARDIZE)
@@ -627,12 +665,12 @@ def _grad_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, scale_x, scale_y, keep, 
         if HAS_LABELS:
             g += tl.where(offs == label, ce_l, ce_scale * tl.exp2((x - raw_max) * LOG2E) * r_zc - ce_b)
             g = tl.where(label_ok, g, float("nan"))
-        _store_grad(gx_ptr, out_offs, m, g, 1.0, keep, ZERO_EXCLUDED, ROUND_BF16)
+        _store_grad(gx_ptr, out_offs, m, g, 1.0, keep, ZERO_EXCLUDED, ROUND_BF16, EVICT_HINTS)
     if GRAD_T:
         g = tl.where(eb > 0.0, kt * p * (delta - t2n), 0.0)
         if STANDARDIZE:
             g = g * inv_sy - w * coef_y
-        _store_grad(gy_ptr, out_offs, m, g, scale_y, keep, ZERO_EXCLUDED, ROUND_BF16)
+        _store_grad(gy_ptr, out_offs, m, g, scale_y, keep, ZERO_EXCLUDED, ROUND_BF16, EVICT_HINTS)
     return br_r
 
 
@@ -659,9 +697,12 @@ def kd_blocked_kernel(
     smoothing: tl.float64, ce_weight: tl.float64, kd_weight: tl.float64,
     BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
-    ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr,
+    ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr, EVICT_HINTS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """Loss (and gradients) of one row of any length: three passes over BLOCK-wide tiles."""
+    """Loss (and gradients) of one row of any length: three passes over BLOCK-wide tiles.
+
+    ``EVICT_HINTS`` and ``PREFETCH`` (1 or 2) are the tuning switches of the block comment above.
+    """
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     keep, label, label_ok = _row_label(labels_ptr, row, V, ignore_index, _keep_row(keep_ptr, row, HAS_MASK),
@@ -688,13 +729,15 @@ def kd_blocked_kernel(
 
     # Pass 1: statistics, maxima and minima (again on c x, c y for a row of extreme magnitude).
     mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y = _row_stats(
-        x_row, y_row, x0_raw, y0_raw, one, one, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64)
+        x_row, y_row, x0_raw, y0_raw, one, one, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64, EVICT_HINTS,
+        PREFETCH)
     cx = _magnitude_scale(max_x, min_x, ACC64)
     cy = _magnitude_scale(max_y, min_y, ACC64)
     if STANDARDIZE:
         if (cx != 1.0) | (cy != 1.0):
             mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y = _row_stats(
-                x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64)
+                x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64,
+                EVICT_HINTS, PREFETCH)
         dof_a = _scalar(dof, ACC64)
         eps_a = _scalar(eps, ACC64)
         x0 = _to_acc(x0_raw, ACC64) * cx
@@ -734,7 +777,7 @@ def kd_blocked_kernel(
     excl_r = zero
     if has_tail:
         offs = num_full * BLOCK + offs0
-        x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
+        x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, False)
         za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
             _to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
             u_max, w_max, ca, cb, za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S,
@@ -742,14 +785,24 @@ def kd_blocked_kernel(
         if HAS_LABELS:
             zc_r, zsum_r, excl_r = _ce_tile(_to_acc(x, ACC64), offs < V, offs, label, raw_max, zc_r, zsum_r, excl_r)
     x_next, y_next = _load_tile(x_row, y_row, tl.maximum(num_full - 1, 0) * BLOCK + offs0, v_full,
-                                x0_raw, y0_raw)
+                                x0_raw, y0_raw, EVICT_HINTS, False)
+    if PREFETCH == 2:
+        x_next2, y_next2 = _load_tile(x_row, y_row, tl.maximum(num_full - 2, 0) * BLOCK + offs0,
+                                      v_full * (num_full >= 2).to(tl.int32), x0_raw, y0_raw, EVICT_HINTS, False)
     for i in range(0, num_full):
         x = _to_acc(x_next, ACC64)
         y = _to_acc(y_next, ACC64)
-        # prefetch the tile before this one; after tile 0 there is none (limit 0: no traffic)
-        prev = tl.maximum(num_full - 2 - i, 0) * BLOCK + offs0
-        x_next, y_next = _load_tile(x_row, y_row, prev, v_full * (i + 1 < num_full).to(tl.int32),
-                                    x0_raw, y0_raw)
+        # prefetch the tile before this one (PREFETCH 2: the one before that); none before tile 0
+        # (limit 0: no traffic)
+        if PREFETCH == 2:
+            x_next, y_next = x_next2, y_next2
+            prev = tl.maximum(num_full - 3 - i, 0) * BLOCK + offs0
+            x_next2, y_next2 = _load_tile(x_row, y_row, prev, v_full * (i + 2 < num_full).to(tl.int32),
+                                          x0_raw, y0_raw, EVICT_HINTS, False)
+        else:
+            prev = tl.maximum(num_full - 2 - i, 0) * BLOCK + offs0
+            x_next, y_next = _load_tile(x_row, y_row, prev, v_full * (i + 1 < num_full).to(tl.int32),
+                                        x0_raw, y0_raw, EVICT_HINTS, False)
         za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
             x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
             za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, False)
@@ -807,36 +860,53 @@ def kd_blocked_kernel(
                 coef_y = tl.where(sigma_y > 0.0, s_w / (dof_a * sigma_y), 0.0)
         t2n = t2 * r_zb
         out_row = row64 * v_runs * VEC
-        x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw)
+        x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw, EVICT_HINTS, True)
+        if PREFETCH == 2:
+            x_next2, y_next2 = _load_tile(x_row, y_row, BLOCK + offs0, v_full, x0_raw, y0_raw, EVICT_HINTS, True)
         for blk in range(0, num_pass3):
             offs = blk * BLOCK + offs0
             x = _to_acc(x_next, ACC64)
             y = _to_acc(y_next, ACC64)
-            x_next, y_next = _load_tile(x_row, y_row, offs + BLOCK, v_full, x0_raw, y0_raw)
+            if PREFETCH == 2:
+                x_next, y_next = x_next2, y_next2
+                x_next2, y_next2 = _load_tile(x_row, y_row, offs + 2 * BLOCK, v_full, x0_raw, y0_raw, EVICT_HINTS,
+                                              True)
+            else:
+                x_next, y_next = _load_tile(x_row, y_row, offs + BLOCK, v_full, x0_raw, y0_raw, EVICT_HINTS, True)
             br_r = _grad_tile(x, y, None, offs, out_row + offs, gx_ptr, gy_ptr, kd_scale * gcx, kd_scale * gcy, keep,
                               x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts,
                               kt, t2n, coef_x, coef_y, neg_lz, br_r, raw_max, r_zc, ce_scale, ce_b, ce_l, label,
-                              label_ok, STANDARDIZE, GRAD_S, GRAD_T, ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS)
+                              label_ok, STANDARDIZE, GRAD_S, GRAD_T, ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS,
+                              EVICT_HINTS)
         if tail3:
             offs = num_pass3 * BLOCK + offs0
-            x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
+            x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, True)
             br_r = _grad_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, offs, out_row + offs, gx_ptr, gy_ptr,
                               kd_scale * gcx, kd_scale * gcy, keep, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
                               u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r, raw_max,
                               r_zc, ce_scale, ce_b, ce_l, label, label_ok, STANDARDIZE, GRAD_S, GRAD_T,
-                              ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS)
+                              ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS, EVICT_HINTS)
     else:
         num_pass3 = num_full * refine.to(tl.int32)
-        x_next, y_next = _load_tile(x_row, y_row, offs0, num_pass3 * BLOCK, x0_raw, y0_raw)
+        x_next, y_next = _load_tile(x_row, y_row, offs0, num_pass3 * BLOCK, x0_raw, y0_raw, EVICT_HINTS, True)
+        if PREFETCH == 2:
+            x_next2, y_next2 = _load_tile(x_row, y_row, BLOCK + offs0, num_pass3 * BLOCK, x0_raw, y0_raw,
+                                          EVICT_HINTS, True)
         for blk in range(0, num_pass3):
             x = _to_acc(x_next, ACC64)
             y = _to_acc(y_next, ACC64)
-            x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, num_pass3 * BLOCK, x0_raw, y0_raw)
+            if PREFETCH == 2:
+                x_next, y_next = x_next2, y_next2
+                x_next2, y_next2 = _load_tile(x_row, y_row, (blk + 2) * BLOCK + offs0, num_pass3 * BLOCK, x0_raw,
+                                              y0_raw, EVICT_HINTS, True)
+            else:
+                x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, num_pass3 * BLOCK, x0_raw,
+                                            y0_raw, EVICT_HINTS, True)
             br_r = _bregman_tile(x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
                                  r_za, r_zb, neg_lz, br_r, STANDARDIZE)
         if has_tail & refine:
             offs = num_full * BLOCK + offs0
-            x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw)
+            x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, True)
             br_r = _bregman_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y,
                                  inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, neg_lz, br_r, STANDARDIZE)
     kl = tl.where(refine, tl.sum(br_r, axis=0), kl)

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from .._backends import Objective
-from .config import SCALE_BLOCK, SCALE_WARPS, KernelConfig, kd_config, vector_width
+from .config import SCALE_BLOCK, SCALE_WARPS, KernelConfig, kd_config, tuning_constexprs, vector_width
 from .kd_kernels import kd_blocked_kernel, kd_register_kernel, scale_rows_kernel
 
 
@@ -77,6 +77,7 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, keep: Optional[torch.T
             BLOCK=cfg.block, VEC=vec, STANDARDIZE=bool(standardize), GRAD_S=gx is not None,
             GRAD_T=gy is not None, HAS_MASK=keep is not None, ACC64=acc64, ZERO_EXCLUDED=zero_excluded,
             ROUND_BF16=round_bf16, HAS_LABELS=objective is not None, num_warps=cfg.num_warps,
+            **tuning_constexprs(cfg),
         )
 
 

@@ -5,6 +5,10 @@
 - ``triton``, ``cuda``, ``cpu``: the fused kernels through ``logitstd_kd_loss(..., backend=...)``.
 - ``liger``: Liger-Kernel's KL-divergence loss fed by ``log_softmax``/``softmax``, the closest
   published peer; plain KD only (it has no standardization), CUDA only, when installed.
+- ``triton_evict``, ``triton_prefetch``: the Triton kernels with one tuning switch of the blocked
+  path forced on (eviction hints; a second prefetched tile; ``_triton/config.py``), CUDA only, so
+  that a GPU run decides the switches against ``triton`` (the table's defaults). Rows short enough
+  for the register path (V <= 4096) launch the same kernel as ``triton``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from .._backends import unavailable_reason
 from ..functional import logitstd_kd_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "liger")
+# The Triton kernels with a tuning switch of the blocked path forced on (config.forced_tuning).
+TUNED_TRITON = {"triton_evict": {"evict_hints": True}, "triton_prefetch": {"prefetch_depth": 2}}
+PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "liger", *TUNED_TRITON)
 
 
 def unavailable(provider: str, device: torch.device, standardize: bool) -> Optional[str]:
@@ -36,8 +42,10 @@ def unavailable(provider: str, device: torch.device, standardize: bool) -> Optio
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger-kernel is not installed (pip install liger-kernel)"
         return None
-    if provider == "triton" and device.type != "cuda":
-        return "the Triton interpreter is for testing, not timing: Triton is timed on CUDA only"
+    if provider in ("triton", *TUNED_TRITON):
+        if device.type != "cuda":
+            return "the Triton interpreter is for testing, not timing: Triton is timed on CUDA only"
+        return unavailable_reason("triton", device.type)
     return unavailable_reason(provider, device.type)
 
 
@@ -59,9 +67,23 @@ def _liger_loss(temperature: float) -> LossFn:
     return loss
 
 
+def _tuned_triton_loss(switches: dict, **options) -> LossFn:
+    """The Triton backend's loss with ``switches`` forced on for its launches (the forward, which
+    also computes the gradient that a scalar loss's backward returns without a launch)."""
+    from .._triton.config import forced_tuning
+
+    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        with forced_tuning(**switches):
+            return logitstd_kd_loss(student, teacher, backend="triton", **options)
+
+    return loss
+
+
 def make_loss(provider: str, temperature: float, standardize: bool) -> LossFn:
     """The loss function of ``provider`` with the benchmark's fixed options."""
     options = dict(temperature=temperature, standardize=standardize)
+    if provider in TUNED_TRITON:
+        return _tuned_triton_loss(TUNED_TRITON[provider], **options)
     if provider == "torch":
         return functools.partial(reference.logitstd_kd_loss, **options)
     if provider == "torch_compile":
