@@ -15,7 +15,10 @@
 #                 against the table's defaults: providers triton, triton_evict, triton_prefetch;
 #                 8192 rows, bf16, V = 131072 first (the cache model's case), 262144, 32768
 #                 (sending these V to the CUDA cluster kernel instead: step 5's cuda column) (bench-tuning/)
-#   8. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
+#   8. bench-fused-linear  a full step through the lm_heads (bench --fused-linear): 8192 tokens, H = 4096,
+#                 V in {32768, 131072}, bf16; the fused linear loss vs the eager composition vs
+#                 torch.compile of it (and Liger's LigerFusedLinearJSDLoss for plain KD)  (bench-fused-linear/)
+#   9. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
 #
 # then prints a short summary table last (also in OUTDIR/summary.txt; steps.json holds each step's
 # status, exit code, seconds and log). A failing step is recorded and the next one still runs; every
@@ -72,9 +75,9 @@ if [ -n "$WHEELS" ] || "$PYTHON" -c "import liger_kernel" >/dev/null 2>&1; then 
 # The tuning step's minimum is taken from the main benchmark's (180 s before it existed), so that
 # the steps before them keep theirs.
 if [ "$SMOKE" = 1 ]; then
-  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_OBJ=20 MIN_TUNE=20 MIN_KD=$(( EXPECT_LIGER * 25 ))
+  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_OBJ=20 MIN_TUNE=20 MIN_FL=20 MIN_KD=$(( EXPECT_LIGER * 25 ))
 else
-  MIN_BUILD=120 MIN_GPU=60 MIN_MATRIX=90 MIN_BENCH=135 MIN_OBJ=60 MIN_TUNE=45 MIN_KD=$(( EXPECT_LIGER * 100 ))
+  MIN_BUILD=120 MIN_GPU=60 MIN_MATRIX=90 MIN_BENCH=120 MIN_OBJ=60 MIN_TUNE=45 MIN_FL=45 MIN_KD=$(( EXPECT_LIGER * 100 ))
 fi
 STEPS="$OUTDIR/steps.tsv"
 : > "$STEPS"
@@ -160,7 +163,7 @@ if [ -z "$WHEELS" ]; then
 else
   # Dependencies from the folder or the environment; if they cannot be resolved offline, the
   # wheel alone (liger-kernel needs only torch and triton, which are installed).
-  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
+  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
     { echo "retrying without dependencies"; "$0" -m pip install --no-index --find-links "$1" --no-deps liger-kernel; }' \
     "$PYTHON" "$WHEELS"
   record wheels "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "$STEP_NOTE"
@@ -172,7 +175,7 @@ if [ "$SMOKE" = 1 ] && "$PYTHON" -c "import logitstd_kernels._C" >/dev/null 2>&1
   record build skipped - 0 "$LOG" "smoke: the extension already imports"
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) \
+  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
     "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
   record build "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST}"
 fi
@@ -187,22 +190,22 @@ LOG="$OUTDIR/gpu-tests.log"
 if [ "${#GPU_FILES[@]}" -eq 0 ]; then
   STEP_STATUS=failed STEP_RC=- STEP_SECS=0 STEP_NOTE="no test file under tests/ has a gpu mark"
 elif [ "$SMOKE" = 1 ]; then
-  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
+  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 else
   # A missing CUDA kernel or extra fails instead of skipping (tests/support.py).
-  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
     "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 fi
 record gpu-tests "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-${GPU_FILES[*]}}"
 
 LOG="$OUTDIR/matrix.log"
 if [ "$SMOKE" = 1 ]; then
-  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) "${PYTEST[@]}" tests/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
+  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) "${PYTEST[@]}" tests/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
     -k "test_a_fused_backend_runs_here or test_zero_rows or test_student_grad_only or test_mask"
   NOTE="a few fast cases"
 else
   # The CUDA backends' cases (triton-cuda, cuda-cuda); the CPU kernel's run in CI.
-  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 180 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 180 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
     "${PYTEST[@]}" tests/test_loss_matrix.py -k "cuda" --junitxml="$OUTDIR/junit-matrix.xml"
   NOTE="-k cuda"
 fi
@@ -239,7 +242,7 @@ else
   PROVIDERS=torch,torch_compile,triton,cuda
 fi
 HAVE_LIGER=$("$PYTHON" -c "import liger_kernel; print(1)" 2>/dev/null || echo 0)
-bench_step bench "$(( MIN_OBJ + MIN_TUNE + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
+bench_step bench "$(( MIN_OBJ + MIN_TUNE + MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
   "${GRID[@]}" --providers "$PROVIDERS"
 if [ "$SMOKE" = 1 ]; then
   OBJ_GRID=(--rows 8 --vocab 256 --dtypes float32 --cpu-budget 0.05)
@@ -248,7 +251,7 @@ else
   OBJ_GRID=(--device cuda --rows 8192 --vocab 32768,131072 --dtypes bfloat16)
   OBJ_PROVIDERS=torch,torch_compile,triton,cuda,triton_kd+torch_ce
 fi
-bench_step bench-objective "$(( MIN_TUNE + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
+bench_step bench-objective "$(( MIN_TUNE + MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
   --objective "${OBJ_GRID[@]}" --providers "$OBJ_PROVIDERS"
 # The tuning switches decide speed at long rows in bf16 only (the cache model's regime): V = 131072
 # first. On a machine without CUDA the Triton providers are reported unavailable and the C++ CPU
@@ -260,8 +263,20 @@ else
   TUNE_GRID=(--device cuda --rows 8192 --vocab 131072,262144,32768 --dtypes bfloat16)
   TUNE_PROVIDERS=triton,triton_evict,triton_prefetch
 fi
-bench_step bench-tuning "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" "$TUNE_CAP" "$TUNE_MARGIN" "${TUNE_GRID[@]}" \
+bench_step bench-tuning "$(( MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$TUNE_CAP" "$TUNE_MARGIN" "${TUNE_GRID[@]}" \
   --providers "$TUNE_PROVIDERS"
+# A full step through the lm_heads (bench --fused-linear): the fused linear loss vs the eager
+# composition vs torch.compile of it (and Liger's fused JSD for plain KD when it imports), V = 32768
+# first; each case also has the plain-KD objective.
+if [ "$SMOKE" = 1 ]; then
+  FL_GRID=(--rows 64 --hidden 16 --vocab 256 --dtypes float32 --cpu-budget 0.05)
+  FL_PROVIDERS=fused,torch
+else
+  FL_GRID=(--device cuda --rows 8192 --hidden 4096 --vocab 32768,131072 --dtypes bfloat16)
+  FL_PROVIDERS=fused,torch,torch_compile$( [ "$HAVE_LIGER" = 1 ] && echo ,liger )
+fi
+bench_step bench-fused-linear "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" "$TUNE_CAP" "$TUNE_MARGIN" --fused-linear \
+  "${FL_GRID[@]}" --providers "$FL_PROVIDERS"
 if [ "$HAVE_LIGER" = 1 ]; then
   # Liger-Kernel has no standardization: plain KD, bf16 only (the peer's regime)
   if [ "$SMOKE" = 1 ]; then KD_GRID=("${GRID[@]}"); else
@@ -319,12 +334,20 @@ for s in steps:
     for name in s.get("failed_tests", [])[:8]:
         print(f"{'':<{width}}    FAILED {name}")
 
-for name in ("bench", "bench-objective", "bench-tuning", "bench-kd"):
+for name in ("bench", "bench-objective", "bench-tuning", "bench-fused-linear", "bench-kd"):
     files = sorted((out / name).glob("*.json"))
     if not files:
         continue
     data = json.loads(files[-1].read_text())
     meta, results = data["metadata"], data["results"]
+    if meta.get("fused_linear"):
+        print(f"\n{name}: {meta['device']}, H = {meta['hidden']}, forward + backward: median ms, peak MiB; "
+              f"{files[-1].name}")
+        for r in results:
+            if not r["status"].startswith("unavailable"):
+                shown = f"{r['median_ms']:.2f} ms, {r['peak_mem_mb'] or 0:.0f} MiB" if r["status"] == "ok" else r["status"][:150]
+                print(f"  {r['sweep']:>18} rows={r['rows']} V={r['vocab']} {r['dtype']} {r['provider']:>13}: {shown}")
+        continue
     print(f"\n{name}: {meta['device']}, copy {meta['copy_bandwidth_gbps']} GB/s, "
           f"{'standardized' if meta.get('standardize', True) else 'plain'} KD, mode full: median ms "
           f"(x memory floor); {files[-1].name}")

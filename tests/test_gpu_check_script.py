@@ -39,8 +39,8 @@ def test_smoke_run_passes_and_writes_its_files(tmp_path):
     assert steps["passed"] is True
     by_name = {s["step"]: s for s in steps["steps"]}
     assert list(by_name) == ["wheels", "build", "gpu-tests", "matrix", "bench", "bench-objective", "bench-tuning",
-                             "bench-kd"]
-    for name in ("gpu-tests", "matrix", "bench", "bench-objective", "bench-tuning"):
+                             "bench-fused-linear", "bench-kd"]
+    for name in ("gpu-tests", "matrix", "bench", "bench-objective", "bench-tuning", "bench-fused-linear"):
         assert by_name[name]["status"] == "ok", by_name[name]
         assert (out / by_name[name]["log"]).stat().st_size > 0
     assert by_name["build"]["status"] in ("ok", "skipped")
@@ -65,6 +65,11 @@ def test_smoke_run_passes_and_writes_its_files(tmp_path):
     for provider in ("triton", "triton_evict", "triton_prefetch"):
         assert statuses[provider] == "ok" if torch.cuda.is_available() else statuses[provider].startswith(
             "unavailable: "), (provider, statuses[provider])
+    (fused_linear,) = (out / "bench-fused-linear").glob("*.json")
+    data = json.loads(fused_linear.read_text())
+    assert data["metadata"]["fused_linear"] is True
+    assert {(r["sweep"], r["provider"]) for r in data["results"] if r["status"] == "ok"} == {
+        (sweep, provider) for sweep in ("fused_linear", "fused_linear_plain") for provider in ("fused", "torch")}
     assert (tmp_path / "gpu-check.tgz").stat().st_size > 0
 
 

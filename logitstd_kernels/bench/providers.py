@@ -28,6 +28,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # The Triton kernels with a tuning switch of the blocked path forced on (config.forced_tuning).
 TUNED_TRITON = {"triton_evict": {"evict_hints": True}, "triton_prefetch": {"prefetch_depth": 2}}
 PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "liger", *TUNED_TRITON)
+# What a plain ``bench`` times; the tuning switches only when asked for (scripts/gpu-check.sh does).
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p not in TUNED_TRITON)
 
 
 def unavailable(provider: str, device: torch.device, standardize: bool) -> Optional[str]:
