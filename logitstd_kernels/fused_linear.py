@@ -23,6 +23,7 @@ Equivalent eager code (``backend="torch"`` runs exactly this, with the full logi
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -67,18 +68,50 @@ def _included(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor], igno
     return keep
 
 
-def _accumulate_weight_grad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """``acc += g.T @ h`` with ``acc`` in its own (accumulation) dtype.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-    On CUDA a bf16/fp16 product accumulates into float32 in the GEMM itself (``out_dtype``); elsewhere
-    the chunk is converted first (C x V floats, the size of one logits block).
+
+@functools.lru_cache(maxsize=None)
+def _gemm_writes_float32(device: torch.device) -> bool:
+    """Whether GEMMs of bf16/fp16 inputs can accumulate into a float32 output on ``device``
+    (``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)``): CUDA, torch >= 2.10 (earlier
+    versions lack the overload or require ``acc`` in the inputs' dtype), sm_80 or newer; probed once."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool((acc == 3).all())
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in its own (accumulation) dtype, rounded once into it.
+
+    bf16/fp16 factors with a float32 ``acc``: on CUDA the GEMM accumulates into ``acc`` itself where
+    :func:`_gemm_writes_float32`; elsewhere the factors are converted first (C x V floats, the size of
+    one logits block, and the other factor).
     """
-    if g.dtype == acc.dtype:
-        acc.addmm_(g.t(), h)
-    elif acc.device.type == "cuda":
-        torch.addmm(acc, g.t(), h, out_dtype=acc.dtype, out=acc)
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.dtype == b.dtype and a.dtype in LOW_PRECISION and acc.dtype == torch.float32 and \
+            _gemm_writes_float32(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(g.t().to(acc.dtype), h.to(acc.dtype))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _gathers_rows(device: torch.device) -> bool:
+    """Whether the op gathers the included rows before the matmuls: on the CPU, where counting them
+    costs no device synchronization."""
+    return device.type == "cpu"
+
+
+def grad_dtype(dtype: torch.dtype, accum_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter's gradient is accumulated in: ``accum_dtype`` for bf16/fp16, else its own."""
+    return accum_dtype if dtype in LOW_PRECISION else dtype
 
 
 @torch.library.custom_op("logitstd::fused_linear_distillation_loss", mutates_args=())
@@ -112,8 +145,9 @@ def fused_linear_op(
     """The chunked fused linear objective of (N, H) hidden states; see the module docstring.
 
     Returns ``(loss, ce, kd, grad_hidden, grad_weight, grad_bias)``: the reduced objective and its
-    parts, then the internal gradients of the loss (empty (0,) tensors when not requested), in the
-    hidden state's dtype for ``grad_hidden`` and ``accum_dtype`` for the weight and bias.
+    parts, then the internal gradients of the loss (empty (0,) tensors when not requested): the
+    weight's and bias's in ``accum_dtype``, the hidden state's in ``accum_dtype`` for bf16/fp16 hidden
+    states (else their dtype); the backward rounds each once to its input's dtype.
     """
     device = student_hidden.device
     num_rows = student_hidden.shape[0]
@@ -122,17 +156,23 @@ def fused_linear_op(
     acc = accumulation_dtype(student_hidden, student_weight, *teacher_parts)
     keep = _included(labels, mask, ignore_index)
     # On the CPU the included rows are gathered first, so that ignored rows cost no matmul; on CUDA
-    # that would take a host synchronization, and the kernel zeroes their gradient instead.
-    rows_index = keep.nonzero().squeeze(1) if keep is not None and device.type == "cpu" else None
+    # that would take a host synchronization: excluded rows go through the matmuls with their hidden
+    # state zeroed (a NaN there must not reach grad_W through 0 * NaN) and get a zero gradient.
+    rows_index = keep.nonzero().squeeze(1) if keep is not None and _gathers_rows(device) else None
     count = (torch.full((1,), float(max(num_rows, 1)), dtype=acc, device=device) if keep is None
              else keep.sum().reshape(1).clamp_min(1).to(acc))
-    factor = count.reciprocal() if reduction == "mean" else torch.ones(1, dtype=acc, device=device)
     totals = torch.zeros(3, dtype=acc, device=device)
-    g_hidden = torch.zeros_like(student_hidden) if grad_hidden else student_hidden.new_empty((0,))
-    g_weight = (torch.zeros(student_weight.shape, dtype=accum_dtype, device=device) if grad_weight
-                else student_weight.new_empty((0,)))
-    g_bias = torch.zeros(num_classes, dtype=accum_dtype, device=device) if grad_bias else student_weight.new_empty((0,))
+    def empty() -> torch.Tensor:  # a distinct placeholder per output (outputs may not alias)
+        return student_hidden.new_empty((0,))
+
+    # The gradients are accumulated unnormalized (the kernel's factor is 1: a bf16/fp16 G of O(1)
+    # entries, where G / n would underflow in fp16) and scaled by 1/n once at the end.
+    g_hidden = (torch.zeros(student_hidden.shape, dtype=grad_dtype(student_hidden.dtype, accum_dtype), device=device)
+                if grad_hidden else empty())
+    g_weight = torch.zeros(student_weight.shape, dtype=accum_dtype, device=device) if grad_weight else empty()
+    g_bias = torch.zeros(num_classes, dtype=accum_dtype, device=device) if grad_bias else empty()
     wants_grad = grad_hidden or grad_weight or grad_bias
+    unit = torch.ones(1, dtype=acc, device=device)
     kernel_args = (temperature, teacher_temperature, standardize, correction, eps)
     objective_args = (ignore_index, label_smoothing, ce_weight, kd_weight)
     work_rows = num_rows if rows_index is None else rows_index.shape[0]
@@ -145,24 +185,31 @@ def fused_linear_op(
                 pick = rows_index[start:start + chunk_size]
                 chunk_mask = None
             hs = student_hidden[pick]
+            if rows_index is None and keep is not None:
+                hs = hs.masked_fill(~keep[pick].unsqueeze(1), 0)
             xs = F.linear(hs, student_weight, student_bias)
             if teacher_logits is not None:
                 xt = teacher_logits[pick]
             else:
                 xt = F.linear(teacher_hidden[pick], teacher_weight, teacher_bias)
             chunk_labels = None if labels is None else labels[pick]
-            rows, g, _, ce, kd = fused_objective_rows(backend, xs, xt, chunk_labels, chunk_mask, factor, kernel_args,
+            rows, g, _, ce, kd = fused_objective_rows(backend, xs, xt, chunk_labels, chunk_mask, unit, kernel_args,
                                                       objective_args, wants_grad, False)
             del xs, xt
             totals += torch.stack((rows.sum(), ce.sum(), kd.sum()))
             if grad_hidden:
-                g_hidden[pick] = g @ student_weight
+                part = g_hidden[pick] if rows_index is None else torch.zeros_like(g_hidden[pick])
+                _add_product(part, g, student_weight)
+                if rows_index is not None:
+                    g_hidden[pick] = part
             if grad_weight:
-                _accumulate_weight_grad(g_weight, g, hs)
+                _add_product(g_weight, g.t(), hs)
             if grad_bias:
                 g_bias += g.sum(0, dtype=accum_dtype)
     if reduction == "mean":
         totals = totals / count
+        for grad in (g_hidden, g_weight, g_bias):
+            grad.mul_(count.reciprocal().to(grad.dtype))
     loss, ce, kd = (part.clone() for part in totals.unbind())  # three outputs, not views of one tensor
     return loss, ce, kd, g_hidden, g_weight, g_bias
 
@@ -175,11 +222,13 @@ def _fused_linear_fake(student_hidden, student_weight, student_bias, teacher_hid
     teacher_parts = [t for t in (teacher_hidden, teacher_weight, teacher_logits) if t is not None]
     acc = accumulation_dtype(student_hidden, student_weight, *teacher_parts)
     parts = tuple(student_hidden.new_empty((), dtype=acc) for _ in range(3))
-    empty = student_hidden.new_empty((0,))
     return parts + (
-        student_hidden.new_empty(student_hidden.shape) if grad_hidden else empty,
-        student_weight.new_empty(student_weight.shape, dtype=accum_dtype) if grad_weight else empty,
-        student_weight.new_empty((student_weight.shape[0],), dtype=accum_dtype) if grad_bias else empty,
+        student_hidden.new_empty(student_hidden.shape, dtype=grad_dtype(student_hidden.dtype, accum_dtype))
+        if grad_hidden else student_hidden.new_empty((0,)),
+        student_weight.new_empty(student_weight.shape, dtype=accum_dtype) if grad_weight
+        else student_hidden.new_empty((0,)),
+        student_weight.new_empty((student_weight.shape[0],), dtype=accum_dtype) if grad_bias
+        else student_hidden.new_empty((0,)),
     )
 
 
@@ -214,11 +263,12 @@ fused_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _autocast(tensors: list[Optional[torch.Tensor]], device_type: str) -> list[Optional[torch.Tensor]]:
-    """What ``F.linear`` under an active ``torch.autocast`` would compute in: the autocast dtype."""
+    """What ``F.linear`` under an active ``torch.autocast`` would compute in: float32 tensors in the
+    autocast dtype (float64 ones stay, as autocast leaves them)."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [None if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+    return [t if t is None or t.dtype != torch.float32 else t.to(dtype) for t in tensors]  # float64 stays
 
 
 def fused_linear_distillation_loss(
