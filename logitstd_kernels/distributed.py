@@ -34,8 +34,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.distributed as dist
 
-from ._checks import (OBJECTIVE_REDUCTIONS, check_label_smoothing, check_labels, check_mask, check_pair,
-                      check_temperature, check_weight)
+from ._checks import (OBJECTIVE_REDUCTIONS, check_fused_linear_args, check_label_smoothing, check_labels, check_mask,
+                      check_pair, check_std_args, check_temperature, check_weight)
+from .fused_linear import _add_product, default_chunk_size, grad_dtype
 from .reference import DistillationParts, accumulation_dtype
 
 __all__ = ["vocab_parallel_distillation_loss", "ShardedRows"]
@@ -61,17 +62,43 @@ def _gather(tensor: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
-def _check_header(student: torch.Tensor, teacher: torch.Tensor, labels, mask, vocab_range, group) -> tuple[int, int]:
-    """Exchange the shards' shapes and ranges; the same ValueError on every rank if they do not fit.
+class Layout(NamedTuple):
+    """What the header exchange established, the same on every rank."""
 
-    Returns (V_start, V) of this rank's slice and the whole row.
+    start: int  # this rank's first class
+    num_classes: int  # V, the whole row's classes
+    max_width: int  # the widest slice
+
+
+def _describe(t: object) -> tuple[int, int, int]:
+    """(rows, width, dtype code) of a 2-d tensor, -1s for anything else (it failed its local checks)."""
+    if isinstance(t, torch.Tensor) and t.dim() >= 1:
+        return int(t.numel() // max(t.shape[-1], 1)), int(t.shape[-1]), _DTYPE_CODES.get(t.dtype, 0)
+    return -1, -1, 0
+
+
+def agree_on_shards(student: object, teacher: object, labels: object, mask: object,
+                    vocab_range: Optional[tuple[int, int]], local_error: Optional[Exception], group,
+                    device: torch.device) -> Layout:
+    """Exchange every rank's shapes, dtypes, class range and whether its arguments passed the local
+    checks (one all_gather of 9 int64); then every rank raises, or none does.
+
+    The rank whose arguments failed re-raises its own error; the others raise a ValueError naming the
+    failed ranks; shards that do not fit together raise the same ValueError on every rank.
     """
-    rows, width = student.shape
-    start = -1 if vocab_range is None else vocab_range[0]
-    end = -1 if vocab_range is None else vocab_range[1]
-    header = torch.tensor([rows, width, start, end, _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
-                           labels is not None, mask is not None], dtype=torch.int64, device=student.device)
+    rows, width, student_code = _describe(student)
+    _, _, teacher_code = _describe(teacher)
+    start, end = (-1, -1) if vocab_range is None else (int(vocab_range[0]), int(vocab_range[1]))
+    header = torch.tensor([rows, width, start, end, student_code, teacher_code, labels is not None, mask is not None,
+                           local_error is not None], dtype=torch.int64, device=device)
     table = _gather(header, group).cpu().tolist()
+    rank = dist.get_rank(group)
+    failed = [r for r, entry in enumerate(table) if entry[8]]
+    if local_error is not None:
+        raise local_error
+    if failed:
+        raise ValueError(f"vocab-parallel loss: the arguments of rank(s) {failed} failed their checks (see the "
+                         f"error on those ranks); rank {rank} stops too")
     problems = []
     for column, what in ((0, "rows"), (4, "student dtype"), (5, "teacher dtype"), (6, "labels given"),
                          (7, "mask given")):
@@ -82,16 +109,14 @@ def _check_header(student: torch.Tensor, teacher: torch.Tensor, labels, mask, vo
     offsets = [sum(widths[:r]) for r in range(len(widths))]
     if all(entry[2] >= 0 for entry in table):
         ranges = [(entry[2], entry[3]) for entry in table]
-        tiles = all(ranges[r] == (offsets[r], offsets[r] + widths[r]) for r in range(len(ranges)))
-        if not tiles:
+        if any(ranges[r] != (offsets[r], offsets[r] + widths[r]) for r in range(len(ranges))):
             problems.append(f"the class ranges {ranges} (rank order) do not tile [0, {sum(widths)}) with the "
                             f"slice widths {widths}")
     elif any(entry[2] >= 0 for entry in table):
         problems.append("some ranks passed vocab_range and others did not")
     if problems:
-        raise ValueError(f"vocab-parallel shards do not fit (rank {dist.get_rank(group)} of "
-                         f"{len(table)}): " + "; ".join(problems))
-    return offsets[dist.get_rank(group)], sum(widths)
+        raise ValueError(f"vocab-parallel shards do not fit (rank {rank} of {len(table)}): " + "; ".join(problems))
+    return Layout(offsets[rank], sum(widths), max(widths))
 
 
 def _local_stats(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -126,12 +151,11 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
                  mask: Optional[torch.Tensor], group, *, temperature: float, teacher_temperature: float,
                  standardize: bool, correction: int, eps: float, ignore_index: int, label_smoothing: float,
                  ce_weight: float, kd_weight: float, grad_student: bool, grad_teacher: bool,
-                 vocab_range: Optional[tuple[int, int]] = None, check_shards: bool = True) -> ShardedRows:
-    """The three phases on (N, V_r) slices; see the module docstring. Rows without labels/mask
-    exclusion are all included; excluded rows get 0 and a zero gradient."""
+                 layout: Optional[Layout] = None) -> ShardedRows:
+    """The three phases on (N, V_r) slices; see the module docstring. Excluded rows (mask, labels at
+    ``ignore_index``) get 0 and a zero gradient. ``layout``: from :func:`agree_on_shards` (the class
+    offsets on the host); None derives them from phase 1's gather on the device (no host sync)."""
     acc = accumulation_dtype(student, teacher)
-    if check_shards:
-        _check_header(student, teacher, labels, mask, vocab_range, group)
     rows, width = student.shape
     zeros = torch.zeros(rows, dtype=acc, device=student.device)
     if rows == 0:  # every rank has no rows (the header said so, or the caller guarantees it)
@@ -143,10 +167,11 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
     width_column = torch.full((rows, 1), float(width), dtype=torch.float64, device=x.device)
     gathered = _gather(torch.cat((_local_stats(x, acc), _local_stats(y, acc), width_column), -1), group)
     widths = gathered[:, 0, -1]
-    rank = dist.get_rank(group)
-    start = int(widths[:rank].sum())
-    num_classes = int(widths.sum())
-    if standardize and num_classes - correction <= 0:
+    if layout is not None:
+        start, num_classes = layout.start, layout.num_classes
+    else:  # device tensors: no host synchronization
+        start, num_classes = widths[:dist.get_rank(group)].sum().long(), widths.sum()
+    if standardize and layout is not None and num_classes - correction <= 0:
         raise ValueError(f"correction={correction} leaves no degrees of freedom for the {num_classes} classes of "
                          f"the whole row")
     mean_x, m2_x, max_x = _merge(gathered[..., 0:4], widths)
@@ -157,7 +182,7 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
         keep &= labels != ignore_index
     tau_s, tau_t = temperature, teacher_temperature
     if standardize:
-        dof = num_classes - correction
+        dof = num_classes - correction  # a host int with a layout, else a device tensor
         sigma_x, sigma_y = (m2_x / dof).sqrt(), (m2_y / dof).sqrt()
         ka, kb = 1.0 / ((sigma_x + eps) * tau_s), 1.0 / ((sigma_y + eps) * tau_t)
         shift_x, shift_y = mean_x, mean_y
@@ -226,8 +251,8 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
         unowned = (owners != 1) & keep
         if x.device.type == "cpu" and bool(unowned.any()):
             row = int(unowned.nonzero()[0])
-            raise IndexError(f"labels[{row}] = {int(labels[row])} is outside [0, {num_classes}) (the whole row's "
-                             f"classes) and is not ignore_index ({ignore_index})")
+            raise IndexError(f"labels[{row}] = {int(labels[row])} is outside [0, {int(num_classes)}) (the whole "
+                             f"row's classes) and is not ignore_index ({ignore_index})")
         ce = torch.where((owners == 1) | ~keep, ce, torch.full_like(ce, float("nan")))
         if grad_student:
             soft = torch.exp(x - col(lse))
@@ -248,7 +273,7 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
 
 
 def _check_shard_args(student, teacher, labels, mask, *, ce_weight, kd_weight, temperature, teacher_temperature,
-                      ignore_index, label_smoothing, reduction):
+                      standardize, correction, eps, ignore_index, label_smoothing, reduction):
     """The checks that need no other rank: like ``distillation_loss``'s, except that the class count
     (for ``correction`` and the labels' upper bound) is the global V, checked after phase 1."""
     student, teacher = check_pair(student, teacher)
@@ -256,9 +281,17 @@ def _check_shard_args(student, teacher, labels, mask, *, ce_weight, kd_weight, t
     tau_t = tau_s if teacher_temperature is None else check_temperature("teacher_temperature", teacher_temperature)
     if reduction not in OBJECTIVE_REDUCTIONS:
         raise ValueError(f"reduction must be one of {OBJECTIVE_REDUCTIONS}, got {reduction!r}")
+    if standardize:  # the types and signs here; correction against the whole row's V after phase 1
+        check_std_args(1 << 62, correction, eps, name="the whole row")
     labels = check_labels(labels, student, ignore_index, num_classes=None)
     return (student, teacher, labels, check_mask(mask, student), tau_s, tau_t, check_weight("ce_weight", ce_weight),
             check_weight("kd_weight", kd_weight), check_label_smoothing(label_smoothing))
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError("the vocab-parallel losses do not support double backward (create_graph=True): their "
+                           "gradients are computed in the forward")
 
 
 class _ShardedLoss(torch.autograd.Function):
@@ -286,6 +319,7 @@ class _ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        _no_double_backward()
         grad_x, grad_y, count = ctx.saved_tensors
         scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
         if ctx.reduction == "mean":
@@ -355,17 +389,27 @@ def vocab_parallel_distillation_loss(
         The other keywords are those of ``distillation_loss``.
     """
     student_logits, teacher_logits, group = _local_shards(student_logits, teacher_logits, process_group)
-    (student, teacher, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = _check_shard_args(
-        student_logits, teacher_logits, labels, mask, ce_weight=ce_weight, kd_weight=kd_weight,
-        temperature=temperature, teacher_temperature=teacher_temperature, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, reduction=reduction)
+    local_error = None
+    try:
+        (student, teacher, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = _check_shard_args(
+            student_logits, teacher_logits, labels, mask, ce_weight=ce_weight, kd_weight=kd_weight,
+            temperature=temperature, teacher_temperature=teacher_temperature, standardize=standardize,
+            correction=correction, eps=eps, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction=reduction)
+    except (TypeError, ValueError, IndexError) as exc:
+        if not check_shards:
+            raise
+        local_error = exc
+    layout = None
+    if check_shards:  # every rank raises, or none does
+        device = student_logits.device if isinstance(student_logits, torch.Tensor) else torch.device("cpu")
+        layout = agree_on_shards(student_logits, teacher_logits, labels, mask, vocab_range, local_error, group, device)
     lead = student.shape[:-1]
     options = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=bool(standardize),
                    correction=int(correction), eps=float(eps), ignore_index=int(ignore_index),
                    label_smoothing=label_smoothing, ce_weight=ce_weight, kd_weight=kd_weight,
                    grad_student=torch.is_grad_enabled() and student.requires_grad,
-                   grad_teacher=torch.is_grad_enabled() and teacher.requires_grad,
-                   vocab_range=vocab_range, check_shards=bool(check_shards))
+                   grad_teacher=torch.is_grad_enabled() and teacher.requires_grad, layout=layout)
     width = student.shape[-1]
     loss, ce, kd = _ShardedLoss.apply(
         student.reshape(-1, width), teacher.reshape(-1, width), None if labels is None else labels.reshape(-1).long(),
@@ -380,38 +424,38 @@ class _ShardedFusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels, mask,
-                group, options, reduction, chunk_size, accum_dtype):
+                group, options, reduction, chunk_size, accum_dtype, wants):
         num_rows = hidden.shape[0]
-        wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         acc = accumulation_dtype(hidden, weight)
-        g_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if wants[0] else None
+        g_hidden = (torch.zeros(hidden.shape, dtype=grad_dtype(hidden.dtype, accum_dtype), device=hidden.device)
+                    if wants[0] else None)
         g_weight = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if wants[1] else None
         g_bias = torch.zeros(weight.shape[0], dtype=accum_dtype, device=weight.device) if wants[2] else None
         totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
+        keep = torch.ones(num_rows, dtype=torch.bool, device=hidden.device) if mask is None else mask
+        if labels is not None:
+            keep = keep & (labels != options["ignore_index"])
         chunk_options = dict(options, grad_student=any(wants), grad_teacher=False)
         for start in range(0, num_rows, chunk_size):
             pick = slice(start, min(start + chunk_size, num_rows))
-            h = hidden[pick]
+            h = hidden[pick].masked_fill(~keep[pick].unsqueeze(1), 0)  # no 0 * NaN from excluded rows
             xs = torch.nn.functional.linear(h, weight, bias)
             xt = (teacher_logits[pick] if teacher_logits is not None
                   else torch.nn.functional.linear(teacher_hidden[pick], teacher_weight, teacher_bias))
             out = sharded_rows(xs, xt, None if labels is None else labels[pick], None if mask is None else mask[pick],
                                group, **chunk_options)
-            chunk_options["check_shards"] = False  # the shards were checked with the first chunk
+            del xs, xt
             totals += torch.stack([v.double().sum() for v in (out.rows, out.ce, out.kd)])
             if out.grad_student is not None:
-                g = out.grad_student
+                g = out.grad_student.to(weight.dtype)  # the logits' gradient in their dtype, as eager's
                 if g_hidden is not None:
-                    g_hidden[pick] = g @ weight.to(acc)
+                    _add_product(g_hidden[pick], g, weight)
                 if g_weight is not None:
-                    g_weight.addmm_(g.t().to(accum_dtype), h.to(accum_dtype))
+                    _add_product(g_weight, g.t(), h)
                 if g_bias is not None:
-                    g_bias += g.sum(0).to(accum_dtype)
-        keep = torch.ones(num_rows, dtype=torch.bool, device=hidden.device) if mask is None else mask
-        if labels is not None:
-            keep = keep & (labels != options["ignore_index"])
+                    g_bias += g.sum(0, dtype=accum_dtype)
         count = keep.sum().clamp_min(1).double() if reduction == "mean" else totals.new_ones(())
-        loss, ce, kd = (totals / count).to(acc).unbind()
+        loss, ce, kd = (part.to(acc).clone() for part in (totals / count).unbind())
         ctx.save_for_backward(*(g if g is None else g / count.to(g.dtype) for g in (g_hidden, g_weight, g_bias)))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(ce, kd)
@@ -419,8 +463,9 @@ class _ShardedFusedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        _no_double_backward()
         grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return tuple(grads) + (None,) * 11
+        return tuple(grads) + (None,) * 12
 
 
 def vocab_parallel_fused_linear_distillation_loss(
@@ -446,8 +491,8 @@ def vocab_parallel_fused_linear_distillation_loss(
     """:func:`logitstd_kernels.fused_linear_distillation_loss` with lm_heads split by vocabulary.
 
     Each rank passes the full (replicated) hidden states and its rows ``[V_start, V_end)`` of the
-    lm_head weights (Megatron's ``ColumnParallelLinear(gather_output=False)`` layout), or its slice
-    of ``teacher_logits``. Equivalent single-process code::
+    lm_head weights (Megatron's ``ColumnParallelLinear(gather_output=False)`` layout), or its
+    ``(..., V_r)`` slice of ``teacher_logits``. Equivalent single-process code::
 
         fused_linear_distillation_loss(student_hidden, cat(all student_weight shards), teacher_hidden,
                                        cat(all teacher_weight shards), labels, ...)
@@ -456,47 +501,63 @@ def vocab_parallel_fused_linear_distillation_loss(
     gradient of ``student_hidden`` is this rank's *partial* sum ``G_r @ W_r``: the full gradient is
     the sum over the ranks, an all-reduce that belongs to the tensor-parallel layer's backward (in
     Megatron, the input of a column-parallel layer is all-reduced there). Two collectives of O(rows)
-    per chunk of rows (plus the header exchange once per call with ``check_shards``). ``objective``:
-    the keywords of ``distillation_loss`` (``ce_weight``, ``kd_weight``, ``temperature``, ...);
+    per chunk of rows, plus the header exchange once per call with ``check_shards``. ``chunk_size``:
+    the same on every rank; None: :func:`~logitstd_kernels.default_chunk_size` of the widest slice
+    (from the header, so ``check_shards=False`` needs an explicit ``chunk_size``). ``objective``: the
+    keywords of ``distillation_loss`` (``ce_weight``, ``kd_weight``, ``temperature``, ...);
     ``reduction`` is ``"mean"`` or ``"sum"``.
     """
-    from .fused_linear import default_chunk_size
-
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum' for the fused linear loss, got {reduction!r}")
-    group = process_group
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    width = student_weight.shape[0]
-    local_logits = hidden.new_empty(()).expand(hidden.shape[0], width)
-    (_, _, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = _check_shard_args(
-        local_logits, local_logits, None if labels is None else labels.reshape(-1),
-        None if mask is None else mask.reshape(-1),
-        ce_weight=objective.get("ce_weight", 0.1), kd_weight=objective.get("kd_weight", 9.0),
-        temperature=objective.get("temperature", 2.0), teacher_temperature=objective.get("teacher_temperature"),
-        ignore_index=objective.get("ignore_index", -100), label_smoothing=objective.get("label_smoothing", 0.0),
-        reduction=reduction)
     unknown = set(objective) - {"ce_weight", "kd_weight", "temperature", "teacher_temperature", "standardize",
                                 "correction", "eps", "ignore_index", "label_smoothing"}
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
-    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                    ("teacher_logits", teacher_logits), ("teacher_bias", teacher_bias)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name} requires grad, but the teacher is constant in the fused linear loss: pass "
-                             f"{name}.detach()")
-    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
-        raise ValueError("pass the teacher either as teacher_logits or as teacher_hidden + teacher_weight")
-    options = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=bool(objective.get("standardize", True)),
-                   correction=int(objective.get("correction", 1)), eps=float(objective.get("eps", 1e-7)),
-                   ignore_index=int(objective.get("ignore_index", -100)), label_smoothing=label_smoothing,
-                   ce_weight=ce_weight, kd_weight=kd_weight, vocab_range=vocab_range, check_shards=bool(check_shards))
+    if not check_shards and chunk_size is None:
+        raise ValueError("pass chunk_size with check_shards=False: every rank must use the same chunks, and the "
+                         "default is derived from the widest slice, which only the header exchange reveals")
+    group = process_group
+    defaults = dict(ce_weight=0.1, kd_weight=9.0, temperature=2.0, teacher_temperature=None, standardize=True,
+                    correction=1, eps=1e-7, ignore_index=-100, label_smoothing=0.0)
+    kw = dict(defaults, **objective)
+    local_error, rows_view, checked = None, None, None
+    try:
+        # the tensors, shapes, devices and the constant teacher, against this rank's slice (the labels
+        # against the whole row below: they are global)
+        tensors = check_fused_linear_args(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+            teacher_logits, None, None, chunk_size=chunk_size, accum_dtype=accum_dtype, reduction=reduction,
+            **dict(kw, standardize=False))
+        hidden = tensors[0].reshape(-1, tensors[0].shape[-1])
+        rows_view = hidden.new_empty(()).expand(hidden.shape[0], tensors[1].shape[0])
+        checked = _check_shard_args(
+            rows_view, rows_view, None if labels is None else labels.reshape(-1),
+            None if mask is None else mask.reshape(-1), ce_weight=kw["ce_weight"], kd_weight=kw["kd_weight"],
+            temperature=kw["temperature"], teacher_temperature=kw["teacher_temperature"],
+            standardize=kw["standardize"], correction=kw["correction"], eps=kw["eps"],
+            ignore_index=kw["ignore_index"], label_smoothing=kw["label_smoothing"], reduction=reduction)
+    except (TypeError, ValueError, IndexError) as exc:
+        if not check_shards:
+            raise
+        local_error = exc
+    layout = None
+    if check_shards:  # once per call, for every chunk: every rank raises, or none does
+        device = student_hidden.device if isinstance(student_hidden, torch.Tensor) else torch.device("cpu")
+        layout = agree_on_shards(rows_view, rows_view, labels, mask, vocab_range, local_error, group, device)
+    (_, weight, bias, t_hidden, t_weight, t_bias, t_logits, _, _, _) = tensors
+    (_, _, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = checked
+    labels = None if labels is None else labels.long()
+    width = weight.shape[0]
+    options = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=bool(kw["standardize"]),
+                   correction=int(kw["correction"]), eps=float(kw["eps"]), ignore_index=int(kw["ignore_index"]),
+                   label_smoothing=label_smoothing, ce_weight=ce_weight, kd_weight=kd_weight, layout=layout)
     if accum_dtype is None:
-        accum_dtype = torch.float32 if student_weight.dtype in (torch.bfloat16, torch.float16) else student_weight.dtype
+        accum_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], width, hidden.dtype, hidden.device)
+        chunk_size = default_chunk_size(hidden.shape[0], layout.max_width, hidden.dtype, hidden.device)
+    grad_on = torch.is_grad_enabled()
+    wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
     loss, ce, kd = _ShardedFusedLinear.apply(
-        hidden, student_weight, student_bias,
-        None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
-        teacher_bias, None if teacher_logits is None else teacher_logits.reshape(-1, width), labels, mask, group,
-        options, reduction, int(chunk_size), accum_dtype)
+        hidden, weight, bias, None if t_hidden is None else t_hidden.reshape(-1, t_hidden.shape[-1]), t_weight,
+        t_bias, None if t_logits is None else t_logits.reshape(-1, width), labels, mask, group, options, reduction,
+        int(chunk_size), accum_dtype, wants)
     return DistillationParts(loss, ce, kd) if return_components else loss

@@ -57,13 +57,8 @@ class LogitStdKDLoss(nn.Module):
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
-class DistillationLoss(nn.Module):
-    """The distillation objective as a module; ``forward(student, teacher, labels=None, mask=None)``.
-
-    Equivalent eager code: ``reference.distillation_loss(student, teacher, labels, **keywords, mask=mask)``.
-    The keywords are those of :func:`logitstd_kernels.distillation_loss` (defaults: the official
-    code's ``ce_weight=0.1, kd_weight=9``, base temperature 2) and are checked here, once.
-    """
+class _ObjectiveKeywords(nn.Module):
+    """The keywords of :func:`logitstd_kernels.distillation_loss`, checked once, for the loss modules."""
 
     def __init__(
         self,
@@ -99,6 +94,21 @@ class DistillationLoss(nn.Module):
         self.return_components = bool(return_components)
         self.backend = check_backend(backend)
 
+    def extra_repr(self) -> str:
+        return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, temperature={self.temperature}, "
+                f"teacher_temperature={self.teacher_temperature}, standardize={self.standardize}, "
+                f"correction={self.correction}, eps={self.eps}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class DistillationLoss(_ObjectiveKeywords):
+    """The distillation objective as a module; ``forward(student, teacher, labels=None, mask=None)``.
+
+    Equivalent eager code: ``reference.distillation_loss(student, teacher, labels, **keywords, mask=mask)``.
+    The keywords are those of :func:`logitstd_kernels.distillation_loss` (defaults: the official
+    code's ``ce_weight=0.1, kd_weight=9``, base temperature 2) and are checked here, once.
+    """
+
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> Union[torch.Tensor, DistillationParts]:
@@ -110,14 +120,8 @@ class DistillationLoss(nn.Module):
             reduction=self.reduction, return_components=self.return_components, backend=self.backend,
         )
 
-    def extra_repr(self) -> str:
-        return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, temperature={self.temperature}, "
-                f"teacher_temperature={self.teacher_temperature}, standardize={self.standardize}, "
-                f"correction={self.correction}, eps={self.eps}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, backend={self.backend!r}")
 
-
-class FusedLinearDistillationLoss(DistillationLoss):
+class FusedLinearDistillationLoss(_ObjectiveKeywords):
     """The distillation objective of two lm_heads without their logits (chunked), as a module.
 
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
@@ -143,7 +147,7 @@ class FusedLinearDistillationLoss(DistillationLoss):
         self.chunk_size = chunk_size
         self.accum_dtype = accum_dtype
 
-    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,  # type: ignore[override]
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, *, teacher_logits: Optional[torch.Tensor] = None,
                 student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,

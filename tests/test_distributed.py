@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import traceback
 from pathlib import Path
 
@@ -135,14 +136,20 @@ def _compare_loss(rank: int, world: int) -> dict:
 
 
 def _count_collectives(rank: int, world: int) -> dict:
+    """The bytes each collective call of a step hands over, whatever the collective."""
     calls = []
-    original = dist.all_gather
+    patched = {}
+    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter", "gather",
+                 "scatter", "all_to_all", "all_to_all_single"):
+        original = getattr(dist, name)
+        patched[name] = original
 
-    def counting(tensor_list, tensor, *args, **kwargs):
-        calls.append(tensor.numel() * tensor.element_size())
-        return original(tensor_list, tensor, *args, **kwargs)
+        def counting(*args, _name=name, _original=original, **kwargs):
+            tensor = args[1] if _name in ("all_gather", "all_gather_into_tensor") else args[0]
+            calls.append((_name, tensor.numel() * tensor.element_size()))
+            return _original(*args, **kwargs)
 
-    dist.all_gather = counting
+        setattr(dist, name, counting)
     try:
         cols = _slice(rank, world, 500)
         x, y = torch.randn(64, 500), torch.randn(64, 500)
@@ -154,7 +161,8 @@ def _count_collectives(rank: int, world: int) -> dict:
             vocab_parallel_distillation_loss(xs, y[:, cols], labels, check_shards=check).backward()
             counts[str(check)] = list(calls)
     finally:
-        dist.all_gather = original
+        for name, original in patched.items():
+            setattr(dist, name, original)
     return counts
 
 
@@ -179,29 +187,39 @@ def _dtensor(rank: int, world: int) -> dict:
 
 
 def _fused_linear(rank: int, world: int) -> dict:
+    """Teacher by hidden states + weights and by its logits' slice, a student bias, a mask, default
+    and explicit chunks; the hidden gradient's partial sums all-reduced as the layer's backward would."""
     num_classes, hidden, teacher_hidden, rows = 301, 16, 24, 11
     cols = _slice(rank, world, num_classes)
     h = torch.randn(rows, hidden, dtype=torch.float64)
     w = torch.randn(num_classes, hidden, dtype=torch.float64) / 4
+    b = torch.randn(num_classes, dtype=torch.float64)
     ht = torch.randn(rows, teacher_hidden, dtype=torch.float64)
     wt = torch.randn(num_classes, teacher_hidden, dtype=torch.float64) / 3
     labels = torch.randint(0, num_classes, (rows,))
     labels[1::3] = -100
+    mask = torch.ones(rows, dtype=torch.bool)
+    mask[4] = False
     worst = 0.0
     for dtype, bound in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
-        hl = h.to(dtype).clone().requires_grad_(True)
-        wl = w.to(dtype)[cols].clone().requires_grad_(True)
-        loss = vocab_parallel_fused_linear_distillation_loss(hl, wl, ht.to(dtype), wt.to(dtype)[cols], labels,
-                                                             chunk_size=4)
-        loss.backward()
-        grad_hidden = hl.grad.double().clone()
-        dist.all_reduce(grad_hidden)  # the tensor-parallel layer's all-reduce of the partial sums
-        hf, wf = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        want = reference.distillation_loss(F.linear(hf, wf), F.linear(ht, wt), labels)
-        want.backward()
-        errors = [_max_rel(loss, want), _max_rel(grad_hidden, hf.grad), _max_rel(wl.grad, wf.grad[cols])]
-        assert max(errors) <= bound, f"{dtype}: {errors}"
-        worst = max(worst, *errors)
+        for teacher, chunk in (("hidden", 4), ("logits", None)):
+            hl = h.to(dtype).clone().requires_grad_(True)
+            wl = w.to(dtype)[cols].clone().requires_grad_(True)
+            bl = b.to(dtype)[cols].clone().requires_grad_(True)
+            given = (dict(teacher_hidden=ht.to(dtype), teacher_weight=wt.to(dtype)[cols]) if teacher == "hidden"
+                     else dict(teacher_logits=F.linear(ht, wt).to(dtype)[:, cols]))
+            loss = vocab_parallel_fused_linear_distillation_loss(hl, wl, labels=labels, student_bias=bl, mask=mask,
+                                                                 chunk_size=chunk, **given)
+            loss.backward()
+            grad_hidden = hl.grad.double().clone()
+            dist.all_reduce(grad_hidden)  # the tensor-parallel layer's all-reduce of the partial sums
+            hf, wf, bf = (t.clone().requires_grad_(True) for t in (h, w, b))
+            want = reference.distillation_loss(F.linear(hf, wf, bf), F.linear(ht, wt), labels, mask=mask)
+            want.backward()
+            errors = [_max_rel(loss, want), _max_rel(grad_hidden, hf.grad), _max_rel(wl.grad, wf.grad[cols]),
+                      _max_rel(bl.grad, bf.grad[cols])]
+            assert max(errors) <= bound, f"{dtype} teacher={teacher}: {errors}"
+            worst = max(worst, *errors)
     return {"worst": worst}
 
 
@@ -209,6 +227,38 @@ def _rows_disagree(rank: int, world: int) -> dict:
     rows = 4 if rank == 0 else 5
     vocab_parallel_distillation_loss(torch.randn(rows, 10), torch.randn(rows, 10), None)
     return {}
+
+
+def _rows_disagree_with_labels(rank: int, world: int) -> dict:
+    """The usual mistake: the global labels have 5 rows, rank 0's logits 4; only rank 0's local checks
+    see it, and every rank must still raise (not wait in a collective)."""
+    rows = 4 if rank == 0 else 5
+    vocab_parallel_distillation_loss(torch.randn(rows, 10), torch.randn(rows, 10), torch.zeros(5, dtype=torch.long))
+    return {}
+
+
+def _fused_rows_disagree(rank: int, world: int) -> dict:
+    rows = 8 if rank == 0 else 12
+    vocab_parallel_fused_linear_distillation_loss(torch.randn(rows, 4), torch.randn(10, 4), torch.randn(rows, 4),
+                                                  torch.randn(10, 4), chunk_size=4)
+    return {}
+
+
+def _fused_full_teacher_logits(rank: int, world: int) -> dict:
+    """teacher_logits with all V classes instead of this rank's slice: an error, not a wrong loss."""
+    vocab_parallel_fused_linear_distillation_loss(torch.randn(6, 4), torch.randn(10, 4),
+                                                  teacher_logits=torch.randn(6, 10 * world))
+    return {}
+
+
+def _fused_uneven_default_chunks(rank: int, world: int) -> dict:
+    """Uneven slices whose own default chunk sizes would differ: the chunk comes from the widest."""
+    widths = [21846, 21845]
+    h = torch.randn(256, 8)
+    labels = torch.randint(0, sum(widths), (256,))  # before the rank-dependent draws: the same on every rank
+    loss = vocab_parallel_fused_linear_distillation_loss(h, torch.randn(widths[rank], 8), h, torch.randn(widths[rank], 8),
+                                                         labels)
+    return {"loss": float(loss)}
 
 
 def _dtype_disagrees(rank: int, world: int) -> dict:
@@ -230,8 +280,9 @@ def _label_outside(rank: int, world: int) -> dict:
 
 
 SCENARIOS = {"loss": _compare_loss, "collectives": _count_collectives, "dtensor": _dtensor,
-             "fused_linear": _fused_linear, "rows": _rows_disagree, "dtype": _dtype_disagrees,
-             "ranges": _ranges_do_not_tile, "label": _label_outside}
+             "fused_linear": _fused_linear, "uneven_chunks": _fused_uneven_default_chunks, "rows": _rows_disagree,
+             "rows_labels": _rows_disagree_with_labels, "dtype": _dtype_disagrees, "ranges": _ranges_do_not_tile,
+             "label": _label_outside, "fused_rows": _fused_rows_disagree, "fused_teacher": _fused_full_teacher_logits}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -246,9 +297,9 @@ def test_two_collectives_of_rows_size_per_step(reports):
     counts = assert_ok(reports[2], "collectives")[0]
     rows = 64
     # without the header check: phase 1 (rows x 9 float64) and phase 2 (rows x 11 float64)
-    assert counts["False"] == [rows * 9 * 8, rows * 11 * 8]
-    # with it: one constant-size header (8 int64) first
-    assert counts["True"] == [8 * 8, rows * 9 * 8, rows * 11 * 8]
+    assert counts["False"] == [["all_gather", rows * 9 * 8], ["all_gather", rows * 11 * 8]]
+    # with it: one constant-size header (9 int64) first
+    assert counts["True"] == [["all_gather", 9 * 8], ["all_gather", rows * 9 * 8], ["all_gather", rows * 11 * 8]]
 
 
 def test_dtensor_sharded_on_the_classes(reports):
@@ -260,8 +311,16 @@ def test_fused_linear_with_a_vocab_sharded_weight(world, reports):
     assert_ok(reports[world], "fused_linear")
 
 
+def test_fused_linear_default_chunks_with_uneven_slices(reports):
+    losses = [result["loss"] for result in assert_ok(reports[2], "uneven_chunks")]
+    assert losses[0] == losses[1]
+
+
 @pytest.mark.parametrize("scenario,error,match", [
     ("rows", "ValueError", "ranks disagree on the rows"),
+    ("rows_labels", "ValueError", "(labels has shape|failed their checks)"),
+    ("fused_rows", "ValueError", "ranks disagree on the rows"),
+    ("fused_teacher", "ValueError", "(teacher_logits has shape|failed their checks)"),
     ("dtype", "ValueError", "ranks disagree on the student dtype"),
     ("ranges", "ValueError", "do not tile"),
     ("label", "IndexError", "is outside"),
@@ -270,4 +329,4 @@ def test_mismatched_shards_fail_on_every_rank(scenario, error, match, reports):
     for r, report in enumerate(reports[2]):
         got = report[scenario]
         assert not got["ok"], f"rank {r} accepted the mismatch"
-        assert got["type"] == error and match in got["error"], f"rank {r}: {got['traceback']}"
+        assert got["type"] == error and re.search(match, got["error"]), f"rank {r}: {got['traceback']}"
