@@ -49,8 +49,8 @@ def _row_kl(student: torch.Tensor, teacher: torch.Tensor, tau_s: float, tau_t: f
             standardize: bool, correction: int, eps: float) -> torch.Tensor:
     """``tau_s**2 * KL(softmax(b) || softmax(a))`` for each row, in the accumulation dtype."""
     acc = accumulation_dtype(student, teacher)
-    if student.shape[0] == 0:  # no rows: nothing to standardize (torch.std would warn)
-        return student.new_zeros((0,), dtype=acc)
+    if student.shape[0] == 0:  # no rows: nothing to standardize (torch.std would warn); still in the graph
+        return (student.to(acc).sum(-1) + teacher.to(acc).sum(-1)) * 0
     x = student.to(acc)
     y = teacher.to(acc)
     if standardize:

@@ -5,7 +5,8 @@
 #   1. wheels     with --wheels DIR: pip install --no-index --find-links DIR liger-kernel
 #   2. build      TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .  (build.log)
 #   3. gpu-tests  pytest -m gpu (the files holding gpu tests)                 (junit-gpu.xml)
-#   4. matrix     pytest tests/test_loss_matrix.py, the CUDA backends' cases  (junit-matrix.xml)
+#   4. matrix     pytest tests/test_loss_matrix.py tests/test_fused_linear.py, the CUDA backends' cases
+#                 (junit-matrix.xml)
 #   5. bench      python -m logitstd_kernels bench: 8192 rows, V in {32768, 131072, 262144}, bf16 and
 #                 float32, providers torch, torch_compile, triton, cuda        (bench/*.json|csv|png)
 #   6. bench-objective  the distillation objective (bench --objective: CE + LS-KD with labels), 8192
@@ -206,8 +207,8 @@ if [ "$SMOKE" = 1 ]; then
 else
   # The CUDA backends' cases (triton-cuda, cuda-cuda); the CPU kernel's run in CI.
   LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 180 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
-    "${PYTEST[@]}" tests/test_loss_matrix.py -k "cuda" --junitxml="$OUTDIR/junit-matrix.xml"
-  NOTE="-k cuda"
+    "${PYTEST[@]}" tests/test_loss_matrix.py tests/test_fused_linear.py -k "cuda" --junitxml="$OUTDIR/junit-matrix.xml"
+  NOTE="-k cuda (loss matrix, fused lm_head)"
 fi
 record matrix "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-$NOTE}"
 
