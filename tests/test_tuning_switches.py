@@ -58,6 +58,7 @@ def _assert_same(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], what
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}, output {index}: {m}")
 
 
+@pytest.mark.gpu  # selected by scripts/gpu-check.sh (-m gpu): the hints change the code only on a GPU
 @pytest.mark.parametrize("num_classes,block,dtype", CASES,
                          ids=[f"V{v}-block{b}-{str(d).removeprefix('torch.')}" for v, b, d in CASES])
 def test_switched_blocked_kernel_equals_the_default(num_classes: int, block: int, dtype: torch.dtype):

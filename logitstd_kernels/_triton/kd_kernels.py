@@ -439,7 +439,9 @@ def kd_register_kernel(
 # current one (two tiles in flight per thread; plain loads get no software pipelining).
 # Tuning switches (config.py, BLOCKED_EVICT_HINTS; off by default, the code is then the same as
 # without them; the first GPU run decides them):
-#   EVICT_HINTS: passes 1 and 2 load with evict_last (the row pair is read again in pass 3), pass 3
+#   EVICT_HINTS: passes 1 and 2 load with evict_last (the row pair is read again in pass 3; a launch
+#   without gradients re-reads only the rows that need the refined loss, so its pass 2 loads
+#   evict_first, as the row's last read), pass 3
 #     with evict_first (its last use), and the gradients are stored streaming (.cs): the same bytes
 #     issued, fewer of pass 3's re-reads predicted to miss L2 when the rows in flight exceed it.
 #   PREFETCH = 2: every loop of full tiles keeps two tiles loaded ahead of the one being worked on
@@ -777,7 +779,7 @@ def kd_blocked_kernel(
     excl_r = zero
     if has_tail:
         offs = num_full * BLOCK + offs0
-        x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, False)
+        x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
         za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
             _to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
             u_max, w_max, ca, cb, za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S,
@@ -785,10 +787,10 @@ def kd_blocked_kernel(
         if HAS_LABELS:
             zc_r, zsum_r, excl_r = _ce_tile(_to_acc(x, ACC64), offs < V, offs, label, raw_max, zc_r, zsum_r, excl_r)
     x_next, y_next = _load_tile(x_row, y_row, tl.maximum(num_full - 1, 0) * BLOCK + offs0, v_full,
-                                x0_raw, y0_raw, EVICT_HINTS, False)
+                                x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
     if PREFETCH == 2:
         x_next2, y_next2 = _load_tile(x_row, y_row, tl.maximum(num_full - 2, 0) * BLOCK + offs0,
-                                      v_full * (num_full >= 2).to(tl.int32), x0_raw, y0_raw, EVICT_HINTS, False)
+                                      v_full * (num_full >= 2).to(tl.int32), x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
     for i in range(0, num_full):
         x = _to_acc(x_next, ACC64)
         y = _to_acc(y_next, ACC64)
@@ -798,11 +800,11 @@ def kd_blocked_kernel(
             x_next, y_next = x_next2, y_next2
             prev = tl.maximum(num_full - 3 - i, 0) * BLOCK + offs0
             x_next2, y_next2 = _load_tile(x_row, y_row, prev, v_full * (i + 2 < num_full).to(tl.int32),
-                                          x0_raw, y0_raw, EVICT_HINTS, False)
+                                          x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
         else:
             prev = tl.maximum(num_full - 2 - i, 0) * BLOCK + offs0
             x_next, y_next = _load_tile(x_row, y_row, prev, v_full * (i + 1 < num_full).to(tl.int32),
-                                        x0_raw, y0_raw, EVICT_HINTS, False)
+                                        x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
         za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
             x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
             za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, False)
