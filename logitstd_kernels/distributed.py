@@ -36,7 +36,8 @@ import torch.distributed as dist
 
 from ._checks import (OBJECTIVE_REDUCTIONS, check_fused_linear_args, check_label_smoothing, check_labels, check_mask,
                       check_pair, check_std_args, check_temperature, check_weight)
-from .fused_linear import _add_product, default_chunk_size, grad_dtype
+from .fused_linear import LOW_PRECISION, _add_product, _gemm_writes_float32, default_chunk_size, grad_dtype
+from .objective import included_rows
 from .reference import DistillationParts, accumulation_dtype
 
 __all__ = ["vocab_parallel_distillation_loss", "ShardedRows"]
@@ -177,9 +178,9 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
     mean_x, m2_x, max_x = _merge(gathered[..., 0:4], widths)
     mean_y, m2_y, max_y = _merge(gathered[..., 4:8], widths)
 
-    keep = torch.ones(rows, dtype=torch.bool, device=x.device) if mask is None else mask.clone()
-    if labels is not None:
-        keep &= labels != ignore_index
+    keep = included_rows(labels, mask, ignore_index)
+    if keep is None:
+        keep = torch.ones(rows, dtype=torch.bool, device=x.device)
     tau_s, tau_t = temperature, teacher_temperature
     if standardize:
         dof = num_classes - correction  # a host int with a layout, else a device tensor
@@ -300,12 +301,9 @@ class _ShardedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, mask, group, options, reduction):
         out = sharded_rows(student, teacher, labels, mask, group, **options)
-        count = out.rows.new_ones(()) if reduction != "mean" else (
-            torch.ones_like(out.rows, dtype=torch.bool) if mask is None else mask.clone()).sum().clamp_min(1)
-        if reduction == "mean" and labels is not None:
-            keep = labels != options["ignore_index"]
-            keep = keep if mask is None else keep & mask
-            count = keep.sum().clamp_min(1)
+        keep = included_rows(labels, mask, options["ignore_index"])
+        count = (out.rows.new_ones(()) if reduction != "mean" else
+                 out.rows.new_tensor(float(max(out.rows.shape[0], 1))) if keep is None else keep.sum().clamp_min(1))
         ctx.save_for_backward(out.grad_student, out.grad_teacher, count.to(out.rows.dtype))
         ctx.reduction = reduction
         ctx.dtypes = (student.dtype, teacher.dtype)
@@ -432,10 +430,13 @@ class _ShardedFusedLinear(torch.autograd.Function):
         g_weight = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if wants[1] else None
         g_bias = torch.zeros(weight.shape[0], dtype=accum_dtype, device=weight.device) if wants[2] else None
         totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
-        keep = torch.ones(num_rows, dtype=torch.bool, device=hidden.device) if mask is None else mask
-        if labels is not None:
-            keep = keep & (labels != options["ignore_index"])
+        keep = included_rows(labels, mask, options["ignore_index"])
+        if keep is None:
+            keep = torch.ones(num_rows, dtype=torch.bool, device=hidden.device)
         chunk_options = dict(options, grad_student=any(wants), grad_teacher=False)
+        hidden_weight = weight  # converted once where the GEMM cannot write float32 from bf16/fp16 itself
+        if g_hidden is not None and weight.dtype in LOW_PRECISION and not _gemm_writes_float32(hidden.device):
+            hidden_weight = weight.to(g_hidden.dtype)
         for start in range(0, num_rows, chunk_size):
             pick = slice(start, min(start + chunk_size, num_rows))
             h = hidden[pick].masked_fill(~keep[pick].unsqueeze(1), 0)  # no 0 * NaN from excluded rows
@@ -449,7 +450,7 @@ class _ShardedFusedLinear(torch.autograd.Function):
             if out.grad_student is not None:
                 g = out.grad_student.to(weight.dtype)  # the logits' gradient in their dtype, as eager's
                 if g_hidden is not None:
-                    _add_product(g_hidden[pick], g, weight)
+                    _add_product(g_hidden[pick], g, hidden_weight)
                 if g_weight is not None:
                     _add_product(g_weight, g.t(), h)
                 if g_bias is not None:

@@ -33,7 +33,7 @@ from . import reference
 from ._backends import resolve_backend_name
 from ._checks import check_backend, check_fused_linear_args
 from .functional import _as_rows
-from .objective import DistillationParts, fused_objective_rows
+from .objective import DistillationParts, fused_objective_rows, included_count, included_rows
 from .reference import accumulation_dtype
 
 __all__ = ["fused_linear_distillation_loss", "default_chunk_size"]
@@ -58,14 +58,6 @@ def default_chunk_size(num_rows: int, num_classes: int, dtype: torch.dtype, devi
     fit = max(budget // per_row, 1)
     chunk = 1 << (fit.bit_length() - 1)
     return max(1, min(chunk, 1 << max(num_rows - 1, 0).bit_length()))
-
-
-def _included(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:
-    """The rows of the objective as a bool (N,) tensor, or None when every row is."""
-    keep = mask
-    if labels is not None:
-        keep = (labels != ignore_index) if keep is None else keep & (labels != ignore_index)
-    return keep
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -154,14 +146,14 @@ def fused_linear_op(
     num_classes = student_weight.shape[0]
     teacher_parts = [t for t in (teacher_hidden, teacher_weight, teacher_logits) if t is not None]
     acc = accumulation_dtype(student_hidden, student_weight, *teacher_parts)
-    keep = _included(labels, mask, ignore_index)
+    keep = included_rows(labels, mask, ignore_index)
     # On the CPU the included rows are gathered first, so that ignored rows cost no matmul; on CUDA
     # that would take a host synchronization: excluded rows go through the matmuls with their hidden
     # state zeroed (a NaN there must not reach grad_W through 0 * NaN) and get a zero gradient.
     rows_index = keep.nonzero().squeeze(1) if keep is not None and _gathers_rows(device) else None
-    count = (torch.full((1,), float(max(num_rows, 1)), dtype=acc, device=device) if keep is None
-             else keep.sum().reshape(1).clamp_min(1).to(acc))
+    count = included_count(labels, mask, ignore_index, num_rows, acc, device)
     totals = torch.zeros(3, dtype=acc, device=device)
+
     def empty() -> torch.Tensor:  # a distinct placeholder per output (outputs may not alias)
         return student_hidden.new_empty((0,))
 
@@ -172,6 +164,11 @@ def fused_linear_op(
     g_weight = torch.zeros(student_weight.shape, dtype=accum_dtype, device=device) if grad_weight else empty()
     g_bias = torch.zeros(num_classes, dtype=accum_dtype, device=device) if grad_bias else empty()
     wants_grad = grad_hidden or grad_weight or grad_bias
+    # The weight as the hidden gradient's GEMM takes it: converted once, not per chunk, where the
+    # GEMM cannot write a float32 result from low-precision factors itself.
+    hidden_weight = student_weight
+    if grad_hidden and student_weight.dtype in LOW_PRECISION and not _gemm_writes_float32(device):
+        hidden_weight = student_weight.to(g_hidden.dtype)
     unit = torch.ones(1, dtype=acc, device=device)
     kernel_args = (temperature, teacher_temperature, standardize, correction, eps)
     objective_args = (ignore_index, label_smoothing, ce_weight, kd_weight)
@@ -198,9 +195,11 @@ def fused_linear_op(
             del xs, xt
             totals += torch.stack((rows.sum(), ce.sum(), kd.sum()))
             if grad_hidden:
-                part = g_hidden[pick] if rows_index is None else torch.zeros_like(g_hidden[pick])
-                _add_product(part, g, student_weight)
-                if rows_index is not None:
+                if rows_index is None:
+                    _add_product(g_hidden[pick], g, hidden_weight)  # a view of the rows: in place
+                else:
+                    part = g_hidden.new_zeros((pick.shape[0], g_hidden.shape[1]))
+                    _add_product(part, g, hidden_weight)
                     g_hidden[pick] = part
             if grad_weight:
                 _add_product(g_weight, g.t(), hs)

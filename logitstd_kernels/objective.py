@@ -29,14 +29,22 @@ from .reference import DistillationParts, accumulation_dtype
 __all__ = ["distillation_loss", "DistillationParts"]
 
 
-def _included_count(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor], ignore_index: int,
+def included_rows(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                  ignore_index: int) -> Optional[torch.Tensor]:
+    """The rows of the objective, ``mask & (labels != ignore_index)``, as a bool (N,) tensor; None
+    when every row is included (no mask, no labels)."""
+    if labels is None:
+        return mask
+    keep = labels != ignore_index
+    return keep if mask is None else keep & mask
+
+
+def included_count(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor], ignore_index: int,
                     num_rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The number of rows in the objective, at least 1, as a (1,) device tensor (no host sync)."""
-    if labels is None and mask is None:
+    keep = included_rows(labels, mask, ignore_index)
+    if keep is None:
         return torch.full((1,), float(max(num_rows, 1)), dtype=dtype, device=device)
-    keep = torch.ones(num_rows, dtype=torch.bool, device=device) if mask is None else mask
-    if labels is not None:
-        keep = keep & (labels != ignore_index)
     return keep.sum().reshape(1).clamp_min(1).to(dtype)
 
 
@@ -107,7 +115,7 @@ def distillation_loss_op(
                              label_smoothing=label_smoothing, mask=mask, reduction=reduction)
     mask = None if mask is None else mask.contiguous()
     acc = accumulation_dtype(student, teacher)
-    count = (_included_count(labels, mask, ignore_index, student.shape[0], acc, student.device)
+    count = (included_count(labels, mask, ignore_index, student.shape[0], acc, student.device)
              if reduction == "mean" else torch.ones(1, dtype=acc, device=student.device))
     rows, grad_s, grad_t, ce, kd = fused_objective_rows(
         backend, student, teacher, labels, mask, count.reciprocal(),
@@ -139,7 +147,7 @@ def _setup_context(ctx, inputs, output) -> None:
     scale = None
     if (grad_student and student.dtype in LOW_PRECISION) or (grad_teacher and teacher.dtype in LOW_PRECISION):
         acc = accumulation_dtype(student, teacher)
-        count = (_included_count(labels, mask, ignore_index, student.shape[0], acc, student.device)
+        count = (included_count(labels, mask, ignore_index, student.shape[0], acc, student.device)
                  if reduction == "mean" else torch.ones(1, dtype=acc, device=student.device))
         scale = (kd_weight if labels is None else 1.0) / count
     objective_args = None if labels is None else (ignore_index, label_smoothing, ce_weight, kd_weight)

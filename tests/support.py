@@ -221,3 +221,22 @@ def check_against_reference(student: torch.Tensor, teacher: torch.Tensor, backen
     if grad_teacher:
         assert gy.dtype == teacher.dtype, f"teacher grad dtype {gy.dtype} != {teacher.dtype}"
         assert_within_eager_error("grad_teacher", gy, eager[2], exact[2], magnitude=mags[2])
+
+
+def capture_cuda_graph(x: torch.Tensor,
+                       loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm ``loss_fn().sum().backward()`` up on a side stream (3 steps), then capture one step in a
+    CUDA graph; returns the graph and the captured loss (``x.grad`` is the captured gradient)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            x.grad = None
+            loss_fn().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        static = loss_fn()
+        static.sum().backward()
+    return graph, static

@@ -186,20 +186,26 @@ def test_under_autocast_like_the_eager_composition(case):
 @pytest.mark.parametrize("case", [c for c in CASES if not interpreted(*c)], ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_gradients_accumulate_in_float32(case, dtype):
-    """bf16/fp16 weights and hidden states, one row per chunk (256 accumulations). The weight gradient
-    accumulated in float32 is within 1e-2 of the float64 truth (in the weights' own dtype it would be
-    3e-2 off in bf16); fp16 gradients do not underflow (the kernel's G is unnormalized)."""
+    """bf16/fp16 weights and hidden states, one row per chunk (256 accumulations), a GradScaler-like
+    upstream gradient of 65536: every student gradient within twice the error of the eager composition
+    in the same dtype (against float64). Measured over 24 seeds: at most 1.4x eager's; accumulating the
+    weight gradient in bf16/fp16 instead gives 2.8-2.9x or more, and fp16 gradients pre-scaled by 1/n
+    (before this was fixed) about 100x."""
     backend, device = case
     h, w, b, ht, wt, bt = make_problem(256, 32, 32, 512, device, dtype=torch.float32)
     labels = labels_for((256,), 512, "none-ignored", device)
     want = numpy_truth(h, w, b, F.linear(ht, wt, bt), labels, **OPTIONS)
     low = [t.to(dtype) for t in (h, w, b, ht, wt, bt)]
-    got = run(*low[:3], upstream=65536.0, teacher_hidden=low[3], teacher_weight=low[4], teacher_bias=low[5],
-              labels=labels, chunk_size=1, backend=backend, **OPTIONS)
+    teacher = dict(teacher_hidden=low[3], teacher_weight=low[4], teacher_bias=low[5], labels=labels)
+    got = run(*low[:3], upstream=65536.0, chunk_size=1, backend=backend, **teacher, **OPTIONS)
+    eager = run(*low[:3], upstream=65536.0, backend="torch", **teacher, **OPTIONS)
     assert all(g.dtype == dtype for g in got[1:])
-    bound = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    for name, g, t in zip(("grad_hidden", "grad_weight", "grad_bias"), got[1:], want[1:]):
-        assert_close(name, g.double() / 65536.0, t, bound)
+    for name, g, e, t in zip(("grad_hidden", "grad_weight", "grad_bias"), got[1:], eager[1:], want[1:]):
+        t = torch.as_tensor(np.asarray(t), dtype=torch.float64)
+        scale = t.abs().max()
+        err = float((g.double().cpu() / 65536.0 - t).abs().max() / scale)
+        eager_err = float((e.double().cpu() / 65536.0 - t).abs().max() / scale)
+        assert err <= 2 * eager_err, f"{name}: error {err:.2e}, eager {dtype} {eager_err:.2e}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

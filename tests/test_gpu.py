@@ -13,7 +13,8 @@ import torch
 
 import logitstd_kernels as lsk
 from logitstd_kernels.testing import assert_within_eager_error
-from support import check_against_reference, eager_loss_and_grads, exact_loss_and_grads, fused_cases, needs
+from support import (capture_cuda_graph, check_against_reference, eager_loss_and_grads, exact_loss_and_grads,
+                     fused_cases, needs)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,23 +44,7 @@ def test_cuda_graph_capture_of_forward_and_backward(backend):
     y = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
     mask = torch.rand(rows, device="cuda") > 0.2
 
-    def step():
-        x.grad = None
-        loss = lsk.logitstd_kd_loss(x, y, mask=mask, backend=backend)
-        loss.backward()
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    x.grad = None
-    with torch.cuda.graph(graph):
-        static_loss = lsk.logitstd_kd_loss(x, y, mask=mask, backend=backend)
-        static_loss.backward()
+    graph, static_loss = capture_cuda_graph(x, lambda: lsk.logitstd_kd_loss(x, y, mask=mask, backend=backend))
     for _ in range(2):
         with torch.no_grad():
             x.copy_(3 * torch.randn_like(x))

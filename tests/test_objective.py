@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import logitstd_kernels as lsk
 from formula import objective_numpy
-from support import case_id, fused_cases, objective_term_magnitudes
+from support import capture_cuda_graph, case_id, fused_cases, objective_term_magnitudes
 from logitstd_kernels.testing import assert_within_eager_error
 
 CASES = fused_cases()
@@ -253,23 +253,8 @@ def test_cuda_graph_capture_and_out_of_range_labels(case):
     y = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16)
     labels = torch.randint(0, vocab, (rows,), device=device)
 
-    def step():
-        x.grad = None
-        loss = lsk.distillation_loss(x, y, labels, reduction="none", backend=backend)
-        loss.sum().backward()
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    x.grad = None
-    with torch.cuda.graph(graph):
-        static = lsk.distillation_loss(x, y, labels, reduction="none", backend=backend)
-        static.sum().backward()
+    graph, static = capture_cuda_graph(
+        x, lambda: lsk.distillation_loss(x, y, labels, reduction="none", backend=backend))
     for replay in range(2):
         with torch.no_grad():
             x.copy_(3 * torch.randn_like(x))
