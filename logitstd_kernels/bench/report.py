@@ -62,7 +62,8 @@ def device_name(device: torch.device) -> str:
 
 
 def _git_commit() -> Optional[str]:
-    """The checkout's commit (with "+dirty" for uncommitted changes), when run from a git checkout."""
+    """The checkout's commit (with "+dirty" for uncommitted changes), when run from a git checkout;
+    else ``$LOGITSTD_GIT_COMMIT`` (a copy of the tree without ``.git``, e.g. on a lent GPU machine)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
@@ -72,7 +73,7 @@ def _git_commit() -> Optional[str]:
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("LOGITSTD_GIT_COMMIT") or None
     return commit + ("+dirty" if dirty else "")
 
 
