@@ -5,8 +5,8 @@
 #   1. wheels     with --wheels DIR: pip install --no-index --find-links DIR liger-kernel
 #   2. build      TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .  (build.log)
 #   3. gpu-tests  pytest -m gpu (the files holding gpu tests; with pytest-xdist, 8 workers) (junit-gpu.xml)
-#   4. matrix     pytest tests/test_loss_matrix.py tests/test_fused_linear.py, the CUDA backends' cases
-#                 (junit-matrix.xml)
+#   4. matrix     pytest -k cuda -m "not gpu": every test file's CUDA cases (the backends triton-cuda,
+#                 cuda-cuda) and the benchmark gates on the GPU        (junit-matrix.xml)
 #   5. bench      python -m logitstd_kernels bench: 8192 rows, V in {32768, 131072, 262144}, bf16 and
 #                 float32, providers torch, torch_compile, triton, cuda        (bench/*.json|csv|png)
 #   6. bench-objective  the distillation objective (bench --objective: CE + LS-KD with labels), 8192
@@ -28,7 +28,7 @@
 # run keeps what it measured. Exit status: 0 when every step that ran passed (skips for a missing
 # --wheels folder or an already built extension count as passed), else 1; 2 for bad arguments.
 #
-#   bash scripts/gpu-check.sh OUTDIR [--smoke] [--wheels DIR] [--tar FILE] [--budget SECONDS]
+#   bash scripts/gpu-check.sh OUTDIR [--smoke] [--wheels DIR] [--tar FILE] [--budget SECONDS] [--steps LIST]
 #
 # --smoke  the same steps at tiny sizes on whatever device is present (CI runs it on the CPU, so the
 #          script cannot rot): the build is skipped when the extension already imports, the tests
@@ -36,24 +36,32 @@
 #          tuning step: the blocked path); ~1 minute on 2 cores.
 # --tar    also keep FILE (a .tar.gz of OUTDIR) up to date after every step: the device machine
 #          returns at most 8 files, so pass e.g. --tar "$OUT/gpu-check.tgz".
+# --steps  run only these steps (comma-separated names as above, e.g. build,gpu-tests,matrix), for a
+#          second call that finishes what a first one left; the others are recorded as not selected
+#          and reserve no time.
 #
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), MAX_JOBS (build jobs,
 # default: all cores), GPU_CHECK_CAP_<STEP> (seconds, e.g. GPU_CHECK_CAP_BENCH=300) per step,
 # GPU_CHECK_WORKERS (pytest-xdist workers of the test steps, default 8; 1 for none),
-# LOGITSTD_GIT_COMMIT (the commit recorded in env.txt and the results when the tree has no .git).
+# GPU_CHECK_ARGS_<STEP> (bench arguments appended to a bench step's own, which they override: e.g.
+# GPU_CHECK_ARGS_BENCH="--dtypes float32" times the main benchmark's float32 cases only),
+# LOGITSTD_GIT_COMMIT (the commit recorded in env.txt and the results, in place of what git says: a
+# copy of the tree on a lent machine can carry a .git that does not match it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-OUTDIR="" SMOKE=0 WHEELS="" TARFILE="" BUDGET=""
+OUTDIR="" SMOKE=0 WHEELS="" TARFILE="" BUDGET="" STEPS_SELECTED=""
+ALL_STEPS=",wheels,build,gpu-tests,matrix,bench,bench-objective,bench-tuning,bench-fused-linear,bench-kd,"
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --wheels) WHEELS="${2:?--wheels needs a folder}"; shift ;;
     --tar) TARFILE="${2:?--tar needs a file name}"; shift ;;
     --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
+    --steps) STEPS_SELECTED="${2:?--steps needs a list}"; shift ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu-check: unknown option $1" >&2; usage >&2; exit 2 ;;
     *) if [ -n "$OUTDIR" ]; then echo "gpu-check: one OUTDIR only" >&2; exit 2; fi; OUTDIR="$1" ;;
@@ -61,6 +69,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ -z "$OUTDIR" ]; then usage >&2; exit 2; fi
+for step in ${STEPS_SELECTED//,/ }; do
+  if [[ "$ALL_STEPS" != *",$step,"* ]]; then echo "gpu-check: unknown step $step in --steps" >&2; exit 2; fi
+done
+selected() { [ -z "$STEPS_SELECTED" ] || [[ ",$STEPS_SELECTED," == *",$1,"* ]]; }
 if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then echo "gpu-check: --wheels $WHEELS is not a folder" >&2; exit 2; fi
 mkdir -p "$OUTDIR" || exit 2
 OUTDIR="$(cd "$OUTDIR" && pwd)"
@@ -84,6 +96,9 @@ else
   # and transfers room inside its 15 minutes (--budget 560).
   MIN_BUILD=100 MIN_GPU=45 MIN_MATRIX=60 MIN_BENCH=110 MIN_OBJ=50 MIN_TUNE=40 MIN_FL=50 MIN_KD=$(( EXPECT_LIGER * 50 ))
 fi
+selected build || MIN_BUILD=0; selected gpu-tests || MIN_GPU=0; selected matrix || MIN_MATRIX=0
+selected bench || MIN_BENCH=0; selected bench-objective || MIN_OBJ=0; selected bench-tuning || MIN_TUNE=0
+selected bench-fused-linear || MIN_FL=0; selected bench-kd || MIN_KD=0
 STEPS="$OUTDIR/steps.tsv"
 : > "$STEPS"
 
@@ -111,6 +126,10 @@ run_step() {
   local left=$(( BUDGET - $(elapsed) - reserve ))
   [ "$left" -lt "$cap" ] && cap="$left"
   STEP_NOTE=""
+  if ! selected "$name"; then
+    STEP_STATUS=skipped STEP_RC=- STEP_SECS=0 STEP_NOTE="not selected (--steps)"
+    return 0
+  fi
   if [ "$cap" -lt 10 ]; then
     STEP_STATUS=skipped STEP_RC=- STEP_SECS=0 STEP_NOTE="out of time: budget ${BUDGET}s"
     return 0
@@ -132,7 +151,8 @@ echo "gpu-check: $( [ "$SMOKE" = 1 ] && echo smoke || echo full ) run, results i
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "mode: $( [ "$SMOKE" = 1 ] && echo smoke || echo full )"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo "${LOGITSTD_GIT_COMMIT:-?}")$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
+  if [ -n "${LOGITSTD_GIT_COMMIT:-}" ]; then echo "git: $LOGITSTD_GIT_COMMIT (LOGITSTD_GIT_COMMIT)"
+  else echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"; fi
   echo "host: $(uname -srm), $(nproc) cores"
   echo "python: $PYTHON"
   "$PYTHON" - <<'EOF' 2>&1
@@ -176,7 +196,9 @@ fi
 
 # ---- 2. build ---------------------------------------------------------------------------------------
 LOG="$OUTDIR/build.log"
-if [ "$SMOKE" = 1 ] && "$PYTHON" -c "import logitstd_kernels._C" >/dev/null 2>&1; then
+if ! selected build; then
+  record build skipped - 0 "$LOG" "not selected (--steps)"
+elif [ "$SMOKE" = 1 ] && "$PYTHON" -c "import logitstd_kernels._C" >/dev/null 2>&1; then
   record build skipped - 0 "$LOG" "smoke: the extension already imports"
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
@@ -214,10 +236,13 @@ if [ "$SMOKE" = 1 ]; then
     -k "test_a_fused_backend_runs_here or test_zero_rows or test_student_grad_only or test_mask"
   NOTE="a few fast cases"
 else
-  # The CUDA backends' cases (triton-cuda, cuda-cuda); the CPU kernel's run in CI.
-  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 180 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
-    "${PYTEST[@]}" tests/test_loss_matrix.py tests/test_fused_linear.py -k "cuda" --junitxml="$OUTDIR/junit-matrix.xml"
-  NOTE="-k cuda (loss matrix, fused lm_head)"
+  # Every CUDA case (triton-cuda, cuda-cuda) outside the gpu-marked tests (step 3), and the
+  # benchmark gates, whose inputs are on the GPU there; the CPU kernel's cases, and the host emulation
+  # of the CUDA kernel's row math, run in CI.
+  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 240 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
+    "${PYTEST[@]}" tests benchmarks/test_gate.py benchmarks/test_objective_gate.py -m "not gpu" \
+    -k "(cuda and not emulated_on_host) or gate" --junitxml="$OUTDIR/junit-matrix.xml"
+  NOTE="-k cuda: every test file; the benchmark gates"
 fi
 record matrix "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-$NOTE}"
 
@@ -235,9 +260,11 @@ bench_step() {  # name reserve cap margin extra-args...
   local left=$(( BUDGET - $(elapsed) - reserve ))
   [ "$left" -lt "$cap" ] && cap="$left"
   local tb=$(( cap - margin )); [ "$tb" -lt 0 ] && tb=0
+  local args_var="GPU_CHECK_ARGS_$(echo "$name" | tr 'a-z-' 'A-Z_')" extra=()
+  read -ra extra <<< "${!args_var:-}"
   run_step "$name" "$log" "$cap" "$reserve" \
     "$PYTHON" -m logitstd_kernels bench --modes full --rows-sweep "" --time-budget "$tb" \
-    --out "$OUTDIR/$name" "$@"
+    --out "$OUTDIR/$name" "$@" "${extra[@]}"
   local note="${STEP_NOTE:-time budget ${tb}s}"
   if [ "$STEP_STATUS" = ok ] && grep -q "case(s) skipped" "$log"; then
     STEP_STATUS=partial note="cases skipped for time (see $name.log)"

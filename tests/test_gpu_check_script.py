@@ -73,7 +73,25 @@ def test_smoke_run_passes_and_writes_its_files(tmp_path):
     assert (tmp_path / "gpu-check.tgz").stat().st_size > 0
 
 
+@needs(shutil.which("bash") is not None and shutil.which("timeout") is not None,
+       "needs bash and coreutils' timeout to run scripts/gpu-check.sh")
+def test_selected_steps_only_with_their_extra_arguments(tmp_path):
+    """--steps runs the named steps alone; GPU_CHECK_ARGS_<STEP> overrides a bench step's arguments."""
+    out = tmp_path / "gpu-check"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_ARGS_BENCH="--vocab 128")
+    done = subprocess.run(["bash", str(SCRIPT), str(out), "--smoke", "--steps", "bench"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = {s["step"]: s for s in json.loads((out / "steps.json").read_text())["steps"]}
+    assert steps["bench"]["status"] == "ok"
+    assert all(s["status"] == "skipped" and s["note"] == "not selected (--steps)"
+               for name, s in steps.items() if name not in ("bench", "wheels", "bench-kd")), steps
+    (result,) = sorted((out / "bench").glob("*.json"))
+    assert {r["vocab"] for r in json.loads(result.read_text())["results"]} == {128}
+
+
 def test_bad_arguments_exit_2(tmp_path):
-    for args in ([], ["--no-such-option", str(tmp_path)], [str(tmp_path), "--wheels", str(tmp_path / "missing")]):
+    for args in ([], ["--no-such-option", str(tmp_path)], [str(tmp_path), "--wheels", str(tmp_path / "missing")],
+                 [str(tmp_path), "--steps", "build,no-such-step"]):
         done = subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, (args, done.stdout, done.stderr)

@@ -275,7 +275,7 @@ def _leaf_grads(fn, student, teacher, upstream, retain=False, **kwargs):
     x = student.detach().clone().requires_grad_(True)
     y = teacher.detach().clone().requires_grad_(True)
     loss = fn(x, y, **kwargs)
-    loss.backward(upstream.to(loss.dtype), retain_graph=retain)
+    loss.backward(upstream.to(device=loss.device, dtype=loss.dtype), retain_graph=retain)
     return loss.detach(), x.grad, y.grad
 
 

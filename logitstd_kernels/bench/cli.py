@@ -122,8 +122,9 @@ def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student
         if options.get("objective"):
             labels = objective.labels_for(case.rows, case.vocab, device)
             fn = objective.make_objective(provider, **kd_options)
-            violation = objective.objective_violation(fn, student, teacher, labels, **kd_options,
-                                                      ce_weight=objective.gate_ce_weight(provider))
+            violation = objective.objective_violation(
+                fn, student, teacher, labels, **kd_options, ce_weight=objective.gate_ce_weight(provider),
+                eager_in_input_dtype=provider in objective.SUMMED_IN_INPUT_DTYPE)
 
             def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 return fn(x, y, labels)

@@ -62,10 +62,12 @@ def device_name(device: torch.device) -> str:
 
 
 def _git_commit() -> Optional[str]:
-    """The checkout's commit (with "+dirty" for uncommitted changes), when run from a git checkout;
-    else ``$LOGITSTD_GIT_COMMIT`` (a copy of the tree without ``.git``, e.g. on a lent GPU machine)."""
+    """``$LOGITSTD_GIT_COMMIT`` when set (a copy of the tree whose ``.git`` may not match it, e.g. on a
+    lent GPU machine), else the checkout's commit (with "+dirty" for uncommitted changes)."""
     import subprocess
 
+    if os.environ.get("LOGITSTD_GIT_COMMIT"):
+        return os.environ["LOGITSTD_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -73,7 +75,7 @@ def _git_commit() -> Optional[str]:
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("LOGITSTD_GIT_COMMIT") or None
+        return None
     return commit + ("+dirty" if dirty else "")
 
 
