@@ -3,10 +3,14 @@
     python benchmarks/make_tables.py            # rewrite the README section in place
     python benchmarks/make_tables.py --check    # exit 1 if the README is out of date
 
-For each device and benchmark (the KD loss, or the distillation objective of ``bench --objective``),
-the newest committed ``benchmarks/results/*.json`` becomes one table of the forward+backward ("full") mode: median time and speedup over eager PyTorch per provider, the fused
-kernel's time as a multiple of the memory floor, and peak memory above the inputs. Nothing in the
-section is typed by hand.
+For each device and benchmark (the standardized or plain KD loss, the Triton tuning switches, the
+distillation objective of ``bench --objective``, the fused lm_head, the vocabulary-parallel loss),
+the newest committed ``benchmarks/results/*.json`` becomes one table of the forward+backward
+("full") mode: median time and speedup over eager PyTorch per provider, the fused kernel's time as a
+multiple of the memory floor, and peak memory above the inputs. Older files of the same device,
+benchmark and UTC day follow as tables of their own when they measured cases the newer ones did not
+(a GPU lease's second call that finished what the first left). Nothing in the section is typed by
+hand.
 
 "Committed" means known to git (``git ls-files``, so a staged file counts): a result file that is
 only on disk never changes the tables, and ``--check`` passes in a checkout with untracked results.
@@ -51,27 +55,52 @@ def result_files(results_dir: Path) -> list[Path]:
     return [path for path in on_disk if path.name in tracked]
 
 
-def benchmark_kind(metadata: dict) -> str:
-    """What a result file measured: the KD loss, the distillation objective (CE + KD), or a full step
-    through the lm_heads (``bench --fused-linear``)."""
+TUNING_PROVIDERS = ("triton_evict", "triton_prefetch")
+
+
+def benchmark_kind(data: dict) -> str:
+    """What a result file measured: the KD loss (standardized or plain), the Triton tuning switches,
+    the distillation objective (CE + KD), a full step through the lm_heads (``bench --fused-linear``)
+    or the vocabulary-parallel objective."""
+    metadata = data["metadata"]
     if metadata.get("distributed"):
         return f"vocabulary-parallel objective ({metadata['backend']}, standardized, with labels)"
     if metadata.get("fused_linear"):
         return f"fused linear step (lm_head matmuls + objective, forward + backward, H = {metadata['hidden']})"
-    return "distillation objective (0.1 CE + 9 KD, token labels)" if metadata.get("objective") else "KD loss"
+    if metadata.get("objective"):
+        return "distillation objective (0.1 CE + 9 KD, token labels)"
+    plain = "" if metadata.get("standardize", True) else "plain "
+    if any(r["provider"] in TUNING_PROVIDERS for r in data["results"]):
+        return f"{plain}KD loss, Triton tuning switches (_triton/config.py) forced on"
+    return f"{plain}KD loss"
+
+
+def _measured_cases(data: dict) -> set[tuple]:
+    return {(r.get("sweep"), r["rows"], r["vocab"], r["dtype"]) for r in data["results"] if r["status"] == "ok"}
 
 
 def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
-    runs: dict[tuple[str, str], tuple[Path, dict]] = {}
+    """Per (device, benchmark): the newest file, then older files of the same UTC day, newest first,
+    that measured cases none of the files before them did."""
+    runs: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
     for path in result_files(results_dir):
         data = json.loads(path.read_text())
-        key = (data["metadata"]["device"], benchmark_kind(data["metadata"]))
-        if key not in runs or data["metadata"]["date"] > runs[key][1]["metadata"]["date"]:
-            runs[key] = (path, data)
-    return sorted(runs.values(), key=lambda item: (item[1]["metadata"]["device_type"] != "cuda",
-                                                   bool(item[1]["metadata"].get("fused_linear")),
-                                                   bool(item[1]["metadata"].get("distributed")),
-                                                   bool(item[1]["metadata"].get("objective")), item[0].name))
+        runs.setdefault((data["metadata"]["device"], benchmark_kind(data)), []).append((path, data))
+    chosen = []
+    for files in runs.values():
+        files.sort(key=lambda item: item[1]["metadata"]["date"], reverse=True)
+        day = files[0][1]["metadata"]["date"][:10]
+        seen: set[tuple] = set()
+        for path, data in files:
+            cases = _measured_cases(data)
+            if path == files[0][0] or (data["metadata"]["date"][:10] == day and cases - seen):
+                chosen.append((path, data))
+                seen |= cases
+    return sorted(chosen, key=lambda item: (item[1]["metadata"]["device_type"] != "cuda",
+                                            bool(item[1]["metadata"].get("fused_linear")),
+                                            bool(item[1]["metadata"].get("distributed")),
+                                            bool(item[1]["metadata"].get("objective")), benchmark_kind(item[1]),
+                                            item[0].name))
 
 
 def _cell(result: dict | None) -> str:
@@ -88,8 +117,9 @@ def _mib(result: dict | None) -> str:
     return f"{max(result['peak_mem_mb'], 0.0):.0f}"
 
 
-def _caption(path: Path, meta: dict) -> str:
-    return (f"**{benchmark_kind(meta)}, {meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton "
+def _caption(path: Path, data: dict) -> str:
+    meta = data["metadata"]
+    return (f"**{benchmark_kind(data)}, {meta['device']}** ({meta['device_type']}), torch {meta['torch']}, triton "
             f"{meta['triton']}, logitstd_kernels {meta['logitstd_kernels']} ({meta.get('git_commit') or 'no git'}), "
             f"{meta['date']}, copy bandwidth {meta['copy_bandwidth_gbps']} GB/s, load "
             f"{meta.get('load_average_1m', '?')}; `{meta['command']}`; from `benchmarks/results/{path.name}`. "
@@ -102,7 +132,7 @@ def render_fused_linear(path: Path, data: dict) -> str:
     shown = [r for r in data["results"] if not r["status"].startswith("unavailable")]
     providers = list(dict.fromkeys(r["provider"] for r in shown))
     objectives = {"fused_linear": "LS-KD 0.1 CE + 9 KD", "fused_linear_plain": "plain KD 0.5 CE + 0.5 KL"}
-    lines = [_caption(path, meta), "",
+    lines = [_caption(path, data), "",
              "| objective | rows | V | dtype | " + " | ".join(providers) + " | "
              + " | ".join(f"{p} peak MiB" for p in providers) + " |",
              "|---|" + "---:|" * (3 + 2 * len(providers))]
@@ -120,7 +150,7 @@ def render_distributed(path: Path, data: dict) -> str:
     """Time and communication per step for each process count, and the cost model they give."""
     meta = data["metadata"]
     ok = [r for r in data["results"] if r["status"] == "ok"]
-    lines = [_caption(path, meta), "",
+    lines = [_caption(path, data), "",
              "| processes | rows | V | ms per step | collectives per step | bytes sent per rank | per row |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
@@ -150,13 +180,14 @@ def render(path: Path, data: dict) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in full))
     fused = [p for p in providers if p in FUSED]
     lines = [
-        _caption(path, meta),
+        _caption(path, data),
         "",
         "| rows | V | dtype | " + " | ".join(providers) + " | "
         + " | ".join(f"{p} x floor | {p} peak MiB" for p in fused) + " | torch peak MiB |",
         "|" + "---:|" * (3 + len(providers) + 2 * len(fused) + 1),
     ]
-    for key in dict.fromkeys((r["rows"], r["vocab"], r["dtype"]) for r in full):
+    # a case no provider measured (skipped for time, say) is left out
+    for key in dict.fromkeys((r["rows"], r["vocab"], r["dtype"]) for r in full if r["status"] == "ok"):
         by_provider = {r["provider"]: r for r in full if (r["rows"], r["vocab"], r["dtype"]) == key}
         cells = [_cell(by_provider.get(p)) for p in providers]
         for p in fused:

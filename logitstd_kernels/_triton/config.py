@@ -142,12 +142,18 @@ _TABLE_F64 = (
 _MIN_BLOCK = 32
 
 # The blocked path's tuning switches, applied to every blocked entry of both tables. A cache model
-# of the blocked path (docs/design.md section 4) predicts each to be faster than the default at long
-# rows; none has been timed. The first GPU run decides them: ``scripts/gpu-check.sh`` times the
-# default against each switch forced on (benchmark providers ``triton_evict`` and
-# ``triton_prefetch``, through ``forced_tuning``), and a switch that wins is turned on here (or for
-# the V range where it wins, as a column of the table). Registers and spills of the switched
-# variants: the module docstring.
+# of the blocked path (docs/design.md section 4) predicted each to be faster than the default at
+# long rows. ``scripts/gpu-check.sh`` times the default against each switch forced on (benchmark
+# providers ``triton_evict`` and ``triton_prefetch``, through ``forced_tuning``); a switch that wins
+# is turned on here (or for the V range where it wins, as a column of the table). Registers and
+# spills of the switched variants: the module docstring.
+#
+# Measured on an H200 (2026-11-28, 8192 rows, bf16, forward + backward; README Performance): at
+# V = 131072 the default 5.88 ms, eviction hints 5.69 ms (-3.2%), prefetch depth 2 6.24 ms (+6%);
+# at V = 262144 10.99, 10.85 (-1.2%) and 11.76 ms (+7%); repeats within 0.1%; bit-identical results
+# on the GPU. Both stay off: the hints' gain is small next to the kernel's distance from the floor
+# (3.8x: per-element work, not bytes, design section 4), and the default they would give has not
+# been timed itself. Depth 2 is slower: the loads in flight were not the limit.
 #
 # - Eviction hints (``KernelConfig.evict_hints``). Pass 1 and pass 2 read the row pair, pass 3 reads
 #   it again: at V = 131072 in bf16 the 132 row pairs in flight (67 MB) exceed the 50 MB L2, so
