@@ -17,8 +17,9 @@ O(rows) bytes, none of O(rows x V) (docs/design.md, "vocabulary-parallel rows"):
 3. loss and the local gradients: every term of the chain rule (docs/design.md section 1) is a
    per-element quantity times a per-row global sum.
 
-The phases are PyTorch operations on the local slice (a few (N, V_r) temporaries in the accumulation
-dtype), not the fused kernels. A constant-size header (the shapes, dtypes and class ranges of every
+The phases are PyTorch operations on the local slice, not the fused kernels, run over chunks of rows
+(``_CHUNK_BYTES``) so that their temporaries stay bounded: only the slice's gradients, in the
+accumulation dtype, are (N, V_r). A constant-size header (the shapes, dtypes and class ranges of every
 rank) is exchanged first when ``check_shards=True`` (the default), so that mismatched shards raise the
 same error on every rank instead of aborting the process group; ``check_shards=False`` leaves the two
 collectives.
@@ -120,6 +121,20 @@ def agree_on_shards(student: object, teacher: object, labels: object, mask: obje
     return Layout(offsets[rank], sum(widths), max(widths))
 
 
+# Rows per local chunk of the three phases: each phase works on (rows_per_chunk, V_r) temporaries in
+# the accumulation dtype (about ten of them live at once in phase 3), so a chunk of one temporary is
+# kept to this many bytes: 256 MiB on CUDA (8192 x 131072 float32 logits make about 16 chunks, each
+# launch still long), 16 MiB elsewhere (the CPU's caches; 2048 x 32000 float32 makes 8). Only the
+# outputs, the gradients of the slice in the accumulation dtype, are (N, V_r).
+_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
+
+
+def _row_chunks(rows: int, width: int, acc: torch.dtype, device: torch.device) -> list[slice]:
+    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
+    per = max(1, budget // max(1, width * torch.empty((), dtype=acc).element_size()))
+    return [slice(i, min(i + per, rows)) for i in range(0, rows, per)]
+
+
 def _local_stats(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """(N, 4) float64: mean, scale s, scaled M2 (M2 = s^2 * m2s) and max of each row of the slice."""
     v = v.to(acc)
@@ -148,6 +163,46 @@ def _merge(stats: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, tor
     return mean, m2, top
 
 
+class _RowScales(NamedTuple):
+    """Per-row (N,) float64 quantities of the whole row, the same on every rank after phase 1."""
+
+    shift_x: torch.Tensor  # the mean (standardized) or 0
+    shift_y: torch.Tensor
+    ka: torch.Tensor  # a = (x - shift_x) * ka: 1 / ((sigma + eps) tau) or 1 / tau
+    kb: torch.Tensor
+    a_max: torch.Tensor  # max of a over the whole row, rounded to the accumulation dtype (the exponentials' shift)
+    b_max: torch.Tensor
+    sigma_x: Optional[torch.Tensor]  # standardized only
+    sigma_y: Optional[torch.Tensor]
+
+
+class _ChunkTerms(NamedTuple):
+    """The per-element terms of one chunk of rows of the slice, in the accumulation dtype."""
+
+    x: torch.Tensor
+    ea: torch.Tensor  # e^(a - a_max)
+    eb: torch.Tensor
+    diff: torch.Tensor  # b - a
+    u: Optional[torch.Tensor]  # (x - mean) / sigma, standardized only
+    w: Optional[torch.Tensor]
+
+
+def _chunk_terms(student: torch.Tensor, teacher: torch.Tensor, scales: _RowScales, part: slice,
+                 acc: torch.dtype) -> _ChunkTerms:
+    """Phases 2 and 3 both need these (phase 3 recomputes them rather than keeping (N, V_r) of them)."""
+    col = lambda v: v[part].to(acc).unsqueeze(1)  # noqa: E731  (a per-row statistic as an acc column)
+    x, y = student[part].to(acc), teacher[part].to(acc)
+    a = (x - col(scales.shift_x)) * col(scales.ka)
+    b = (y - col(scales.shift_y)) * col(scales.kb)
+    ea, eb = torch.exp(a - col(scales.a_max)), torch.exp(b - col(scales.b_max))
+    u = w = None
+    if scales.sigma_x is not None:
+        tiny = torch.finfo(acc).tiny
+        u = (x - col(scales.shift_x)) / col(scales.sigma_x).clamp_min(tiny)
+        w = (y - col(scales.shift_y)) / col(scales.sigma_y).clamp_min(tiny)
+    return _ChunkTerms(x, ea, eb, b - a, u, w)
+
+
 def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                  mask: Optional[torch.Tensor], group, *, temperature: float, teacher_temperature: float,
                  standardize: bool, correction: int, eps: float, ignore_index: int, label_smoothing: float,
@@ -155,18 +210,21 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
                  layout: Optional[Layout] = None) -> ShardedRows:
     """The three phases on (N, V_r) slices; see the module docstring. Excluded rows (mask, labels at
     ``ignore_index``) get 0 and a zero gradient. ``layout``: from :func:`agree_on_shards` (the class
-    offsets on the host); None derives them from phase 1's gather on the device (no host sync)."""
+    offsets on the host); None derives them from phase 1's gather on the device (no host sync).
+    Each phase runs over chunks of rows (``_CHUNK_BYTES``); the two collectives cover all rows."""
     acc = accumulation_dtype(student, teacher)
     rows, width = student.shape
     zeros = torch.zeros(rows, dtype=acc, device=student.device)
     if rows == 0:  # every rank has no rows (the header said so, or the caller guarantees it)
         empty = student.new_zeros(student.shape) if grad_student else None
         return ShardedRows(zeros, zeros, zeros, empty, teacher.new_zeros(teacher.shape) if grad_teacher else None)
-    x, y = student.to(acc), teacher.to(acc)
+    chunks = _row_chunks(rows, width, acc, student.device)
 
     # Phase 1: the slice's statistics (and its width), merged in rank order.
-    width_column = torch.full((rows, 1), float(width), dtype=torch.float64, device=x.device)
-    gathered = _gather(torch.cat((_local_stats(x, acc), _local_stats(y, acc), width_column), -1), group)
+    local = torch.cat([torch.cat((_local_stats(student[part], acc), _local_stats(teacher[part], acc)), -1)
+                       for part in chunks])
+    width_column = torch.full((rows, 1), float(width), dtype=torch.float64, device=student.device)
+    gathered = _gather(torch.cat((local, width_column), -1), group)
     widths = gathered[:, 0, -1]
     if layout is not None:
         start, num_classes = layout.start, layout.num_classes
@@ -180,67 +238,43 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
 
     keep = included_rows(labels, mask, ignore_index)
     if keep is None:
-        keep = torch.ones(rows, dtype=torch.bool, device=x.device)
+        keep = torch.ones(rows, dtype=torch.bool, device=student.device)
     tau_s, tau_t = temperature, teacher_temperature
     if standardize:
         dof = num_classes - correction  # a host int with a layout, else a device tensor
         sigma_x, sigma_y = (m2_x / dof).sqrt(), (m2_y / dof).sqrt()
         ka, kb = 1.0 / ((sigma_x + eps) * tau_s), 1.0 / ((sigma_y + eps) * tau_t)
-        shift_x, shift_y = mean_x, mean_y
+        scales = _RowScales(mean_x, mean_y, ka, kb, ((max_x - mean_x) * ka).to(acc), ((max_y - mean_y) * kb).to(acc),
+                            sigma_x, sigma_y)
     else:
-        ka = torch.full_like(mean_x, 1.0 / tau_s)
-        kb = torch.full_like(mean_y, 1.0 / tau_t)
-        shift_x, shift_y = torch.zeros_like(mean_x), torch.zeros_like(mean_y)
-    col = lambda v: v.to(acc).unsqueeze(1)  # noqa: E731  (a per-row float64 statistic as an acc column)
-    a = (x - col(shift_x)) * col(ka)
-    b = (y - col(shift_y)) * col(kb)
-    a_max = ((max_x - shift_x) * ka).to(acc)
-    b_max = ((max_y - shift_y) * kb).to(acc)
-    ea, eb = torch.exp(a - a_max.unsqueeze(1)), torch.exp(b - b_max.unsqueeze(1))
-    diff = b - a
-
-    # Phase 2: the slice's partial sums under the global statistics, summed in rank order.
-    sums = [ea.sum(-1), eb.sum(-1), (eb * diff).sum(-1)]
-    if standardize:
-        u = (x - col(mean_x)) / col(sigma_x).clamp_min(torch.finfo(acc).tiny)
-        w = (y - col(mean_y)) / col(sigma_y).clamp_min(torch.finfo(acc).tiny)
-        sums += [(ea * u).sum(-1), (eb * u).sum(-1), (eb * w).sum(-1), (eb * diff * w).sum(-1)]
+        ka, kb = torch.full_like(mean_x, 1.0 / tau_s), torch.full_like(mean_y, 1.0 / tau_t)
+        scales = _RowScales(torch.zeros_like(mean_x), torch.zeros_like(mean_y), ka, kb, (max_x * ka).to(acc),
+                            (max_y * kb).to(acc), None, None)
     if labels is not None:
         local_label = labels - start
         owns = (local_label >= 0) & (local_label < width) & keep
-        picked = x.gather(1, local_label.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
-        ex = torch.exp(x - col(max_x))
-        sums += [ex.sum(-1), torch.where(owns, picked, torch.zeros_like(picked)), owns.to(acc), x.sum(-1)]
-    totals = _gather(torch.stack([v.double() for v in sums], -1), group).sum(0)  # rank order: deterministic
+        label_column = local_label.clamp(0, width - 1).unsqueeze(1)
+
+    # Phase 2: the slice's partial sums under the global statistics, summed in rank order.
+    def partial_sums(part: slice) -> torch.Tensor:
+        t = _chunk_terms(student, teacher, scales, part, acc)
+        sums = [t.ea.sum(-1), t.eb.sum(-1), (t.eb * t.diff).sum(-1)]
+        if standardize:
+            sums += [(t.ea * t.u).sum(-1), (t.eb * t.u).sum(-1), (t.eb * t.w).sum(-1), (t.eb * t.diff * t.w).sum(-1)]
+        if labels is not None:
+            picked = t.x.gather(1, label_column[part]).squeeze(1)
+            ex = torch.exp(t.x - max_x[part].to(acc).unsqueeze(1))
+            sums += [ex.sum(-1), torch.where(owns[part], picked, torch.zeros_like(picked)), owns[part].to(acc),
+                     t.x.sum(-1)]
+        return torch.stack([v.double() for v in sums], -1)
+
+    totals = _gather(torch.cat([partial_sums(part) for part in chunks]), group).sum(0)  # rank order: deterministic
     za, zb, s_pd = totals[:, 0], totals[:, 1], totals[:, 2]
 
-    # Phase 3: loss and the local gradients.
-    log_ratio = (a_max.double() + za.log()) - (b_max.double() + zb.log())  # log(Za e^a_max / (Zb e^b_max))
+    # Phase 3: loss and the local gradients, per row then per chunk of elements.
+    log_ratio = (scales.a_max.double() + za.log()) - (scales.b_max.double() + zb.log())  # log(Za e^a_max / (Zb e^b_max))
     kl = s_pd / zb + log_ratio
     kd = (tau_s * tau_s) * kl
-    q = ea / col(za)
-    p = eb / col(zb)
-    grad_x = grad_y = None
-    if grad_student:
-        g = (tau_s * tau_s) * (q - p)
-        if standardize:
-            s_gu = (tau_s * tau_s) * (totals[:, 3] / za - totals[:, 4] / zb)
-            factor = s_gu * sigma_x / ((sigma_x + eps) * (num_classes - correction))
-            g = (g - u * col(factor)) * col(ka)
-        else:
-            g = g * col(ka)
-        grad_x = kd_weight * g
-    if grad_teacher:
-        delta = diff + col(log_ratio)
-        h = (tau_s * tau_s) * p * (delta - col(kl))
-        if standardize:
-            s_pw, s_pdw = totals[:, 5] / zb, totals[:, 6] / zb
-            s_hw = (tau_s * tau_s) * (s_pdw + log_ratio * s_pw - kl * s_pw)
-            factor = s_hw * sigma_y / ((sigma_y + eps) * (num_classes - correction))
-            h = (h - w * col(factor)) * col(kb)
-        else:
-            h = h * col(kb)
-        grad_y = kd_weight * h
     ce = torch.zeros_like(kd)
     if labels is not None:
         zc, x_label, owners, sum_x = totals[:, -4], totals[:, -3], totals[:, -2], totals[:, -1]
@@ -250,26 +284,41 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
         # A label no rank owns (outside [0, V)) raises on the CPU (every rank sees the same totals, so
         # every rank raises); elsewhere it makes its row NaN, as the CUDA kernels do (no host sync).
         unowned = (owners != 1) & keep
-        if x.device.type == "cpu" and bool(unowned.any()):
+        if student.device.type == "cpu" and bool(unowned.any()):
             row = int(unowned.nonzero()[0])
             raise IndexError(f"labels[{row}] = {int(labels[row])} is outside [0, {int(num_classes)}) (the whole "
                              f"row's classes) and is not ignore_index ({ignore_index})")
         ce = torch.where((owners == 1) | ~keep, ce, torch.full_like(ce, float("nan")))
-        if grad_student:
-            soft = torch.exp(x - col(lse))
-            soft = soft - label_smoothing / num_classes
-            onehot = torch.zeros_like(soft)
-            onehot.scatter_(1, local_label.clamp(0, width - 1).unsqueeze(1), (1 - label_smoothing)
-                            * owns.to(acc).unsqueeze(1))
-            grad_x = grad_x + ce_weight * (soft - onehot)
+    grad_x = torch.empty((rows, width), dtype=acc, device=student.device) if grad_student else None
+    grad_y = torch.empty((rows, width), dtype=acc, device=student.device) if grad_teacher else None
+    if grad_student or grad_teacher:
+        t2 = tau_s * tau_s
+        if standardize:
+            factor_x = (t2 * (totals[:, 3] / za - totals[:, 4] / zb)) * sigma_x / ((sigma_x + eps) * dof)
+            s_pw, s_pdw = totals[:, 5] / zb, totals[:, 6] / zb
+            factor_y = (t2 * (s_pdw + log_ratio * s_pw - kl * s_pw)) * sigma_y / ((sigma_y + eps) * dof)
+        for part in chunks:
+            col = lambda v: v[part].to(acc).unsqueeze(1)  # noqa: E731
+            t = _chunk_terms(student, teacher, scales, part, acc)
+            drop = ~keep[part].unsqueeze(1)
+            p = t.eb / col(zb)
+            if grad_student:
+                g = t2 * (t.ea / col(za) - p)
+                g = (g - t.u * col(factor_x)) * col(ka) if standardize else g * col(ka)
+                g = kd_weight * g
+                if labels is not None:
+                    soft = torch.exp(t.x - col(lse)) - label_smoothing / num_classes
+                    onehot = torch.zeros_like(soft)
+                    onehot.scatter_(1, label_column[part], (1 - label_smoothing) * owns[part].to(acc).unsqueeze(1))
+                    g = g + ce_weight * (soft - onehot)
+                grad_x[part] = g.masked_fill(drop, 0.0)
+            if grad_teacher:
+                h = t2 * p * (t.diff + col(log_ratio) - col(kl))
+                h = (h - t.w * col(factor_y)) * col(kb) if standardize else h * col(kb)
+                grad_y[part] = (kd_weight * h).masked_fill(drop, 0.0)
     rows_out = torch.where(keep, (ce_weight * ce + kd_weight * kd) if labels is not None else kd_weight * kd,
                            torch.zeros_like(kd)).to(acc)
     ce, kd = (torch.where(keep, v, torch.zeros_like(v)).to(acc) for v in (ce, kd))
-    drop = ~keep.unsqueeze(1)
-    if grad_x is not None:
-        grad_x = grad_x.masked_fill(drop, 0.0)
-    if grad_y is not None:
-        grad_y = grad_y.masked_fill(drop, 0.0)
     return ShardedRows(rows_out, ce, kd, grad_x, grad_y)
 
 

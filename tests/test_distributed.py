@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from logitstd_kernels import reference
+from logitstd_kernels import distributed, reference
 from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
                                           vocab_parallel_fused_linear_distillation_loss)
 
@@ -166,6 +166,18 @@ def _count_collectives(rank: int, world: int) -> dict:
     return counts
 
 
+def _in_row_chunks(rank: int, world: int) -> dict:
+    """The loss scenario and the collective count with the phases run over chunks of 2-3 rows
+    (``_CHUNK_BYTES`` made small): the same results, still two collectives for all rows."""
+    saved = dict(distributed._CHUNK_BYTES)
+    distributed._CHUNK_BYTES["cpu"] = 2 * 512 * 8  # 2 float64 rows of a ~505-wide slice (4 float32 ones)
+    try:
+        assert len(distributed._row_chunks(9, 500, torch.float64, torch.device("cpu"))) == 5
+        return {"loss": _compare_loss(rank, world), "collectives": _count_collectives(rank, world)}
+    finally:
+        distributed._CHUNK_BYTES.update(saved)
+
+
 def _dtensor(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -279,7 +291,7 @@ def _label_outside(rank: int, world: int) -> dict:
     return {}
 
 
-SCENARIOS = {"loss": _compare_loss, "collectives": _count_collectives, "dtensor": _dtensor,
+SCENARIOS = {"loss": _compare_loss, "collectives": _count_collectives, "chunked": _in_row_chunks, "dtensor": _dtensor,
              "fused_linear": _fused_linear, "uneven_chunks": _fused_uneven_default_chunks, "rows": _rows_disagree,
              "rows_labels": _rows_disagree_with_labels, "dtype": _dtype_disagrees, "ranges": _ranges_do_not_tile,
              "label": _label_outside, "fused_rows": _fused_rows_disagree, "fused_teacher": _fused_full_teacher_logits}
@@ -300,6 +312,13 @@ def test_two_collectives_of_rows_size_per_step(reports):
     assert counts["False"] == [["all_gather", rows * 9 * 8], ["all_gather", rows * 11 * 8]]
     # with it: one constant-size header (9 int64) first
     assert counts["True"] == [["all_gather", 9 * 8], ["all_gather", rows * 9 * 8], ["all_gather", rows * 11 * 8]]
+
+
+def test_phases_in_row_chunks(reports):
+    """Rows processed a few at a time (bounded temporaries): the loss scenario's bounds hold, and the
+    collectives are those of the unchunked step."""
+    results = assert_ok(reports[2], "chunked")
+    assert results[0]["collectives"] == assert_ok(reports[2], "collectives")[0]
 
 
 def test_dtensor_sharded_on_the_classes(reports):
