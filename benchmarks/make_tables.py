@@ -147,17 +147,21 @@ NVLINK_GBPS = 450  # H100 NVLink 4, one direction; the estimate below is arithme
 
 
 def render_distributed(path: Path, data: dict) -> str:
-    """Time and communication per step for each process count, and the cost model they give."""
+    """Time, peak memory and communication per step for each process count (and the single-device
+    fused objective, ``fused x1``, where the file has it), and the cost model they give."""
     meta = data["metadata"]
     ok = [r for r in data["results"] if r["status"] == "ok"]
     lines = [_caption(path, data), "",
-             "| processes | rows | V | ms per step | collectives per step | bytes sent per rank | per row |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | rows | V | ms per step | rank 0 peak MiB | collectives per step | bytes sent per rank | per row |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
-        lines.append(f"| {r['provider'].split('x')[-1]} | {r['rows']} | {r['vocab']} | {r['median_ms']:.1f} | "
+        run = (f"{r['provider'].split('x')[-1]} gloo processes" if r["provider"].startswith("gloo")
+               else "single-device fused objective")
+        lines.append(f"| {run} | {r['rows']} | {r['vocab']} | {r['median_ms']:.1f} | {_mib(r)} | "
                      f"{r['collectives']} | {r['sent_bytes_per_rank']} | {r['sent_bytes_per_rank'] / r['rows']:.1f} |")
-    if ok:
-        r = ok[-1]
+    gloo = [r for r in ok if r["provider"].startswith("gloo")]
+    if gloo:
+        r = gloo[-1]
         per_row, header = divmod(r["sent_bytes_per_rank"], r["rows"])
         tokens, ranks = 8192, 2
         sent = per_row * tokens + header
