@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.distributed as dist
 
+from ._backends import unavailable_reason
 from ._checks import (OBJECTIVE_REDUCTIONS, check_fused_linear_args, check_label_smoothing, check_labels, check_mask,
                       check_pair, check_std_args, check_temperature, check_weight)
 from .fused_linear import LOW_PRECISION, _add_product, _gemm_writes_float32, default_chunk_size, grad_dtype
@@ -207,11 +208,12 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
                  mask: Optional[torch.Tensor], group, *, temperature: float, teacher_temperature: float,
                  standardize: bool, correction: int, eps: float, ignore_index: int, label_smoothing: float,
                  ce_weight: float, kd_weight: float, grad_student: bool, grad_teacher: bool,
-                 layout: Optional[Layout] = None) -> ShardedRows:
+                 layout: Optional[Layout] = None, backend: str = "torch") -> ShardedRows:
     """The three phases on (N, V_r) slices; see the module docstring. Excluded rows (mask, labels at
     ``ignore_index``) get 0 and a zero gradient. ``layout``: from :func:`agree_on_shards` (the class
     offsets on the host); None derives them from phase 1's gather on the device (no host sync).
-    Each phase runs over chunks of rows (``_CHUNK_BYTES``); the two collectives cover all rows."""
+    ``backend``: "triton", one kernel launch per phase (``_triton/vocab_parallel.py``), or "torch",
+    PyTorch operations over chunks of rows (``_CHUNK_BYTES``); the two collectives cover all rows."""
     acc = accumulation_dtype(student, teacher)
     rows, width = student.shape
     zeros = torch.zeros(rows, dtype=acc, device=student.device)
@@ -219,10 +221,18 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
         empty = student.new_zeros(student.shape) if grad_student else None
         return ShardedRows(zeros, zeros, zeros, empty, teacher.new_zeros(teacher.shape) if grad_teacher else None)
     chunks = _row_chunks(rows, width, acc, student.device)
+    if backend == "triton":
+        from ._triton import vocab_parallel as kernels
+
+        # the kernels' layout: unit stride along the classes (any row stride)
+        student, teacher = (t if t.stride(-1) == 1 else t.contiguous() for t in (student, teacher))
 
     # Phase 1: the slice's statistics (and its width), merged in rank order.
-    local = torch.cat([torch.cat((_local_stats(student[part], acc), _local_stats(teacher[part], acc)), -1)
-                       for part in chunks])
+    if backend == "triton":
+        local = kernels.slice_stats(student, teacher, acc)
+    else:
+        local = torch.cat([torch.cat((_local_stats(student[part], acc), _local_stats(teacher[part], acc)), -1)
+                           for part in chunks])
     width_column = torch.full((rows, 1), float(width), dtype=torch.float64, device=student.device)
     gathered = _gather(torch.cat((local, width_column), -1), group)
     widths = gathered[:, 0, -1]
@@ -254,6 +264,9 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
         local_label = labels - start
         owns = (local_label >= 0) & (local_label < width) & keep
         label_column = local_label.clamp(0, width - 1).unsqueeze(1)
+    else:
+        owns = torch.zeros(rows, dtype=torch.bool, device=student.device)
+        label_column = torch.zeros((rows, 1), dtype=torch.long, device=student.device)
 
     # Phase 2: the slice's partial sums under the global statistics, summed in rank order.
     def partial_sums(part: slice) -> torch.Tensor:
@@ -268,7 +281,16 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
                      t.x.sum(-1)]
         return torch.stack([v.double() for v in sums], -1)
 
-    totals = _gather(torch.cat([partial_sums(part) for part in chunks]), group).sum(0)  # rank order: deterministic
+    if backend == "triton":
+        ones = torch.ones_like(mean_x)
+        coef = torch.stack((scales.shift_x, scales.shift_y, ka, kb, scales.a_max.double(), scales.b_max.double(),
+                            sigma_x if standardize else ones, sigma_y if standardize else ones, max_x, owns.double()),
+                           1).to(acc)
+        partial = kernels.slice_sums(student, teacher, coef, label_column.squeeze(1).contiguous(), standardize,
+                                     labels is not None)
+    else:
+        partial = torch.cat([partial_sums(part) for part in chunks])
+    totals = _gather(partial, group).sum(0)  # rank order: deterministic
     za, zb, s_pd = totals[:, 0], totals[:, 1], totals[:, 2]
 
     # Phase 3: loss and the local gradients, per row then per chunk of elements.
@@ -276,6 +298,7 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
     kl = s_pd / zb + log_ratio
     kd = (tau_s * tau_s) * kl
     ce = torch.zeros_like(kd)
+    lse = torch.zeros_like(kd)
     if labels is not None:
         zc, x_label, owners, sum_x = totals[:, -4], totals[:, -3], totals[:, -2], totals[:, -1]
         lse = max_x + zc.log()
@@ -293,10 +316,19 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
     grad_y = torch.empty((rows, width), dtype=acc, device=student.device) if grad_teacher else None
     if grad_student or grad_teacher:
         t2 = tau_s * tau_s
+        factor_x = factor_y = torch.zeros_like(kd)
         if standardize:
             factor_x = (t2 * (totals[:, 3] / za - totals[:, 4] / zb)) * sigma_x / ((sigma_x + eps) * dof)
             s_pw, s_pdw = totals[:, 5] / zb, totals[:, 6] / zb
             factor_y = (t2 * (s_pdw + log_ratio * s_pw - kl * s_pw)) * sigma_y / ((sigma_y + eps) * dof)
+    if (grad_student or grad_teacher) and backend == "triton":
+        smooth = torch.full_like(kd, label_smoothing) / num_classes
+        coef = torch.cat((coef, torch.stack((1 / za, 1 / zb, factor_x, factor_y, log_ratio, kl, lse, smooth,
+                                             keep.double()), 1).to(acc)), 1)
+        kernels.slice_grads(student, teacher, coef, label_column.squeeze(1).contiguous(), grad_x, grad_y, t2=t2,
+                            kd_weight=kd_weight, ce_weight=ce_weight, label_smoothing=label_smoothing,
+                            standardize=standardize, has_labels=labels is not None)
+    elif grad_student or grad_teacher:
         for part in chunks:
             col = lambda v: v[part].to(acc).unsqueeze(1)  # noqa: E731
             t = _chunk_terms(student, teacher, scales, part, acc)
@@ -375,6 +407,22 @@ class _ShardedLoss(torch.autograd.Function):
         return grads[0], grads[1], None, None, None, None, None
 
 
+PHASE_BACKENDS = ("auto", "triton", "torch")
+
+
+def _phase_backend(backend: object, device: torch.device) -> str:
+    """The backend of the three local phases: "auto" is the Triton kernels on CUDA where they can
+    run, else the PyTorch operations; a forced backend that cannot run here raises."""
+    if backend not in PHASE_BACKENDS:
+        raise ValueError(f"backend must be one of {PHASE_BACKENDS}, got {backend!r}")
+    reason = unavailable_reason("triton", device.type)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and reason is None else "torch"
+    if backend == "triton" and reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run on {device.type} tensors here: {reason}")
+    return str(backend)
+
+
 def _local_shards(student, teacher, process_group):
     """(student, teacher, group): DTensors sharded on the class dimension become their local slices."""
     try:
@@ -417,6 +465,7 @@ def vocab_parallel_distillation_loss(
     mask: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     return_components: bool = False,
+    backend: str = "auto",
 ) -> Union[torch.Tensor, DistillationParts]:
     """:func:`logitstd_kernels.distillation_loss` of logits sharded by class across ``process_group``.
 
@@ -433,6 +482,9 @@ def vocab_parallel_distillation_loss(
         vocab_range: this rank's ``(V_start, V_end)``, checked against the others' (optional).
         check_shards: exchange a constant-size header first so that mismatched shards (rows, dtypes,
             ranges) raise a ValueError naming the problem on every rank; False saves that collective.
+        backend: the three local phases as Triton kernels (``"triton"``, one launch each) or PyTorch
+            operations over chunks of rows (``"torch"``); ``"auto"``: Triton on CUDA, else PyTorch.
+            Every rank must resolve to the same one (the results differ in rounding).
         The other keywords are those of ``distillation_loss``.
     """
     student_logits, teacher_logits, group = _local_shards(student_logits, teacher_logits, process_group)
@@ -443,7 +495,8 @@ def vocab_parallel_distillation_loss(
             temperature=temperature, teacher_temperature=teacher_temperature, standardize=standardize,
             correction=correction, eps=eps, ignore_index=ignore_index, label_smoothing=label_smoothing,
             reduction=reduction)
-    except (TypeError, ValueError, IndexError) as exc:
+        phases = _phase_backend(backend, student.device)
+    except (TypeError, ValueError, IndexError, RuntimeError) as exc:
         if not check_shards:
             raise
         local_error = exc
@@ -456,7 +509,7 @@ def vocab_parallel_distillation_loss(
                    correction=int(correction), eps=float(eps), ignore_index=int(ignore_index),
                    label_smoothing=label_smoothing, ce_weight=ce_weight, kd_weight=kd_weight,
                    grad_student=torch.is_grad_enabled() and student.requires_grad,
-                   grad_teacher=torch.is_grad_enabled() and teacher.requires_grad, layout=layout)
+                   grad_teacher=torch.is_grad_enabled() and teacher.requires_grad, layout=layout, backend=phases)
     width = student.shape[-1]
     loss, ce, kd = _ShardedLoss.apply(
         student.reshape(-1, width), teacher.reshape(-1, width), None if labels is None else labels.reshape(-1).long(),
@@ -536,6 +589,7 @@ def vocab_parallel_fused_linear_distillation_loss(
     mask: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     return_components: bool = False,
+    backend: str = "auto",
     **objective,
 ) -> Union[torch.Tensor, DistillationParts]:
     """:func:`logitstd_kernels.fused_linear_distillation_loss` with lm_heads split by vocabulary.
@@ -555,7 +609,8 @@ def vocab_parallel_fused_linear_distillation_loss(
     the same on every rank; None: :func:`~logitstd_kernels.default_chunk_size` of the widest slice
     (from the header, so ``check_shards=False`` needs an explicit ``chunk_size``). ``objective``: the
     keywords of ``distillation_loss`` (``ce_weight``, ``kd_weight``, ``temperature``, ...);
-    ``reduction`` is ``"mean"`` or ``"sum"``.
+    ``reduction`` is ``"mean"`` or ``"sum"``; ``backend``: the local phases', as in
+    :func:`vocab_parallel_distillation_loss`.
     """
     unknown = set(objective) - {"ce_weight", "kd_weight", "temperature", "teacher_temperature", "standardize",
                                 "correction", "eps", "ignore_index", "label_smoothing"}
@@ -584,7 +639,8 @@ def vocab_parallel_fused_linear_distillation_loss(
             temperature=kw["temperature"], teacher_temperature=kw["teacher_temperature"],
             standardize=kw["standardize"], correction=kw["correction"], eps=kw["eps"],
             ignore_index=kw["ignore_index"], label_smoothing=kw["label_smoothing"], reduction=reduction)
-    except (TypeError, ValueError, IndexError) as exc:
+        phases = _phase_backend(backend, hidden.device)
+    except (TypeError, ValueError, IndexError, RuntimeError) as exc:
         if not check_shards:
             raise
         local_error = exc
@@ -598,7 +654,8 @@ def vocab_parallel_fused_linear_distillation_loss(
     width = weight.shape[0]
     options = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=bool(kw["standardize"]),
                    correction=int(kw["correction"]), eps=float(kw["eps"]), ignore_index=int(kw["ignore_index"]),
-                   label_smoothing=label_smoothing, ce_weight=ce_weight, kd_weight=kd_weight, layout=layout)
+                   label_smoothing=label_smoothing, ce_weight=ce_weight, kd_weight=kd_weight, layout=layout,
+                   backend=phases)
     if accum_dtype is None:
         accum_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
     if chunk_size is None:

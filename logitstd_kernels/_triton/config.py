@@ -4,11 +4,13 @@ Every launch constant of the package lives in this file. ``kd_config(V, acc64, f
 picks the path (register or blocked), the tile width BLOCK and the warp count of the fused loss
 kernel, and the blocked path's tuning switches (``BLOCKED_EVICT_HINTS``, ``BLOCKED_PREFETCH_DEPTH``:
 off until a GPU run decides them); ``vector_width`` the run length VEC of the tiles;
-``SCALE_BLOCK``/``SCALE_WARPS`` configure the row-scaling kernel.
+``SCALE_BLOCK``/``SCALE_WARPS`` configure the row-scaling kernel, ``VP_BLOCK``/``VP_WARPS`` the
+vocabulary-parallel phases.
 
 How the entries were sized (Hopper: 65536 32-bit registers, at most 2048 threads and 32 CTAs per
 SM; about 3 TB/s of HBM on H100 and 50 MB of L2). The reasoning below was made before the kernels
-had run anywhere but the interpreter; no timing on a GPU confirms it yet.
+had run anywhere but the interpreter; the first H200 run (2026-11-28) timed the table's defaults
+and the tuning switches (below), not alternative tables.
 
 Registers and spills as ``scripts/triton_aot_check.py`` measures them (triton 3.9.0, ptxas for
 sm_90, no GPU; every entry x bf16/bf16, bf16/fp32, fp32/fp32, fp64/fp64 x the heaviest switch sets,
@@ -186,6 +188,13 @@ _FORCED: contextvars.ContextVar[dict] = contextvars.ContextVar("logitstd_forced_
 # accesses; a (rows, tiles) grid keeps every SM busy for any shape.
 SCALE_BLOCK = 4096
 SCALE_WARPS = 8
+
+# The vocabulary-parallel phases (vocab_parallel.py): one program per row over its slice, in
+# 1024-wide tiles, 4 warps -> 8 elements per thread (one 16-byte access of bf16), up to nine float32
+# accumulators per element in phase 2 (72 registers), well under the 255 cap; slices of 32k-128k
+# classes make 32-128 tiles per row. Not tuned on a GPU (untimed).
+VP_BLOCK = 1024
+VP_WARPS = 4
 
 
 def vector_width(*dtypes: torch.dtype) -> int:
