@@ -152,7 +152,8 @@ def render_distributed(path: Path, data: dict) -> str:
     meta = data["metadata"]
     ok = [r for r in data["results"] if r["status"] == "ok"]
     lines = [_caption(path, data), "",
-             "| run | rows | V | ms per step | rank 0 peak MiB | collectives per step | bytes sent per rank | per row |",
+             "| run | rows | V | ms per step | rank 0 peak MiB | collectives per step | bytes sent per rank "
+             "| per row |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
         run = (f"{r['provider'].split('x')[-1]} gloo processes" if r["provider"].startswith("gloo")

@@ -294,7 +294,8 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
     za, zb, s_pd = totals[:, 0], totals[:, 1], totals[:, 2]
 
     # Phase 3: loss and the local gradients, per row then per chunk of elements.
-    log_ratio = (scales.a_max.double() + za.log()) - (scales.b_max.double() + zb.log())  # log(Za e^a_max / (Zb e^b_max))
+    # log(Za e^a_max / (Zb e^b_max))
+    log_ratio = (scales.a_max.double() + za.log()) - (scales.b_max.double() + zb.log())
     kl = s_pd / zb + log_ratio
     kd = (tau_s * tau_s) * kl
     ce = torch.zeros_like(kd)

@@ -71,11 +71,17 @@ TUNING_ALTERNATIVES = ({"evict_hints": True}, {"prefetch_depth": 2})
 TUNING_BOTH = {"evict_hints": True, "prefetch_depth": 2}
 TUNING_CONSTEXPRS = ("EVICT_HINTS", "PREFETCH")
 NON_FLAG_CONSTEXPRS = ("BLOCK", "VEC", "ACC64", "ROUND_BF16") + TUNING_CONSTEXPRS
+# The vocabulary-parallel phase kernels (_triton/vocab_parallel.py), each with its heaviest flags, on a
+# 65536-class slice (131072 classes on two ranks).
+VP_VARIANTS = (("vp_stats_kernel", {}),
+               ("vp_sums_kernel", {"STANDARDIZE": True, "HAS_LABELS": True}),
+               ("vp_grads_kernel", {"STANDARDIZE": True, "HAS_LABELS": True, "GRAD_S": True, "GRAD_T": True}))
+VP_SLICE = 65536
 
 
 @dataclass
 class Variant:
-    kernel: str  # kd_register_kernel, kd_blocked_kernel, scale_rows_kernel
+    kernel: str  # kd_register_kernel, kd_blocked_kernel, scale_rows_kernel, vp_*_kernel
     entry: str  # the launch-table entry, e.g. "f32 V<=4096 register"
     block: int
     num_warps: int
@@ -217,6 +223,11 @@ def build_variants(everything: bool) -> list[Variant]:
         for stride in ((0, 1) if everything else (0,)):
             variants.append(Variant("scale_rows_kernel", "row scaling", config.SCALE_BLOCK, config.SCALE_WARPS, 0, g,
                                     acc64, {}, 131072, stride))
+    for pair, acc64 in (("bf16/bf16", False), ("fp32/fp32", False), ("fp64/fp64", True)):
+        for kernel, flags in VP_VARIANTS:
+            block = config.VP_BLOCK_F64 if acc64 else config.VP_BLOCK
+            variants.append(Variant(kernel, "vocab-parallel phase", block, config.VP_WARPS, 0, pair, acc64,
+                                    dict(flags), VP_SLICE))
     return variants
 
 
@@ -254,6 +265,8 @@ def _pointer_dtype(name: str, v: Variant) -> str:
     if v.kernel == "scale_rows_kernel":
         return DTYPES[v.dtypes][0] if name == "g_ptr" else acc
     x, y = v.dtypes.split("/")
+    if v.kernel.startswith("vp_"):  # gradients and coefficients in the accumulation dtype, sums in float64
+        return {"x_ptr": x, "y_ptr": y, "labels_ptr": "i64", "out_ptr": "fp64"}.get(name, acc)
     known = {"x_ptr": x, "gx_ptr": x, "y_ptr": y, "gy_ptr": y, "keep_ptr": "u8", "labels_ptr": "i64"}
     return known.get(name, acc)  # the other pointers (gradient factors, per-row outputs): accumulation dtype
 
@@ -262,7 +275,8 @@ def _int_value(name: str, v: Variant) -> int:
     """A launch's value of an int argument, from its name: what Triton's specialization sees."""
     runs = v.vocab // v.vec if v.vec else v.vocab  # contiguous rows: row stride V, in runs of VEC
     values = {"V": v.vocab, "v_runs": runs, "runs_x": runs, "runs_y": runs, "stride_g": v.vocab,
-              "scale_stride": v.scale_stride, "stride_s": v.scale_stride}
+              "scale_stride": v.scale_stride, "stride_s": v.scale_stride, "W": v.vocab, "stride_x": v.vocab,
+              "stride_y": v.vocab}
     return values.get(name, -100)  # e.g. ignore_index: an int that is neither 1 nor a multiple of 16
 
 
@@ -270,10 +284,16 @@ def _source(v: Variant):
     """The ASTSource of a variant, specialized as Triton's launcher would specialize a real launch."""
     from triton.compiler import ASTSource
 
-    from logitstd_kernels._triton import kd_kernels
+    from logitstd_kernels._triton import kd_kernels, vocab_parallel
 
-    fn = getattr(kd_kernels, v.kernel)
+    fn = getattr(vocab_parallel if v.kernel.startswith("vp_") else kd_kernels, v.kernel)
     given = dict(BLOCK=v.block, VEC=v.vec, ACC64=v.acc64, ROUND_BF16=False, **v.flags, **v.constexprs())
+    if v.kernel.startswith("vp_"):
+        import torch
+
+        sums = 3 + 4 * v.flags.get("STANDARDIZE", False) + 4 * v.flags.get("HAS_LABELS", False)
+        given.update(TINY=vocab_parallel._tiny(torch.float64 if v.acc64 else torch.float32), S=sums,
+                     C=vocab_parallel.GRADS_COLUMNS if v.kernel == "vp_grads_kernel" else vocab_parallel.SUMS_COLUMNS)
     signature: dict = {}
     constexprs: dict = {}
     attrs: dict = {}

@@ -6,6 +6,7 @@ report, a missing one, or a worker still running after the timeout (no hang)."""
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import re
 import traceback
@@ -79,7 +80,7 @@ def run_ranks(world: int, scenarios: tuple[str, ...], folder: Path) -> list[dict
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> dict[int, list[dict]]:
     """One spawn per world size, every scenario in it (process start-up dominates a scenario)."""
-    runs = {2: tuple(SCENARIOS), 3: ("loss", "fused_linear")}
+    runs = {2: tuple(SCENARIOS), 3: ("loss", "loss_triton", "fused_linear")}
     return {world: run_ranks(world, names, tmp_path_factory.mktemp(f"world{world}")) for world, names in runs.items()}
 
 
@@ -100,8 +101,9 @@ def _max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-300))
 
 
-def _compare_loss(rank: int, world: int) -> dict:
-    """Every configuration against the reference; returns the worst relative errors per dtype."""
+def _compare_loss(rank: int, world: int, backend: str = "torch") -> dict:
+    """Every configuration against the reference; returns the worst relative errors per dtype.
+    ``backend``: the local phases' (the Triton kernels run under the interpreter here)."""
     num_classes, rows = 1003, 9
     cols = _slice(rank, world, num_classes)
     worst = {"float64": 0.0, "float32": 0.0}
@@ -119,7 +121,7 @@ def _compare_loss(rank: int, world: int) -> dict:
                                    kd_weight=2.0, temperature=1.5, teacher_temperature=2.5)
                     xs = x64.to(dtype)[:, cols].clone().requires_grad_(True)
                     ys = y64.to(dtype)[:, cols].clone().requires_grad_(True)
-                    loss = vocab_parallel_distillation_loss(xs, ys, given_labels, **options)
+                    loss = vocab_parallel_distillation_loss(xs, ys, given_labels, backend=backend, **options)
                     upstream = torch.linspace(0.5, 1.5, rows, dtype=loss.dtype) if reduction == "none" else None
                     loss.backward(upstream)
                     xf, yf = x64.clone().requires_grad_(True), y64.clone().requires_grad_(True)
@@ -198,7 +200,7 @@ def _dtensor(rank: int, world: int) -> dict:
     return {"errors": errors}
 
 
-def _fused_linear(rank: int, world: int) -> dict:
+def _fused_linear(rank: int, world: int, backend: str = "torch") -> dict:
     """Teacher by hidden states + weights and by its logits' slice, a student bias, a mask, default
     and explicit chunks; the hidden gradient's partial sums all-reduced as the layer's backward would."""
     num_classes, hidden, teacher_hidden, rows = 301, 16, 24, 11
@@ -221,7 +223,7 @@ def _fused_linear(rank: int, world: int) -> dict:
             given = (dict(teacher_hidden=ht.to(dtype), teacher_weight=wt.to(dtype)[cols]) if teacher == "hidden"
                      else dict(teacher_logits=F.linear(ht, wt).to(dtype)[:, cols]))
             loss = vocab_parallel_fused_linear_distillation_loss(hl, wl, labels=labels, student_bias=bl, mask=mask,
-                                                                 chunk_size=chunk, **given)
+                                                                 chunk_size=chunk, backend=backend, **given)
             loss.backward()
             grad_hidden = hl.grad.double().clone()
             dist.all_reduce(grad_hidden)  # the tensor-parallel layer's all-reduce of the partial sums
@@ -253,6 +255,12 @@ def _fused_rows_disagree(rank: int, world: int) -> dict:
     rows = 8 if rank == 0 else 12
     vocab_parallel_fused_linear_distillation_loss(torch.randn(rows, 4), torch.randn(10, 4), torch.randn(rows, 4),
                                                   torch.randn(10, 4), chunk_size=4)
+    return {}
+
+
+def _backend_unknown_on_one_rank(rank: int, world: int) -> dict:
+    vocab_parallel_distillation_loss(torch.randn(4, 10), torch.randn(4, 10), None,
+                                     backend="bogus" if rank == 0 else "torch")
     return {}
 
 
@@ -291,7 +299,10 @@ def _label_outside(rank: int, world: int) -> dict:
     return {}
 
 
-SCENARIOS = {"loss": _compare_loss, "collectives": _count_collectives, "chunked": _in_row_chunks, "dtensor": _dtensor,
+SCENARIOS = {"loss": _compare_loss, "loss_triton": functools.partial(_compare_loss, backend="triton"),
+             "collectives": _count_collectives, "chunked": _in_row_chunks, "dtensor": _dtensor,
+             "fused_linear_triton": functools.partial(_fused_linear, backend="triton"),
+             "backend": _backend_unknown_on_one_rank,
              "fused_linear": _fused_linear, "uneven_chunks": _fused_uneven_default_chunks, "rows": _rows_disagree,
              "rows_labels": _rows_disagree_with_labels, "dtype": _dtype_disagrees, "ranges": _ranges_do_not_tile,
              "label": _label_outside, "fused_rows": _fused_rows_disagree, "fused_teacher": _fused_full_teacher_logits}
@@ -312,6 +323,16 @@ def test_two_collectives_of_rows_size_per_step(reports):
     assert counts["False"] == [["all_gather", rows * 9 * 8], ["all_gather", rows * 11 * 8]]
     # with it: one constant-size header (9 int64) first
     assert counts["True"] == [["all_gather", 9 * 8], ["all_gather", rows * 9 * 8], ["all_gather", rows * 11 * 8]]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_triton_phase_kernels_match_the_single_process_objective(world, reports):
+    """The three phases as Triton kernels (interpreted on the CPU): the loss scenario's bounds."""
+    assert_ok(reports[world], "loss_triton")
+
+
+def test_fused_linear_on_the_triton_phase_kernels(reports):
+    assert_ok(reports[2], "fused_linear_triton")
 
 
 def test_phases_in_row_chunks(reports):
@@ -343,6 +364,7 @@ def test_fused_linear_default_chunks_with_uneven_slices(reports):
     ("dtype", "ValueError", "ranks disagree on the student dtype"),
     ("ranges", "ValueError", "do not tile"),
     ("label", "IndexError", "is outside"),
+    ("backend", "ValueError", "(backend must be one of|failed their checks)"),
 ])
 def test_mismatched_shards_fail_on_every_rank(scenario, error, match, reports):
     for r, report in enumerate(reports[2]):

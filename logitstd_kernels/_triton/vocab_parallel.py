@@ -34,14 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import VP_BLOCK, VP_WARPS
+from .config import VP_BLOCK, VP_BLOCK_F64, VP_WARPS
 
-# Columns of the per-row coefficient tensor of phases 2 and 3 (its dtype: the accumulation dtype).
-SHIFT_X, SHIFT_Y, KA, KB, A_MAX, B_MAX, SIGMA_X, SIGMA_Y, MAX_X, OWNS = range(10)
+# Columns of the per-row coefficient tensor of phases 2 and 3 (its dtype: the accumulation dtype),
+# in the order distributed.py stacks them.
+SHIFT_X, SHIFT_Y, KA, KB, A_MAX, B_MAX, SIGMA_X, SIGMA_Y, MAX_X, OWNS = (tl.constexpr(j) for j in range(10))
 SUMS_COLUMNS = 10
 # Phase 3 adds: 1/Za, 1/Zb, the chain rule's factors, log(Za e^a_max / (Zb e^b_max)), KL, the
 # log-sum-exp of the CE, label_smoothing / V, and whether the row is included.
-INV_ZA, INV_ZB, FACTOR_X, FACTOR_Y, LOG_RATIO, KL, LSE, SMOOTH_OVER_V, KEEP = range(10, 19)
+INV_ZA, INV_ZB, FACTOR_X, FACTOR_Y, LOG_RATIO, KL, LSE, SMOOTH_OVER_V, KEEP = (tl.constexpr(j) for j in range(10, 19))
 GRADS_COLUMNS = 19
 
 
@@ -225,6 +226,10 @@ def _device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _block(acc: torch.dtype) -> int:
+    return VP_BLOCK_F64 if acc == torch.float64 else VP_BLOCK
+
+
 def _tiny(acc: torch.dtype) -> float:
     """A constexpr (a float argument would be float32, where float64's tiny is 0)."""
     return float(torch.finfo(acc).tiny)
@@ -236,8 +241,8 @@ def slice_stats(x: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Ten
     out = torch.empty((rows, 8), dtype=torch.float64, device=x.device)
     if rows:
         with _device_guard(x):
-            vp_stats_kernel[(rows,)](x, y, out, width, x.stride(0), y.stride(0), TINY=_tiny(acc), BLOCK=VP_BLOCK,
-                                     ACC64=acc == torch.float64, num_warps=VP_WARPS)
+            vp_stats_kernel[(rows,)](x, y, out, width, x.stride(0), y.stride(0), TINY=_tiny(acc),
+                                     BLOCK=_block(acc), ACC64=acc == torch.float64, num_warps=VP_WARPS)
     return out
 
 
@@ -251,8 +256,9 @@ def slice_sums(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, labels: tor
     if rows:
         with _device_guard(x):
             vp_sums_kernel[(rows,)](x, y, coef, labels, out, width, x.stride(0), y.stride(0),
-                                    TINY=_tiny(coef.dtype), C=coef.shape[1], S=count, BLOCK=VP_BLOCK, STANDARDIZE=standardize,
-                                    HAS_LABELS=has_labels, ACC64=coef.dtype == torch.float64, num_warps=VP_WARPS)
+                                    TINY=_tiny(coef.dtype), C=coef.shape[1], S=count, BLOCK=_block(coef.dtype),
+                                    STANDARDIZE=standardize, HAS_LABELS=has_labels, ACC64=coef.dtype == torch.float64,
+                                    num_warps=VP_WARPS)
     return out
 
 
@@ -267,6 +273,6 @@ def slice_grads(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, labels: to
     with _device_guard(x):
         vp_grads_kernel[(rows,)](x, y, coef, params, labels, grad_x if grad_x is not None else coef,
                                  grad_y if grad_y is not None else coef, width, x.stride(0), y.stride(0),
-                                 TINY=_tiny(coef.dtype), C=coef.shape[1], BLOCK=VP_BLOCK,
+                                 TINY=_tiny(coef.dtype), C=coef.shape[1], BLOCK=_block(coef.dtype),
                                  STANDARDIZE=standardize, HAS_LABELS=has_labels, GRAD_S=grad_x is not None,
                                  GRAD_T=grad_y is not None, ACC64=coef.dtype == torch.float64, num_warps=VP_WARPS)
