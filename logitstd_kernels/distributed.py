@@ -17,9 +17,10 @@ O(rows) bytes, none of O(rows x V) (docs/design.md, "vocabulary-parallel rows"):
 3. loss and the local gradients: every term of the chain rule (docs/design.md section 1) is a
    per-element quantity times a per-row global sum.
 
-The phases are PyTorch operations on the local slice, not the fused kernels, run over chunks of rows
-(``_CHUNK_BYTES``) so that their temporaries stay bounded: only the slice's gradients, in the
-accumulation dtype, are (N, V_r). A constant-size header (the shapes, dtypes and class ranges of every
+Each phase runs as one Triton kernel launch over the local slice (``_triton/vocab_parallel.py``; the
+default on CUDA, ``backend="triton"``), or as PyTorch operations over chunks of rows
+(``_CHUNK_BYTES``, ``backend="torch"``, the default elsewhere and the kernels' reference). Either way
+the only (N, V_r) buffers are the slice's gradients, in the accumulation dtype. A constant-size header (the shapes, dtypes and class ranges of every
 rank) is exchanged first when ``check_shards=True`` (the default), so that mismatched shards raise the
 same error on every rank instead of aborting the process group; ``check_shards=False`` leaves the two
 collectives.
