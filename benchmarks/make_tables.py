@@ -81,7 +81,7 @@ def _measured_cases(data: dict) -> set[tuple]:
 
 def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
     """Per (device, benchmark): the newest file, then older files of the same UTC day, newest first,
-    that measured cases none of the files before them did."""
+    that measured cases none of the files before them did, with those cases alone."""
     runs: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
     for path in result_files(results_dir):
         data = json.loads(path.read_text())
@@ -93,9 +93,12 @@ def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
         seen: set[tuple] = set()
         for path, data in files:
             cases = _measured_cases(data)
-            if path == files[0][0] or (data["metadata"]["date"][:10] == day and cases - seen):
+            if path == files[0][0]:
                 chosen.append((path, data))
-                seen |= cases
+            elif data["metadata"]["date"][:10] == day and cases - seen:
+                new = [r for r in data["results"] if (r.get("sweep"), r["rows"], r["vocab"], r["dtype"]) not in seen]
+                chosen.append((path, dict(data, results=new)))
+            seen |= cases
     return sorted(chosen, key=lambda item: (item[1]["metadata"]["device_type"] != "cuda",
                                             bool(item[1]["metadata"].get("fused_linear")),
                                             bool(item[1]["metadata"].get("distributed")),

@@ -126,7 +126,7 @@ def agree_on_shards(student: object, teacher: object, labels: object, mask: obje
 # Rows per local chunk of the three phases: each phase works on (rows_per_chunk, V_r) temporaries in
 # the accumulation dtype (about ten of them live at once in phase 3), so a chunk of one temporary is
 # kept to this many bytes: 256 MiB on CUDA (8192 x 131072 float32 logits make about 16 chunks, each
-# launch still long), 16 MiB elsewhere (the CPU's caches; 2048 x 32000 float32 makes 8). Only the
+# launch still long), 16 MiB elsewhere (the CPU's caches; 2048 x 32000 float32 makes 16). Only the
 # outputs, the gradients of the slice in the accumulation dtype, are (N, V_r).
 _CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 

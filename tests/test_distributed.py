@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from logitstd_kernels import distributed, reference
 from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
                                           vocab_parallel_fused_linear_distillation_loss)
+from support import needs
 
 TIMEOUT_S = 120
 
@@ -168,6 +169,38 @@ def _count_collectives(rank: int, world: int) -> dict:
     return counts
 
 
+def _phase_backends_agree(rank: int, world: int, device: str = "cpu") -> dict:
+    """The Triton phases against the PyTorch phases on slices of several tiles (2600 classes: 1300 or
+    more per rank at world 2, against tiles of 1024 and, in float64, 512), rows with a non-unit row
+    stride, bf16 too: the same loss and gradients but for rounding (1e-12 in float64, 2e-5 in
+    float32, 2^-7 of a bf16 row's largest gradient, one rounding apart)."""
+    num_classes, rows = 2 * 1300 + 7, 5
+    cols = _slice(rank, world, num_classes)
+    x64 = 3 * torch.randn(rows, num_classes, dtype=torch.float64)
+    y64 = 5 * torch.randn(rows, num_classes, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (rows,))
+    labels[1] = -100
+    mask = torch.tensor([True, True, False, True, True])
+    worst = {}
+    for dtype, bound in ((torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2.0**-7)):
+        for standardize in (True, False):
+            got = {}
+            for backend in ("torch", "triton"):
+                width = cols.stop - cols.start
+                padded = torch.zeros(rows, width + 37, dtype=dtype, device=device)  # row stride != width
+                xs = padded[:, :width].copy_(x64[:, cols]).requires_grad_(True)
+                ys = y64[:, cols].to(dtype=dtype, device=device).requires_grad_(True)
+                loss = vocab_parallel_distillation_loss(xs, ys, labels.to(device), mask=mask.to(device),
+                                                        reduction="none", standardize=standardize,
+                                                        label_smoothing=0.1, backend=backend)
+                loss.backward(torch.linspace(0.5, 1.5, rows, dtype=loss.dtype, device=device))
+                got[backend] = (loss.detach(), xs.grad, ys.grad)
+            errors = [_max_rel(a, b) for a, b in zip(got["triton"], got["torch"])]
+            assert max(errors) <= bound, f"{dtype} standardize={standardize}: {errors}"
+            worst[str(dtype)] = max(worst.get(str(dtype), 0.0), *errors)
+    return worst
+
+
 def _in_row_chunks(rank: int, world: int) -> dict:
     """The loss scenario and the collective count with the phases run over chunks of 2-3 rows
     (``_CHUNK_BYTES`` made small): the same results, still two collectives for all rows."""
@@ -302,6 +335,7 @@ def _label_outside(rank: int, world: int) -> dict:
 SCENARIOS = {"loss": _compare_loss, "loss_triton": functools.partial(_compare_loss, backend="triton"),
              "collectives": _count_collectives, "chunked": _in_row_chunks, "dtensor": _dtensor,
              "fused_linear_triton": functools.partial(_fused_linear, backend="triton"),
+             "backends_agree": _phase_backends_agree,
              "backend": _backend_unknown_on_one_rank,
              "fused_linear": _fused_linear, "uneven_chunks": _fused_uneven_default_chunks, "rows": _rows_disagree,
              "rows_labels": _rows_disagree_with_labels, "dtype": _dtype_disagrees, "ranges": _ranges_do_not_tile,
@@ -329,6 +363,23 @@ def test_two_collectives_of_rows_size_per_step(reports):
 def test_triton_phase_kernels_match_the_single_process_objective(world, reports):
     """The three phases as Triton kernels (interpreted on the CPU): the loss scenario's bounds."""
     assert_ok(reports[world], "loss_triton")
+
+
+def test_triton_phases_on_several_tiles_strided_rows_and_bf16(reports):
+    assert_ok(reports[2], "backends_agree")
+
+
+@pytest.mark.gpu
+@needs(torch.cuda.is_available(), "needs a CUDA device", required=False)
+def test_triton_phases_on_cuda_with_nccl(tmp_path):
+    """The default on CUDA (``backend="auto"``: the Triton phases), compiled, against the PyTorch
+    phases: one NCCL rank on one GPU, the whole row in its slice."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        worst = _phase_backends_agree(0, 1, device="cuda")
+    finally:
+        dist.destroy_process_group()
+    assert set(worst) == {"torch.float64", "torch.float32", "torch.bfloat16"}
 
 
 def test_fused_linear_on_the_triton_phase_kernels(reports):

@@ -88,3 +88,26 @@ def test_without_git_every_result_file_on_disk_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(make_tables.subprocess, "run", no_git)
     assert (tmp_path / "zz-local.json") in make_tables.result_files(tmp_path)
     assert "zz-local.json" in make_tables.section(tmp_path)
+
+
+def test_same_day_results_add_only_their_new_cases(tmp_path, monkeypatch):
+    """Two calls of one GPU lease: the newest file's table, then the older file's cases the newer one
+    did not measure, each case once; a file of an earlier day adds nothing."""
+    make_tables = _make_tables_module(ROOT / "benchmarks" / "make_tables.py")
+    monkeypatch.setattr(make_tables, "result_files", lambda folder: sorted(folder.glob("*.json")))
+
+    def result(vocab, median):
+        return {"sweep": "vocab", "rows": 8, "vocab": vocab, "dtype": "float32", "mode": "full", "provider": "cpu",
+                "status": "ok", "median_ms": median, "x_floor": 2.0, "peak_mem_mb": 1.0, "speedup_vs_torch": None}
+
+    meta = {"device": "Test CPU", "device_type": "cpu", "command": "bench", "torch": "t", "triton": "t",
+            "logitstd_kernels": "0", "git_commit": "abc", "copy_bandwidth_gbps": 1.0, "peak_memory": "rss"}
+    files = {"a-old-day.json": ("2026-11-27T10:00:00+00:00", [result(256, 9.0), result(1024, 9.5)]),
+             "b-first-call.json": ("2026-11-28T10:00:00+00:00", [result(256, 1.25), result(512, 2.5)]),
+             "c-second-call.json": ("2026-11-28T11:00:00+00:00", [result(256, 1.5)])}
+    for name, (date, results) in files.items():
+        (tmp_path / name).write_text(json.dumps({"metadata": dict(meta, date=date), "results": results}))
+    text = make_tables.section(tmp_path)
+    assert "c-second-call.json" in text and "b-first-call.json" in text and "a-old-day.json" not in text
+    assert "1.5 ms" in text and "2.5 ms" in text  # V = 256 from the newer call, V = 512 from the older
+    assert "1.25 ms" not in text and "9.5 ms" not in text and "| 1024 |" not in text

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .config import VP_BLOCK, VP_BLOCK_F64, VP_WARPS
+from .kd_kernels import _scalar
 
 # Columns of the per-row coefficient tensor of phases 2 and 3 (its dtype: the accumulation dtype),
 # in the order distributed.py stacks them.
@@ -177,7 +178,8 @@ def vp_sums_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, out_ptr, W, stride_x, str
 
 
 @triton.jit
-def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, params_ptr, labels_ptr, gx_ptr, gy_ptr, W, stride_x, stride_y,
+def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, gx_ptr, gy_ptr, W, stride_x, stride_y,
+                    t2: tl.float64, kd_weight: tl.float64, ce_weight: tl.float64, one_minus_smoothing: tl.float64,
                     TINY: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
                     STANDARDIZE: tl.constexpr, HAS_LABELS: tl.constexpr, GRAD_S: tl.constexpr,
                     GRAD_T: tl.constexpr, ACC64: tl.constexpr):
@@ -185,8 +187,8 @@ def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, params_ptr, labels_ptr, gx_ptr, gy_p
 
     ``gx = kd_weight ka (t2 (q - p) - u factor_x) + ce_weight (softmax(x) - smoothing / V - onehot)``,
     ``gy = kd_weight kb (t2 p (b - a + log_ratio - KL) - w factor_y)`` (``factor`` 0 unstandardized).
-    ``params``: (t2, kd_weight, ce_weight, 1 - label_smoothing) in the accumulation dtype (a float
-    argument would be rounded to float32)."""
+    The four weights are float64 arguments (annotated: an unannotated float is a float32), taken to
+    the accumulation dtype once."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     x_row, y_row = x_ptr + row * stride_x, y_ptr + row * stride_y
@@ -196,13 +198,12 @@ def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, params_ptr, labels_ptr, gx_ptr, gy_p
     sig_x = tl.maximum(_coef(coef_ptr, row, SIGMA_X, C), TINY)
     sig_y = tl.maximum(_coef(coef_ptr, row, SIGMA_Y, C), TINY)
     shift_x, shift_y = _coef(coef_ptr, row, SHIFT_X, C), _coef(coef_ptr, row, SHIFT_Y, C)
-    t2, kd_weight = tl.load(params_ptr + 0), tl.load(params_ptr + 1)
-    ce_weight = tl.load(params_ptr + 2)
+    t2, kd_weight, ce_weight = _scalar(t2, ACC64), _scalar(kd_weight, ACC64), _scalar(ce_weight, ACC64)
     label = -1
     onehot = 0.0
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
-        onehot = _coef(coef_ptr, row, OWNS, C) * tl.load(params_ptr + 3)
+        onehot = _coef(coef_ptr, row, OWNS, C) * _scalar(one_minus_smoothing, ACC64)
     for start in range(0, W, BLOCK):
         valid, x, y, ea, eb, diff = _terms(x_row, y_row, start, offs, W, coef_ptr, row, C, ACC64)
         p = eb * inv_zb
@@ -269,10 +270,9 @@ def slice_grads(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, labels: to
     rows, width = x.shape
     if not rows or (grad_x is None and grad_y is None):
         return
-    params = torch.tensor([t2, kd_weight, ce_weight, 1.0 - label_smoothing], dtype=coef.dtype, device=coef.device)
     with _device_guard(x):
-        vp_grads_kernel[(rows,)](x, y, coef, params, labels, grad_x if grad_x is not None else coef,
+        vp_grads_kernel[(rows,)](x, y, coef, labels, grad_x if grad_x is not None else coef,
                                  grad_y if grad_y is not None else coef, width, x.stride(0), y.stride(0),
-                                 TINY=_tiny(coef.dtype), C=coef.shape[1], BLOCK=_block(coef.dtype),
+                                 float(t2), float(kd_weight), float(ce_weight), float(1.0 - label_smoothing), TINY=_tiny(coef.dtype), C=coef.shape[1], BLOCK=_block(coef.dtype),
                                  STANDARDIZE=standardize, HAS_LABELS=has_labels, GRAD_S=grad_x is not None,
                                  GRAD_T=grad_y is not None, ACC64=coef.dtype == torch.float64, num_warps=VP_WARPS)

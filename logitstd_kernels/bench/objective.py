@@ -57,10 +57,11 @@ def unavailable(provider: str, device: torch.device) -> Optional[str]:
     return unavailable_reason(backend, device.type)
 
 
-def _eager(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
+def _eager(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, ce_weight: float = WEIGHTS["ce_weight"],
+           **options) -> torch.Tensor:
     """The eager objective as a user writes it (no ignored labels here): CE plus the eager LS-KD."""
     ce = F.cross_entropy(student.to(reference.accumulation_dtype(student, teacher)), labels)
-    return WEIGHTS["ce_weight"] * ce + WEIGHTS["kd_weight"] * reference.logitstd_kd_loss(student, teacher, **options)
+    return ce_weight * ce + WEIGHTS["kd_weight"] * reference.logitstd_kd_loss(student, teacher, **options)
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,7 +117,8 @@ def objective_violation(fn: ObjectiveFn, student: torch.Tensor, teacher: torch.T
         (want,) = torch.autograd.grad(exact / rows, (exact_x,))
         if eager_in_input_dtype:
             eager_x = xs.detach().requires_grad_(True)
-            eager = _eager(eager_x, ys, ls, temperature=temperature, standardize=standardize) * xs.shape[0]
+            eager = _eager(eager_x, ys, ls, ce_weight=ce_weight, temperature=temperature,
+                           standardize=standardize) * xs.shape[0]
         else:
             eager_x = xs.float().requires_grad_(True)
             eager = reference.distillation_loss(eager_x, ys.float(), ls, **options)
