@@ -20,10 +20,11 @@ O(rows) bytes, none of O(rows x V) (docs/design.md, "vocabulary-parallel rows"):
 Each phase runs as one Triton kernel launch over the local slice (``_triton/vocab_parallel.py``; the
 default on CUDA, ``backend="triton"``), or as PyTorch operations over chunks of rows
 (``_CHUNK_BYTES``, ``backend="torch"``, the default elsewhere and the kernels' reference). Either way
-the only (N, V_r) buffers are the slice's gradients, in the accumulation dtype. A constant-size header (the shapes, dtypes and class ranges of every
-rank) is exchanged first when ``check_shards=True`` (the default), so that mismatched shards raise the
-same error on every rank instead of aborting the process group; ``check_shards=False`` leaves the two
-collectives.
+the only (N, V_r) buffers are the slice's gradients, in the accumulation dtype.
+
+A constant-size header (the shapes, dtypes and class ranges of every rank) is exchanged first when
+``check_shards=True`` (the default), so that mismatched shards raise the same error on every rank
+instead of aborting the process group; ``check_shards=False`` leaves the two collectives.
 
 Equivalent single-process code: ``distillation_loss(cat(student_shards, -1), cat(teacher_shards, -1),
 labels, ...)``.
@@ -189,6 +190,13 @@ class _ChunkTerms(NamedTuple):
     w: Optional[torch.Tensor]
 
 
+def _where_p(p: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``term`` where the teacher's probability ``p`` is not 0, else 0: a class the teacher gives
+    p = 0 (a -inf logit, b - a = -inf) contributes nothing, the limit of p log(p / q), as in the
+    single-device kernels (0 * inf would make the row NaN)."""
+    return torch.where(p == 0, torch.zeros_like(term), term)
+
+
 def _chunk_terms(student: torch.Tensor, teacher: torch.Tensor, scales: _RowScales, part: slice,
                  acc: torch.dtype) -> _ChunkTerms:
     """Phases 2 and 3 both need these (phase 3 recomputes them rather than keeping (N, V_r) of them)."""
@@ -272,9 +280,10 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
     # Phase 2: the slice's partial sums under the global statistics, summed in rank order.
     def partial_sums(part: slice) -> torch.Tensor:
         t = _chunk_terms(student, teacher, scales, part, acc)
-        sums = [t.ea.sum(-1), t.eb.sum(-1), (t.eb * t.diff).sum(-1)]
+        eb_diff = _where_p(t.eb, t.eb * t.diff)
+        sums = [t.ea.sum(-1), t.eb.sum(-1), eb_diff.sum(-1)]
         if standardize:
-            sums += [(t.ea * t.u).sum(-1), (t.eb * t.u).sum(-1), (t.eb * t.w).sum(-1), (t.eb * t.diff * t.w).sum(-1)]
+            sums += [(t.ea * t.u).sum(-1), (t.eb * t.u).sum(-1), (t.eb * t.w).sum(-1), (eb_diff * t.w).sum(-1)]
         if labels is not None:
             picked = t.x.gather(1, label_column[part]).squeeze(1)
             ex = torch.exp(t.x - max_x[part].to(acc).unsqueeze(1))
@@ -347,7 +356,7 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
                     g = g + ce_weight * (soft - onehot)
                 grad_x[part] = g.masked_fill(drop, 0.0)
             if grad_teacher:
-                h = t2 * p * (t.diff + col(log_ratio) - col(kl))
+                h = _where_p(p, t2 * p * (t.diff + col(log_ratio) - col(kl)))
                 h = (h - t.w * col(factor_y)) * col(kb) if standardize else h * col(kb)
                 grad_y[part] = (kd_weight * h).masked_fill(drop, 0.0)
     rows_out = torch.where(keep, (ce_weight * ce + kd_weight * kd) if labels is not None else kd_weight * kd,

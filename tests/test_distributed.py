@@ -201,6 +201,54 @@ def _phase_backends_agree(rank: int, world: int, device: str = "cpu") -> dict:
     return worst
 
 
+def _edge_rows(rank: int, world: int) -> dict:
+    """The base issue's numerics across a shard boundary, on both phase backends: a -inf teacher
+    logit without standardization (in the last rank's slice) gives the single-device fused kernels'
+    finite loss and a zero teacher gradient there, not NaN; a NaN row stays in its row; float32 rows
+    of 1e18 and (eps = 0) 1e-30 keep float32 rounding against the float64 truth."""
+    from logitstd_kernels.objective import distillation_loss
+
+    num_classes = 40
+    cols = _slice(rank, world, num_classes)
+    found = {}
+    for backend in ("torch", "triton"):
+        x, y = torch.randn(3, num_classes, dtype=torch.float64), torch.randn(3, num_classes, dtype=torch.float64)
+        y[0, num_classes - 2] = float("-inf")
+        labels = torch.tensor([1, 2, 3])
+        xs, ys = x[:, cols].clone().requires_grad_(True), y[:, cols].clone().requires_grad_(True)
+        loss = vocab_parallel_distillation_loss(xs, ys, labels, standardize=False, reduction="none", backend=backend)
+        loss.sum().backward()
+        xf, yf = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        want = distillation_loss(xf, yf, labels, standardize=False, reduction="none", backend="cpu")
+        want.sum().backward()  # the C++ kernel: p = 0 contributes 0 (the -inf teacher logit's limit)
+        errors = [_max_rel(loss, want), _max_rel(xs.grad, xf.grad[:, cols]), _max_rel(ys.grad, yf.grad[:, cols])]
+        assert torch.isfinite(loss).all() and torch.isfinite(ys.grad).all() and max(errors) <= 1e-12, errors
+
+        x = torch.randn(3, num_classes)
+        x[1, 5] = float("nan")  # in rank 0's slice: every rank's row 1 is NaN, no other row
+        xs = x[:, cols].clone().requires_grad_(True)
+        loss = vocab_parallel_distillation_loss(xs, torch.randn(3, num_classes)[:, cols], labels, reduction="none",
+                                                backend=backend)
+        loss.sum().backward()
+        assert torch.isnan(loss).tolist() == [False, True, False]
+        assert torch.isnan(xs.grad).any(-1).tolist() == [False, True, False]
+
+        for magnitude, options in ((1e18, {}), (1e-30, dict(eps=0.0, correction=0))):
+            x64 = magnitude * torch.randn(3, num_classes, dtype=torch.float64)
+            y64 = magnitude * torch.randn(3, num_classes, dtype=torch.float64)
+            xs = x64.float()[:, cols].clone().requires_grad_(True)
+            loss = vocab_parallel_distillation_loss(xs, y64.float()[:, cols], None, reduction="none", backend=backend,
+                                                    **options)
+            loss.sum().backward()
+            xf = x64.float().double().requires_grad_(True)
+            want = reference.distillation_loss(xf, y64.float().double(), None, reduction="none", **options)
+            want.sum().backward()
+            errors = [_max_rel(loss, want), _max_rel(xs.grad, xf.grad[:, cols])]
+            assert max(errors) <= 2e-5, (magnitude, errors)
+        found[backend] = True
+    return found
+
+
 def _in_row_chunks(rank: int, world: int) -> dict:
     """The loss scenario and the collective count with the phases run over chunks of 2-3 rows
     (``_CHUNK_BYTES`` made small): the same results, still two collectives for all rows."""
@@ -335,7 +383,7 @@ def _label_outside(rank: int, world: int) -> dict:
 SCENARIOS = {"loss": _compare_loss, "loss_triton": functools.partial(_compare_loss, backend="triton"),
              "collectives": _count_collectives, "chunked": _in_row_chunks, "dtensor": _dtensor,
              "fused_linear_triton": functools.partial(_fused_linear, backend="triton"),
-             "backends_agree": _phase_backends_agree,
+             "backends_agree": _phase_backends_agree, "edge_rows": _edge_rows,
              "backend": _backend_unknown_on_one_rank,
              "fused_linear": _fused_linear, "uneven_chunks": _fused_uneven_default_chunks, "rows": _rows_disagree,
              "rows_labels": _rows_disagree_with_labels, "dtype": _dtype_disagrees, "ranges": _ranges_do_not_tile,
@@ -363,6 +411,10 @@ def test_two_collectives_of_rows_size_per_step(reports):
 def test_triton_phase_kernels_match_the_single_process_objective(world, reports):
     """The three phases as Triton kernels (interpreted on the CPU): the loss scenario's bounds."""
     assert_ok(reports[world], "loss_triton")
+
+
+def test_edge_rows_across_a_shard_boundary(reports):
+    assert_ok(reports[2], "edge_rows")
 
 
 def test_triton_phases_on_several_tiles_strided_rows_and_bf16(reports):

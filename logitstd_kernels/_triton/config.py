@@ -191,7 +191,7 @@ SCALE_WARPS = 8
 
 # The vocabulary-parallel phases (vocab_parallel.py): one program per row over its slice, in
 # 1024-wide tiles, 4 warps -> 8 elements per thread (one 16-byte access of bf16), up to nine float32
-# accumulators per element in phase 2: 125-127 registers, no spills (scripts/triton_aot_check.py,
+# accumulators per element in phase 2: 128 registers, no spills (scripts/triton_aot_check.py,
 # sm_90); slices of 32k-128k classes make 32-128 tiles per row. float64 accumulation takes 512-wide
 # tiles: at 1024 its phase 2 needs 255 registers and spills 504 bytes; at 512 the checked (heaviest)
 # variants take 74-172 registers without spilling, while phase 2 with standardization but no labels

@@ -143,16 +143,17 @@ def vp_sums_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, out_ptr, W, stride_x, str
     sig_y = tl.maximum(_coef(coef_ptr, row, SIGMA_Y, C), TINY)
     for start in range(0, W, BLOCK):
         valid, x, y, ea, eb, diff = _terms(x_row, y_row, start, offs, W, coef_ptr, row, C, ACC64)
+        ebd = tl.where(eb == 0, 0.0, eb * diff)  # p = 0 (a -inf teacher logit) adds nothing, not 0 * inf
         s_ea += ea
         s_eb += eb
-        s_ebd += eb * diff
+        s_ebd += ebd
         if STANDARDIZE:
             u = tl.where(valid, (x - _coef(coef_ptr, row, SHIFT_X, C)) / sig_x, 0.0)
             w = tl.where(valid, (y - _coef(coef_ptr, row, SHIFT_Y, C)) / sig_y, 0.0)
             s_eau += ea * u
             s_ebu += eb * u
             s_ebw += eb * w
-            s_ebdw += eb * diff * w
+            s_ebdw += ebd * w
         if HAS_LABELS:
             s_ex += tl.where(valid, tl.exp(x - _coef(coef_ptr, row, MAX_X, C)), 0.0)
             s_x += x
@@ -217,7 +218,8 @@ def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, gx_ptr, gy_ptr, W, strid
                 g = g + ce_weight * (soft - tl.where(start + offs == label, onehot, 0.0))
             tl.store(gx_ptr + row * W + start + offs, tl.where(keep, g, 0.0), mask=valid)
         if GRAD_T:
-            h = t2 * p * (diff + _coef(coef_ptr, row, LOG_RATIO, C) - _coef(coef_ptr, row, KL, C))
+            delta = diff + _coef(coef_ptr, row, LOG_RATIO, C) - _coef(coef_ptr, row, KL, C)
+            h = tl.where(p == 0, 0.0, t2 * p * delta)  # p = 0: nothing, not 0 * inf
             if STANDARDIZE:
                 h = h - (y - shift_y) / sig_y * _coef(coef_ptr, row, FACTOR_Y, C)
             tl.store(gy_ptr + row * W + start + offs, tl.where(keep, kd_weight * (h * kb), 0.0), mask=valid)
@@ -273,6 +275,7 @@ def slice_grads(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, labels: to
     with _device_guard(x):
         vp_grads_kernel[(rows,)](x, y, coef, labels, grad_x if grad_x is not None else coef,
                                  grad_y if grad_y is not None else coef, width, x.stride(0), y.stride(0),
-                                 float(t2), float(kd_weight), float(ce_weight), float(1.0 - label_smoothing), TINY=_tiny(coef.dtype), C=coef.shape[1], BLOCK=_block(coef.dtype),
+                                 float(t2), float(kd_weight), float(ce_weight), float(1.0 - label_smoothing),
+                                 TINY=_tiny(coef.dtype), C=coef.shape[1], BLOCK=_block(coef.dtype),
                                  STANDARDIZE=standardize, HAS_LABELS=has_labels, GRAD_S=grad_x is not None,
                                  GRAD_T=grad_y is not None, ACC64=coef.dtype == torch.float64, num_warps=VP_WARPS)
