@@ -28,14 +28,13 @@ known after a collective.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .config import VP_BLOCK, VP_BLOCK_F64, VP_WARPS
-from .kd_kernels import _scalar
+from .kd_kernels import _scalar, _to_acc
+from .launch import _device_guard
 
 # Columns of the per-row coefficient tensor of phases 2 and 3 (its dtype: the accumulation dtype),
 # in the order distributed.py stacks them.
@@ -45,15 +44,6 @@ SUMS_COLUMNS = 10
 # log-sum-exp of the CE, label_smoothing / V, and whether the row is included.
 INV_ZA, INV_ZB, FACTOR_X, FACTOR_Y, LOG_RATIO, KL, LSE, SMOOTH_OVER_V, KEEP = (tl.constexpr(j) for j in range(10, 19))
 GRADS_COLUMNS = 19
-
-
-@triton.jit
-def _acc(v, ACC64: tl.constexpr):
-    if ACC64:
-        r = v.to(tl.float64)
-    else:
-        r = v.to(tl.float32)
-    return r
 
 
 @triton.jit
@@ -76,8 +66,8 @@ def vp_stats_kernel(x_ptr, y_ptr, out_ptr, W, stride_x, stride_y,
     ly = tl.full([BLOCK], float("inf"), dtype=sx.dtype)
     for start in range(0, W, BLOCK):
         valid = start + offs < W
-        x = _acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64)
-        y = _acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64)
+        x = _to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64)
+        y = _to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64)
         sx += x
         sy += y
         hx = tl.maximum(hx, tl.where(valid, x, float("-inf")))
@@ -93,8 +83,8 @@ def vp_stats_kernel(x_ptr, y_ptr, out_ptr, W, stride_x, stride_y,
     qy = tl.zeros([BLOCK], dtype=sx.dtype)
     for start in range(0, W, BLOCK):
         valid = start + offs < W
-        dx = (_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64) - mean_x) / c_x
-        dy = (_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64) - mean_y) / c_y
+        dx = (_to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64) - mean_x) / c_x
+        dy = (_to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64) - mean_y) / c_y
         qx += tl.where(valid, dx * dx, 0.0)
         qy += tl.where(valid, dy * dy, 0.0)
     out = out_ptr + row * 8
@@ -112,8 +102,8 @@ def vp_stats_kernel(x_ptr, y_ptr, out_ptr, W, stride_x, stride_y,
 def _terms(x_row, y_row, start, offs, W, coef_ptr, row, C: tl.constexpr, ACC64: tl.constexpr):
     """One tile's x, e^(a - a_max), e^(b - b_max) and b - a (0 outside the slice)."""
     valid = start + offs < W
-    x = _acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64)
-    y = _acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64)
+    x = _to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64)
+    y = _to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64)
     a = (x - _coef(coef_ptr, row, SHIFT_X, C)) * _coef(coef_ptr, row, KA, C)
     b = (y - _coef(coef_ptr, row, SHIFT_Y, C)) * _coef(coef_ptr, row, KB, C)
     ea = tl.where(valid, tl.exp(a - _coef(coef_ptr, row, A_MAX, C)), 0.0)
@@ -171,7 +161,7 @@ def vp_sums_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, out_ptr, W, stride_x, str
     if HAS_LABELS:
         owns = _coef(coef_ptr, row, OWNS, C)
         col = tl.minimum(tl.maximum(tl.load(labels_ptr + row), 0), W - 1)
-        picked = _acc(tl.load(x_ptr + row * stride_x + col), ACC64)
+        picked = _to_acc(tl.load(x_ptr + row * stride_x + col), ACC64)
         tl.store(out + k, tl.sum(s_ex, axis=0).to(tl.float64))
         tl.store(out + k + 1, tl.where(owns != 0, picked, 0.0).to(tl.float64))
         tl.store(out + k + 2, owns.to(tl.float64))
@@ -223,10 +213,6 @@ def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, gx_ptr, gy_ptr, W, strid
             if STANDARDIZE:
                 h = h - (y - shift_y) / sig_y * _coef(coef_ptr, row, FACTOR_Y, C)
             tl.store(gy_ptr + row * W + start + offs, tl.where(keep, kd_weight * (h * kb), 0.0), mask=valid)
-
-
-def _device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _block(acc: torch.dtype) -> int:
