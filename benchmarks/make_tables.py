@@ -1,16 +1,23 @@
-"""Regenerate README.md's performance tables from the committed result files.
+"""Regenerate the measured-performance tables of the docs from the committed result files.
 
-    python benchmarks/make_tables.py            # rewrite the README section in place
-    python benchmarks/make_tables.py --check    # exit 1 if the README is out of date
+    python benchmarks/make_tables.py            # rewrite both generated blocks in place
+    python benchmarks/make_tables.py --check    # exit 1 if either file is out of date
 
-For each device and benchmark (the standardized or plain KD loss, the Triton tuning switches, the
-distillation objective of ``bench --objective``, the fused lm_head, the vocabulary-parallel loss),
-the newest committed ``benchmarks/results/*.json`` becomes one table of the forward+backward
-("full") mode: median time and speedup over eager PyTorch per provider, the fused kernel's time as a
-multiple of the memory floor, and peak memory above the inputs. Older files of the same device,
-benchmark and UTC day follow as tables of their own when they measured cases the newer ones did not
-(a GPU lease's second call that finished what the first left). Nothing in the section is typed by
-hand.
+Two generated blocks, each between its own markers:
+
+- ``docs/performance.md`` (``perf-tables``): for each device and benchmark (the standardized or plain
+  KD loss, the Triton blocked-path variants, the distillation objective of ``bench --objective``, the
+  fused lm_head, the vocabulary-parallel loss), the newest committed ``benchmarks/results/*.json``
+  becomes one table of the forward+backward ("full") mode: median time and speedup over eager
+  PyTorch per provider, the fused kernel's time as a multiple of the memory floor, and peak memory
+  above the inputs. Older files of the same device, benchmark and UTC day follow as tables of their
+  own when they measured cases the newer ones did not (a GPU lease's second call that finished what
+  the first left).
+- ``README.md`` (``speed-table``): the small speed table, from the same files: on ``SUMMARY_DEVICE``,
+  8192 tokens, bf16, forward + backward, the standardized KD loss against eager PyTorch and
+  ``torch.compile`` and plain KD against Liger-Kernel, at V = 32768 and 131072.
+
+Nothing in either block is typed by hand; ``tests/tooling/test_docs.py`` runs ``--check``.
 
 "Committed" means known to git (``git ls-files``, so a staged file counts): a result file that is
 only on disk never changes the tables, and ``--check`` passes in a checkout with untracked results.
@@ -27,8 +34,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- perf-tables:start -->", "<!-- perf-tables:end -->"
+PERF_MARKERS = ("<!-- perf-tables:start -->", "<!-- perf-tables:end -->")
+SPEED_MARKERS = ("<!-- speed-table:start -->", "<!-- speed-table:end -->")
 FUSED = ("triton", "cuda", "cpu")
+
+# The README's speed table: the GPU, the case and the class counts it summarizes.
+SUMMARY_DEVICE = "NVIDIA H200"
+SUMMARY_ROWS, SUMMARY_DTYPE, SUMMARY_VOCABS = 8192, "bfloat16", (32768, 131072)
+# Our kernels in that table, as (provider, name) in column order.
+SUMMARY_OURS = (("triton", "Triton"), ("cuda", "CUDA C++"))
 
 
 def _git(results_dir: Path, *args: str) -> subprocess.CompletedProcess | None:
@@ -59,9 +73,10 @@ TUNING_PROVIDERS = ("triton_evict", "triton_prefetch")
 
 
 def benchmark_kind(data: dict) -> str:
-    """What a result file measured: the KD loss (standardized or plain), the Triton tuning switches,
-    the distillation objective (CE + KD), a full step through the lm_heads (``bench --fused-linear``)
-    or the vocabulary-parallel objective."""
+    """What a result file measured: the KD loss (standardized or plain), the Triton blocked path's
+    variants (eviction hints, prefetch depth 2) against its default, the distillation objective
+    (CE + KD), a full step through the lm_heads (``bench --fused-linear``) or the vocabulary-parallel
+    objective."""
     metadata = data["metadata"]
     if metadata.get("distributed"):
         return f"vocabulary-parallel objective ({metadata['backend']}, standardized, with labels)"
@@ -71,7 +86,8 @@ def benchmark_kind(data: dict) -> str:
         return "distillation objective (0.1 CE + 9 KD, token labels)"
     plain = "" if metadata.get("standardize", True) else "plain "
     if any(r["provider"] in TUNING_PROVIDERS for r in data["results"]):
-        return f"{plain}KD loss, Triton tuning switches (_triton/config.py) forced on"
+        return (f"{plain}KD loss, Triton blocked-path variants: eviction hints (triton_evict), "
+                "prefetch depth 2 (triton_prefetch)")
     return f"{plain}KD loss"
 
 
@@ -208,26 +224,115 @@ def render(path: Path, data: dict) -> str:
     return "\n".join(lines)
 
 
-def section(results_dir: Path) -> str:
-    runs = newest_per_device(results_dir)
+def render_section(runs: list[tuple[Path, dict]]) -> str:
+    """docs/performance.md's generated block: every chosen result file as a table."""
     if not runs:
         return "No results committed yet."
     return "\n\n".join(render(path, data) for path, data in runs)
 
 
+def section(results_dir: Path) -> str:
+    return render_section(newest_per_device(results_dir))
+
+
+def _times(runs: list[tuple[Path, dict]], kind: str) -> tuple[dict[tuple[int, str], float], list[tuple[Path, dict]]]:
+    """{(V, provider): median ms} of the summary's cases in the ``kind`` files of ``SUMMARY_DEVICE``,
+    and the files they came from. ``newest_per_device`` gives each case to one file only."""
+    times: dict[tuple[int, str], float] = {}
+    sources = []
+    for path, data in runs:
+        if data["metadata"]["device"] != SUMMARY_DEVICE or benchmark_kind(data) != kind:
+            continue
+        used = False
+        for r in data["results"]:
+            if (r["mode"] == "full" and r["status"] == "ok" and r["rows"] == SUMMARY_ROWS
+                    and r["dtype"] == SUMMARY_DTYPE and r["vocab"] in SUMMARY_VOCABS):
+                times.setdefault((r["vocab"], r["provider"]), r["median_ms"])
+                used = True
+        if used:
+            sources.append((path, data))
+    return times, sources
+
+
+def _ours_ms(times: dict, vocab: int) -> str:
+    cells = [f"{times[(vocab, p)]:.3g}" if (vocab, p) in times else "-" for p, _ in SUMMARY_OURS]
+    return " / ".join(cells) + " ms"
+
+
+def _speedups(times: dict, vocab: int, other: str) -> str:
+    """The other provider's time over each of ours: "12.3x / 18.7x"."""
+    if (vocab, other) not in times:
+        return "not measured"
+    cells = [f"{times[(vocab, other)] / times[(vocab, p)]:.1f}x" if (vocab, p) in times else "-"
+             for p, _ in SUMMARY_OURS]
+    return " / ".join(cells)
+
+
+def render_summary(runs: list[tuple[Path, dict]]) -> str:
+    """README.md's generated block: the small speed table of ``SUMMARY_DEVICE``."""
+    standardized, std_files = _times(runs, "KD loss")
+    plain, plain_files = _times(runs, "plain KD loss")
+    if not standardized and not plain:
+        return f"No {SUMMARY_DEVICE} results committed yet."
+    ours = " / ".join(name for _, name in SUMMARY_OURS)
+    dtype = {"bfloat16": "bf16"}.get(SUMMARY_DTYPE, SUMMARY_DTYPE)
+    lines = [f"| {SUMMARY_DEVICE}, {SUMMARY_ROWS} tokens, {dtype}, forward + backward | "
+             + " | ".join(f"V = {v}" for v in SUMMARY_VOCABS) + " |",
+             "|---|" + "---:|" * len(SUMMARY_VOCABS)]
+
+    def row(label: str, cell) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(v) for v in SUMMARY_VOCABS) + " |")
+
+    row(f"standardized KD, our kernels ({ours})", lambda v: _ours_ms(standardized, v))
+    row("speedup over eager PyTorch", lambda v: _speedups(standardized, v, "torch"))
+    row("speedup over `torch.compile`", lambda v: _speedups(standardized, v, "torch_compile"))
+    row(f"plain KD, our kernels ({ours})", lambda v: _ours_ms(plain, v))
+    row("speedup over Liger-Kernel", lambda v: _speedups(plain, v, "liger"))
+    files = std_files + [item for item in plain_files if item[0] not in {path for path, _ in std_files}]
+    versions = "; ".join(dict.fromkeys(f"torch {data['metadata']['torch']}, triton {data['metadata']['triton']}"
+                                       for _, data in files))
+    sources = ", ".join(f"`benchmarks/results/{path.name}` ({data['metadata'].get('git_commit') or 'no git'})"
+                        for path, data in files)
+    lines += ["", f"Median times; a speedup is the other's time divided by ours. {versions}; from {sources}."]
+    return "\n".join(lines)
+
+
+def speed_summary(results_dir: Path) -> str:
+    return render_summary(newest_per_device(results_dir))
+
+
+def replace_block(text: str, markers: tuple[str, str], content: str, path: Path) -> str:
+    """``text`` with what lies between the two markers replaced by ``content``."""
+    start, end = markers
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"make_tables: {path} needs the lines {start} and {end}, once each, in that order")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{content}\n{end}{tail}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if README.md or docs/performance.md is out of date")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--performance", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args()
-    text = args.readme.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    updated = f"{head}{START}\n{section(args.results)}\n{END}{tail}"
-    if args.check:
-        return 0 if updated == text else 1
-    args.readme.write_text(updated)
+    runs = newest_per_device(args.results)
+    stale = []
+    for path, markers, content in ((args.performance, PERF_MARKERS, render_section(runs)),
+                                   (args.readme, SPEED_MARKERS, render_summary(runs))):
+        text = path.read_text()
+        updated = replace_block(text, markers, content, path)
+        if updated != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(updated)
+    if args.check and stale:
+        print("make_tables: out of date: " + ", ".join(str(p) for p in stale)
+              + " (run python benchmarks/make_tables.py)", file=sys.stderr)
+        return 1
     return 0
 
 

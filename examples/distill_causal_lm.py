@@ -25,7 +25,7 @@ memory for the fused loss and for the eager loss (``backend="torch"``: the full 
 weights (and compares their gradients), the Trainer runs once with each.
 
     python examples/distill_causal_lm.py --tiny          # seconds; what the tests run
-    python examples/distill_causal_lm.py                 # the README's run
+    python examples/distill_causal_lm.py                 # the run of docs/hf-recipe.md
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ math and README.md for the API.
 
 from . import reference
 from ._backends import available_backends, backend_status
+from .config import DistillConfig
 from .functional import kd_loss, logitstd_kd_loss, zscore
 from .fused_linear import default_chunk_size, fused_linear_distillation_loss
 from .modules import DistillationLoss, FusedLinearDistillationLoss, LogitStdKDLoss
@@ -14,6 +15,7 @@ from .objective import DistillationParts, distillation_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistillConfig",
     "DistillationLoss",
     "DistillationParts",
     "FusedLinearDistillationLoss",

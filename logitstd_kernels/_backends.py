@@ -1,29 +1,31 @@
 """Backend registry: which fused kernels can run here, and why the others cannot.
 
 Every fused backend module (``_triton`` for the Triton kernels, ``_cpp`` for the C++/CUDA
-extension) exposes the same two functions, the kernel contract of the package:
+extension) exposes the same three functions, the kernel contract of the package:
 
-``fused_kd_forward(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps,
-grad_student, grad_teacher, objective=None) -> (rows, grad_student, grad_teacher, ce_rows, kd_rows)``
+``fused_forward(student, teacher, labels, mask, grad_scale, config, grad_student, grad_teacher)
+-> (rows, grad_student, grad_teacher, ce_rows, kd_rows)``
 
 - ``student``, ``teacher``: (N, V) tensors with unit stride along V and any row stride, any
-  floating dtype each (they may differ), N >= 0, V >= 2 when ``standardize`` (V >= 1 otherwise).
+  floating dtype each (they may differ), N >= 0, V >= 2 when ``config.standardize`` (V >= 1 otherwise).
+- ``labels``: None (pure KD: the CE term is absent), or a contiguous (N,) int64 tensor; rows whose
+  label is ``config.ignore_index`` are excluded like masked rows (labels outside [0, V): the CPU
+  raises, CUDA gives that row NaN).
 - ``mask``: None, or a contiguous bool (N,) tensor; excluded rows get loss 0 and gradient 0 and
   their data is never allowed to leak into other rows (NaN/Inf stay in their row).
 - ``grad_scale``: a (1,) or (N,) tensor in the accumulation dtype (float64 if either input is
   float64, else float32) on the same device; row r's gradients are multiplied by its factor.
-- ``objective``: None (pure KD), or an :class:`Objective`: the distillation objective
-  ``ce_weight * CE(labels) + kd_weight * KD``, rows whose label is ``ignore_index`` excluded like
-  masked rows (labels outside [0, V): the CPU raises, CUDA gives that row NaN).
-- ``rows``: (N,) in the accumulation dtype, ``tau_s**2 * KL(p || q)`` of each row (0 if masked), or
-  the objective; ``ce_rows``/``kd_rows``: the objective's two parts per row (CE; ``tau_s**2 KL``).
+- ``config``: the :class:`~logitstd_kernels.config.DistillConfig` (its reduction is not used here).
+- ``rows``: (N,) in the accumulation dtype, ``ce_weight * CE + kd_weight * tau_s**2 * KL`` of each
+  row (0 if excluded; without labels ``kd_weight * tau_s**2 * KL``); ``ce_rows``/``kd_rows``: the
+  two parts per row (CE; ``tau_s**2 KL``).
 - ``grad_student``: contiguous (N, V) in ``student.dtype`` holding ``grad_scale * d rows[r] / d x[r]``
   when ``grad_student`` is True, else an empty (0,) tensor; ``grad_teacher`` likewise for the teacher.
 
-``fused_kd_regrad_(student, teacher, active, grad_scale, tau_s, tau_t, standardize, correction, eps,
-grad_x, grad_y, objective=None)``: in place, the gradients of the rows where ``active`` is true
-recomputed with their factor (the backward's one rounding of low-precision gradients); ``grad_x`` /
-``grad_y`` are the buffers returned by ``fused_kd_forward`` or empty (not recomputed).
+``fused_regrad_(student, teacher, labels, active, grad_scale, config, grad_x, grad_y)``: in place, the
+gradients of the rows where ``active`` is true recomputed with their factor (the backward's one
+rounding of low-precision gradients); ``grad_x`` / ``grad_y`` are the buffers returned by
+``fused_forward`` or empty (not recomputed).
 
 ``scale_rows_(grad, scale)``: in place, ``grad[r] *= scale[r]`` for a (N, V) gradient and a scale of
 shape () or (N,); used by the backward pass to apply the incoming gradient to a float32/float64 one.
@@ -34,23 +36,13 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from ._checks import BACKENDS
+from .config import BACKENDS
 
 _FUSED = ("triton", "cuda", "cpu")
-
-
-class Objective(NamedTuple):
-    """The distillation objective's arguments of the kernel contract (see the module docstring)."""
-
-    labels: torch.Tensor  # (N,) int64, contiguous, on the logits' device
-    ignore_index: int
-    label_smoothing: float
-    ce_weight: float
-    kd_weight: float
 
 
 def _import(name: str) -> tuple[Optional[ModuleType], Optional[str]]:

@@ -7,14 +7,11 @@ This module adds their fake (meta) implementations, so they trace under ``torch.
 ``torch.library.opcheck``. It raises ImportError when the extension is not built; the backend
 registry reports that as the reason the "cpu"/"cuda" backends are unavailable.
 
-Equivalent eager code of ``fused_kd_forward`` (per included row ``r``; excluded rows give 0)::
+Equivalent eager code of ``fused_forward`` (per included row ``r``; excluded rows give 0)::
 
-    rows[r] = reference.logitstd_kd_loss(student[r:r+1], teacher[r:r+1], temperature=tau_s,
-                                         teacher_temperature=tau_t, standardize=standardize,
-                                         correction=correction, eps=eps, reduction="sum")
+    rows[r] = reference.distillation_loss(student[r:r+1], teacher[r:r+1], labels[r:r+1], reduction="sum",
+                                          **settings of config)
     grad_student[r], grad_teacher[r] = grad_scale * torch.autograd.grad(rows[r], (student[r], teacher[r]))
-
-and with an ``objective``, ``reference.distillation_loss`` of the row instead.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ._backends import Objective
+from .config import DistillConfig
 from .reference import accumulation_dtype
 
 try:
@@ -34,7 +31,7 @@ except ImportError as exc:
         f"`pip install --no-build-isolation -e .` (see setup.py)"
     ) from exc
 
-__all__ = ["fused_kd_forward", "fused_kd_regrad_", "has_kernel", "scale_rows_"]
+__all__ = ["fused_forward", "fused_regrad_", "has_kernel", "scale_rows_"]
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -45,60 +42,35 @@ def has_kernel(device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("logitstd::fused_kd_forward", key)
 
 
-def fused_kd_forward(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    grad_scale: torch.Tensor,
-    tau_s: float,
-    tau_t: float,
-    standardize: bool,
-    correction: int,
-    eps: float,
-    grad_student: bool,
-    grad_teacher: bool,
-    objective: Optional[Objective] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kernel_args(config: DistillConfig) -> tuple:
+    """The settings of the C++ ops' schemas (csrc/logitstd.cpp), in their order, after the tensors."""
+    return (config.temperature, config.teacher_temperature, config.standardize, config.correction, config.eps)
+
+
+def _objective_args(labels: Optional[torch.Tensor], config: DistillConfig) -> tuple:
+    """The trailing (labels, ignore_index, label_smoothing, ce_weight, kd_weight) of the C++ ops."""
+    return (labels, config.ignore_index, config.label_smoothing, config.ce_weight, config.kd_weight)
+
+
+def fused_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                  mask: Optional[torch.Tensor], grad_scale: torch.Tensor, config: DistillConfig, grad_student: bool,
+                  grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss and the gradients scaled by ``grad_scale``: the kernel contract of ``_backends``.
 
     Returns ``(rows, grad_student, grad_teacher, ce_rows, kd_rows)``: ``rows`` is (N,) in the
     accumulation dtype, each gradient a new contiguous (N, V) tensor in its input's dtype, or an empty
     (0,) tensor when not requested; ``ce_rows``/``kd_rows`` the objective's parts per row.
     """
-    return torch.ops.logitstd.fused_kd_forward(
-        student, teacher, None if mask is None else mask.contiguous(), grad_scale, float(tau_s), float(tau_t),
-        bool(standardize), int(correction), float(eps), bool(grad_student), bool(grad_teacher), *_objective_args(objective),
-    )
+    return torch.ops.logitstd.fused_kd_forward(student, teacher, mask, grad_scale, *_kernel_args(config),
+                                               bool(grad_student), bool(grad_teacher), *_objective_args(labels, config))
 
 
-def _objective_args(objective: Optional[Objective]) -> tuple:
-    """The trailing (labels, ignore_index, label_smoothing, ce_weight, kd_weight) of the C++ ops."""
-    if objective is None:
-        return (None, -100, 0.0, 0.0, 1.0)
-    return (objective.labels.contiguous(), int(objective.ignore_index), float(objective.label_smoothing),
-            float(objective.ce_weight), float(objective.kd_weight))
-
-
-def fused_kd_regrad_(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    active: torch.Tensor,
-    grad_scale: torch.Tensor,
-    tau_s: float,
-    tau_t: float,
-    standardize: bool,
-    correction: int,
-    eps: float,
-    grad_x: torch.Tensor,
-    grad_y: torch.Tensor,
-    objective: Optional[Objective] = None,
-) -> None:
+def fused_regrad_(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], active: torch.Tensor,
+                  grad_scale: torch.Tensor, config: DistillConfig, grad_x: torch.Tensor, grad_y: torch.Tensor) -> None:
     """Recompute in place the gradients of the rows where ``active`` is true (factor ``grad_scale[r]``);
-    other rows are not touched. ``grad_x``/``grad_y``: (N, V) buffers from ``fused_kd_forward``, or empty."""
-    torch.ops.logitstd.fused_kd_regrad_(
-        student, teacher, active.contiguous(), grad_scale, float(tau_s), float(tau_t), bool(standardize),
-        int(correction), float(eps), grad_x, grad_y, *_objective_args(objective),
-    )
+    other rows are not touched. ``grad_x``/``grad_y``: (N, V) buffers from ``fused_forward``, or empty."""
+    torch.ops.logitstd.fused_kd_regrad_(student, teacher, active, grad_scale, *_kernel_args(config), grad_x, grad_y,
+                                        *_objective_args(labels, config))
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:

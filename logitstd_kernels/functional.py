@@ -1,42 +1,52 @@
-"""The public functions: ``logitstd_kd_loss``, ``kd_loss`` and ``zscore``.
+"""The KD functions: ``logitstd_kd_loss``, ``kd_loss`` and ``zscore``.
 
-They validate their arguments (raising before any kernel runs), pick a backend and call the fused
-op ``torch.ops.logitstd.kd_loss``; ``backend="torch"`` runs the eager reference instead.
+Each checks its arguments once (raising before any kernel runs), picks a backend and runs the
+fused op ``torch.ops.logitstd.distillation_loss`` without labels (KD is the objective without its
+CE term); ``backend="torch"`` runs the eager reference instead.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.logitstd.kd_loss)
+from . import config as cfg
 from . import reference
 from ._backends import resolve_backend_name
-from ._checks import check_backend, check_kd_args
+from ._checks import check_inputs
+from ._ops.loss_op import call_loss_op
+from .config import DistillConfig
+from .reference import DistillationParts
 
-__all__ = ["logitstd_kd_loss", "kd_loss", "zscore"]
+__all__ = ["logitstd_kd_loss", "kd_loss", "zscore", "as_rows", "fused_loss"]
 
 
-def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
     """(N, V) view of the logits with unit stride along V (copies only if the last dim is strided)."""
     rows = logits.reshape(-1, logits.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def logitstd_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    temperature: float = 2.0,
-    teacher_temperature: Optional[float] = None,
-    standardize: bool = True,
-    correction: int = 1,
-    eps: float = 1e-7,
-    reduction: str = "batchmean",
-    mask: Optional[torch.Tensor] = None,
-    backend: str = "auto",
-) -> torch.Tensor:
+def fused_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+               mask: Optional[torch.Tensor], config: DistillConfig, backend: str,
+               return_components: bool = False) -> Union[torch.Tensor, DistillationParts]:
+    """The objective of checked (..., V) logits on ``backend`` (the op, or the reference for "torch")."""
+    name = resolve_backend_name(cfg.check_backend(backend), student.device.type)
+    if name == "torch":
+        return reference.loss_of_config(student, teacher, labels, mask, config, return_components)
+    loss, ce, kd = call_loss_op(as_rows(student), as_rows(teacher),
+                                None if labels is None else labels.reshape(-1).long().contiguous(),
+                                None if mask is None else mask.reshape(-1).contiguous(), config, name)
+    if config.reduction == "none":
+        lead = student.shape[:-1]
+        loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)
+    return DistillationParts(loss, ce, kd) if return_components else loss
+
+
+@cfg.settings_keywords(cfg.KD_SETTINGS, docs=("mask", "backend"))
+def logitstd_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, reduction: str = "batchmean",
+                     mask: Optional[torch.Tensor] = None, backend: str = "auto", **settings) -> torch.Tensor:
     """Logit-standardized KD loss, fused: ``tau_s**2 * KL(softmax(Z(y)/tau_t) || softmax(Z(x)/tau_s))``.
 
     Equivalent eager code (the official implementation, ``correction=1, eps=1e-7``)::
@@ -47,47 +57,21 @@ def logitstd_kd_loss(
 
     Args:
         student_logits, teacher_logits: same shape ``(..., V)``; the last dim holds the classes.
-        temperature: the student's (base) temperature ``tau_s``; the loss is scaled by ``tau_s**2``.
-        teacher_temperature: the teacher's temperature ``tau_t`` (default: ``temperature``).
-        standardize: z-score each row first (False gives vanilla Hinton KD).
-        correction: 1 divides the variance by V-1 (``torch.std``, official code), 0 by V (Algorithm 1).
-        eps: added to the standard deviation (official code 1e-7; Algorithm 1: 0).
         reduction: ``"none"`` (per row), ``"sum"``, ``"batchmean"`` (sum / included rows) or
-            ``"mean"`` (sum / (included rows * V)).
-        mask: optional bool tensor of the leading shape; False rows give 0 loss and 0 gradient.
-        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"`` (the eager reference).
+            ``"mean"`` (sum / (included rows * V)), as in ``F.kl_div``.
+        {keywords}
 
     Returns:
         float32 loss (float64 for float64 inputs); gradients flow to both inputs when they require grad.
     """
-    student, teacher, mask, tau_s, tau_t = check_kd_args(
-        student_logits, teacher_logits, temperature=temperature, teacher_temperature=teacher_temperature,
-        standardize=standardize, correction=correction, eps=eps, reduction=reduction, mask=mask,
-    )
-    name = resolve_backend_name(check_backend(backend), student.device.type)
-    if name == "torch":
-        return reference.logitstd_kd_loss(
-            student, teacher, temperature=tau_s, teacher_temperature=tau_t, standardize=standardize,
-            correction=correction, eps=eps, reduction=reduction, mask=mask,
-        )
-    grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.logitstd.kd_loss(
-        _as_rows(student), _as_rows(teacher), None if mask is None else mask.reshape(-1).contiguous(),
-        tau_s, tau_t, bool(standardize), int(correction), float(eps), reduction,
-        grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad, name,
-    )
-    return loss.reshape(student.shape[:-1]) if reduction == "none" else loss
+    config = cfg.config_from(settings, cfg.KD_SETTINGS, "logitstd_kd_loss", ce_weight=0.0, kd_weight=1.0,
+                             reduction=cfg.kd_reduction(reduction))
+    student, teacher, _, mask = check_inputs(student_logits, teacher_logits, None, mask, config)
+    return fused_loss(student, teacher, None, mask, config, backend)
 
 
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    reduction: str = "batchmean",
-    mask: Optional[torch.Tensor] = None,
-    backend: str = "auto",
-) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
+            reduction: str = "batchmean", mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Vanilla (Hinton) KD, fused: ``logitstd_kd_loss(..., standardize=False)``.
 
     Equivalent eager code::

@@ -1,4 +1,9 @@
-"""``LogitStdKDLoss``, ``DistillationLoss`` and ``FusedLinearDistillationLoss``: the losses as ``nn.Module``."""
+"""``LogitStdKDLoss``, ``DistillationLoss`` and ``FusedLinearDistillationLoss``: the losses as ``nn.Module``.
+
+Each module checks its keywords once, in its constructor, into a :class:`~logitstd_kernels.config.DistillConfig`
+(``module.config``; every setting also reads as an attribute, ``module.temperature``), and its forward
+checks only the tensors.
+"""
 
 from __future__ import annotations
 
@@ -7,121 +12,83 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ._checks import (OBJECTIVE_REDUCTIONS, check_backend, check_label_smoothing, check_reduction,
-                      check_temperature, check_weight)
-from .functional import logitstd_kd_loss
+from . import config as cfg
+from ._checks import check_inputs
+from .functional import fused_loss
 from .fused_linear import fused_linear_distillation_loss
-from .objective import DistillationParts, distillation_loss
+from .reference import DistillationParts
 
 
-class LogitStdKDLoss(nn.Module):
+class _ConfiguredLoss(nn.Module):
+    """A loss module holding a checked ``config``; its settings read as attributes."""
+
+    config: cfg.DistillConfig
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("config")
+            if config is not None and name in cfg.DistillConfig.__dataclass_fields__:
+                return getattr(config, name)
+            raise
+
+    def extra_repr(self) -> str:
+        settings = ", ".join(f"{name}={getattr(self.config, name)!r}" for name in self._shown)
+        return f"{settings}, backend={self.backend!r}"
+
+
+class LogitStdKDLoss(_ConfiguredLoss):
     """Logit-standardized KD loss module; ``forward(student, teacher, mask=None)``.
 
     Equivalent eager code: ``reference.logitstd_kd_loss(student, teacher, **keywords, mask=mask)``.
-    The keywords are those of :func:`logitstd_kernels.logitstd_kd_loss` and are checked here, once.
+    The keywords are those of :func:`logitstd_kernels.logitstd_kd_loss`.
     """
 
-    def __init__(
-        self,
-        temperature: float = 2.0,
-        *,
-        teacher_temperature: Optional[float] = None,
-        standardize: bool = True,
-        correction: int = 1,
-        eps: float = 1e-7,
-        reduction: str = "batchmean",
-        backend: str = "auto",
-    ) -> None:
+    _shown = cfg.KD_SETTINGS
+
+    @cfg.settings_keywords(cfg.KD_SETTINGS[1:])
+    def __init__(self, temperature: float = 2.0, *, reduction: str = "batchmean", backend: str = "auto",
+                 **settings) -> None:
         super().__init__()
-        self.temperature = check_temperature("temperature", temperature)
-        self.teacher_temperature = (
-            None if teacher_temperature is None else check_temperature("teacher_temperature", teacher_temperature)
-        )
-        self.standardize = bool(standardize)
-        self.correction = correction
-        self.eps = eps
-        self.reduction = check_reduction(reduction)
-        self.backend = check_backend(backend)
+        self.config = cfg.config_from(dict(settings, temperature=temperature), cfg.KD_SETTINGS, "LogitStdKDLoss",
+                                      ce_weight=0.0, kd_weight=1.0, reduction=cfg.kd_reduction(reduction))
+        self.reduction = reduction
+        self.backend = cfg.check_backend(backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return logitstd_kd_loss(
-            student_logits, teacher_logits, temperature=self.temperature,
-            teacher_temperature=self.teacher_temperature, standardize=self.standardize,
-            correction=self.correction, eps=self.eps, reduction=self.reduction, mask=mask, backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, teacher_temperature={self.teacher_temperature}, "
-                f"standardize={self.standardize}, correction={self.correction}, eps={self.eps}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        student, teacher, _, mask = check_inputs(student_logits, teacher_logits, None, mask, self.config)
+        return fused_loss(student, teacher, None, mask, self.config, self.backend)
 
 
-class _ObjectiveKeywords(nn.Module):
-    """The keywords of :func:`logitstd_kernels.distillation_loss`, checked once, for the loss modules."""
-
-    def __init__(
-        self,
-        ce_weight: float = 0.1,
-        kd_weight: float = 9.0,
-        *,
-        temperature: float = 2.0,
-        teacher_temperature: Optional[float] = None,
-        standardize: bool = True,
-        correction: int = 1,
-        eps: float = 1e-7,
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
-        reduction: str = "mean",
-        return_components: bool = False,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.kd_weight = check_weight("kd_weight", kd_weight)
-        self.temperature = check_temperature("temperature", temperature)
-        self.teacher_temperature = (
-            None if teacher_temperature is None else check_temperature("teacher_temperature", teacher_temperature)
-        )
-        self.standardize = bool(standardize)
-        self.correction = correction
-        self.eps = eps
-        self.ignore_index = ignore_index
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        if reduction not in OBJECTIVE_REDUCTIONS:
-            raise ValueError(f"reduction must be one of {OBJECTIVE_REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
-        self.return_components = bool(return_components)
-        self.backend = check_backend(backend)
-
-    def extra_repr(self) -> str:
-        return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, temperature={self.temperature}, "
-                f"teacher_temperature={self.teacher_temperature}, standardize={self.standardize}, "
-                f"correction={self.correction}, eps={self.eps}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, backend={self.backend!r}")
-
-
-class DistillationLoss(_ObjectiveKeywords):
+class DistillationLoss(_ConfiguredLoss):
     """The distillation objective as a module; ``forward(student, teacher, labels=None, mask=None)``.
 
     Equivalent eager code: ``reference.distillation_loss(student, teacher, labels, **keywords, mask=mask)``.
     The keywords are those of :func:`logitstd_kernels.distillation_loss` (defaults: the official
-    code's ``ce_weight=0.1, kd_weight=9``, base temperature 2) and are checked here, once.
+    code's ``ce_weight=0.1, kd_weight=9``, base temperature 2).
     """
+
+    _shown = cfg.OBJECTIVE_SETTINGS
+
+    @cfg.settings_keywords(cfg.OBJECTIVE_SETTINGS[2:])
+    def __init__(self, ce_weight: float = 0.1, kd_weight: float = 9.0, *, reduction: str = "mean",
+                 return_components: bool = False, backend: str = "auto", **settings) -> None:
+        super().__init__()
+        self.config = cfg.config_from(dict(settings, ce_weight=ce_weight, kd_weight=kd_weight), cfg.OBJECTIVE_SETTINGS,
+                                      type(self).__name__, reduction=cfg.objective_reduction(reduction))
+        self.return_components = bool(return_components)
+        self.backend = cfg.check_backend(backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> Union[torch.Tensor, DistillationParts]:
-        return distillation_loss(
-            student_logits, teacher_logits, labels, ce_weight=self.ce_weight, kd_weight=self.kd_weight,
-            temperature=self.temperature, teacher_temperature=self.teacher_temperature,
-            standardize=self.standardize, correction=self.correction, eps=self.eps,
-            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, mask=mask,
-            reduction=self.reduction, return_components=self.return_components, backend=self.backend,
-        )
+        student, teacher, labels, mask = check_inputs(student_logits, teacher_logits, labels, mask, self.config)
+        return fused_loss(student, teacher, labels, mask, self.config, self.backend, self.return_components)
 
 
-class FusedLinearDistillationLoss(_ObjectiveKeywords):
+class FusedLinearDistillationLoss(DistillationLoss):
     """The distillation objective of two lm_heads without their logits (chunked), as a module.
 
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
@@ -137,30 +104,22 @@ class FusedLinearDistillationLoss(_ObjectiveKeywords):
 
     def __init__(self, ce_weight: float = 0.1, kd_weight: float = 9.0, *, chunk_size: Optional[int] = None,
                  accum_dtype: Optional[torch.dtype] = None, **keywords) -> None:
-        if keywords.get("reduction", "mean") not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum' for the fused linear loss, got "
-                             f"{keywords['reduction']!r}")
-        super().__init__(ce_weight, kd_weight, **keywords)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        self.chunk_size = chunk_size
-        self.accum_dtype = accum_dtype
+        reduction = cfg.objective_reduction(keywords.pop("reduction", "mean"), cfg.FUSED_LINEAR_REDUCTIONS)
+        super().__init__(ce_weight, kd_weight, reduction=reduction, **keywords)
+        self.chunk_size = cfg.check_chunk_size(chunk_size)
+        self.accum_dtype = cfg.check_accum_dtype(accum_dtype)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, *, teacher_logits: Optional[torch.Tensor] = None,
                 student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> Union[torch.Tensor, DistillationParts]:
+        settings = {name: getattr(self.config, name) for name in cfg.OBJECTIVE_SETTINGS}
         return fused_linear_distillation_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, teacher_logits=teacher_logits,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
-            accum_dtype=self.accum_dtype, ce_weight=self.ce_weight, kd_weight=self.kd_weight,
-            temperature=self.temperature, teacher_temperature=self.teacher_temperature,
-            standardize=self.standardize, correction=self.correction, eps=self.eps,
-            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, mask=mask,
-            reduction=self.reduction, return_components=self.return_components, backend=self.backend,
-        )
+            accum_dtype=self.accum_dtype, mask=mask, reduction=self.config.reduction,
+            return_components=self.return_components, backend=self.backend, **settings)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}, accum_dtype={self.accum_dtype}"

@@ -17,9 +17,12 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_kd_args, check_logits, check_objective_args, check_std_args, check_temperature
+from . import config as cfg
+from ._checks import check_inputs, check_logits
+from .config import DistillConfig, check_std_args, check_temperature
 
-__all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "distillation_loss", "DistillationParts", "accumulation_dtype"]
+__all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "distillation_loss", "DistillationParts", "accumulation_dtype",
+           "objective_rows"]
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -45,82 +48,21 @@ def zscore(logits: torch.Tensor, temperature: float = 1.0, *, correction: int = 
     return ((x - mean) / (std + eps) / tau).to(logits.dtype)
 
 
-def _row_kl(student: torch.Tensor, teacher: torch.Tensor, tau_s: float, tau_t: float,
-            standardize: bool, correction: int, eps: float) -> torch.Tensor:
+def _row_kl(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig) -> torch.Tensor:
     """``tau_s**2 * KL(softmax(b) || softmax(a))`` for each row, in the accumulation dtype."""
     acc = accumulation_dtype(student, teacher)
     if student.shape[0] == 0:  # no rows: nothing to standardize (torch.std would warn); still in the graph
         return (student.to(acc).sum(-1) + teacher.to(acc).sum(-1)) * 0
-    x = student.to(acc)
-    y = teacher.to(acc)
-    if standardize:
-        a = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=correction) + eps) / tau_s
-        b = (y - y.mean(-1, keepdim=True)) / (y.std(-1, keepdim=True, correction=correction) + eps) / tau_t
+    x, y = student.to(acc), teacher.to(acc)
+    tau_s, tau_t = config.temperature, config.teacher_temperature
+    if config.standardize:
+        a = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau_s
+        b = (y - y.mean(-1, keepdim=True)) / (y.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau_t
     else:
-        a = x / tau_s
-        b = y / tau_t
+        a, b = x / tau_s, y / tau_t
     log_q = F.log_softmax(a, dim=-1)
     p = F.softmax(b, dim=-1)
     return F.kl_div(log_q, p, reduction="none").sum(-1) * (tau_s * tau_s)
-
-
-def logitstd_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    temperature: float = 2.0,
-    teacher_temperature: Optional[float] = None,
-    standardize: bool = True,
-    correction: int = 1,
-    eps: float = 1e-7,
-    reduction: str = "batchmean",
-    mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Logit-standardized KD loss ``tau_s**2 * KL(softmax(Z(y)/tau_t) || softmax(Z(x)/tau_s))``.
-
-    The last dimension holds the classes; every leading index is a row. Rows where ``mask`` is
-    False contribute 0 loss and 0 gradient and are not counted by ``"batchmean"``/``"mean"``.
-    The loss is float32 (float64 when an input is float64); gradients come back in each input's dtype.
-    """
-    student, teacher, mask, tau_s, tau_t = check_kd_args(
-        student_logits, teacher_logits, temperature=temperature, teacher_temperature=teacher_temperature,
-        standardize=standardize, correction=correction, eps=eps, reduction=reduction, mask=mask,
-    )
-    num_classes = student.shape[-1]
-    lead = student.shape[:-1]
-    x = student.reshape(-1, num_classes)
-    y = teacher.reshape(-1, num_classes)
-    if mask is None:
-        rows = _row_kl(x, y, tau_s, tau_t, standardize, correction, eps)
-        count = x.shape[0]
-    else:
-        # Index the included rows out so that excluded rows (even NaN ones) get an exact 0 gradient.
-        keep = mask.reshape(-1)
-        rows = torch.zeros(x.shape[0], dtype=accumulation_dtype(x, y), device=x.device)
-        rows = rows.index_put((keep,), _row_kl(x[keep], y[keep], tau_s, tau_t, standardize, correction, eps))
-        count = int(keep.sum())
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    count = max(count, 1)
-    if reduction == "batchmean":
-        return total / count
-    return total / (count * num_classes)
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    reduction: str = "batchmean",
-    mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Vanilla (Hinton) KD: ``T**2 * KL(softmax(y/T) || softmax(x/T))``, i.e. no standardization."""
-    return logitstd_kd_loss(student_logits, teacher_logits, temperature=temperature,
-                            standardize=False, reduction=reduction, mask=mask)
 
 
 class DistillationParts(NamedTuple):
@@ -133,24 +75,82 @@ class DistillationParts(NamedTuple):
     kd: torch.Tensor
 
 
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: Optional[torch.Tensor] = None,
-    *,
-    ce_weight: float = 0.1,
-    kd_weight: float = 9.0,
-    temperature: float = 2.0,
-    teacher_temperature: Optional[float] = None,
-    standardize: bool = True,
-    correction: int = 1,
-    eps: float = 1e-7,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    mask: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
-    return_components: bool = False,
-) -> Union[torch.Tensor, DistillationParts]:
+def objective_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor], config: DistillConfig) -> tuple[torch.Tensor, ...]:
+    """``(rows, ce, kd, keep)`` of (N, V) rows: the objective per row and its parts (0 where excluded),
+    and the included rows ``mask & (labels != ignore_index)``."""
+    acc = accumulation_dtype(student, teacher)
+    keep = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) if mask is None else mask
+    if labels is not None:
+        keep = keep & (labels != config.ignore_index)
+    # Index the included rows out so that excluded rows (even NaN ones) get an exact 0 gradient.
+    kd = torch.zeros(student.shape[0], dtype=acc, device=student.device).index_put(
+        (keep,), _row_kl(student[keep], teacher[keep], config))
+    ce = torch.zeros_like(kd)
+    if labels is None:
+        return config.kd_weight * kd, ce, kd, keep
+    ce = ce.index_put((keep,), F.cross_entropy(student[keep].to(acc), labels[keep].long(), reduction="none",
+                                               label_smoothing=config.label_smoothing))
+    return config.ce_weight * ce + config.kd_weight * kd, ce, kd, keep
+
+
+def _reduce(values: torch.Tensor, keep: torch.Tensor, config: DistillConfig, num_classes: int,
+            lead: torch.Size) -> torch.Tensor:
+    if config.reduction == "none":
+        return values.reshape(lead)
+    total = values.sum()
+    if config.reduction == "sum":
+        return total
+    count = max(int(keep.sum()), 1)
+    return total / (count * num_classes if config.reduction == "class_mean" else count)
+
+
+def loss_of_config(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor], config: DistillConfig,
+                   return_components: bool = False) -> Union[torch.Tensor, DistillationParts]:
+    """The objective of ``config`` over checked (..., V) logits; what every function here computes."""
+    num_classes = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    rows, ce, kd, keep = objective_rows(
+        student_logits.reshape(-1, num_classes), teacher_logits.reshape(-1, num_classes),
+        None if labels is None else labels.reshape(-1), None if mask is None else mask.reshape(-1), config)
+    loss = _reduce(rows, keep, config, num_classes, lead)
+    if not return_components:
+        return loss
+    return DistillationParts(loss, _reduce(ce, keep, config, num_classes, lead).detach(),
+                             _reduce(kd, keep, config, num_classes, lead).detach())
+
+
+@cfg.settings_keywords(cfg.KD_SETTINGS)
+def logitstd_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, reduction: str = "batchmean",
+                     mask: Optional[torch.Tensor] = None, **settings) -> torch.Tensor:
+    """Logit-standardized KD loss ``tau_s**2 * KL(softmax(Z(y)/tau_t) || softmax(Z(x)/tau_s))``.
+
+    The last dimension holds the classes; every leading index is a row. Rows where ``mask`` is
+    False contribute 0 loss and 0 gradient and are not counted by ``"batchmean"``/``"mean"``.
+    The loss is float32 (float64 when an input is float64); gradients come back in each input's dtype.
+
+    Args:
+        {keywords}
+    """
+    config = cfg.config_from(settings, cfg.KD_SETTINGS, "logitstd_kd_loss", ce_weight=0.0, kd_weight=1.0,
+                             reduction=cfg.kd_reduction(reduction))
+    student, teacher, _, mask = check_inputs(student_logits, teacher_logits, None, mask, config)
+    return loss_of_config(student, teacher, None, mask, config)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
+            reduction: str = "batchmean", mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Vanilla (Hinton) KD: ``T**2 * KL(softmax(y/T) || softmax(x/T))``, i.e. no standardization."""
+    return logitstd_kd_loss(student_logits, teacher_logits, temperature=temperature, standardize=False,
+                            reduction=reduction, mask=mask)
+
+
+@cfg.settings_keywords(cfg.OBJECTIVE_SETTINGS)
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      labels: Optional[torch.Tensor] = None, *, mask: Optional[torch.Tensor] = None,
+                      reduction: str = "mean", return_components: bool = False,
+                      **settings) -> Union[torch.Tensor, DistillationParts]:
     """The distillation objective (the paper's Algorithm 2 with token labels)::
 
         included = mask & (labels != ignore_index)            # rows of the objective
@@ -161,38 +161,11 @@ def distillation_loss(
     Without labels the CE term is absent (pure KD: ``kd_weight * kd``). ``reduction``: ``"mean"``
     (over the included rows: token-level averaging, ``batchmean`` for classification), ``"sum"``, or
     ``"none"`` (per row; excluded rows 0). All rows excluded: loss 0, gradients 0.
+
+    Args:
+        {keywords}
     """
-    (student, teacher, labels, mask, tau_s, tau_t, ce_weight, kd_weight, label_smoothing) = check_objective_args(
-        student_logits, teacher_logits, labels, ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature,
-        teacher_temperature=teacher_temperature, standardize=standardize, correction=correction, eps=eps,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, mask=mask, reduction=reduction,
-    )
-    num_classes = student.shape[-1]
-    lead = student.shape[:-1]
-    x = student.reshape(-1, num_classes)
-    y = teacher.reshape(-1, num_classes)
-    acc = accumulation_dtype(x, y)
-    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
-    if labels is not None:
-        keep = keep & (labels.reshape(-1) != ignore_index)
-    # Index the included rows out so that excluded rows (even NaN ones) get an exact 0 gradient.
-    kd = torch.zeros(x.shape[0], dtype=acc, device=x.device).index_put(
-        (keep,), _row_kl(x[keep], y[keep], tau_s, tau_t, standardize, correction, eps))
-    ce = torch.zeros_like(kd)
-    if labels is not None:
-        ce = ce.index_put((keep,), F.cross_entropy(x[keep].to(acc), labels.reshape(-1)[keep].long(),
-                                                   reduction="none", label_smoothing=label_smoothing))
-        rows = ce_weight * ce + kd_weight * kd
-    else:
-        rows = kd_weight * kd
-
-    def reduce(values: torch.Tensor) -> torch.Tensor:
-        if reduction == "none":
-            return values.reshape(lead)
-        total = values.sum()
-        return total if reduction == "sum" else total / max(int(keep.sum()), 1)
-
-    loss = reduce(rows)
-    if not return_components:
-        return loss
-    return DistillationParts(loss, reduce(ce).detach(), reduce(kd).detach())
+    config = cfg.config_from(settings, cfg.OBJECTIVE_SETTINGS, "distillation_loss",
+                             reduction=cfg.objective_reduction(reduction))
+    student, teacher, labels, mask = check_inputs(student_logits, teacher_logits, labels, mask, config)
+    return loss_of_config(student, teacher, labels, mask, config, return_components)

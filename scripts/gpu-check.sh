@@ -12,14 +12,10 @@
 #   6. bench-objective  the distillation objective (bench --objective: CE + LS-KD with labels), 8192
 #                 tokens, V in {32768, 131072}, bf16: fused vs eager vs torch.compile vs our KD kernel
 #                 plus torch's CE                                               (bench-objective/)
-#   7. bench-tuning  the Triton blocked path's tuning switches (_triton/config.py), each forced on
-#                 against the table's defaults: providers triton, triton_evict, triton_prefetch;
-#                 8192 rows, bf16, V = 131072 first (the cache model's case), 262144
-#                 (sending these V to the CUDA cluster kernel instead: step 5's cuda column) (bench-tuning/)
-#   8. bench-fused-linear  a full step through the lm_heads (bench --fused-linear): 8192 tokens, H = 4096,
+#   7. bench-fused-linear  a full step through the lm_heads (bench --fused-linear): 8192 tokens, H = 4096,
 #                 V = 131072, bf16; the fused linear loss vs the eager composition (and Liger's
 #                 LigerFusedLinearJSDLoss for plain KD)                         (bench-fused-linear/)
-#   9. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
+#   8. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
 #
 # then prints a short summary table last (also in OUTDIR/summary.txt; steps.json holds each step's
 # status, exit code, seconds and log). A failing step is recorded and the next one still runs; every
@@ -32,8 +28,7 @@
 #
 # --smoke  the same steps at tiny sizes on whatever device is present (CI runs it on the CPU, so the
 #          script cannot rot): the build is skipped when the extension already imports, the tests
-#          are a few fast loss-matrix cases, the benchmarks are one 8 x 256 case (8 x 8192 for the
-#          tuning step: the blocked path); ~1 minute on 2 cores.
+#          are a few fast loss-matrix cases, the benchmarks are one 8 x 256 case; ~1 minute on 2 cores.
 # --tar    also keep FILE (a .tar.gz of OUTDIR) up to date after every step: the device machine
 #          returns at most 8 files, so pass e.g. --tar "$OUT/gpu-check.tgz".
 # --steps  run only these steps (comma-separated names as above, e.g. build,gpu-tests,matrix), for a
@@ -54,7 +49,7 @@ ROOT="$(pwd)"
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 OUTDIR="" SMOKE=0 WHEELS="" TARFILE="" BUDGET="" STEPS_SELECTED=""
-ALL_STEPS=",wheels,build,gpu-tests,matrix,bench,bench-objective,bench-tuning,bench-fused-linear,bench-kd,"
+ALL_STEPS=",wheels,build,gpu-tests,matrix,bench,bench-objective,bench-fused-linear,bench-kd,"
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -87,18 +82,16 @@ START=$(date +%s)
 # steps after it (its "reserve"), so a slow build cannot starve the benchmark.
 EXPECT_LIGER=0
 if [ -n "$WHEELS" ] || "$PYTHON" -c "import liger_kernel" >/dev/null 2>&1; then EXPECT_LIGER=1; fi
-# The tuning step's minimum is taken from the main benchmark's (180 s before it existed), so that
-# the steps before them keep theirs.
 if [ "$SMOKE" = 1 ]; then
-  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_OBJ=20 MIN_TUNE=20 MIN_FL=20 MIN_KD=$(( EXPECT_LIGER * 25 ))
+  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_OBJ=20 MIN_FL=20 MIN_KD=$(( EXPECT_LIGER * 25 ))
 else
   # Sized so that the minimums (535 s with liger) fit a budget that leaves a lease's machine start
   # and transfers room inside its 15 minutes (--budget 560). Measured on an H200: build 89-93 s,
   # gpu-tests 77 s (8 workers), matrix 42-63 s, each bench step 31-52 s.
-  MIN_BUILD=100 MIN_GPU=80 MIN_MATRIX=70 MIN_BENCH=110 MIN_OBJ=50 MIN_TUNE=40 MIN_FL=45 MIN_KD=$(( EXPECT_LIGER * 40 ))
+  MIN_BUILD=100 MIN_GPU=80 MIN_MATRIX=70 MIN_BENCH=110 MIN_OBJ=50 MIN_FL=45 MIN_KD=$(( EXPECT_LIGER * 40 ))
 fi
 selected build || MIN_BUILD=0; selected gpu-tests || MIN_GPU=0; selected matrix || MIN_MATRIX=0
-selected bench || MIN_BENCH=0; selected bench-objective || MIN_OBJ=0; selected bench-tuning || MIN_TUNE=0
+selected bench || MIN_BENCH=0; selected bench-objective || MIN_OBJ=0
 selected bench-fused-linear || MIN_FL=0; selected bench-kd || MIN_KD=0
 STEPS="$OUTDIR/steps.tsv"
 : > "$STEPS"
@@ -189,7 +182,7 @@ if [ -z "$WHEELS" ]; then
 else
   # Dependencies from the folder or the environment; if they cannot be resolved offline, the
   # wheel alone (liger-kernel needs only torch and triton, which are installed).
-  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
+  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
     { echo "retrying without dependencies"; "$0" -m pip install --no-index --find-links "$1" --no-deps liger-kernel; }' \
     "$PYTHON" "$WHEELS"
   record wheels "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "$STEP_NOTE"
@@ -203,7 +196,7 @@ elif [ "$SMOKE" = 1 ] && "$PYTHON" -c "import logitstd_kernels._C" >/dev/null 2>
   record build skipped - 0 "$LOG" "smoke: the extension already imports"
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
+  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) \
     "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
   record build "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST}"
 fi
@@ -218,30 +211,30 @@ PYTEST=("$PYTHON" -m pytest -q -rfE -p no:cacheprovider)
 if [ "$SMOKE" = 0 ] && [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] && "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
   PYTEST+=(-n "${GPU_CHECK_WORKERS:-8}")
 fi
-mapfile -t GPU_FILES < <(grep -l "mark\.gpu" tests/test_*.py)
+mapfile -t GPU_FILES < <(grep -rl "mark\.gpu" tests --include='test_*.py' | sort)
 LOG="$OUTDIR/gpu-tests.log"
 if [ "${#GPU_FILES[@]}" -eq 0 ]; then
   STEP_STATUS=failed STEP_RC=- STEP_SECS=0 STEP_NOTE="no test file under tests/ has a gpu mark"
 elif [ "$SMOKE" = 1 ]; then
-  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
+  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 else
   # A missing CUDA kernel or extra fails instead of skipping (tests/support.py).
-  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) \
     "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 fi
 record gpu-tests "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-${GPU_FILES[*]}}"
 
 LOG="$OUTDIR/matrix.log"
 if [ "$SMOKE" = 1 ]; then
-  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) "${PYTEST[@]}" tests/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
+  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) "${PYTEST[@]}" tests/kernels/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
     -k "test_a_fused_backend_runs_here or test_zero_rows or test_student_grad_only or test_mask"
   NOTE="a few fast cases"
 else
   # Every CUDA case (triton-cuda, cuda-cuda) outside the gpu-marked tests (step 3), and the
   # benchmark gates, whose inputs are on the GPU there; the CPU kernel's cases, and the host emulation
   # of the CUDA kernel's row math, run in CI.
-  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 240 $(( MIN_BENCH + MIN_OBJ + MIN_TUNE + MIN_FL + MIN_KD )) \
-    "${PYTEST[@]}" tests benchmarks/test_gate.py benchmarks/test_objective_gate.py -m "not gpu" \
+  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 240 $(( MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) \
+    "${PYTEST[@]}" tests -m "not gpu" \
     -k "(cuda and not emulated_on_host) or gate" --junitxml="$OUTDIR/junit-matrix.xml"
   NOTE="-k cuda: every test file; the benchmark gates"
 fi
@@ -249,10 +242,9 @@ record matrix "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-$NOTE}
 
 # ---- 5.-8. benchmark --------------------------------------------------------------------------------
 # Each bench step's cap, and the margin at its end in which it starts no new case (one case,
-# compilation included, must fit in it): the tuning step's cases are three Triton providers, one
-# dtype.
-if [ "$SMOKE" = 1 ]; then BENCH_CAP=120 BENCH_MARGIN=20 TUNE_CAP=60 TUNE_MARGIN=15
-else BENCH_CAP=420 BENCH_MARGIN=90 TUNE_CAP=150 TUNE_MARGIN=35; fi
+# compilation included, must fit in it); the fused-linear step's cases are fewer and shorter.
+if [ "$SMOKE" = 1 ]; then BENCH_CAP=120 BENCH_MARGIN=20 FL_CAP=60 FL_MARGIN=15
+else BENCH_CAP=420 BENCH_MARGIN=90 FL_CAP=150 FL_MARGIN=35; fi
 bench_step() {  # name reserve cap margin extra-args...
   local name="$1" reserve="$2" cap="$3" margin="$4"; shift 4
   local log="$OUTDIR/$name.log"
@@ -280,7 +272,7 @@ else
   PROVIDERS=torch,torch_compile,triton,cuda
 fi
 HAVE_LIGER=$("$PYTHON" -c "import liger_kernel; print(1)" 2>/dev/null || echo 0)
-bench_step bench "$(( MIN_OBJ + MIN_TUNE + MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
+bench_step bench "$(( MIN_OBJ + MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
   "${GRID[@]}" --providers "$PROVIDERS"
 if [ "$SMOKE" = 1 ]; then
   OBJ_GRID=(--rows 8 --vocab 256 --dtypes float32 --cpu-budget 0.05)
@@ -289,20 +281,8 @@ else
   OBJ_GRID=(--device cuda --rows 8192 --vocab 32768,131072 --dtypes bfloat16)
   OBJ_PROVIDERS=torch,torch_compile,triton,cuda,triton_kd+torch_ce
 fi
-bench_step bench-objective "$(( MIN_TUNE + MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
+bench_step bench-objective "$(( MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
   --objective "${OBJ_GRID[@]}" --providers "$OBJ_PROVIDERS"
-# The tuning switches decide speed at long rows in bf16 only (the cache model's regime): V = 131072
-# first. On a machine without CUDA the Triton providers are reported unavailable and the C++ CPU
-# kernel keeps the step's files and summary exercised.
-if [ "$SMOKE" = 1 ]; then
-  TUNE_GRID=(--rows 8 --vocab 8192 --dtypes float32 --cpu-budget 0.05)
-  TUNE_PROVIDERS=triton,triton_evict,triton_prefetch,cpu
-else
-  TUNE_GRID=(--device cuda --rows 8192 --vocab 131072,262144 --dtypes bfloat16)
-  TUNE_PROVIDERS=triton,triton_evict,triton_prefetch
-fi
-bench_step bench-tuning "$(( MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$TUNE_CAP" "$TUNE_MARGIN" "${TUNE_GRID[@]}" \
-  --providers "$TUNE_PROVIDERS"
 # A full step through the lm_heads (bench --fused-linear): the fused linear loss vs the eager
 # composition vs torch.compile of it (and Liger's fused JSD for plain KD when it imports), V = 32768
 # first; each case also has the plain-KD objective.
@@ -315,7 +295,7 @@ else
   FL_GRID=(--device cuda --rows 8192 --hidden 4096 --vocab 131072 --dtypes bfloat16)
   FL_PROVIDERS=fused,torch$( [ "$HAVE_LIGER" = 1 ] && echo ,liger )
 fi
-bench_step bench-fused-linear "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" "$TUNE_CAP" "$TUNE_MARGIN" --fused-linear \
+bench_step bench-fused-linear "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" "$FL_CAP" "$FL_MARGIN" --fused-linear \
   "${FL_GRID[@]}" --providers "$FL_PROVIDERS"
 if [ "$HAVE_LIGER" = 1 ]; then
   # Liger-Kernel has no standardization: plain KD, bf16 only (the peer's regime)
@@ -374,7 +354,7 @@ for s in steps:
     for name in s.get("failed_tests", [])[:8]:
         print(f"{'':<{width}}    FAILED {name}")
 
-for name in ("bench", "bench-objective", "bench-tuning", "bench-fused-linear", "bench-kd"):
+for name in ("bench", "bench-objective", "bench-fused-linear", "bench-kd"):
     files = sorted((out / name).glob("*.json"))
     if not files:
         continue

@@ -20,15 +20,10 @@ Variant sets (the kernels' boolean switches are read from the kernels, so a new 
   (STANDARDIZE, GRAD_S, GRAD_T, HAS_MASK) all on with ZERO_EXCLUDED on (the forward) and off (the
   in-place gradient recompute), the unstandardized forward, and every switch on (switches added
   since, e.g. HAS_LABELS); plus the row-scaling kernel for float32 and float64 gradients. Every
-  variant has the table's tuning switches (``config.BLOCKED_EVICT_HINTS``,
-  ``BLOCKED_PREFETCH_DEPTH``). Then the blocked path's tuning alternatives the first GPU run is to
-  decide: each float32-table blocked entry with 16-byte runs x the three float32 dtype pairs x the KD
-  forward and every-switch-on sets x each alternative (eviction hints on; prefetch depth 2).
+  blocked variant has its entry's eviction hints (the table's column).
 - ``--all``: register entries with scalar runs too, fp16/fp16 too, every valid switch combination,
   a per-row gradient factor (its stride specializes to a constant) on the heaviest combination, and
-  the row-scaling kernel for four gradient dtypes and both factor layouts; the tuning alternatives
-  (and both together) for every blocked entry, run kind and dtype pair with the default set's
-  switch sets.
+  the row-scaling kernel for four gradient dtypes and both factor layouts.
 
 Usage::
 
@@ -65,11 +60,8 @@ sys.path.insert(0, str(ROOT))
 # dtype name -> (Triton signature type, bytes)
 DTYPES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4), "fp64": ("fp64", 8)}
 FLAG_NAMES = ("STANDARDIZE", "GRAD_S", "GRAD_T", "HAS_MASK", "ZERO_EXCLUDED")
-# The blocked path's tuning switches (KernelConfig fields) and the alternatives to the table's values
-# that the first GPU run times; config.tuning_constexprs maps them to the kernel's constexprs.
-TUNING_ALTERNATIVES = ({"evict_hints": True}, {"prefetch_depth": 2})
-TUNING_BOTH = {"evict_hints": True, "prefetch_depth": 2}
-TUNING_CONSTEXPRS = ("EVICT_HINTS", "PREFETCH")
+# The blocked path's eviction hints (the table's column); config.tuning_constexprs maps them.
+TUNING_CONSTEXPRS = ("EVICT_HINTS",)
 NON_FLAG_CONSTEXPRS = ("BLOCK", "VEC", "ACC64", "ROUND_BF16") + TUNING_CONSTEXPRS
 # The vocabulary-parallel phase kernels (_triton/vocab_parallel.py), each with its heaviest flags, on a
 # 65536-class slice (131072 classes on two ranks).
@@ -91,27 +83,24 @@ class Variant:
     flags: dict = field(default_factory=dict)
     vocab: int = 0  # the V whose launch arguments give the specialization
     scale_stride: int = 0  # 0: one grad_scale value; 1: one per row (a constexpr after specialization)
-    tuning: dict = field(default_factory=dict)  # KernelConfig tuning fields that differ from the table's
+    evict_hints: bool = False  # the blocked entry's eviction hints
 
     @property
     def flag_text(self) -> str:
         short = {"STANDARDIZE": "std", "GRAD_S": "gs", "GRAD_T": "gt", "HAS_MASK": "mask", "ZERO_EXCLUDED": "zero"}
         on = [short.get(name, name.lower()) for name, value in self.flags.items() if value]
         text = ",".join(on) if on else "-"
-        tuned = {"evict_hints": "evict", "prefetch_depth": f"prefetch{self.tuning.get('prefetch_depth')}"}
         return (text + (",rowscale" if self.scale_stride == 1 else "")
-                + "".join(f"+{tuned[name]}" for name in self.tuning))
+                + ("+evict" if self.evict_hints else ""))
 
     def constexprs(self) -> dict:
-        """The kernel's tuning constexprs: the table's switches, overridden by ``tuning``."""
+        """The kernel's tuning constexprs: the entry's eviction hints."""
         from logitstd_kernels._triton import config
 
         if self.kernel != "kd_blocked_kernel":
             return {}
-        table = config.KernelConfig(register=False, block=self.block, num_warps=self.num_warps,
-                                    evict_hints=config.BLOCKED_EVICT_HINTS,
-                                    prefetch_depth=config.BLOCKED_PREFETCH_DEPTH)
-        return config.tuning_constexprs(replace(table, **self.tuning))
+        return config.tuning_constexprs(config.KernelConfig(register=False, block=self.block, num_warps=self.num_warps,
+                                                            evict_hints=self.evict_hints))
 
 
 @dataclass
@@ -148,17 +137,17 @@ def _entries(acc64: bool, scalar_register: bool) -> list[tuple[str, str, int, in
 
     table = config._TABLE_F64 if acc64 else config._TABLE_F32
     out = []
-    for largest, path, block, warps in table:
+    for largest, path, block, warps, evict in table:
         label = f"{'f64' if acc64 else 'f32'} V<={largest if largest < (1 << 40) else 'inf'} {path}"
         if path == "register":
             top = max(largest, config._MIN_BLOCK)
-            out.append((label, path, top, warps, True, top))
+            out.append((label, path, top, warps, True, top, evict))
             if scalar_register:
-                out.append((label, path, top, warps, False, top - 1))
+                out.append((label, path, top, warps, False, top - 1, evict))
         else:
             vocab = largest if largest < (1 << 40) else 131072
-            out.append((label, path, block, warps, True, vocab))
-            out.append((label, path, block // 2, warps, False, vocab - 1))
+            out.append((label, path, block, warps, True, vocab, evict))
+            out.append((label, path, block // 2, warps, False, vocab - 1, evict))
     return out
 
 
@@ -207,17 +196,17 @@ def build_variants(everything: bool) -> list[Variant]:
     flag_sets = _flag_sets(everything)
     variants: list[Variant] = []
     for acc64, pairs in ((False, pairs32), (True, pairs64)):
-        for label, path, block, warps, full, vocab in _entries(acc64, everything):
+        for label, path, block, warps, full, vocab, evict in _entries(acc64, everything):
             kernel = "kd_register_kernel" if path == "register" else "kd_blocked_kernel"
             for x, y in pairs:
                 width = 16 // max(DTYPES[x][1], DTYPES[y][1])
                 vec = min(width, block) if full else 1
                 for flags in flag_sets:
-                    variants.append(Variant(kernel, label, block, warps, vec, f"{x}/{y}", acc64, flags, vocab, 0))
+                    variants.append(Variant(kernel, label, block, warps, vec, f"{x}/{y}", acc64, flags, vocab, 0,
+                                            evict))
                 if everything:  # one gradient factor per row (the backward's recompute): a constexpr stride
                     variants.append(Variant(kernel, label, block, warps, vec, f"{x}/{y}", acc64, flag_sets[0],
-                                            vocab, 1))
-    variants += _tuning_variants(variants, everything)
+                                            vocab, 1, evict))
     grads = [("fp32", False), ("fp64", True)] + ([("bf16", False), ("fp16", False)] if everything else [])
     for g, acc64 in grads:
         for stride in ((0, 1) if everything else (0,)):
@@ -229,23 +218,6 @@ def build_variants(everything: bool) -> list[Variant]:
             variants.append(Variant(kernel, "vocab-parallel phase", block, config.VP_WARPS, 0, pair, acc64,
                                     dict(flags), VP_SLICE))
     return variants
-
-
-def _tuning_variants(table_variants: list[Variant], everything: bool) -> list[Variant]:
-    """The blocked variants again with each tuning alternative (``TUNING_ALTERNATIVES``): by default
-    the float32 table's entries with 16-byte runs, for the KD forward (the first flag set of the
-    default check) and every switch on (its last); with ``everything`` every blocked entry, run
-    kind and dtype pair for the default check's flag sets, and both alternatives together too (the
-    switches change loads and stores only, so the other flag combinations add nothing)."""
-    sets = _flag_sets(False)
-    blocked = [v for v in table_variants if v.kernel == "kd_blocked_kernel" and v.scale_stride == 0]
-    if everything:
-        chosen = [v for v in blocked if v.flags in sets]
-        alternatives = TUNING_ALTERNATIVES + (TUNING_BOTH,)
-    else:
-        chosen = [v for v in blocked if not v.acc64 and v.vec > 1 and v.flags in (sets[0], sets[-1])]
-        alternatives = TUNING_ALTERNATIVES
-    return [replace(v, flags=dict(v.flags), tuning=dict(t)) for t in alternatives for v in chosen]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,6 +257,7 @@ def _source(v: Variant):
     from triton.compiler import ASTSource
 
     from logitstd_kernels._triton import kd_kernels, vocab_parallel
+    from logitstd_kernels.distributed import layout
 
     fn = getattr(vocab_parallel if v.kernel.startswith("vp_") else kd_kernels, v.kernel)
     given = dict(BLOCK=v.block, VEC=v.vec, ACC64=v.acc64, ROUND_BF16=False, **v.flags, **v.constexprs())
@@ -293,7 +266,7 @@ def _source(v: Variant):
 
         sums = 3 + 4 * v.flags.get("STANDARDIZE", False) + 4 * v.flags.get("HAS_LABELS", False)
         given.update(TINY=vocab_parallel._tiny(torch.float64 if v.acc64 else torch.float32), S=sums,
-                     C=vocab_parallel.GRADS_COLUMNS if v.kernel == "vp_grads_kernel" else vocab_parallel.SUMS_COLUMNS)
+                     C=layout.GRADS_COLUMNS if v.kernel == "vp_grads_kernel" else layout.SUMS_COLUMNS)
     signature: dict = {}
     constexprs: dict = {}
     attrs: dict = {}
@@ -410,10 +383,10 @@ def summarize(outcomes: list[Outcome], wall: float) -> str:
              f"registers {min(regs) if regs else '?'}-{max(regs) if regs else '?'}; wall {wall:.0f} s"]
     by_entry: dict = {}
     for o in ok:
-        tuned = "".join(f"+{k}={v}" for k, v in o.variant.tuning.items())
+        tuned = "+evict" if o.variant.evict_hints else ""
         key = (o.variant.kernel, o.variant.entry, o.variant.block, tuned)
         by_entry.setdefault(key, []).append(o)
-    lines.append("per entry (and tuning alternative): registers min-max, variants that spill (max spill bytes stored)")
+    lines.append("per entry: registers min-max, variants that spill (max spill bytes stored)")
     for (kernel, entry, block, tuned), group in by_entry.items():
         r = [o.registers for o in group if o.registers is not None]
         s = [o for o in group if o.spills]

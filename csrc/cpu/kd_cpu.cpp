@@ -17,6 +17,7 @@
 
 #include "logitstd/checks.h"
 #include "logitstd/kd_problem.h"
+#include "logitstd/op_front.h"
 
 namespace logitstd {
 namespace cpu {
@@ -64,17 +65,20 @@ constexpr int64_t kMinElementsPerTask = 32768;
 // allocation under THP_MEM_ALLOC_ENABLE=1. Only a hint: ignored where THP is off or unsupported.
 constexpr int64_t kHugePageBytes = int64_t{1} << 21;
 
-void advise_huge_pages(const at::Tensor& fresh) {
+void advise_huge_pages(void* fresh, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (fresh.nbytes() < static_cast<size_t>(4 * kHugePageBytes)) return;
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  if (bytes < 4 * kHugePageBytes) return;
+  const auto begin = reinterpret_cast<uintptr_t>(fresh);
   const uintptr_t first = (begin + kHugePageBytes - 1) & ~static_cast<uintptr_t>(kHugePageBytes - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~static_cast<uintptr_t>(kHugePageBytes - 1);
+  const uintptr_t last = (begin + static_cast<uintptr_t>(bytes)) & ~static_cast<uintptr_t>(kHugePageBytes - 1);
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #else
   (void)fresh;
+  (void)bytes;
 #endif
 }
+
+int64_t element_size(Dtype dtype) { return dtype == Dtype::kFloat64 ? 8 : dtype == Dtype::kFloat32 ? 4 : 2; }
 
 // The rows of a checked problem, in parallel tasks of at least kMinElementsPerTask elements.
 void run_rows(const KdProblem& p) {
@@ -83,60 +87,39 @@ void run_rows(const KdProblem& p) {
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
-    const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize, int64_t correction, double eps,
-    bool grad_student, bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
-    double label_smoothing, double ce_weight, double kd_weight) {
+ForwardOutputs fused_kd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                    const std::optional<at::Tensor>& mask, const at::Tensor& grad_scale, double tau_s,
+                                    double tau_t, bool standardize, int64_t correction, double eps, bool grad_student,
+                                    bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                                    double label_smoothing, double ce_weight, double kd_weight) {
   constexpr const char* op = "logitstd::fused_kd_forward";
-  const at::ScalarType acc =
-      check_fused_kd_forward(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps);
-  check_objective(op, student, labels, label_smoothing, ce_weight, kd_weight);
-  TORCH_CHECK_VALUE(student.device().is_cpu(), op, " (CPU): student is on ", student.device());
+  const FusedArgs a{student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
+                    ignore_index, label_smoothing, ce_weight, kd_weight};
+  const at::ScalarType acc = check_forward_args(op, a, c10::DeviceType::CPU);
   check_label_values_cpu(op, labels, student.size(1), ignore_index);
-  const int64_t rows = student.size(0);
-  const int64_t cols = student.size(1);
-  at::Tensor loss = at::empty({rows}, student.options().dtype(acc));
-  at::Tensor ce_rows = at::empty({rows}, student.options().dtype(acc));
-  at::Tensor kd_rows = at::empty({rows}, student.options().dtype(acc));
-  at::Tensor grad_x = grad_student ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
-  at::Tensor grad_y = grad_teacher ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
-  if (rows == 0) return {loss, grad_x, grad_y, ce_rows, kd_rows};
-  if (grad_student) advise_huge_pages(grad_x);
-  if (grad_teacher) advise_huge_pages(grad_y);
-
-  const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
-  KdProblem p = make_problem(student, teacher, mask, acc, loss, grad_x, grad_y, tau_s, tau_t, standardize,
-                             correction, eps);
-  set_objective_and_factors(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight, factors);
-  p.ce_rows = ce_rows.data_ptr();
-  p.kd_rows = kd_rows.data_ptr();
-  run_rows(p);
-  return {loss, grad_x, grad_y, ce_rows, kd_rows};
+  return fused_forward_front(a, acc, grad_student, grad_teacher, [&](const KdProblem& p) {
+    if (p.grad_x != nullptr) advise_huge_pages(p.grad_x, p.rows * p.cols * element_size(p.x_dtype));
+    if (p.grad_y != nullptr) advise_huge_pages(p.grad_y, p.rows * p.cols * element_size(p.y_dtype));
+    run_rows(p);
+  });
 }
 
 // Recompute the gradients of the rows where `active` is true with their factor grad_scale[r], in
 // place (the other rows keep theirs); the loss is not written. One rounding of a low-precision
-// gradient for any upstream factor (ops.py's backward), where scaling the saved one would round twice.
+// gradient for any upstream factor (the op's backward), where scaling the saved one would round twice.
 void fused_kd_regrad_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& active,
                          const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize,
                          int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y,
                          const std::optional<at::Tensor>& labels, int64_t ignore_index, double label_smoothing,
                          double ce_weight, double kd_weight) {
   constexpr const char* op = "logitstd::fused_kd_regrad_";
-  const at::ScalarType acc = check_fused_kd_regrad(student, teacher, active, grad_scale, tau_s, tau_t, standardize,
-                                                   correction, eps, grad_x, grad_y);
-  check_objective(op, student, labels, label_smoothing, ce_weight, kd_weight);
-  TORCH_CHECK_VALUE(student.device().is_cpu(), op, " (CPU): student is on ", student.device());
-  check_label_values_cpu(op, labels, student.size(1), ignore_index);
-  if (student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;
-  const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
-  const at::Tensor no_loss = at::empty({0}, student.options().dtype(acc));
-  KdProblem p = make_problem(student, teacher, active, acc, no_loss, grad_x, grad_y, tau_s, tau_t, standardize,
-                             correction, eps);
-  set_objective_and_factors(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight, factors);
-  make_recomputation(p);
-  run_rows(p);
+  const std::optional<at::Tensor> rows(active);
+  const FusedArgs a{student, teacher, rows, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
+                    ignore_index, label_smoothing, ce_weight, kd_weight};
+  fused_regrad_front(op, a, grad_x, grad_y, c10::DeviceType::CPU, [&](const KdProblem& p, at::ScalarType) {
+    check_label_values_cpu(op, labels, student.size(1), ignore_index);
+    run_rows(p);
+  });
 }
 
 // grad[r] *= scale[r] (or scale[0]) in place, skipping rows whose scale is exactly 1. Traffic per

@@ -46,6 +46,7 @@
 #include "launch_config.h"
 #include "logitstd/checks.h"
 #include "logitstd/kd_problem.h"
+#include "logitstd/op_front.h"
 #include "logitstd/row_math.h"
 
 namespace cg = cooperative_groups;
@@ -922,78 +923,57 @@ void launch(const KdProblem& p, at::ScalarType s, at::ScalarType t, cudaStream_t
 
 // ----------------------------------------------------------------------------------------------
 // The ops.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_kd_forward_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
-    const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize, int64_t correction, double eps,
-    bool grad_student, bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
-    double label_smoothing, double ce_weight, double kd_weight) {
+ForwardOutputs fused_kd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                     const std::optional<at::Tensor>& mask, const at::Tensor& grad_scale, double tau_s,
+                                     double tau_t, bool standardize, int64_t correction, double eps, bool grad_student,
+                                     bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                                     double label_smoothing, double ce_weight, double kd_weight) {
   constexpr const char* op = "logitstd::fused_kd_forward";
-  const at::ScalarType acc =
-      check_fused_kd_forward(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps);
-  check_objective(op, student, labels, label_smoothing, ce_weight, kd_weight);
-  TORCH_CHECK_VALUE(student.is_cuda(), op, " (CUDA): student is on ", student.device());
+  const FusedArgs a{student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
+                    ignore_index, label_smoothing, ce_weight, kd_weight};
+  const at::ScalarType acc = check_forward_args(op, a, c10::DeviceType::CUDA);
   TORCH_CHECK_VALUE(student.size(1) <= INT32_MAX, op, " (CUDA): student has ", student.size(1),
                     " classes, more than the kernel's limit of 2^31 - 1");
   const c10::cuda::CUDAGuard guard(student.device());
   if (!native_pair(student.scalar_type(), teacher.scalar_type())) {
-    auto out = fused_kd_forward_cuda(student.to(acc), teacher.to(acc), mask, grad_scale, tau_s, tau_t,
-                                     standardize, correction, eps, grad_student, grad_teacher, labels, ignore_index,
+    // no kernel for this dtype pair: both in the accumulation dtype, the gradients rounded back once
+    auto out = fused_kd_forward_cuda(student.to(acc), teacher.to(acc), mask, grad_scale, tau_s, tau_t, standardize,
+                                     correction, eps, grad_student, grad_teacher, labels, ignore_index,
                                      label_smoothing, ce_weight, kd_weight);
-    at::Tensor grad_x = std::get<1>(out);
-    at::Tensor grad_y = std::get<2>(out);
-    return {std::get<0>(out), grad_student ? grad_x.to(student.scalar_type()) : student.new_empty({0}),
-            grad_teacher ? grad_y.to(teacher.scalar_type()) : teacher.new_empty({0}), std::get<3>(out),
+    return {std::get<0>(out), grad_student ? std::get<1>(out).to(student.scalar_type()) : student.new_empty({0}),
+            grad_teacher ? std::get<2>(out).to(teacher.scalar_type()) : teacher.new_empty({0}), std::get<3>(out),
             std::get<4>(out)};
   }
-  const int64_t rows = student.size(0);
-  const int64_t cols = student.size(1);
-  at::Tensor loss = at::empty({rows}, student.options().dtype(acc));
-  at::Tensor ce_rows = at::empty({rows}, student.options().dtype(acc));
-  at::Tensor kd_rows = at::empty({rows}, student.options().dtype(acc));
-  at::Tensor grad_x = grad_student ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
-  at::Tensor grad_y = grad_teacher ? at::empty({rows, cols}, teacher.options()) : at::empty({0}, teacher.options());
-  if (rows == 0) return {loss, grad_x, grad_y, ce_rows, kd_rows};
-  const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
-  KdProblem p = make_problem(student, teacher, mask, acc, loss, grad_x, grad_y, tau_s, tau_t, standardize,
-                             correction, eps);
-  set_objective_and_factors(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight, factors);
-  p.ce_rows = ce_rows.data_ptr();
-  p.kd_rows = kd_rows.data_ptr();
-  launch(p, student.scalar_type(), teacher.scalar_type(), c10::cuda::getCurrentCUDAStream());
-  return {loss, grad_x, grad_y, ce_rows, kd_rows};
+  return fused_forward_front(a, acc, grad_student, grad_teacher, [&](const KdProblem& p) {
+    launch(p, student.scalar_type(), teacher.scalar_type(), c10::cuda::getCurrentCUDAStream());
+  });
 }
 
 // Recompute the gradients of the rows where `active` is true, in place (the backward's one-rounding
-// path for low-precision gradients; see csrc/cpu/kd_cpu.cpp). Rows not active are not touched and
-// cost no memory traffic: the kernel returns before loading them (no host synchronization).
+// path for low-precision gradients). Rows not active are not touched and cost no memory traffic:
+// the kernel returns before loading them (no host synchronization).
 void fused_kd_regrad_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& active,
                           const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize,
                           int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y,
                           const std::optional<at::Tensor>& labels, int64_t ignore_index, double label_smoothing,
                           double ce_weight, double kd_weight) {
   constexpr const char* op = "logitstd::fused_kd_regrad_";
-  const at::ScalarType acc = check_fused_kd_regrad(student, teacher, active, grad_scale, tau_s, tau_t, standardize,
-                                                   correction, eps, grad_x, grad_y);
-  check_objective(op, student, labels, label_smoothing, ce_weight, kd_weight);
-  TORCH_CHECK_VALUE(student.is_cuda(), op, " (CUDA): student is on ", student.device());
-  if (student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;
+  const std::optional<at::Tensor> rows(active);
+  const FusedArgs a{student, teacher, rows, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
+                    ignore_index, label_smoothing, ce_weight, kd_weight};
   const c10::cuda::CUDAGuard guard(student.device());
-  if (!native_pair(student.scalar_type(), teacher.scalar_type())) {
+  fused_regrad_front(op, a, grad_x, grad_y, c10::DeviceType::CUDA, [&](const KdProblem& p, at::ScalarType acc) {
+    if (native_pair(student.scalar_type(), teacher.scalar_type())) {
+      launch(p, student.scalar_type(), teacher.scalar_type(), c10::cuda::getCurrentCUDAStream());
+      return;
+    }
     auto out = fused_kd_forward_cuda(student.to(acc), teacher.to(acc), active, grad_scale, tau_s, tau_t, standardize,
                                      correction, eps, grad_x.numel() > 0, grad_y.numel() > 0, labels, ignore_index,
                                      label_smoothing, ce_weight, kd_weight);
-    const at::Tensor rows = active.reshape({-1, 1});
-    if (grad_x.numel() > 0) grad_x.copy_(at::where(rows, std::get<1>(out).to(grad_x.scalar_type()), grad_x));
-    if (grad_y.numel() > 0) grad_y.copy_(at::where(rows, std::get<2>(out).to(grad_y.scalar_type()), grad_y));
-    return;
-  }
-  const at::Tensor factors = grad_scale.reshape({-1}).contiguous();
-  const at::Tensor no_loss = at::empty({0}, student.options().dtype(acc));
-  KdProblem p = make_problem(student, teacher, active, acc, no_loss, grad_x, grad_y, tau_s, tau_t, standardize,
-                             correction, eps);
-  set_objective_and_factors(p, labels, ignore_index, label_smoothing, ce_weight, kd_weight, factors);
-  make_recomputation(p);
-  launch(p, student.scalar_type(), teacher.scalar_type(), c10::cuda::getCurrentCUDAStream());
+    const at::Tensor picked = active.reshape({-1, 1});
+    if (grad_x.numel() > 0) grad_x.copy_(at::where(picked, std::get<1>(out).to(grad_x.scalar_type()), grad_x));
+    if (grad_y.numel() > 0) grad_y.copy_(at::where(picked, std::get<2>(out).to(grad_y.scalar_type()), grad_y));
+  });
 }
 
 void scale_rows_cuda(const at::Tensor& grad, const at::Tensor& scale) {

@@ -62,7 +62,7 @@ KL_REFINE_RATIO = tl.constexpr(4.0)
 
 
 @triton.jit
-def _to_acc(x, ACC64: tl.constexpr):
+def to_acc(x, ACC64: tl.constexpr):
     """``x`` converted to the accumulation dtype (float64 if ``ACC64`` else float32)."""
     if ACC64:
         r = x.to(tl.float64)
@@ -72,13 +72,13 @@ def _to_acc(x, ACC64: tl.constexpr):
 
 
 @triton.jit
-def _scalar(v, ACC64: tl.constexpr):
+def scalar(v, ACC64: tl.constexpr):
     """A float kernel argument in the accumulation dtype, as a scalar tensor.
 
     Compiled, ``v`` is a float64 argument; interpreted, it is a Python float (combined with a tensor
     it takes the tensor's dtype, so float64 keeps every bit there too).
     """
-    return tl.sum(_to_acc(_to_acc(tl.zeros([1], dtype=tl.float32), ACC64) + v, ACC64), axis=0)
+    return tl.sum(to_acc(to_acc(tl.zeros([1], dtype=tl.float32), ACC64) + v, ACC64), axis=0)
 
 
 @triton.jit
@@ -312,21 +312,21 @@ def kd_register_kernel(
     # row offsets in runs of VEC classes times VEC: the compiler sees VEC-aligned rows (vector access)
     x_row = x_ptr + row64 * runs_x * VEC
     y_row = y_ptr + row64 * runs_y * VEC
-    ts = _scalar(tau_s, ACC64)
-    tt = _scalar(tau_t, ACC64)
-    v_f = _scalar(v_float, ACC64)
+    ts = scalar(tau_s, ACC64)
+    tt = scalar(tau_t, ACC64)
+    v_f = scalar(v_float, ACC64)
 
     offs = _tile(BLOCK, VEC)
     valid = offs < V
     ld = offs < V * keep.to(tl.int32)  # (a product keeps V's divisibility: vectorized masked loads)
     x0_raw = tl.load(x_row, mask=keep, other=0.0)
     y0_raw = tl.load(y_row, mask=keep, other=0.0)
-    x = _to_acc(tl.load(x_row + offs, mask=ld, other=x0_raw), ACC64)
-    y = _to_acc(tl.load(y_row + offs, mask=ld, other=y0_raw), ACC64)  # lanes past V: x[0], y[0]
+    x = to_acc(tl.load(x_row + offs, mask=ld, other=x0_raw), ACC64)
+    y = to_acc(tl.load(y_row + offs, mask=ld, other=y0_raw), ACC64)  # lanes past V: x[0], y[0]
 
-    dof_a = _scalar(dof, ACC64)
-    eps_a = _scalar(eps, ACC64)
-    one = _scalar(1.0, ACC64)
+    dof_a = scalar(dof, ACC64)
+    eps_a = scalar(eps, ACC64)
+    one = scalar(1.0, ACC64)
     mx, my = _max2(tl.max(x, axis=1), tl.max(y, axis=1))
     nx, ny = _min2(tl.min(x, axis=1), tl.min(y, axis=1))
     cx = _magnitude_scale(mx, nx, ACC64)
@@ -336,8 +336,8 @@ def kd_register_kernel(
     ca = LOG2E / ts
     cb = LOG2E / tt
     if STANDARDIZE:
-        xs = x * cx - _to_acc(x0_raw, ACC64) * cx
-        ys = y * cy - _to_acc(y0_raw, ACC64) * cy
+        xs = x * cx - to_acc(x0_raw, ACC64) * cx
+        ys = y * cy - to_acc(y0_raw, ACC64) * cy
         mean_x = _total(xs) / v_f
         mean_y = _total(ys) / v_f
         dx = tl.where(valid, xs - mean_x, 0.0)
@@ -350,8 +350,8 @@ def kd_register_kernel(
         inv_sy = 1.0 / s_y
         u = dx * inv_sx
         w = dy * inv_sy
-        u_max = (mx * cx - _to_acc(x0_raw, ACC64) * cx - mean_x) * inv_sx
-        w_max = (my * cy - _to_acc(y0_raw, ACC64) * cy - mean_y) * inv_sy
+        u_max = (mx * cx - to_acc(x0_raw, ACC64) * cx - mean_x) * inv_sx
+        w_max = (my * cy - to_acc(y0_raw, ACC64) * cy - mean_y) * inv_sy
     else:
         sigma_x = one
         sigma_y = one
@@ -379,9 +379,9 @@ def kd_register_kernel(
     r_zb = 1.0 / zb
     kl, refine, neg_lz = _kl_parts(za, zb, t2, _total(tl.abs(eh)))
     kl = tl.where(refine, _total(_bregman_terms(ea, eb, delta, r_za, r_zb, neg_lz)), kl)
-    ce_w = _scalar(ce_weight, ACC64)
-    kd_w = _scalar(kd_weight, ACC64)
-    smooth = _scalar(smoothing, ACC64)
+    ce_w = scalar(ce_weight, ACC64)
+    kd_w = scalar(kd_weight, ACC64)
+    smooth = scalar(smoothing, ACC64)
     ce = kl * 0.0
     if HAS_LABELS:
         # The objective's CE over the raw student row (row_math.h): sz = (x - max x) log2(e).
@@ -390,13 +390,13 @@ def kd_register_kernel(
         zc = _total(ez)
         r_zc = 1.0 / zc
         excl = _total(tl.where(offs == label, 0.0, ez))
-        x_label = _to_acc(tl.load(x_ptr + row64 * runs_x * VEC + label, mask=keep & label_ok, other=0.0), ACC64)
+        x_label = to_acc(tl.load(x_ptr + row64 * runs_x * VEC + label, mask=keep & label_ok, other=0.0), ACC64)
         sz_label = tl.where(label_ok, (x_label - mx) * LOG2E, float("nan"))
         ce = _row_ce(zc, _total(tl.where(valid, sz, 0.0)), excl, sz_label, smooth, v_f)
     _store_row_results(rows_ptr, ce_ptr, kd_ptr, row, keep, ce, ts * ts * kl, ce_w, kd_w, HAS_LABELS)
 
     if GRAD_S or GRAD_T:
-        scale = _to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
+        scale = to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
         kd_scale = scale * kd_w
         out_offs = row64 * v_runs * VEC + offs
         p = eb * r_zb
@@ -437,16 +437,11 @@ def kd_register_kernel(
 # value per run of VEC classes (sums over a run stay inside a thread), so no loop has a barrier: the
 # warps of a program stream independently. Every loop loads the next tile before working on the
 # current one (two tiles in flight per thread; plain loads get no software pipelining).
-# Tuning switches (config.py, BLOCKED_EVICT_HINTS; off by default, the code is then the same as
-# without them; the first GPU run decides them):
-#   EVICT_HINTS: passes 1 and 2 load with evict_last (the row pair is read again in pass 3; a launch
-#   without gradients re-reads only the rows that need the refined loss, so its pass 2 loads
-#   evict_first, as the row's last read), pass 3
-#     with evict_first (its last use), and the gradients are stored streaming (.cs): the same bytes
-#     issued, fewer of pass 3's re-reads predicted to miss L2 when the rows in flight exceed it.
-#   PREFETCH = 2: every loop of full tiles keeps two tiles loaded ahead of the one being worked on
-#     instead of one (a queue: next, next2), doubling the loads in flight per thread for one more
-#     tile of x and y in registers (EPT elements of each input); same bytes, more of them in flight.
+# EVICT_HINTS (the launch table's column, on for the long rows): passes 1 and 2 load with evict_last
+#   (the row pair is read again in pass 3; a launch without gradients re-reads only the rows that need
+#   the refined loss, so its pass 2 loads evict_first, as the row's last read), pass 3 with
+#   evict_first (its last use), and the gradients are stored streaming (.cs): the same bytes issued,
+#   fewer of pass 3's re-reads missing L2 when the rows in flight exceed it.
 # Memory per element: passes 1 and 2 read x and y, pass 3 reads them again and writes each requested
 #   gradient. In bf16 with the student gradient: 14 bytes per element issued, 6 of them the floor; the
 #   8 bytes of re-reads come from L2 when the rows in flight fit in it (V up to ~32k on H100), partly
@@ -506,18 +501,18 @@ def _lane_merge(n_l, mean_l, m2_l):
 
 @triton.jit
 def _row_stats(x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0, BLOCK: tl.constexpr,
-               STANDARDIZE: tl.constexpr, ACC64: tl.constexpr, EVICT_HINTS: tl.constexpr, PREFETCH: tl.constexpr):
+               STANDARDIZE: tl.constexpr, ACC64: tl.constexpr, EVICT_HINTS: tl.constexpr):
     """Pass 1: (mean, M2, max, min) of c x - c x0 and of c y - c y0 (max and min of c x, c y);
-    unstandardized: mean = M2 = 0, max and min of x and y. ``PREFETCH`` full tiles are loaded ahead.
+    unstandardized: mean = M2 = 0, max and min of x and y. The next full tile is loaded ahead.
 
     Lanes past V hold x[0], neutral for the max and min (and 0 after the shift, neutral for sums).
     ``num_full`` is 0 for a masked-out row (no loads).
     """
     v_full = num_full * BLOCK
-    zero = _to_acc(tl.zeros(offs0.shape, dtype=tl.float32), ACC64)
+    zero = to_acc(tl.zeros(offs0.shape, dtype=tl.float32), ACC64)
     if STANDARDIZE:
-        x0 = _to_acc(x0_raw, ACC64) * cx
-        y0 = _to_acc(y0_raw, ACC64) * cy
+        x0 = to_acc(x0_raw, ACC64) * cx
+        y0 = to_acc(y0_raw, ACC64) * cy
     else:
         x0 = tl.sum(tl.sum(zero, axis=1), axis=0)
         y0 = x0
@@ -529,21 +524,14 @@ def _row_stats(x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0,
     max_y = max_x
     min_x = zero + float("inf")
     min_y = min_x
-    one = _scalar(1.0, ACC64)
+    one = scalar(1.0, ACC64)
     x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw, EVICT_HINTS, False)
-    if PREFETCH == 2:
-        x_next2, y_next2 = _load_tile(x_row, y_row, BLOCK + offs0, v_full, x0_raw, y0_raw, EVICT_HINTS, False)
     for blk in range(0, num_full):
-        xc = _to_acc(x_next, ACC64) * cx
-        yc = _to_acc(y_next, ACC64) * cy
+        xc = to_acc(x_next, ACC64) * cx
+        yc = to_acc(y_next, ACC64) * cy
         # prefetch the next full tile (none after the last: masked, no traffic) before this one's math
-        if PREFETCH == 2:
-            x_next, y_next = x_next2, y_next2
-            x_next2, y_next2 = _load_tile(x_row, y_row, (blk + 2) * BLOCK + offs0, v_full, x0_raw, y0_raw,
-                                          EVICT_HINTS, False)
-        else:
-            x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, v_full, x0_raw, y0_raw,
-                                        EVICT_HINTS, False)
+        x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, v_full, x0_raw, y0_raw,
+                                    EVICT_HINTS, False)
         max_x = tl.maximum(max_x, xc)
         max_y = tl.maximum(max_y, yc)
         min_x = tl.minimum(min_x, xc)
@@ -554,8 +542,8 @@ def _row_stats(x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0,
     if num_full * BLOCK < V:
         offs = num_full * BLOCK + offs0
         x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, False)
-        xc = _to_acc(x, ACC64) * cx
-        yc = _to_acc(y, ACC64) * cy
+        xc = to_acc(x, ACC64) * cx
+        yc = to_acc(y, ACC64) * cy
         max_x = tl.maximum(max_x, xc)
         max_y = tl.maximum(max_y, yc)
         min_x = tl.minimum(min_x, xc)
@@ -567,7 +555,7 @@ def _row_stats(x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0,
     min_x, min_y = _min2(tl.min(min_x, axis=1), tl.min(min_y, axis=1))
     if STANDARDIZE:
         # every lane saw the full tiles, and the partial last tile where it lies inside the row
-        n_l = _to_acc(num_full + (offs0 + num_full * BLOCK < V).to(tl.int32), ACC64)
+        n_l = to_acc(num_full + (offs0 + num_full * BLOCK < V).to(tl.int32), ACC64)
         mean_x, m2_x = _lane_merge(n_l, mean_x, m2_x)
         mean_y, m2_y = _lane_merge(n_l, mean_y, m2_y)
     else:
@@ -699,11 +687,11 @@ def kd_blocked_kernel(
     smoothing: tl.float64, ce_weight: tl.float64, kd_weight: tl.float64,
     BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
-    ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr, EVICT_HINTS: tl.constexpr, PREFETCH: tl.constexpr,
+    ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr, EVICT_HINTS: tl.constexpr,
 ):
     """Loss (and gradients) of one row of any length: three passes over BLOCK-wide tiles.
 
-    ``EVICT_HINTS`` and ``PREFETCH`` (1 or 2) are the tuning switches of the block comment above.
+    ``EVICT_HINTS``: L2 eviction hints (the launch table's column; the block comment above).
     """
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
@@ -712,11 +700,11 @@ def kd_blocked_kernel(
     # row offsets in runs of VEC classes times VEC: the compiler sees VEC-aligned rows (vector access)
     x_row = x_ptr + row64 * runs_x * VEC
     y_row = y_ptr + row64 * runs_y * VEC
-    ts = _scalar(tau_s, ACC64)
-    tt = _scalar(tau_t, ACC64)
+    ts = scalar(tau_s, ACC64)
+    tt = scalar(tau_t, ACC64)
     ca = LOG2E / ts
     cb = LOG2E / tt
-    one = _scalar(1.0, ACC64)
+    one = scalar(1.0, ACC64)
     offs0 = _tile(BLOCK, VEC)
     keep_i = keep.to(tl.int32)
     # A masked-out row runs no loop of passes 1 and 2 (and no pass 3 when it writes nothing): its
@@ -731,19 +719,18 @@ def kd_blocked_kernel(
 
     # Pass 1: statistics, maxima and minima (again on c x, c y for a row of extreme magnitude).
     mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y = _row_stats(
-        x_row, y_row, x0_raw, y0_raw, one, one, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64, EVICT_HINTS,
-        PREFETCH)
+        x_row, y_row, x0_raw, y0_raw, one, one, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64, EVICT_HINTS)
     cx = _magnitude_scale(max_x, min_x, ACC64)
     cy = _magnitude_scale(max_y, min_y, ACC64)
     if STANDARDIZE:
         if (cx != 1.0) | (cy != 1.0):
             mean_x, m2_x, max_x, min_x, mean_y, m2_y, max_y, min_y = _row_stats(
                 x_row, y_row, x0_raw, y0_raw, cx, cy, V, v_load, num_full, offs0, BLOCK, STANDARDIZE, ACC64,
-                EVICT_HINTS, PREFETCH)
-        dof_a = _scalar(dof, ACC64)
-        eps_a = _scalar(eps, ACC64)
-        x0 = _to_acc(x0_raw, ACC64) * cx
-        y0 = _to_acc(y0_raw, ACC64) * cy
+                EVICT_HINTS)
+        dof_a = scalar(dof, ACC64)
+        eps_a = scalar(eps, ACC64)
+        x0 = to_acc(x0_raw, ACC64) * cx
+        y0 = to_acc(y0_raw, ACC64) * cy
         sigma_x = _sqrt(m2_x / dof_a, ACC64)
         sigma_y = _sqrt(m2_y / dof_a, ACC64)
         inv_sx = 1.0 / (sigma_x + eps_a * cx)
@@ -765,7 +752,7 @@ def kd_blocked_kernel(
         raw_max = max_x
 
     # Pass 2, last tile first: the partial tile, then the full tiles backwards.
-    zero = _to_acc(tl.zeros([BLOCK // VEC], dtype=tl.float32), ACC64)
+    zero = to_acc(tl.zeros([BLOCK // VEC], dtype=tl.float32), ACC64)
     za_r = zero
     zb_r = zero
     t2_r = zero
@@ -781,46 +768,36 @@ def kd_blocked_kernel(
         offs = num_full * BLOCK + offs0
         x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
         za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
-            _to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
+            to_acc(x, ACC64), to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
             u_max, w_max, ca, cb, za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S,
             GRAD_T, True)
         if HAS_LABELS:
-            zc_r, zsum_r, excl_r = _ce_tile(_to_acc(x, ACC64), offs < V, offs, label, raw_max, zc_r, zsum_r, excl_r)
+            zc_r, zsum_r, excl_r = _ce_tile(to_acc(x, ACC64), offs < V, offs, label, raw_max, zc_r, zsum_r, excl_r)
     x_next, y_next = _load_tile(x_row, y_row, tl.maximum(num_full - 1, 0) * BLOCK + offs0, v_full,
                                 x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
-    if PREFETCH == 2:
-        x_next2, y_next2 = _load_tile(x_row, y_row, tl.maximum(num_full - 2, 0) * BLOCK + offs0,
-                                      v_full * (num_full >= 2).to(tl.int32), x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
     for i in range(0, num_full):
-        x = _to_acc(x_next, ACC64)
-        y = _to_acc(y_next, ACC64)
-        # prefetch the tile before this one (PREFETCH 2: the one before that); none before tile 0
-        # (limit 0: no traffic)
-        if PREFETCH == 2:
-            x_next, y_next = x_next2, y_next2
-            prev = tl.maximum(num_full - 3 - i, 0) * BLOCK + offs0
-            x_next2, y_next2 = _load_tile(x_row, y_row, prev, v_full * (i + 2 < num_full).to(tl.int32),
-                                          x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
-        else:
-            prev = tl.maximum(num_full - 2 - i, 0) * BLOCK + offs0
-            x_next, y_next = _load_tile(x_row, y_row, prev, v_full * (i + 1 < num_full).to(tl.int32),
-                                        x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
+        x = to_acc(x_next, ACC64)
+        y = to_acc(y_next, ACC64)
+        # prefetch the tile before this one; none before tile 0 (limit 0: no traffic)
+        prev = tl.maximum(num_full - 2 - i, 0) * BLOCK + offs0
+        x_next, y_next = _load_tile(x_row, y_row, prev, v_full * (i + 1 < num_full).to(tl.int32),
+                                    x0_raw, y0_raw, EVICT_HINTS, not (GRAD_S or GRAD_T))
         za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r = _sums_tile(
             x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
             za_r, zb_r, t2_r, tabs_r, sau_r, sbu_r, sbw_r, tbw_r, STANDARDIZE, GRAD_S, GRAD_T, False)
         if HAS_LABELS:
             tile = (num_full - 1 - i) * BLOCK + offs0
             zc_r, zsum_r, excl_r = _ce_tile(x, None, tile, label, raw_max, zc_r, zsum_r, excl_r)
-    ce_w = _scalar(ce_weight, ACC64)
-    kd_w = _scalar(kd_weight, ACC64)
-    smooth = _scalar(smoothing, ACC64)
-    v_f = _scalar(v_float, ACC64)
+    ce_w = scalar(ce_weight, ACC64)
+    kd_w = scalar(kd_weight, ACC64)
+    smooth = scalar(smoothing, ACC64)
+    v_f = scalar(v_float, ACC64)
     zc = tl.sum(zc_r, axis=0)
     r_zc = 1.0 / zc
     ce = zc * 0.0
     excl = ce
     if HAS_LABELS:  # the objective's CE (row_math.h, row_ce)
-        x_label = _to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
+        x_label = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
         sz_label = tl.where(label_ok, (x_label - raw_max) * LOG2E, float("nan"))
         excl = tl.sum(excl_r, axis=0)
         ce = _row_ce(zc, tl.sum(zsum_r, axis=0), excl, sz_label, smooth, v_f)
@@ -842,7 +819,7 @@ def kd_blocked_kernel(
         else:
             num_pass3 = num_full
             tail3 = has_tail
-        scale = _to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
+        scale = to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
         kd_scale = scale * kd_w
         ce_scale = scale * ce_w
         # d/dx = c d/d(c x) with standardization; without it the scale only formed the exponents
@@ -863,18 +840,11 @@ def kd_blocked_kernel(
         t2n = t2 * r_zb
         out_row = row64 * v_runs * VEC
         x_next, y_next = _load_tile(x_row, y_row, offs0, v_full, x0_raw, y0_raw, EVICT_HINTS, True)
-        if PREFETCH == 2:
-            x_next2, y_next2 = _load_tile(x_row, y_row, BLOCK + offs0, v_full, x0_raw, y0_raw, EVICT_HINTS, True)
         for blk in range(0, num_pass3):
             offs = blk * BLOCK + offs0
-            x = _to_acc(x_next, ACC64)
-            y = _to_acc(y_next, ACC64)
-            if PREFETCH == 2:
-                x_next, y_next = x_next2, y_next2
-                x_next2, y_next2 = _load_tile(x_row, y_row, offs + 2 * BLOCK, v_full, x0_raw, y0_raw, EVICT_HINTS,
-                                              True)
-            else:
-                x_next, y_next = _load_tile(x_row, y_row, offs + BLOCK, v_full, x0_raw, y0_raw, EVICT_HINTS, True)
+            x = to_acc(x_next, ACC64)
+            y = to_acc(y_next, ACC64)
+            x_next, y_next = _load_tile(x_row, y_row, offs + BLOCK, v_full, x0_raw, y0_raw, EVICT_HINTS, True)
             br_r = _grad_tile(x, y, None, offs, out_row + offs, gx_ptr, gy_ptr, kd_scale * gcx, kd_scale * gcy, keep,
                               x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, ts,
                               kt, t2n, coef_x, coef_y, neg_lz, br_r, raw_max, r_zc, ce_scale, ce_b, ce_l, label,
@@ -883,7 +853,7 @@ def kd_blocked_kernel(
         if tail3:
             offs = num_pass3 * BLOCK + offs0
             x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, True)
-            br_r = _grad_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, offs, out_row + offs, gx_ptr, gy_ptr,
+            br_r = _grad_tile(to_acc(x, ACC64), to_acc(y, ACC64), offs < V, offs, out_row + offs, gx_ptr, gy_ptr,
                               kd_scale * gcx, kd_scale * gcy, keep, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy,
                               u_max, w_max, ca, cb, r_za, r_zb, ts, kt, t2n, coef_x, coef_y, neg_lz, br_r, raw_max,
                               r_zc, ce_scale, ce_b, ce_l, label, label_ok, STANDARDIZE, GRAD_S, GRAD_T,
@@ -891,25 +861,17 @@ def kd_blocked_kernel(
     else:
         num_pass3 = num_full * refine.to(tl.int32)
         x_next, y_next = _load_tile(x_row, y_row, offs0, num_pass3 * BLOCK, x0_raw, y0_raw, EVICT_HINTS, True)
-        if PREFETCH == 2:
-            x_next2, y_next2 = _load_tile(x_row, y_row, BLOCK + offs0, num_pass3 * BLOCK, x0_raw, y0_raw,
-                                          EVICT_HINTS, True)
         for blk in range(0, num_pass3):
-            x = _to_acc(x_next, ACC64)
-            y = _to_acc(y_next, ACC64)
-            if PREFETCH == 2:
-                x_next, y_next = x_next2, y_next2
-                x_next2, y_next2 = _load_tile(x_row, y_row, (blk + 2) * BLOCK + offs0, num_pass3 * BLOCK, x0_raw,
-                                              y0_raw, EVICT_HINTS, True)
-            else:
-                x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, num_pass3 * BLOCK, x0_raw,
-                                            y0_raw, EVICT_HINTS, True)
+            x = to_acc(x_next, ACC64)
+            y = to_acc(y_next, ACC64)
+            x_next, y_next = _load_tile(x_row, y_row, (blk + 1) * BLOCK + offs0, num_pass3 * BLOCK, x0_raw,
+                                        y0_raw, EVICT_HINTS, True)
             br_r = _bregman_tile(x, y, None, x0, y0, cx, cy, mean_x, mean_y, inv_sx, inv_sy, u_max, w_max, ca, cb,
                                  r_za, r_zb, neg_lz, br_r, STANDARDIZE)
         if has_tail & refine:
             offs = num_full * BLOCK + offs0
             x, y = _load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, True)
-            br_r = _bregman_tile(_to_acc(x, ACC64), _to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y,
+            br_r = _bregman_tile(to_acc(x, ACC64), to_acc(y, ACC64), offs < V, x0, y0, cx, cy, mean_x, mean_y,
                                  inv_sx, inv_sy, u_max, w_max, ca, cb, r_za, r_zb, neg_lz, br_r, STANDARDIZE)
     kl = tl.where(refine, tl.sum(br_r, axis=0), kl)
     _store_row_results(rows_ptr, ce_ptr, kd_ptr, row, keep, ce, ts * ts * kl, ce_w, kd_w, HAS_LABELS)
@@ -928,10 +890,10 @@ def scale_rows_kernel(g_ptr, s_ptr, V, stride_g, stride_s, BLOCK: tl.constexpr, 
     """``grad[row, tile] *= scale[row]``, skipped on the device when the scale is exactly 1."""
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    s = _to_acc(tl.load(s_ptr + row * stride_s), ACC64)
+    s = to_acc(tl.load(s_ptr + row * stride_s), ACC64)
     if s != 1.0:
         offs = tile * BLOCK + tl.arange(0, BLOCK)
         m = offs < V
         ptrs = g_ptr + row * stride_g + offs
-        g = _to_acc(tl.load(ptrs, mask=m, other=0.0), ACC64)
+        g = to_acc(tl.load(ptrs, mask=m, other=0.0), ACC64)
         tl.store(ptrs, (g * s).to(g_ptr.dtype.element_ty), mask=m)

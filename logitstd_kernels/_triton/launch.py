@@ -12,14 +12,9 @@ from typing import Optional
 import torch
 import triton
 
-from .._backends import Objective
+from ..config import DistillConfig
 from .config import SCALE_BLOCK, SCALE_WARPS, KernelConfig, kd_config, tuning_constexprs, vector_width
 from .kd_kernels import kd_blocked_kernel, kd_register_kernel, scale_rows_kernel
-
-
-def _device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make ``tensor``'s GPU the current device for the launch (Triton launches on the current one)."""
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _row_vec(num_classes: int, *tensors: torch.Tensor) -> int:
@@ -42,41 +37,42 @@ def _check_rows(name: str, t: torch.Tensor) -> None:
                          f"{tuple(t.shape)} and strides {t.stride()}")
 
 
-def _launch(student: torch.Tensor, teacher: torch.Tensor, keep: Optional[torch.Tensor], grad_scale: torch.Tensor,
-            rows: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor], gx: Optional[torch.Tensor],
-            gy: Optional[torch.Tensor], tau_s: float, tau_t: float, standardize: bool, correction: int, eps: float,
-            objective: Optional[Objective], zero_excluded: bool, config: Optional[KernelConfig]) -> None:
-    """One launch of the fused kernel over every row (see ``fused_kd_forward`` for the arguments)."""
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current device for the launch (Triton launches on the current one)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+            grad_scale: torch.Tensor, rows: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor],
+            gx: Optional[torch.Tensor], gy: Optional[torch.Tensor], config: DistillConfig, zero_excluded: bool,
+            kernel_config: Optional[KernelConfig]) -> None:
+    """One launch of the fused kernel over every row (see ``fused_forward`` for the arguments)."""
     num_rows, num_classes = student.shape
     acc64 = torch.float64 in (student.dtype, teacher.dtype)
     vec = _row_vec(num_classes, student, teacher)
     full_vectors = vec == vector_width(student.dtype, teacher.dtype)
-    cfg = config if config is not None else kd_config(num_classes, acc64, full_vectors)
+    cfg = kernel_config if kernel_config is not None else kd_config(num_classes, acc64, full_vectors)
     kernel = kd_register_kernel if cfg.register else kd_blocked_kernel
     if cfg.register and cfg.block < num_classes:
         raise ValueError(f"register path needs BLOCK >= V, got BLOCK={cfg.block} for V={num_classes}")
     vec = min(vec, cfg.block)  # a tile holds at least one run
     factors = grad_scale.reshape(-1)
-    dof = float(num_classes - correction) if standardize else 1.0
+    dof = float(num_classes - config.correction) if config.standardize else 1.0
     # The interpreter (CPU tensors) rounds float32 -> bfloat16 wrongly: the kernels round on the bits.
     round_bf16 = student.device.type == "cpu" and any(
         g is not None and g.dtype == torch.bfloat16 for g in (gx, gy))
-    labels = objective.labels.contiguous() if objective is not None else None
-    with _device_guard(student):
+    with device_guard(student):
         kernel[(num_rows,)](
             student, teacher, keep if keep is not None else rows, factors, rows,
             gx if gx is not None else rows, gy if gy is not None else rows,
             labels if labels is not None else rows, parts[0], parts[1],
             num_classes, num_classes // vec, student.stride(0) // vec, teacher.stride(0) // vec,
-            factors.stride(0) if factors.numel() > 1 else 0,
-            int(objective.ignore_index) if objective is not None else -100,
-            float(tau_s), float(tau_t), float(eps), dof, float(num_classes),
-            float(objective.label_smoothing) if objective is not None else 0.0,
-            float(objective.ce_weight) if objective is not None else 0.0,
-            float(objective.kd_weight) if objective is not None else 1.0,
-            BLOCK=cfg.block, VEC=vec, STANDARDIZE=bool(standardize), GRAD_S=gx is not None,
+            factors.stride(0) if factors.numel() > 1 else 0, config.ignore_index,
+            config.temperature, config.teacher_temperature, config.eps, dof, float(num_classes),
+            config.label_smoothing, config.ce_weight, config.kd_weight,
+            BLOCK=cfg.block, VEC=vec, STANDARDIZE=config.standardize, GRAD_S=gx is not None,
             GRAD_T=gy is not None, HAS_MASK=keep is not None, ACC64=acc64, ZERO_EXCLUDED=zero_excluded,
-            ROUND_BF16=round_bf16, HAS_LABELS=objective is not None, num_warps=cfg.num_warps,
+            ROUND_BF16=round_bf16, HAS_LABELS=labels is not None, num_warps=cfg.num_warps,
             **tuning_constexprs(cfg),
         )
 
@@ -86,36 +82,21 @@ def _keep(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
-def fused_kd_forward(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    grad_scale: torch.Tensor,
-    tau_s: float,
-    tau_t: float,
-    standardize: bool,
-    correction: int,
-    eps: float,
-    grad_student: bool,
-    grad_teacher: bool,
-    objective: Optional[Objective] = None,
-    *,
-    config: Optional[KernelConfig] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row loss ``tau_s**2 * KL`` of (N, V) logits and, if requested, the scaled gradients.
+def fused_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                  mask: Optional[torch.Tensor], grad_scale: torch.Tensor, config: DistillConfig, grad_student: bool,
+                  grad_teacher: bool, *, kernel_config: Optional[KernelConfig] = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row objective of (N, V) logits and, if requested, the scaled gradients (``_backends``' contract).
 
     Equivalent eager code (``acc`` = float64 if an input is float64, else float32)::
 
-        rows = reference._row_kl(student, teacher, tau_s, tau_t, standardize, correction, eps)
-        rows = torch.where(mask, rows, 0)                      # masked rows: 0, and no NaN leak
+        rows = reference.distillation_loss(student, teacher, labels, mask=mask, reduction="none", **settings)
         grad_student = (grad_scale[:, None] * d rows / d student).to(student.dtype)   # same for teacher
 
-    ``grad_scale`` has one element or one per row. With an ``objective`` the rows are
-    ``ce_weight * CE + kd_weight * tau_s**2 KL`` (``reference.distillation_loss``), the gradients
-    likewise; a label outside [0, V) gives its row NaN (no host synchronization). ``config``
-    overrides the table of ``config.kd_config`` (tests use it to force the blocked path at small V).
+    A label outside [0, V) gives its row NaN (no host synchronization). ``kernel_config`` overrides
+    the table of ``config.kd_config`` (tests use it to force the blocked path at small V).
     Returns ``(rows, grad_student, grad_teacher, ce_rows, kd_rows)``; a gradient that is not
-    requested is an empty (0,) tensor; ``ce_rows``/``kd_rows`` are the objective's two parts.
+    requested is an empty (0,) tensor.
     """
     _check_rows("student", student)
     _check_rows("teacher", teacher)
@@ -128,34 +109,21 @@ def fused_kd_forward(
           if grad_teacher else teacher.new_empty((0,)))
     parts = (torch.empty_like(rows), torch.empty_like(rows))
     if num_rows > 0:
-        _launch(student, teacher, _keep(mask), grad_scale, rows, parts, gx if grad_student else None,
-                gy if grad_teacher else None, tau_s, tau_t, standardize, correction, eps, objective, True, config)
+        _launch(student, teacher, labels, _keep(mask), grad_scale, rows, parts, gx if grad_student else None,
+                gy if grad_teacher else None, config, True, kernel_config)
     return rows, gx, gy, parts[0], parts[1]
 
 
-def fused_kd_regrad_(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    active: torch.Tensor,
-    grad_scale: torch.Tensor,
-    tau_s: float,
-    tau_t: float,
-    standardize: bool,
-    correction: int,
-    eps: float,
-    grad_x: torch.Tensor,
-    grad_y: torch.Tensor,
-    objective: Optional[Objective] = None,
-    *,
-    config: Optional[KernelConfig] = None,
-) -> None:
+def fused_regrad_(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], active: torch.Tensor,
+                  grad_scale: torch.Tensor, config: DistillConfig, grad_x: torch.Tensor, grad_y: torch.Tensor, *,
+                  kernel_config: Optional[KernelConfig] = None) -> None:
     """Recompute, in place, the gradients of the rows where ``active`` is true with their factor
     ``grad_scale[r]`` (one element or one per row); other rows are not touched and cost no traffic.
-    ``grad_x``/``grad_y``: the (N, V) buffers ``fused_kd_forward`` returned, or empty to leave alone.
+    ``grad_x``/``grad_y``: the (N, V) buffers ``fused_forward`` returned, or empty to leave alone.
 
     Equivalent eager code::
 
-        _, gx, gy = fused_kd_forward(student, teacher, active, grad_scale, ...)
+        _, gx, gy, _, _ = fused_forward(student, teacher, labels, active, grad_scale, config, ...)
         grad_x[active] = gx[active]; grad_y[active] = gy[active]
     """
     _check_rows("student", student)
@@ -165,8 +133,8 @@ def fused_kd_regrad_(
         return
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     scratch = torch.empty(student.shape[0], dtype=acc, device=student.device)
-    _launch(student, teacher, _keep(active), grad_scale, scratch, (scratch, scratch), grad_x if want_x else None,
-            grad_y if want_y else None, tau_s, tau_t, standardize, correction, eps, objective, False, config)
+    _launch(student, teacher, labels, _keep(active), grad_scale, scratch, (scratch, scratch),
+            grad_x if want_x else None, grad_y if want_y else None, config, False, kernel_config)
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -188,7 +156,7 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return grad
     stride_s = scale.stride(0) if scale.dim() == 1 else 0
     grid = (num_rows, triton.cdiv(num_classes, SCALE_BLOCK))
-    with _device_guard(grad):
+    with device_guard(grad):
         scale_rows_kernel[grid](
             grad, scale, num_classes, grad.stride(0), stride_s,
             BLOCK=SCALE_BLOCK, ACC64=torch.float64 in (grad.dtype, scale.dtype), num_warps=SCALE_WARPS,

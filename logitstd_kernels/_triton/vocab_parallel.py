@@ -2,9 +2,9 @@
 
 Each rank holds a ``(N, W)`` slice of every row (``W = V_r`` classes). One program per row, looping
 over ``VP_BLOCK``-wide tiles of its slice, accumulating in float32 (float64 for float64 inputs). The
-collectives and Chan's merge between the phases stay in ``logitstd_kernels/distributed.py``, which
-also holds the same phases as PyTorch operations (the ``"torch"`` backend, and these kernels'
-reference in the tests). Per-row quantities computed there (the global statistics) reach the
+collectives and Chan's merge between the phases are in ``logitstd_kernels/distributed/``, which also
+holds the same phases as PyTorch operations (``phases.py``: the ``"torch"`` backend, and these
+kernels' reference in the tests). Per-row quantities computed there (the global statistics) reach the
 kernels as columns of a small ``(N, C)`` tensor in the accumulation dtype; nothing is read back on
 the host.
 
@@ -17,7 +17,7 @@ Memory traffic per element of the slice, inputs of ``s`` bytes (2 for bf16):
    ``sum e^(b - b_max)``, ``sum e^(b - b_max)(b - a)``, with standardization ``sum e^(a - a_max) u``,
    ``sum e^(b - b_max) u``, ``sum e^(b - b_max) w``, ``sum e^(b - b_max)(b - a) w``, and with labels
    ``sum e^(x - max x)``, the owned label logit, the ownership flag and ``sum x``: reads ``2s``;
-3. ``vp_grads_kernel``: the slice's gradients (docs/design.md section 7.2, phase 3), written in the
+3. ``vp_grads_kernel``: the slice's gradients (docs/tensor-parallel.md, phase 3), written in the
    accumulation dtype (the autograd function rounds them once to the inputs' dtype): reads ``2s``,
    writes 4 bytes per gradient (8 in float64).
 
@@ -32,18 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ..distributed import layout
 from .config import VP_BLOCK, VP_BLOCK_F64, VP_WARPS
-from .kd_kernels import _scalar, _to_acc
-from .launch import _device_guard
+from .kd_kernels import scalar, to_acc
+from .launch import device_guard
 
-# Columns of the per-row coefficient tensor of phases 2 and 3 (its dtype: the accumulation dtype),
-# in the order distributed.py stacks them.
-SHIFT_X, SHIFT_Y, KA, KB, A_MAX, B_MAX, SIGMA_X, SIGMA_Y, MAX_X, OWNS = (tl.constexpr(j) for j in range(10))
-SUMS_COLUMNS = 10
-# Phase 3 adds: 1/Za, 1/Zb, the chain rule's factors, log(Za e^a_max / (Zb e^b_max)), KL, the
-# log-sum-exp of the CE, label_smoothing / V, and whether the row is included.
-INV_ZA, INV_ZB, FACTOR_X, FACTOR_Y, LOG_RATIO, KL, LSE, SMOOTH_OVER_V, KEEP = (tl.constexpr(j) for j in range(10, 19))
-GRADS_COLUMNS = 19
+# The columns of the per-row coefficient tensor (``distributed/layout.py``), as the kernels' constants.
+SHIFT_X, SHIFT_Y, KA, KB, A_MAX, B_MAX, SIGMA_X, SIGMA_Y, MAX_X, OWNS = (
+    tl.constexpr(j) for j in (layout.SHIFT_X, layout.SHIFT_Y, layout.KA, layout.KB, layout.A_MAX, layout.B_MAX,
+                              layout.SIGMA_X, layout.SIGMA_Y, layout.MAX_X, layout.OWNS))
+INV_ZA, INV_ZB, FACTOR_X, FACTOR_Y, LOG_RATIO, KL, LSE, SMOOTH_OVER_V, KEEP = (
+    tl.constexpr(j) for j in (layout.INV_ZA, layout.INV_ZB, layout.FACTOR_X, layout.FACTOR_Y, layout.LOG_RATIO,
+                              layout.KL, layout.LSE, layout.SMOOTH_OVER_V, layout.KEEP))
 
 
 @triton.jit
@@ -66,8 +66,8 @@ def vp_stats_kernel(x_ptr, y_ptr, out_ptr, W, stride_x, stride_y,
     ly = tl.full([BLOCK], float("inf"), dtype=sx.dtype)
     for start in range(0, W, BLOCK):
         valid = start + offs < W
-        x = _to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64)
-        y = _to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64)
+        x = to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64)
+        y = to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64)
         sx += x
         sy += y
         hx = tl.maximum(hx, tl.where(valid, x, float("-inf")))
@@ -83,8 +83,8 @@ def vp_stats_kernel(x_ptr, y_ptr, out_ptr, W, stride_x, stride_y,
     qy = tl.zeros([BLOCK], dtype=sx.dtype)
     for start in range(0, W, BLOCK):
         valid = start + offs < W
-        dx = (_to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64) - mean_x) / c_x
-        dy = (_to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64) - mean_y) / c_y
+        dx = (to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64) - mean_x) / c_x
+        dy = (to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64) - mean_y) / c_y
         qx += tl.where(valid, dx * dx, 0.0)
         qy += tl.where(valid, dy * dy, 0.0)
     out = out_ptr + row * 8
@@ -102,8 +102,8 @@ def vp_stats_kernel(x_ptr, y_ptr, out_ptr, W, stride_x, stride_y,
 def _terms(x_row, y_row, start, offs, W, coef_ptr, row, C: tl.constexpr, ACC64: tl.constexpr):
     """One tile's x, e^(a - a_max), e^(b - b_max) and b - a (0 outside the slice)."""
     valid = start + offs < W
-    x = _to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64)
-    y = _to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64)
+    x = to_acc(tl.load(x_row + start + offs, mask=valid, other=0.0), ACC64)
+    y = to_acc(tl.load(y_row + start + offs, mask=valid, other=0.0), ACC64)
     a = (x - _coef(coef_ptr, row, SHIFT_X, C)) * _coef(coef_ptr, row, KA, C)
     b = (y - _coef(coef_ptr, row, SHIFT_Y, C)) * _coef(coef_ptr, row, KB, C)
     ea = tl.where(valid, tl.exp(a - _coef(coef_ptr, row, A_MAX, C)), 0.0)
@@ -161,7 +161,7 @@ def vp_sums_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, out_ptr, W, stride_x, str
     if HAS_LABELS:
         owns = _coef(coef_ptr, row, OWNS, C)
         col = tl.minimum(tl.maximum(tl.load(labels_ptr + row), 0), W - 1)
-        picked = _to_acc(tl.load(x_ptr + row * stride_x + col), ACC64)
+        picked = to_acc(tl.load(x_ptr + row * stride_x + col), ACC64)
         tl.store(out + k, tl.sum(s_ex, axis=0).to(tl.float64))
         tl.store(out + k + 1, tl.where(owns != 0, picked, 0.0).to(tl.float64))
         tl.store(out + k + 2, owns.to(tl.float64))
@@ -189,12 +189,12 @@ def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, gx_ptr, gy_ptr, W, strid
     sig_x = tl.maximum(_coef(coef_ptr, row, SIGMA_X, C), TINY)
     sig_y = tl.maximum(_coef(coef_ptr, row, SIGMA_Y, C), TINY)
     shift_x, shift_y = _coef(coef_ptr, row, SHIFT_X, C), _coef(coef_ptr, row, SHIFT_Y, C)
-    t2, kd_weight, ce_weight = _scalar(t2, ACC64), _scalar(kd_weight, ACC64), _scalar(ce_weight, ACC64)
+    t2, kd_weight, ce_weight = scalar(t2, ACC64), scalar(kd_weight, ACC64), scalar(ce_weight, ACC64)
     label = -1
     onehot = 0.0
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
-        onehot = _coef(coef_ptr, row, OWNS, C) * _scalar(one_minus_smoothing, ACC64)
+        onehot = _coef(coef_ptr, row, OWNS, C) * scalar(one_minus_smoothing, ACC64)
     for start in range(0, W, BLOCK):
         valid, x, y, ea, eb, diff = _terms(x_row, y_row, start, offs, W, coef_ptr, row, C, ACC64)
         p = eb * inv_zb
@@ -225,11 +225,11 @@ def _tiny(acc: torch.dtype) -> float:
 
 
 def slice_stats(x: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """Phase 1: (N, 8) float64, the columns of ``distributed._local_stats`` for x then y."""
+    """Phase 1: (N, ``layout.STATS_COLUMNS``) float64 (``layout``: mean, scale, scaled M2, max of x, then of y)."""
     rows, width = x.shape
-    out = torch.empty((rows, 8), dtype=torch.float64, device=x.device)
+    out = torch.empty((rows, layout.STATS_COLUMNS), dtype=torch.float64, device=x.device)
     if rows:
-        with _device_guard(x):
+        with device_guard(x):
             vp_stats_kernel[(rows,)](x, y, out, width, x.stride(0), y.stride(0), TINY=_tiny(acc),
                                      BLOCK=_block(acc), ACC64=acc == torch.float64, num_warps=VP_WARPS)
     return out
@@ -240,10 +240,10 @@ def slice_sums(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, labels: tor
     """Phase 2: (N, S) float64 partial sums; ``coef`` (N, SUMS_COLUMNS), ``labels`` the local label
     column per row (int64; any value where the row owns no label)."""
     rows, width = x.shape
-    count = 3 + 4 * standardize + 4 * has_labels
+    count = layout.sums_count(standardize, has_labels)
     out = torch.empty((rows, count), dtype=torch.float64, device=x.device)
     if rows:
-        with _device_guard(x):
+        with device_guard(x):
             vp_sums_kernel[(rows,)](x, y, coef, labels, out, width, x.stride(0), y.stride(0),
                                     TINY=_tiny(coef.dtype), C=coef.shape[1], S=count, BLOCK=_block(coef.dtype),
                                     STANDARDIZE=standardize, HAS_LABELS=has_labels, ACC64=coef.dtype == torch.float64,
@@ -258,7 +258,7 @@ def slice_grads(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, labels: to
     rows, width = x.shape
     if not rows or (grad_x is None and grad_y is None):
         return
-    with _device_guard(x):
+    with device_guard(x):
         vp_grads_kernel[(rows,)](x, y, coef, labels, grad_x if grad_x is not None else coef,
                                  grad_y if grad_y is not None else coef, width, x.stride(0), y.stride(0),
                                  float(t2), float(kd_weight), float(ce_weight), float(1.0 - label_smoothing),

@@ -16,7 +16,7 @@ import torch
 from .cases import DTYPES, MODES, Case, build_cases, default_cases
 from . import distributed, fused_linear, objective
 from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
-from .providers import DEFAULT_PROVIDERS, PROVIDERS, make_loss, unavailable
+from .providers import PROVIDERS, make_loss, unavailable
 from .report import Result, Run, fill_speedups, metadata, progress, table, write_files
 
 
@@ -28,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to benchmark (default: cuda if present, else cpu)")
     parser.add_argument("--providers", default=None,
-                        help=f"comma-separated providers (default: {','.join(DEFAULT_PROVIDERS)}; also "
-                             f"{','.join(p for p in PROVIDERS if p not in DEFAULT_PROVIDERS)}; or the objective's "
+                        help=f"comma-separated providers (default: {','.join(PROVIDERS)}; or the objective's "
                              "with --objective); unavailable ones are reported and skipped")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: forward,backward,full")
     parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16,float16 "
@@ -161,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     modes = tuple(args.modes.split(","))
     known = objective.OBJECTIVE_PROVIDERS if args.objective else PROVIDERS
     providers = (tuple(args.providers.split(",")) if args.providers
-                 else objective.OBJECTIVE_PROVIDERS if args.objective else DEFAULT_PROVIDERS)
+                 else objective.OBJECTIVE_PROVIDERS if args.objective else PROVIDERS)
     bad = [m for m in modes if m not in MODES] + [p for p in providers if p not in known]
     if bad:
         print(f"unknown mode(s)/provider(s) {bad}; modes: {MODES}, providers: {known}", file=sys.stderr)

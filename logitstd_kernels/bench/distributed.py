@@ -5,7 +5,7 @@ the time of a step (forward + backward of ``vocab_parallel_distillation_loss``, 
 labels), rank 0's peak memory in one more step (the growth of its resident set), and the bytes each
 rank contributes to the collectives per step, read from the tensors
 handed to ``torch.distributed.all_gather`` (the header, phase 1 and phase 2). The bytes depend on the
-rows only, not on V; the README's communication cost model is taken from this file. The yardstick
+rows only, not on V; docs/performance.md's communication cost model is generated from this file. The yardstick
 row ``fused x1`` is the single-device fused objective (``distillation_loss``, default backend) on the
 same whole rows in this process, timed and measured the same way.
 """

@@ -5,10 +5,6 @@
 - ``triton``, ``cuda``, ``cpu``: the fused kernels through ``logitstd_kd_loss(..., backend=...)``.
 - ``liger``: Liger-Kernel's KL-divergence loss fed by ``log_softmax``/``softmax``, the closest
   published peer; plain KD only (it has no standardization), CUDA only, when installed.
-- ``triton_evict``, ``triton_prefetch``: the Triton kernels with one tuning switch of the blocked
-  path forced on (eviction hints; a second prefetched tile; ``_triton/config.py``), CUDA only, so
-  that a GPU run decides the switches against ``triton`` (the table's defaults). Rows short enough
-  for the register path (V <= 4096) launch the same kernel as ``triton``.
 """
 
 from __future__ import annotations
@@ -25,11 +21,7 @@ from .._backends import unavailable_reason
 from ..functional import logitstd_kd_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# The Triton kernels with a tuning switch of the blocked path forced on (config.forced_tuning).
-TUNED_TRITON = {"triton_evict": {"evict_hints": True}, "triton_prefetch": {"prefetch_depth": 2}}
-PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "liger", *TUNED_TRITON)
-# What a plain ``bench`` times; the tuning switches only when asked for (scripts/gpu-check.sh does).
-DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p not in TUNED_TRITON)
+PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "liger")
 
 
 def unavailable(provider: str, device: torch.device, standardize: bool) -> Optional[str]:
@@ -44,7 +36,7 @@ def unavailable(provider: str, device: torch.device, standardize: bool) -> Optio
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger-kernel is not installed (pip install liger-kernel)"
         return None
-    if provider in ("triton", *TUNED_TRITON):
+    if provider == "triton":
         if device.type != "cuda":
             return "the Triton interpreter is for testing, not timing: Triton is timed on CUDA only"
         return unavailable_reason("triton", device.type)
@@ -69,23 +61,9 @@ def _liger_loss(temperature: float) -> LossFn:
     return loss
 
 
-def _tuned_triton_loss(switches: dict, **options) -> LossFn:
-    """The Triton backend's loss with ``switches`` forced on for its launches (the forward, which
-    also computes the gradient that a scalar loss's backward returns without a launch)."""
-    from .._triton.config import forced_tuning
-
-    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        with forced_tuning(**switches):
-            return logitstd_kd_loss(student, teacher, backend="triton", **options)
-
-    return loss
-
-
 def make_loss(provider: str, temperature: float, standardize: bool) -> LossFn:
     """The loss function of ``provider`` with the benchmark's fixed options."""
     options = dict(temperature=temperature, standardize=standardize)
-    if provider in TUNED_TRITON:
-        return _tuned_triton_loss(TUNED_TRITON[provider], **options)
     if provider == "torch":
         return functools.partial(reference.logitstd_kd_loss, **options)
     if provider == "torch_compile":

@@ -117,12 +117,10 @@ def test_the_official_code_objective(case):
 
 @pytest.mark.parametrize("case", ALL, ids=case_id)
 def test_liger_distillation_semantics(case):
-    """Liger-Kernel's chunked distillation loss with the JSD's beta = 0 (KL(teacher || student) of
-    logits / T, no standardization, no T^2), weight_hard_loss h, weight_soft_loss s. Liger divides
-    both sums by ALL rows and its KD term includes the rows whose label is ignore_index; ours
-    excludes those rows from both terms. Hence, with n the number of rows:
-    liger = (ours(sum, ce_weight=h, kd_weight=0) + ours(no labels, sum, kd_weight=s / T^2)) / n,
-    and without ignored rows simply ours(mean, ce_weight=h, kd_weight=s / T^2, standardize=False)."""
+    """Liger-Kernel 0.8.5's chunked distillation loss with the JSD's beta = 0 (KL(teacher || student) of
+    logits / T, no standardization, no T^2), weight_hard_loss h, weight_soft_loss s: both terms leave
+    the rows whose label is ignore_index out and are divided by the valid rows, so it is exactly
+    ``ours(mean, ce_weight=h, kd_weight=s / T^2, standardize=False)``, ignored labels included."""
     backend, device = case
     n, num_classes, tau, h, s = 10, 50, 3.0, 0.4, 0.6
     x = 3 * torch.randn(n, num_classes, dtype=torch.float64, device=device)
@@ -131,19 +129,17 @@ def test_liger_distillation_semantics(case):
     target[[2, 7]] = -100
 
     def liger(target):
-        hard = F.cross_entropy(x, target, ignore_index=-100, reduction="sum") / n
-        soft = F.kl_div(F.log_softmax(x / tau, -1), F.log_softmax(y / tau, -1), reduction="sum",
-                        log_target=True) / n
+        valid = target != -100
+        count = valid.sum().clamp_min(1)
+        hard = F.cross_entropy(x[valid], target[valid], reduction="sum") / count
+        soft = F.kl_div(F.log_softmax(x[valid] / tau, -1), F.log_softmax(y[valid] / tau, -1), reduction="sum",
+                        log_target=True) / count
         return h * hard + s * soft
 
     common = dict(temperature=tau, standardize=False, backend=backend)
-    ours = (lsk.distillation_loss(x, y, target, ce_weight=h, kd_weight=0.0, reduction="sum", **common)
-            + lsk.distillation_loss(x, y, None, kd_weight=s / tau**2, reduction="sum", **common)) / n
-    assert abs(float(ours) - float(liger(target))) <= 1e-6 * abs(float(liger(target)))
-    full = target.clone()
-    full[[2, 7]] = 1
-    ours = lsk.distillation_loss(x, y, full, ce_weight=h, kd_weight=s / tau**2, **common)
-    assert abs(float(ours) - float(liger(full))) <= 1e-6 * abs(float(liger(full)))
+    for labels in (target, torch.where(target == -100, torch.ones_like(target), target)):
+        ours = lsk.distillation_loss(x, y, labels, ce_weight=h, kd_weight=s / tau**2, **common)
+        assert abs(float(ours) - float(liger(labels))) <= 1e-6 * abs(float(liger(labels)))
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -200,7 +200,7 @@ def test_each_cpu_build_against_the_reference(capability):
         print("ok")
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # support.py, formula.py
     done = subprocess.run([sys.executable, "-c", script, tests_dir, capability], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
@@ -475,7 +475,8 @@ def emulation(tmp_path_factory):
     source = directory / "emulation.cpp"
     source.write_text(EMULATION_SOURCE)
     library = directory / "emulation.so"
-    include = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "include")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    include = os.path.join(root, "csrc", "include")
     subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include}", str(source), "-o", str(library)],
                    check=True, capture_output=True)
     return ctypes.CDLL(str(library))

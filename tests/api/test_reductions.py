@@ -1,7 +1,7 @@
 """Reductions and masks against an independent formula, not only against the reference.
 
 The expected loss and both gradients are built here, in NumPy float64, from tests/formula.py's
-per-row function and the documented reductions (README, API section):
+per-row function and the documented reductions (docs/design.md, section 2):
 
 - "none": the loss of every row, 0 for a masked row;
 - "sum": the sum over the included rows;

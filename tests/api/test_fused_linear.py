@@ -249,7 +249,7 @@ def test_objective_options(case, options):
 def test_excluded_rows_never_reach_the_weight_gradient(monkeypatch):
     """The path without gathering (CUDA's: no host synchronization), forced on the CPU: a NaN hidden
     state in an ignored or masked row must not make grad_W NaN through 0 * NaN."""
-    import logitstd_kernels.fused_linear as fused_linear
+    import logitstd_kernels._ops.chunks as chunks
 
     h, w, b, ht, wt, bt = make_problem(12, 6, 6, 19, "cpu")
     labels = labels_for((12,), 19, "some-ignored", "cpu")
@@ -259,7 +259,7 @@ def test_excluded_rows_never_reach_the_weight_gradient(monkeypatch):
     h[4] = float("inf")
     want = run(h, w, b, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt, labels=labels, mask=mask,
                chunk_size=5, backend="cpu", **OPTIONS)
-    monkeypatch.setattr(fused_linear, "_gathers_rows", lambda device: False)
+    monkeypatch.setattr(chunks, "gathers_rows", lambda device: False)
     got = run(h, w, b, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt, labels=labels, mask=mask,
               chunk_size=5, backend="cpu", **OPTIONS)
     assert torch.isfinite(got[2]).all() and torch.isfinite(got[3]).all()

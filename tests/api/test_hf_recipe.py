@@ -17,7 +17,7 @@ from support import needs, require_modules
 import logitstd_kernels as lsk
 from logitstd_kernels._backends import unavailable_reason
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill_causal_lm.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "distill_causal_lm.py"
 TINY = ["--tiny", "--device", "cpu", "--steps", "6", "--teacher-steps", "5"]
 
 

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import logitstd_kernels as lsk
 from logitstd_kernels import reference
 from logitstd_kernels._backends import unavailable_reason
 from logitstd_kernels.testing import assert_within_eager_error
@@ -26,9 +27,17 @@ pytestmark = needs(unavailable_reason("triton", DEVICE) is None,
                    required=sys.platform.startswith("linux"))
 
 if unavailable_reason("triton", DEVICE) is None:
-    from logitstd_kernels._triton import INTERPRETED, fused_kd_forward, scale_rows_
+    from logitstd_kernels._triton import INTERPRETED, fused_forward, scale_rows_
     from logitstd_kernels._triton.config import KernelConfig, kd_config, vector_width
     from logitstd_kernels._triton.launch import _row_vec
+
+
+def fused_kd_forward(x, y, mask, scale, tau_s, tau_t, standardize, correction, eps, grad_student, grad_teacher,
+                     config=None):
+    """The Triton launcher for pure KD (no labels, KD weight 1), ``config`` its launch configuration."""
+    settings = lsk.DistillConfig(temperature=tau_s, teacher_temperature=tau_t, standardize=standardize,
+                                 correction=correction, eps=eps, ce_weight=0.0, kd_weight=1.0)
+    return fused_forward(x, y, None, mask, scale, settings, grad_student, grad_teacher, kernel_config=config)
 
 
 def _classes_to_check() -> list[int]:

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from logitstd_kernels import distributed, reference
+from logitstd_kernels.distributed import torch_phases
 from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
                                           vocab_parallel_fused_linear_distillation_loss)
 from support import needs
@@ -252,13 +253,13 @@ def _edge_rows(rank: int, world: int) -> dict:
 def _in_row_chunks(rank: int, world: int) -> dict:
     """The loss scenario and the collective count with the phases run over chunks of 2-3 rows
     (``_CHUNK_BYTES`` made small): the same results, still two collectives for all rows."""
-    saved = dict(distributed._CHUNK_BYTES)
-    distributed._CHUNK_BYTES["cpu"] = 2 * 512 * 8  # 2 float64 rows of a ~505-wide slice (4 float32 ones)
+    saved = dict(torch_phases._CHUNK_BYTES)
+    torch_phases._CHUNK_BYTES["cpu"] = 2 * 512 * 8  # 2 float64 rows of a ~505-wide slice (4 float32 ones)
     try:
-        assert len(distributed._row_chunks(9, 500, torch.float64, torch.device("cpu"))) == 5
+        assert len(torch_phases._chunks(9, 500, torch.float64, torch.device("cpu"))) == 5
         return {"loss": _compare_loss(rank, world), "collectives": _count_collectives(rank, world)}
     finally:
-        distributed._CHUNK_BYTES.update(saved)
+        torch_phases._CHUNK_BYTES.update(saved)
 
 
 def _dtensor(rank: int, world: int) -> dict:

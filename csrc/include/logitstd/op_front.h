@@ -1,0 +1,102 @@
+// The host front end of the fused ops, shared by their CPU and CUDA implementations: every argument
+// check, the outputs' allocation and the kernel-facing KdProblem. Each device adds only what is its
+// own (the CPU's label range check and page advice, the CUDA dtype pairs and device guard) and runs
+// the problem.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "logitstd/checks.h"
+#include "logitstd/kd_problem.h"
+
+namespace logitstd {
+
+// The arguments of logitstd::fused_kd_forward and logitstd::fused_kd_regrad_ (schemas in
+// csrc/logitstd.cpp), by name.
+struct FusedArgs {
+  const at::Tensor& student;
+  const at::Tensor& teacher;
+  const std::optional<at::Tensor>& mask;  // the forward's mask, or the recomputation's `active` rows
+  const at::Tensor& grad_scale;
+  double tau_s, tau_t;
+  bool standardize;
+  int64_t correction;
+  double eps;
+  const std::optional<at::Tensor>& labels;
+  int64_t ignore_index;
+  double label_smoothing, ce_weight, kd_weight;
+};
+
+// The forward's outputs: (rows, grad_student, grad_teacher, ce_rows, kd_rows).
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The checks of the forward on `device`; returns the accumulation dtype.
+inline at::ScalarType check_forward_args(const char* op, const FusedArgs& a, c10::DeviceType device) {
+  const at::ScalarType acc = check_fused_kd_forward(a.student, a.teacher, a.mask, a.grad_scale, a.tau_s, a.tau_t,
+                                                    a.standardize, a.correction, a.eps);
+  check_objective(op, a.student, a.labels, a.label_smoothing, a.ce_weight, a.kd_weight);
+  TORCH_CHECK_VALUE(a.student.device().type() == device, op, " (", c10::DeviceTypeName(device), "): student is on ",
+                    a.student.device());
+  return acc;
+}
+
+// The forward's outputs, allocated (gradients empty when not requested).
+inline ForwardOutputs allocate_forward(const FusedArgs& a, at::ScalarType acc, bool grad_student, bool grad_teacher) {
+  const int64_t rows = a.student.size(0);
+  const int64_t cols = a.student.size(1);
+  const auto options = a.student.options().dtype(acc);
+  at::Tensor grad_x = grad_student ? at::empty({rows, cols}, a.student.options()) : at::empty({0}, a.student.options());
+  at::Tensor grad_y = grad_teacher ? at::empty({rows, cols}, a.teacher.options()) : at::empty({0}, a.teacher.options());
+  return {at::empty({rows}, options), grad_x, grad_y, at::empty({rows}, options), at::empty({rows}, options)};
+}
+
+// The kernel-facing problem of a checked call. `loss`, `ce_rows`, `kd_rows` may be empty (the
+// recomputation writes none); `factors`: grad_scale flattened and contiguous, alive until the
+// kernels return.
+inline KdProblem problem_of(const FusedArgs& a, at::ScalarType acc, const at::Tensor& loss, const at::Tensor& grad_x,
+                            const at::Tensor& grad_y, const at::Tensor& ce_rows, const at::Tensor& kd_rows,
+                            const at::Tensor& factors) {
+  KdProblem p = make_problem(a.student, a.teacher, a.mask, acc, loss, grad_x, grad_y, a.tau_s, a.tau_t,
+                             a.standardize, a.correction, a.eps);
+  set_objective_and_factors(p, a.labels, a.ignore_index, a.label_smoothing, a.ce_weight, a.kd_weight, factors);
+  p.loss = loss.numel() > 0 ? loss.data_ptr() : nullptr;
+  p.ce_rows = ce_rows.numel() > 0 ? ce_rows.data_ptr() : nullptr;
+  p.kd_rows = kd_rows.numel() > 0 ? kd_rows.data_ptr() : nullptr;
+  return p;
+}
+
+// The forward on a device: checks, outputs, then `run(problem)` unless there are no rows.
+template <class Run>
+ForwardOutputs fused_forward_front(const FusedArgs& a, at::ScalarType acc, bool grad_student, bool grad_teacher,
+                                   Run&& run) {
+  ForwardOutputs out = allocate_forward(a, acc, grad_student, grad_teacher);
+  if (a.student.size(0) == 0) return out;
+  const at::Tensor factors = a.grad_scale.reshape({-1}).contiguous();
+  KdProblem p = problem_of(a, acc, std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
+                           std::get<4>(out), factors);
+  run(p);
+  return out;
+}
+
+// The in-place recomputation of the gradients of the rows where `active` (a.mask) is true: checks,
+// then `run(problem)` (no loss written, excluded rows untouched).
+template <class Run>
+void fused_regrad_front(const char* op, const FusedArgs& a, const at::Tensor& grad_x, const at::Tensor& grad_y,
+                        c10::DeviceType device, Run&& run) {
+  const at::ScalarType acc = check_fused_kd_regrad(a.student, a.teacher, *a.mask, a.grad_scale, a.tau_s, a.tau_t,
+                                                   a.standardize, a.correction, a.eps, grad_x, grad_y);
+  check_objective(op, a.student, a.labels, a.label_smoothing, a.ce_weight, a.kd_weight);
+  TORCH_CHECK_VALUE(a.student.device().type() == device, op, " (", c10::DeviceTypeName(device), "): student is on ",
+                    a.student.device());
+  if (a.student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;
+  const at::Tensor factors = a.grad_scale.reshape({-1}).contiguous();
+  const at::Tensor none = at::empty({0}, a.student.options().dtype(acc));
+  KdProblem p = problem_of(a, acc, none, grad_x, grad_y, none, none, factors);
+  make_recomputation(p);
+  run(p, acc);
+}
+
+}  // namespace logitstd
