@@ -147,6 +147,8 @@ class DistillConfig:
     ce_weight: float = 0.1
     kd_weight: float = 9.0
     reduction: str = "mean"
+    divergence: str = "forward_kl"
+    beta: float = 0.5
 
     def __post_init__(self) -> None:
         tau_s = check_temperature("temperature", self.temperature)
@@ -161,11 +163,16 @@ class DistillConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        _number("beta", self.beta)
+        if not (0.0 <= self.beta <= 1.0):
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
         values = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=bool(self.standardize),
                       correction=_check_correction(self.correction), eps=_check_eps(self.eps),
                       ignore_index=int(self.ignore_index), label_smoothing=float(self.label_smoothing),
                       ce_weight=_check_weight("ce_weight", self.ce_weight),
-                      kd_weight=_check_weight("kd_weight", self.kd_weight))
+                      kd_weight=_check_weight("kd_weight", self.kd_weight), beta=float(self.beta))
         for name, value in values.items():  # canonical Python types (a frozen dataclass: set them directly)
             object.__setattr__(self, name, value)
 
@@ -179,20 +186,35 @@ class DistillConfig:
         return dataclasses.replace(self, **changes)
 
     def op_args(self) -> tuple:
-        """The flat settings the ``torch.library`` ops take, in ``OP_FIELDS`` order."""
+        """The flat settings the ``torch.library`` ops take in their positional part, in ``OP_FIELDS`` order."""
         return tuple(getattr(self, name) for name in OP_FIELDS)
 
+    def op_tail_args(self) -> tuple:
+        """The flat settings the ops take at their end, with defaults, in ``OP_TAIL_FIELDS`` order."""
+        return tuple(getattr(self, name) for name in OP_TAIL_FIELDS)
+
     @classmethod
-    def from_op_args(cls, *values: object, reduction: str = "mean", validate: bool = True) -> "DistillConfig":
-        """The inverse of :meth:`op_args`. ``validate=False`` skips the checks: for values that came
-        from :meth:`op_args` of a checked config (the op called by the package's own functions)."""
-        fields = dict(zip(OP_FIELDS, values), reduction=reduction)
+    def from_op_args(cls, *values: object, tail: tuple = (), reduction: str = "mean",
+                     validate: bool = True) -> "DistillConfig":
+        """The inverse of :meth:`op_args` (``values``) and :meth:`op_tail_args` (``tail``, which may
+        stop early: the rest take their defaults). ``validate=False`` skips the checks: for values that
+        came from a checked config (the op called by the package's own functions)."""
+        fields = dict(zip(OP_FIELDS, values), **dict(zip(OP_TAIL_FIELDS, tail)), reduction=reduction)
         if validate:
             return cls(**fields)
         config = object.__new__(cls)
-        for name, value in fields.items():
+        for name, value in {**{f.name: f.default for f in dataclasses.fields(cls)}, **fields}.items():
             object.__setattr__(config, name, value)
+        if config.teacher_temperature is None:
+            object.__setattr__(config, "teacher_temperature", config.temperature)
         return config
+
+    def kernel_divergence(self) -> int:
+        """The kernels' code of the divergence (``DIVERGENCE_CODES``); the generalized JSD at beta = 0
+        and 1 is forward and reverse KL (TRL's and Liger's convention)."""
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
+            return DIVERGENCE_CODES["forward_kl" if self.beta == 0.0 else "reverse_kl"]
+        return DIVERGENCE_CODES[self.divergence]
 
 
 #: The fields of :class:`DistillConfig` the ops take as flat arguments, in their schema's order, with
@@ -200,11 +222,24 @@ class DistillConfig:
 OP_FIELDS = {"temperature": "float", "teacher_temperature": "float", "standardize": "bool", "correction": "int",
              "eps": "float", "ignore_index": "int", "label_smoothing": "float", "ce_weight": "float",
              "kd_weight": "float"}
+#: The fields the ops take at the end of their schema, each with its default (so that a call that
+#: predates a field keeps working): schema type and default.
+OP_TAIL_FIELDS = {"divergence": ("str", '"forward_kl"'), "beta": ("float", "0.5")}
+
+#: The divergences between the teacher's p and the student's q (docs/design.md, section 8) and the
+#: kernels' codes for them.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "jeffreys", "tvd")
+DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}
 
 
 def op_schema_fields() -> str:
     """``OP_FIELDS`` as the arguments of an op schema: ``"float temperature, ..."``."""
     return ", ".join(f"{kind} {name}" for name, kind in OP_FIELDS.items())
+
+
+def op_schema_tail() -> str:
+    """``OP_TAIL_FIELDS`` as the last arguments of an op schema, with their defaults."""
+    return ", ".join(f"{kind} {name}={default}" for name, (kind, default) in OP_TAIL_FIELDS.items())
 
 
 #: The documentation of each keyword, written once; :func:`document` puts it into the docstrings.
@@ -225,6 +260,12 @@ KEYWORD_DOCS = {
     "reduction": "``\"mean\"`` (over the included rows), ``\"sum\"`` or ``\"none\"`` (per row, excluded rows 0).",
     "return_components": "also return the detached parts: ``DistillationParts(loss, ce, kd)``, ``kd`` being "
                          "``tau_s**2 * KL`` (unweighted), reduced like the loss, from the same launch.",
+    "divergence": "the divergence between the teacher's p and the student's q (both after standardization and their "
+                  "temperatures): ``\"forward_kl\"`` KL(p || q), ``\"reverse_kl\"`` KL(q || p), ``\"jsd\"`` the generalized "
+                  "JSD ``beta KL(p || m) + (1 - beta) KL(q || m)``, m = beta p + (1 - beta) q (TRL's and Liger's "
+                  "convention: beta = 0 is forward KL, beta = 1 reverse KL), ``\"jeffreys\"`` KL(p || q) + "
+                  "KL(q || p), ``\"tvd\"`` ½ sum |p - q| (at p = q the subgradient 0); each times ``tau_s**2``.",
+    "beta": "the generalized JSD's weight of the teacher, in [0, 1] (``divergence=\"jsd\"`` only).",
     "backend": "``\"auto\"``, ``\"triton\"``, ``\"cuda\"``, ``\"cpu\"`` or ``\"torch\"`` (the eager reference).",
     "chunk_size": "rows per chunk; None: :func:`~logitstd_kernels.default_chunk_size`.",
     "accum_dtype": "the dtype the weight's and bias's gradients are accumulated in over the chunks; None: "
@@ -247,8 +288,8 @@ def document(*names: str) -> Callable[[_F], _F]:
 
 #: The settings the objective's functions take as keywords, and those of the KD-only functions.
 OBJECTIVE_SETTINGS = ("ce_weight", "kd_weight", "temperature", "teacher_temperature", "standardize", "correction", "eps",
-                      "ignore_index", "label_smoothing")
-KD_SETTINGS = ("temperature", "teacher_temperature", "standardize", "correction", "eps")
+                      "ignore_index", "label_smoothing", "divergence", "beta")
+KD_SETTINGS = ("temperature", "teacher_temperature", "standardize", "correction", "eps", "divergence", "beta")
 
 
 def settings_keywords(names: tuple[str, ...], *, docs: tuple[str, ...] = (), **defaults: object) -> Callable[[_F], _F]:

@@ -12,6 +12,7 @@ and with ``correction=0, eps=0`` it is the paper's Algorithm 1. The math is in d
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -48,21 +49,57 @@ def zscore(logits: torch.Tensor, temperature: float = 1.0, *, correction: int = 
     return ((x - mean) / (std + eps) / tau).to(logits.dtype)
 
 
+def _logits_for_softmax(student: torch.Tensor, teacher: torch.Tensor,
+                        config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b): the student's and the teacher's logits standardized (when on) and over their temperatures."""
+    x, y = student.to(accumulation_dtype(student, teacher)), teacher.to(accumulation_dtype(student, teacher))
+    tau_s, tau_t = config.temperature, config.teacher_temperature
+    if not config.standardize:
+        return x / tau_s, y / tau_t
+    a = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau_s
+    b = (y - y.mean(-1, keepdim=True)) / (y.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau_t
+    return a, b
+
+
+def _kl(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each row (a class with p = 0 contributes 0, ``F.kl_div``'s convention)."""
+    return F.kl_div(log_q, p, reduction="none").sum(-1)
+
+
+def row_divergence(b: torch.Tensor, a: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """D(p, q) of each row, p = softmax(b) the teacher's, q = softmax(a) the student's (docs/design.md,
+    section 8).
+
+    ``jsd`` is the generalized JSD of TRL and Liger, ``beta KL(p || m) + (1 - beta) KL(q || m)`` with
+    ``m = beta p + (1 - beta) q``, which is forward KL at beta = 0 and reverse KL at beta = 1 by their
+    convention (its limits there are 0); ``tvd`` is ``0.5 sum |p - q|``, whose autograd subgradient at
+    p = q is 0.
+    """
+    p, log_q = F.softmax(b, dim=-1), F.log_softmax(a, dim=-1)
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return _kl(p, log_q)
+    q, log_p = F.softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return _kl(q, log_p)
+    if divergence == "jeffreys":
+        return _kl(p, log_q) + _kl(q, log_p)
+    if divergence == "jsd":
+        log_m = torch.logsumexp(torch.stack((log_p + math.log(beta), log_q + math.log1p(-beta))), 0)
+        return beta * _kl(p, log_m) + (1 - beta) * _kl(q, log_m)
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
 def _row_kl(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig) -> torch.Tensor:
-    """``tau_s**2 * KL(softmax(b) || softmax(a))`` for each row, in the accumulation dtype."""
+    """``tau_s**2 * D(softmax(b), softmax(a))`` for each row, in the accumulation dtype (D: the config's
+    divergence, forward KL by default)."""
     acc = accumulation_dtype(student, teacher)
     if student.shape[0] == 0:  # no rows: nothing to standardize (torch.std would warn); still in the graph
         return (student.to(acc).sum(-1) + teacher.to(acc).sum(-1)) * 0
-    x, y = student.to(acc), teacher.to(acc)
-    tau_s, tau_t = config.temperature, config.teacher_temperature
-    if config.standardize:
-        a = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau_s
-        b = (y - y.mean(-1, keepdim=True)) / (y.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau_t
-    else:
-        a, b = x / tau_s, y / tau_t
-    log_q = F.log_softmax(a, dim=-1)
-    p = F.softmax(b, dim=-1)
-    return F.kl_div(log_q, p, reduction="none").sum(-1) * (tau_s * tau_s)
+    a, b = _logits_for_softmax(student, teacher, config)
+    divergence = row_divergence(b, a, config.divergence, config.beta)
+    return divergence * (config.temperature * config.temperature)
 
 
 class DistillationParts(NamedTuple):

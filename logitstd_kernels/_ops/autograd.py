@@ -32,7 +32,8 @@ from ..reference import accumulation_dtype
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 _RECOMPUTE_SCHEMA = ("(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, Tensor grad_scale, "
-                     + cfg.op_schema_fields() + ", bool grad_student, bool grad_teacher, str backend) -> (Tensor, Tensor)")
+                     + cfg.op_schema_fields() + ", bool grad_student, bool grad_teacher, str backend, "
+                     + cfg.op_schema_tail() + ") -> (Tensor, Tensor)")
 
 
 def _recompute_grads(student, teacher, labels, mask, grad_scale, *rest):
@@ -42,8 +43,9 @@ def _recompute_grads(student, teacher, labels, mask, grad_scale, *rest):
     once to each input's dtype. The backward uses it for low-precision gradients when it may not
     overwrite the saved ones (a retained graph, torch.compile).
     """
-    *settings, grad_student, grad_teacher, backend = rest
-    config = DistillConfig.from_op_args(*settings, validate=False)  # from a checked config (save_gradients)
+    count = len(cfg.OP_FIELDS)
+    settings, (grad_student, grad_teacher, backend), tail = rest[:count], rest[count:count + 3], rest[count + 3:]
+    config = DistillConfig.from_op_args(*settings, tail=tail, validate=False)  # from a checked config
     _, grad_s, grad_t, _, _ = backend_module(backend).fused_forward(
         student, teacher, labels, None if mask is None else mask.contiguous(), grad_scale, config, grad_student,
         grad_teacher)
@@ -56,7 +58,8 @@ recompute_grads = torch.library.custom_op("logitstd::recompute_grads", _recomput
 
 @recompute_grads.register_fake
 def _recompute_grads_fake(student, teacher, labels, mask, grad_scale, *rest):
-    *_, grad_student, grad_teacher, _ = rest
+    count = len(cfg.OP_FIELDS)
+    grad_student, grad_teacher = rest[count:count + 2]
     grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
     grad_t = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
     return grad_s, grad_t
@@ -114,7 +117,7 @@ def _recompute(ctx, saved_s: torch.Tensor, saved_t: torch.Tensor, grad_loss: tor
     config: DistillConfig = ctx.config
     if not in_place:
         new_s, new_t = recompute_grads(student, teacher, labels, mask, factor, *config.op_args(), redo_s, redo_t,
-                                       ctx.backend)
+                                       ctx.backend, *config.op_tail_args())
         return (new_s if redo_s else saved_s), (new_t if redo_t else saved_t)
     # Rows whose incoming gradient is exactly 1 keep the forward's gradient (skipped on the device;
     # on the CPU no launch at all when every row is such a row).

@@ -24,7 +24,8 @@ from .loss_op import included_count, included_rows
 SCHEMA = ("(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor? teacher_hidden, "
           "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, Tensor? labels, Tensor? mask, "
           + cfg.op_schema_fields() + ", str reduction, int chunk_size, ScalarType accum_dtype, bool grad_hidden, "
-          "bool grad_weight, bool grad_bias, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+          "bool grad_weight, bool grad_bias, str backend, " + cfg.op_schema_tail()
+          + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 class LinearOpInputs(NamedTuple):
@@ -43,15 +44,15 @@ class LinearOpInputs(NamedTuple):
         count = len(cfg.OP_FIELDS)
         tensors = LinearInputs(*args[:9])
         settings = args[9:9 + count]
-        reduction, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias, backend = args[9 + count:]
-        config = DistillConfig.from_op_args(*settings, reduction=reduction, validate=False)
+        reduction, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias, backend, *tail = args[9 + count:]
+        config = DistillConfig.from_op_args(*settings, tail=tuple(tail), reduction=reduction, validate=False)
         return cls(tensors, config, int(chunk_size), accum_dtype, (bool(grad_hidden), bool(grad_weight),
                                                                     bool(grad_bias)), backend)
 
     def flat(self) -> tuple:
         """The op's arguments (the inverse of :meth:`parse`)."""
         return (*self.tensors, *self.config.op_args(), self.config.reduction, self.chunk_size, self.accum_dtype,
-                *self.wants, self.backend)
+                *self.wants, self.backend, *self.config.op_tail_args())
 
     def accumulation_dtype(self) -> torch.dtype:
         t = self.tensors

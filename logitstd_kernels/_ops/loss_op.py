@@ -27,8 +27,8 @@ from ..reference import accumulation_dtype
 from . import autograd
 
 SCHEMA = ("(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, " + cfg.op_schema_fields() +
-          ", str reduction, bool grad_student, bool grad_teacher, str backend, bool validated=False)"
-          " -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+          ", str reduction, bool grad_student, bool grad_teacher, str backend, bool validated=False, "
+          + cfg.op_schema_tail() + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 class LossOpInputs(NamedTuple):
@@ -47,20 +47,22 @@ class LossOpInputs(NamedTuple):
     @classmethod
     def parse(cls, args: tuple, trusted: bool = False) -> "LossOpInputs":
         """From the op's flat arguments: the tensors, ``OP_FIELDS``, reduction, the two gradient
-        requests, the backend and ``validated`` (absent: False). The settings are checked unless the
-        call says they were (``validated``) or the caller knows (``trusted``: fake kernel, autograd)."""
+        requests, the backend, ``validated`` and ``OP_TAIL_FIELDS`` (those absent take their defaults).
+        The settings are checked unless the call says they were (``validated``) or the caller knows
+        (``trusted``: fake kernel, autograd)."""
         student, teacher, labels, mask = args[:4]
         count = len(cfg.OP_FIELDS)
         settings = args[4:4 + count]
-        reduction, grad_student, grad_teacher, backend, *flag = args[4 + count:]
-        validated = bool(flag and flag[0])
-        config = DistillConfig.from_op_args(*settings, reduction=reduction, validate=not (validated or trusted))
+        reduction, grad_student, grad_teacher, backend, *rest = args[4 + count:]
+        validated = bool(rest and rest[0])
+        config = DistillConfig.from_op_args(*settings, tail=tuple(rest[1:]), reduction=reduction,
+                                            validate=not (validated or trusted))
         return cls(student, teacher, labels, mask, config, bool(grad_student), bool(grad_teacher), backend, validated)
 
     def flat(self) -> tuple:
         """The op's arguments (the inverse of :meth:`parse`)."""
         return (self.student, self.teacher, self.labels, self.mask, *self.config.op_args(), self.config.reduction,
-                self.grad_student, self.grad_teacher, self.backend, self.validated)
+                self.grad_student, self.grad_teacher, self.backend, self.validated, *self.config.op_tail_args())
 
 
 def included_rows(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor],
@@ -156,18 +158,15 @@ def call_loss_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
 torch.library.define(
     "logitstd::kd_loss",
     "(Tensor student, Tensor teacher, Tensor? mask, float temperature, float teacher_temperature, bool standardize, "
-    "int correction, float eps, str reduction, bool grad_student, bool grad_teacher, str backend) "
-    "-> (Tensor, Tensor, Tensor)")
+    "int correction, float eps, str reduction, bool grad_student, bool grad_teacher, str backend, "
+    + cfg.op_schema_tail() + ") -> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.impl("logitstd::kd_loss", "CompositeImplicitAutograd")
 def _kd_loss(student, teacher, mask, temperature, teacher_temperature, standardize, correction, eps, reduction,
-             grad_student, grad_teacher, backend):
-    if reduction not in cfg.KD_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {tuple(cfg.KD_REDUCTIONS)}, got {reduction!r}")
-    config = DistillConfig(temperature=temperature, teacher_temperature=teacher_temperature, standardize=standardize,
-                           correction=correction, eps=eps, ce_weight=0.0, kd_weight=1.0,
-                           reduction=cfg.KD_REDUCTIONS[reduction])
+             grad_student, grad_teacher, backend, *tail):
+    config = DistillConfig.from_op_args(temperature, teacher_temperature, standardize, correction, eps, -100, 0.0,
+                                        0.0, 1.0, tail=tail, reduction=cfg.kd_reduction(reduction))
     check_op_tensors(student, teacher, None, mask, config, backend)
     inputs = LossOpInputs(student, teacher, None, mask, config, grad_student, grad_teacher, backend, validated=True)
     loss, _, _, grad_s, grad_t = torch.ops.logitstd.distillation_loss(*inputs.flat())

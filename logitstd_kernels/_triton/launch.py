@@ -47,6 +47,9 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch
             gx: Optional[torch.Tensor], gy: Optional[torch.Tensor], config: DistillConfig, zero_excluded: bool,
             kernel_config: Optional[KernelConfig]) -> None:
     """One launch of the fused kernel over every row (see ``fused_forward`` for the arguments)."""
+    if config.kernel_divergence() != 0:
+        raise NotImplementedError(f"the Triton kernels compute forward_kl only; divergence={config.divergence!r} runs "
+                                  f"on backend='cpu' or 'torch'")
     num_rows, num_classes = student.shape
     acc64 = torch.float64 in (student.dtype, teacher.dtype)
     vec = _row_vec(num_classes, student, teacher)

@@ -44,6 +44,9 @@ struct KdProblem {
   double kd_weight = 1.0;
   void* ce_rows = nullptr;
   void* kd_rows = nullptr;
+  // The divergence (logitstd/divergence.h, Divergence) and the generalized JSD's beta.
+  int32_t divergence = 0;
+  double beta = 0.5;
   bool acc_double = false;  // accumulate in float64 (either input is float64), else float32
 };
 

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "logitstd/checks.h"
@@ -28,7 +29,22 @@ struct FusedArgs {
   const std::optional<at::Tensor>& labels;
   int64_t ignore_index;
   double label_smoothing, ce_weight, kd_weight;
+  const std::string& divergence;
+  double beta;
 };
+
+// The kernels' code of a divergence name (logitstd/divergence.h); the generalized JSD at beta = 0
+// and 1 is forward and reverse KL (TRL's and Liger's convention).
+inline int32_t divergence_code(const char* op, const std::string& name, double beta) {
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, op, ": beta must be in [0, 1], got ", beta);
+  if (name == "forward_kl" || (name == "jsd" && beta == 0)) return 0;
+  if (name == "reverse_kl" || (name == "jsd" && beta == 1)) return 1;
+  if (name == "jsd") return 2;
+  if (name == "jeffreys") return 3;
+  if (name == "tvd") return 4;
+  TORCH_CHECK_VALUE(false, op, ": divergence must be one of forward_kl, reverse_kl, jsd, jeffreys, tvd, got ", name);
+  return 0;
+}
 
 // The forward's outputs: (rows, grad_student, grad_teacher, ce_rows, kd_rows).
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -38,6 +54,7 @@ inline at::ScalarType check_forward_args(const char* op, const FusedArgs& a, c10
   const at::ScalarType acc = check_fused_kd_forward(a.student, a.teacher, a.mask, a.grad_scale, a.tau_s, a.tau_t,
                                                     a.standardize, a.correction, a.eps);
   check_objective(op, a.student, a.labels, a.label_smoothing, a.ce_weight, a.kd_weight);
+  divergence_code(op, a.divergence, a.beta);
   TORCH_CHECK_VALUE(a.student.device().type() == device, op, " (", c10::DeviceTypeName(device), "): student is on ",
                     a.student.device());
   return acc;
@@ -65,6 +82,8 @@ inline KdProblem problem_of(const FusedArgs& a, at::ScalarType acc, const at::Te
   p.loss = loss.numel() > 0 ? loss.data_ptr() : nullptr;
   p.ce_rows = ce_rows.numel() > 0 ? ce_rows.data_ptr() : nullptr;
   p.kd_rows = kd_rows.numel() > 0 ? kd_rows.data_ptr() : nullptr;
+  p.divergence = divergence_code("logitstd", a.divergence, a.beta);
+  p.beta = a.beta;
   return p;
 }
 
@@ -89,6 +108,7 @@ void fused_regrad_front(const char* op, const FusedArgs& a, const at::Tensor& gr
   const at::ScalarType acc = check_fused_kd_regrad(a.student, a.teacher, *a.mask, a.grad_scale, a.tau_s, a.tau_t,
                                                    a.standardize, a.correction, a.eps, grad_x, grad_y);
   check_objective(op, a.student, a.labels, a.label_smoothing, a.ce_weight, a.kd_weight);
+  divergence_code(op, a.divergence, a.beta);
   TORCH_CHECK_VALUE(a.student.device().type() == device, op, " (", c10::DeviceTypeName(device), "): student is on ",
                     a.student.device());
   if (a.student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;
