@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from types import ModuleType
 from typing import Optional
 
@@ -71,6 +72,22 @@ def _triton_reason(device_type: str) -> Optional[str]:
     if not module.INTERPRETED:
         return ("the Triton kernels were imported before TRITON_INTERPRET=1 was set; set it before "
                 "importing triton or logitstd_kernels")
+    return _interpreter_reason(triton.__version__)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]] + [0, 0]
+    return numbers[0], numbers[1]
+
+
+def _interpreter_reason(triton_version: str) -> Optional[str]:
+    """None if this triton's interpreter runs the kernels: before 3.7 it converts a loop's runtime
+    bound with ``int()`` of a one-element array, which numpy 2.4 refuses."""
+    import numpy
+
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton_version} interpreter cannot run loops with numpy {numpy.__version__}: "
+                "use triton>=3.7 or numpy<2.4 (compiled GPU kernels are unaffected)")
     return None
 
 

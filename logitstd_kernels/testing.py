@@ -24,6 +24,31 @@ each element may in addition be off by the output dtype's rounding, half an ulp 
 bf16, 2^-11 for fp16), and nothing more: this is what makes a 1% error fail in bf16 too, where
 twice a bf16 eager error (up to 2^-7 relative) would let 0.99x and 1.01x results through near
 powers of two. See :func:`eager_error_violation`.
+
+Why ``2 x eager``: the eager reference in the input dtype is the accuracy a user gets without the
+fused kernels; its error contains what the inputs' conditioning forces on any implementation
+(cancellation in ``q - p``, in a KL of a student close to its teacher, in the standardization's chain
+rule), and the factor 2 leaves room for a different but equally good order of operations.
+
+Why ``k u M``: on a row whose result is far smaller than its terms (a 2-class standardized row, a
+gradient nearly parallel to the centered logits, a very peaked teacher), eager's error is rounding
+luck between 0 and ``u M``; ``u M`` is what rounding the terms alone makes. ``k = 16`` covers what a
+kernel adds with another order of operations: the final rounding, the exp/log evaluations, blocked
+row sums (< 8 u over 2^18 classes) and the statistics. 16 u is 1e-6 of the terms in float32, so a
+result that is 0, 0.99x or 1.01x the truth still fails every row whose result exceeds ~1e-4 of its
+terms. The bound is per row because what a row shares (normalizers, KL, mean, sigma, the chain
+rule's sum) carries its error into every element of the row.
+
+Absolute terms: ``ulps`` x the accumulation dtype's smallest normal number (below it there is no
+relative precision), and a caller's ``floor`` where its truth cannot resolve a row. A float64
+result needs a truth more precise than float64 (tests/support.py uses extended precision); where
+``eager`` equals ``exact`` no eager error was measured and the slack is at least
+``UNMEASURED_FLOAT64_SLACK x (1 + max|exact|)``.
+
+Non-finite values: the fast result must be finite wherever the float64 reference is and non-finite
+wherever it is not, except where the eager reference is itself non-finite but the truth is finite
+(e.g. a float32 variance that overflows): the input dtype gives no guidance there, and such a row
+has no bound beyond being finite where the fast result claims to be.
 """
 
 from __future__ import annotations
@@ -79,145 +104,116 @@ def eager_error_violation(name: str, fast: torch.Tensor, eager: torch.Tensor, ex
                           floor: Optional[torch.Tensor] = None) -> Optional[str]:
     """None if, in every row, ``|fast - exact| <= 2 |eager - exact| + ulps * u * M``, else why not.
 
-    ``fast`` is the result under test, ``eager`` the eager reference in the same dtype(s), ``exact``
-    the truth in float64 (all the same shape). Norms are max norms over a row, and the bound is
-    applied row by row, so a row with large values cannot lend its error budget to a row with small
-    ones. ``u = roundoff`` defaults to :func:`unit_roundoff` of ``fast.dtype``. ``M`` is the row's
-    largest term magnitude, ``max(magnitude)``, when ``magnitude`` is given, and ``max|exact|``
-    otherwise (``M`` is never taken below ``max|exact|``).
-
-    Why ``2 x eager``: the eager reference in the input dtype is the accuracy a user gets without the
-    fused kernels. Its error already contains, *on average*, what the inputs' conditioning forces on
-    any implementation (cancellation in ``q - p``, in the KL when the student is close to the
-    teacher, in the standardization's chain rule); the factor 2 leaves room for a different but
-    equally good order of operations.
-
-    Why ``k * u * M`` on top, with ``M`` the terms' magnitude: on a row whose result is far smaller
-    than the terms it is computed from (a 2-class standardized row, whose gradient is O(eps / sigma)
-    of the chain rule's terms; a 3-class row whose gradient is nearly parallel to the centered
-    logits; a teacher so peaked that its gradient is 1e-11 of its O(1) terms), the eager error is
-    rounding luck: anywhere between 0 and ``u * M``, and a kernel as accurate as eager fails "2 x
-    eager" on such rows by chance. ``u * M`` is the error of a float32 (float64) evaluation of the
-    formula's own terms, each correctly rounded: an error that large is what the rounding of those
-    terms alone already makes, so it is no sign of a worse kernel, and a kernel is not asked to
-    resolve a result better than its terms can be represented. ``k = 16`` covers what a float32
-    kernel adds to that with a different (blocked, tree-shaped) order of operations: the final
-    rounding (<= 1 u), the exp/log evaluations (a few u), the row sums (a blocked tree over <= 2^18
-    classes adds ~log2(blocks) u, with blocks of 1024+ classes: < 8 u) and the statistics. The
-    allowance stays honest: 16 u is 1e-6 relative to the terms in float32 (2e-15 in float64), so a
-    result that is 0, or 0.99x or 1.01x the truth (an error of 1% of the result), still fails every
-    row whose result is more than ~1e-4 of its terms, i.e. every well-conditioned row, and so fails
-    every test that computes such a row. Where no magnitudes are given, ``M = max|exact|``: the
-    same allowance for rows that are not cancellations (``max|exact|`` is a lower bound of ``M``).
-
-    Why per row and not per element: the quantities a row shares (the softmax normalizers, the KL,
-    the mean, sigma and the chain rule's sum over the row) carry errors of ``u x`` their own terms
-    into every element of the row, weighted by coefficients a per-element magnitude tracks only in
-    part; the criterion's other parts are row max norms too, and a 1% error of a well-conditioned
-    row is a 1% error of its largest element, which a row bound catches.
-
-    bfloat16 / float16 results: if ``eager`` is given in float32 (the eager math before its final
-    rounding to the output dtype), the bound is per element: ``2 |eager - exact|`` (row max) plus
-    the slack as above, plus the rounding of that value to the output dtype (``2^-8`` relative for
-    bf16, ``2^-11`` for fp16, and half the subnormal spacing). A correctly rounded fast result of a
-    float32 value within the float32 bound passes; a 1.01x one is >= 0.61% off after rounding and
-    fails. If ``eager`` is given in the output dtype, its error contains that rounding already and
-    the row form above applies.
-
-    Two absolute terms join the slack. ``ulps`` x the accumulation dtype's smallest normal number
-    (2^-126 for float32 math: ~2e-37): below it floating point has no relative precision left
-    (gradual underflow), so results that small are compared absolutely. And ``floor`` (default none):
-    an absolute allowance per element (the row's maximum is used) for callers whose truth cannot
-    resolve every row, e.g. ``ulps * u(truth) * magnitude`` where the truth is computed with a unit
-    roundoff ``u(truth)`` not far below ``u``. (The tests' truths have ``u(truth) <= 2^-11 u``: their
-    own error is then covered by the margin in ``k``.)
-
-    float64 results need a truth more precise than float64 (tests/support.py::exact_loss_and_grads
-    uses extended precision), else the eager float64 reference *is* the truth and its error reads 0.
-    When ``eager`` equals ``exact`` for a float64 result, no eager error was measured (and the float64
-    truth cannot resolve a result that cancels far below its terms either), so the slack is at least
-    the earlier float64 tolerance, ``UNMEASURED_FLOAT64_SLACK x (1 + max|exact|)``
-    (~9e-13 x (1 + max)): still far below a 1% error of any result above 1e-10.
-
-    Non-finite values: the fast result must be finite wherever the float64 reference is, and
-    non-finite wherever it is not. The one exception: where the eager reference is itself
-    non-finite (after rounding to the output dtype) but the float64 one is finite (e.g. a float32
-    variance that overflows), the input dtype gives no guidance, so the fast result may be
-    non-finite too, and a row holding such an element has no error bound beyond being finite where
-    the fast result claims to be. Magnitudes are read where the reference is finite (a non-finite or
-    NaN magnitude there counts as 0).
+    ``fast`` is the result under test, ``eager`` the eager reference in the same dtype(s) (or in
+    float32 before its rounding to a bf16/fp16 output: then the bound is per element plus that
+    rounding), ``exact`` the truth in float64, all the same shape. ``u = roundoff`` defaults to
+    :func:`unit_roundoff` of ``fast.dtype``; ``M`` is the row's largest ``magnitude`` when given,
+    never below ``max|exact|``. ``floor``: an absolute allowance per element (the row's maximum is
+    used). The fast result must be finite exactly where the truth is, except where the eager result
+    is itself non-finite. Why each term: the module docstring.
     """
-    if fast.shape != exact.shape or eager.shape != exact.shape:
-        return (f"{name}: shape {tuple(fast.shape)} (eager {tuple(eager.shape)}) "
-                f"!= reference {tuple(exact.shape)}")
-    if magnitude is not None and tuple(magnitude.shape) != tuple(exact.shape):
-        return f"{name}: magnitude shape {tuple(magnitude.shape)} != reference {tuple(exact.shape)}"
-    u = unit_roundoff(fast.dtype) if roundoff is None else float(roundoff)
-    out = output_roundoff(fast.dtype)
-    per_element = out is not None and output_roundoff(eager.dtype) is None
+    problem = _shape_problem(name, fast, eager, exact, magnitude)
+    if problem is not None:
+        return problem
+    per_element = output_roundoff(fast.dtype) is not None and output_roundoff(eager.dtype) is None
     fast64, eager64, exact64 = (_as_rows(t.detach().double()) for t in (fast, eager, exact))
     finite = torch.isfinite(exact64)
     fast_finite = torch.isfinite(fast64)
     eager_finite = torch.isfinite(_as_rows(eager.detach().to(fast.dtype) if per_element else eager.detach()))
     eager_finite &= torch.isfinite(eager64)
-    extra = fast_finite & ~finite
-    lost = finite & ~fast_finite & eager_finite
-    if extra.any() or lost.any():
-        where = (extra | lost).nonzero()[0].tolist()
-        return (f"{name}: non-finite pattern differs from the float64 reference at row {where[0]}, element "
-                f"{where[1]} (fast {float(fast64[where[0], where[1]])}, reference "
-                f"{float(exact64[where[0], where[1]])}); {int((~fast_finite).sum())} non-finite vs "
-                f"{int((~finite).sum())} in the reference")
-    if exact64.numel() == 0:
-        return None
-    zero = torch.zeros((), dtype=torch.float64, device=exact64.device)
-
-    def row_max(valid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.where(valid, t.abs(), zero).amax(dim=-1)
-
-    scale = row_max(finite, exact64)
-    terms = scale
-    if magnitude is not None:
-        mag64 = _as_rows(magnitude.detach().to(device=exact64.device, dtype=torch.float64))
-        terms = torch.maximum(scale, row_max(finite & torch.isfinite(mag64), mag64))
-    tiny = torch.finfo(torch.float64 if fast.dtype == torch.float64 else torch.float32).tiny
-    slack = ulps * (u * terms + tiny)
-    unmeasured = (fast.dtype == torch.float64 and eager.dtype == torch.float64
-                  and bool(((eager64 == exact64) | (eager64.isnan() & exact64.isnan())).all()))
-    if unmeasured:
-        slack = torch.maximum(slack, UNMEASURED_FLOAT64_SLACK * (1 + scale))
-    if floor is not None:
-        floor = torch.as_tensor(floor, dtype=torch.float64, device=exact64.device).detach()
-        floor = _as_rows(torch.nan_to_num(floor.double().expand(exact.shape), nan=0.0)).amax(dim=-1)
-        slack = slack + floor
-    eager_err = row_max(finite & eager_finite, eager64 - exact64)
+    problem = _nonfinite_problem(name, fast64, exact64, finite, fast_finite, eager_finite)
+    if problem is not None or exact64.numel() == 0:
+        return problem
+    u = unit_roundoff(fast.dtype) if roundoff is None else float(roundoff)
+    scale = _row_max(finite, exact64)
+    terms, slack, unmeasured = _slack(fast.dtype, eager.dtype, eager64, exact64, finite, scale, u, ulps,
+                                      magnitude, floor, exact.shape)
+    eager_err = _row_max(finite & eager_finite, eager64 - exact64)
     eager_err = torch.where((finite & ~eager_finite).any(dim=-1), torch.inf, eager_err)
     bound = 2 * eager_err + slack
-    err = torch.where(finite & fast_finite, (fast64 - exact64).abs(), zero)
-    measure = "term magnitude" if magnitude is not None else "max|exact|"
+    err = torch.where(finite & fast_finite, (fast64 - exact64).abs(), torch.zeros_like(exact64))
+    rule = (f"~{ulps:g} x {u:.2e} x {'term magnitude' if magnitude is not None else 'max|exact|'} "
+            "{terms:.3e}")
     if per_element:
-        relative, absolute = out
-        rounding = torch.maximum(relative * (exact64.abs() + bound[:, None]), torch.full_like(exact64, absolute))
-        excess = err - (bound[:, None] + rounding)
-        excess = torch.where(finite & fast_finite, excess, -torch.inf)
-        if float(excess.max()) <= 0:
-            return None
-        row, col = divmod(int(excess.argmax()), excess.shape[-1])
-        return (f"{name}: row {row}, element {col}: fast {float(fast64[row, col]):.6e}, exact "
-                f"{float(exact64[row, col]):.6e}: error {float(err[row, col]):.3e} exceeds 2 x eager "
-                f"(float32) error {float(eager_err[row]):.3e} + slack {float(slack[row]):.3e} (~{ulps:g} x "
-                f"{u:.2e} x {measure} {float(terms[row]):.3e}; max|exact| {float(scale[row]):.3e}) + rounding to "
-                f"{str(fast.dtype).removeprefix('torch.')} {float(rounding[row, col]):.3e}")
+        return _element_violation(name, fast.dtype, fast64, exact64, err, bound, eager_err, slack, terms, scale,
+                                  finite & fast_finite, rule)
     fast_err = err.amax(dim=-1)
     excess = fast_err - bound
     if float(excess.max()) <= 0:
         return None
     row = int(excess.argmax())
-    rule = f"~{ulps:g} x {u:.2e} x {measure} {float(terms[row]):.3e}"
+    rule = rule.format(terms=float(terms[row]))
     if unmeasured:
         rule += f", at least {UNMEASURED_FLOAT64_SLACK:.1e} x (1 + max|exact|): no eager error, eager equals the truth"
     return (f"{name}: row {row}: error {float(fast_err[row]):.3e} exceeds 2 x eager error "
             f"{float(eager_err[row]):.3e} + slack {float(slack[row]):.3e} ({rule}; max|exact| {float(scale[row]):.3e})")
+
+
+def _row_max(valid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, t.abs(), torch.zeros((), dtype=t.dtype, device=t.device)).amax(dim=-1)
+
+
+def _shape_problem(name: str, fast: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
+                   magnitude: Optional[torch.Tensor]) -> Optional[str]:
+    if fast.shape != exact.shape or eager.shape != exact.shape:
+        return (f"{name}: shape {tuple(fast.shape)} (eager {tuple(eager.shape)}) "
+                f"!= reference {tuple(exact.shape)}")
+    if magnitude is not None and tuple(magnitude.shape) != tuple(exact.shape):
+        return f"{name}: magnitude shape {tuple(magnitude.shape)} != reference {tuple(exact.shape)}"
+    return None
+
+
+def _nonfinite_problem(name: str, fast64: torch.Tensor, exact64: torch.Tensor, finite: torch.Tensor,
+                       fast_finite: torch.Tensor, eager_finite: torch.Tensor) -> Optional[str]:
+    """Why the fast result's non-finite elements are not the truth's (where eager is finite), or None."""
+    extra = fast_finite & ~finite
+    lost = finite & ~fast_finite & eager_finite
+    if not (extra.any() or lost.any()):
+        return None
+    where = (extra | lost).nonzero()[0].tolist()
+    return (f"{name}: non-finite pattern differs from the float64 reference at row {where[0]}, element "
+            f"{where[1]} (fast {float(fast64[where[0], where[1]])}, reference "
+            f"{float(exact64[where[0], where[1]])}); {int((~fast_finite).sum())} non-finite vs "
+            f"{int((~finite).sum())} in the reference")
+
+
+def _slack(fast_dtype: torch.dtype, eager_dtype: torch.dtype, eager64: torch.Tensor, exact64: torch.Tensor,
+           finite: torch.Tensor, scale: torch.Tensor, u: float, ulps: float, magnitude: Optional[torch.Tensor],
+           floor: Optional[torch.Tensor], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(M, the slack ``ulps * (u M + tiny)`` (+ floor), whether no eager error was measured) per row."""
+    terms = scale
+    if magnitude is not None:
+        mag64 = _as_rows(magnitude.detach().to(device=exact64.device, dtype=torch.float64))
+        terms = torch.maximum(scale, _row_max(finite & torch.isfinite(mag64), mag64))
+    tiny = torch.finfo(torch.float64 if fast_dtype == torch.float64 else torch.float32).tiny
+    slack = ulps * (u * terms + tiny)
+    unmeasured = (fast_dtype == torch.float64 and eager_dtype == torch.float64
+                  and bool(((eager64 == exact64) | (eager64.isnan() & exact64.isnan())).all()))
+    if unmeasured:
+        slack = torch.maximum(slack, UNMEASURED_FLOAT64_SLACK * (1 + scale))
+    if floor is not None:
+        floor = torch.as_tensor(floor, dtype=torch.float64, device=exact64.device).detach()
+        slack = slack + _as_rows(torch.nan_to_num(floor.double().expand(shape), nan=0.0)).amax(dim=-1)
+    return terms, slack, unmeasured
+
+
+def _element_violation(name: str, dtype: torch.dtype, fast64: torch.Tensor, exact64: torch.Tensor,
+                       err: torch.Tensor, bound: torch.Tensor, eager_err: torch.Tensor, slack: torch.Tensor,
+                       terms: torch.Tensor, scale: torch.Tensor, both_finite: torch.Tensor,
+                       rule: str) -> Optional[str]:
+    """The per-element bound of a bf16/fp16 result against a float32 eager: the row bound plus the
+    output dtype's rounding of each element."""
+    relative, absolute = output_roundoff(dtype)
+    rounding = torch.maximum(relative * (exact64.abs() + bound[:, None]), torch.full_like(exact64, absolute))
+    excess = torch.where(both_finite, err - (bound[:, None] + rounding), -torch.inf)
+    if float(excess.max()) <= 0:
+        return None
+    row, col = divmod(int(excess.argmax()), excess.shape[-1])
+    return (f"{name}: row {row}, element {col}: fast {float(fast64[row, col]):.6e}, exact "
+            f"{float(exact64[row, col]):.6e}: error {float(err[row, col]):.3e} exceeds 2 x eager "
+            f"(float32) error {float(eager_err[row]):.3e} + slack {float(slack[row]):.3e} "
+            f"({rule.format(terms=float(terms[row]))}; max|exact| {float(scale[row]):.3e}) + rounding to "
+            f"{str(dtype).removeprefix('torch.')} {float(rounding[row, col]):.3e}")
 
 
 def assert_within_eager_error(name: str, fast: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, *,

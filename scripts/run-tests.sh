@@ -23,10 +23,14 @@ if [ -f .ci/check_cuda_compile.sh ]; then
   fi
 fi
 # The Triton kernels compiled ahead of time for sm_90 (no GPU needed): every launch-table entry,
-# registers and spills per variant; a compile error fails the run (2-4 minutes on 2 cores). Like
-# the nvcc check, it runs again only when the kernels, the check or triton changed.
+# registers and spills per variant, and the static cost of the default launches checked against the
+# committed report (benchmarks/results/static-cost.json): a compile error, a spill or more than 10%
+# more SASS instructions per element fails the run (3-5 minutes on 2 cores). Like the nvcc check, it
+# runs again only when the kernels, the check scripts, the report or triton changed.
 triton_check_hash="$( {
-  find scripts/triton_aot_check.py logitstd_kernels/_triton -name '*.py' -type f -print0 | LC_ALL=C sort -z \
+  find scripts/triton_aot_check.py scripts/aot_variants.py scripts/static_cost.py \
+    benchmarks/results/static-cost.json logitstd_kernels/_triton -type f \( -name '*.py' -o -name '*.json' \) -print0 \
+    | LC_ALL=C sort -z \
     | xargs -0 sha256sum
   .venv/bin/python -c "import triton; print(triton.__version__)" || true
 } 2>/dev/null | sha256sum | cut -d' ' -f1)"
@@ -34,7 +38,7 @@ triton_check_stamp=.venv/.logitstd-triton-aot-stamp
 if [ "$(cat "$triton_check_stamp" 2>/dev/null)" = "$triton_check_hash" ]; then
   echo "triton_aot_check: passed before on the same kernels and triton; skipped"
 else
-  .venv/bin/python scripts/triton_aot_check.py
+  .venv/bin/python scripts/triton_aot_check.py --quiet --check benchmarks/results/static-cost.json
   echo "$triton_check_hash" > "$triton_check_stamp"
 fi
 exec .venv/bin/python -m pytest -q --benchmark-disable "$@"

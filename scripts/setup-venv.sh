@@ -72,7 +72,9 @@ fi
 extras="$(printf '%s,%s' "$installed" "$requested" | extras_list)"
 echo "setup-venv: installing into .venv (extras: ${extras:-none}; the C++ extension takes minutes to build)"
 rm -f "$stamp"
-"$py" -m pip install -q "$torch_spec" triton numpy setuptools wheel ninja
+# triton pinned: the committed static cost report (benchmarks/results/static-cost.json) is this
+# version's SASS; another version's counts are reported, not checked.
+"$py" -m pip install -q "$torch_spec" "triton==3.9.0" numpy setuptools wheel ninja
 # A stale extension from an earlier build must not stand in for one that now fails to build.
 rm -f logitstd_kernels/_C.*.so logitstd_kernels/_C.so
 MAX_JOBS="${MAX_JOBS:-2}" "$py" -m pip install -q --no-build-isolation -e ".${extras:+[$extras]}"

@@ -130,6 +130,7 @@ def kd_config(num_classes: int, acc64: bool, full_vectors: bool = True) -> Kerne
     raise ValueError(f"no kernel configuration for {num_classes} classes")
 
 
-def tuning_constexprs(cfg: KernelConfig) -> dict[str, object]:
-    """The blocked kernel's constexprs for ``cfg``'s switches; none for the register path."""
-    return {} if cfg.register else {"EVICT_HINTS": cfg.evict_hints}
+def tuning_constexprs(cfg: KernelConfig, smoothing: bool = True) -> dict[str, object]:
+    """The blocked kernel's constexprs for ``cfg``'s switches (and ``SMOOTH``: label smoothing on);
+    none for the register path."""
+    return {} if cfg.register else {"EVICT_HINTS": cfg.evict_hints, "SMOOTH": smoothing}

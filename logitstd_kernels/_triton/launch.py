@@ -14,7 +14,9 @@ import triton
 
 from ..config import DistillConfig
 from .config import SCALE_BLOCK, SCALE_WARPS, KernelConfig, kd_config, tuning_constexprs, vector_width
-from .kd_kernels import kd_blocked_kernel, kd_register_kernel, scale_rows_kernel
+from .blocked_kernel import kd_blocked_kernel
+from .register_kernel import kd_register_kernel
+from .scale_kernel import scale_rows_kernel
 
 
 def _row_vec(num_classes: int, *tensors: torch.Tensor) -> int:
@@ -47,9 +49,6 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch
             gx: Optional[torch.Tensor], gy: Optional[torch.Tensor], config: DistillConfig, zero_excluded: bool,
             kernel_config: Optional[KernelConfig]) -> None:
     """One launch of the fused kernel over every row (see ``fused_forward`` for the arguments)."""
-    if config.kernel_divergence() != 0:
-        raise NotImplementedError(f"the Triton kernels compute forward_kl only; divergence={config.divergence!r} runs "
-                                  f"on backend='cpu' or 'torch'")
     num_rows, num_classes = student.shape
     acc64 = torch.float64 in (student.dtype, teacher.dtype)
     vec = _row_vec(num_classes, student, teacher)
@@ -72,11 +71,11 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch
             num_classes, num_classes // vec, student.stride(0) // vec, teacher.stride(0) // vec,
             factors.stride(0) if factors.numel() > 1 else 0, config.ignore_index,
             config.temperature, config.teacher_temperature, config.eps, dof, float(num_classes),
-            config.label_smoothing, config.ce_weight, config.kd_weight,
+            config.label_smoothing, config.ce_weight, config.kd_weight, config.beta,
             BLOCK=cfg.block, VEC=vec, STANDARDIZE=config.standardize, GRAD_S=gx is not None,
             GRAD_T=gy is not None, HAS_MASK=keep is not None, ACC64=acc64, ZERO_EXCLUDED=zero_excluded,
-            ROUND_BF16=round_bf16, HAS_LABELS=labels is not None, num_warps=cfg.num_warps,
-            **tuning_constexprs(cfg),
+            ROUND_BF16=round_bf16, HAS_LABELS=labels is not None, DIV=config.kernel_divergence(),
+            num_warps=cfg.num_warps, **tuning_constexprs(cfg, config.label_smoothing > 0),
         )
 
 

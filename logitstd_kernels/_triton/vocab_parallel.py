@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ..distributed import layout
 from .config import VP_BLOCK, VP_BLOCK_F64, VP_WARPS
-from .kd_kernels import scalar, to_acc
+from .row_math import scalar, to_acc
 from .launch import device_guard
 
 # The columns of the per-row coefficient tensor (``distributed/layout.py``), as the kernels' constants.

@@ -145,6 +145,37 @@ def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student
         return failed("out of memory")
 
 
+def _usable(bench_run: Run, providers: tuple, cases: list, modes: tuple, device: torch.device,
+            args: argparse.Namespace) -> list[str]:
+    """The providers that can run here; the others' cells are recorded as unavailable, with why."""
+    usable = []
+    for provider in providers:
+        reason = (objective.unavailable(provider, device) if args.objective
+                  else unavailable(provider, device, args.standardize))
+        if reason:
+            print(f"  {provider}: unavailable ({reason})")
+            bench_run.results += [Result(c.sweep, c.rows, c.vocab, c.dtype, m, provider, f"unavailable: {reason}")
+                                  for c in cases for m in modes]
+        else:
+            usable.append(provider)
+    return usable
+
+
+def _report(bench_run: Run, modes: tuple, out, paths: dict) -> list:
+    """Print the tables and the failures, write the files; returns the failures (not out of memory)."""
+    fill_speedups(bench_run.results)
+    for mode in modes:
+        print()
+        print(table(bench_run.results, mode))
+    failed = [r for r in bench_run.results if r.status.startswith("failed") and "out of memory" not in r.status]
+    for r in bench_run.results:
+        if r.status.startswith("failed"):
+            print(f"{r.status.split(':')[0].upper()} {r.provider} rows={r.rows} V={r.vocab} {r.dtype} {r.mode}: {r.status}")
+    paths = write_files(bench_run, out, paths)
+    print(f"\nwrote {len(paths)} files to {out.resolve()}: " + ", ".join(p.name for p in paths.values()))
+    return failed
+
+
 def run(args: argparse.Namespace) -> int:
     if args.fused_linear:
         return fused_linear.run(args)
@@ -179,16 +210,7 @@ def run(args: argparse.Namespace) -> int:
     bench_run = Run(metadata(device, list(args.argv), copy_gbps, options))
     print(f"device: {bench_run.metadata['device']}, copy bandwidth {copy_gbps:.1f} GB/s, "
           f"{len(cases)} cases x {len(providers)} providers x {len(modes)} modes")
-    usable = []
-    for provider in providers:
-        reason = (objective.unavailable(provider, device) if args.objective
-                  else unavailable(provider, device, args.standardize))
-        if reason:
-            print(f"  {provider}: unavailable ({reason})")
-            bench_run.results += [Result(c.sweep, c.rows, c.vocab, c.dtype, m, provider, f"unavailable: {reason}")
-                                  for c in cases for m in modes]
-        else:
-            usable.append(provider)
+    usable = _usable(bench_run, providers, cases, modes, device, args)
     paths: dict = {}
     started = time.monotonic()
     for index, case in enumerate(cases, 1):
@@ -216,14 +238,5 @@ def run(args: argparse.Namespace) -> int:
         del student, teacher
         fill_speedups(bench_run.results)
         paths = write_files(bench_run, args.out, paths)  # after every case: a crash keeps what was measured
-    fill_speedups(bench_run.results)
-    for mode in modes:
-        print()
-        print(table(bench_run.results, mode))
-    failed = [r for r in bench_run.results if r.status.startswith("failed") and "out of memory" not in r.status]
-    for r in bench_run.results:
-        if r.status.startswith("failed"):
-            print(f"{r.status.split(':')[0].upper()} {r.provider} rows={r.rows} V={r.vocab} {r.dtype} {r.mode}: {r.status}")
-    paths = write_files(bench_run, args.out, paths)
-    print(f"\nwrote {len(paths)} files to {args.out.resolve()}: " + ", ".join(p.name for p in paths.values()))
+    failed = _report(bench_run, modes, args.out, paths)
     return 1 if failed else 0

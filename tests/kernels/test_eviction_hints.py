@@ -104,5 +104,5 @@ def test_launch_table_hints_only_the_long_rows():
     with pytest.raises(ValueError, match="blocked path"):
         KernelConfig(register=True, block=1024, num_warps=4, evict_hints=True)
     assert config.tuning_constexprs(KernelConfig(register=True, block=1024, num_warps=4)) == {}
-    assert config.tuning_constexprs(KernelConfig(register=False, block=4096, num_warps=16, evict_hints=True)) == {
-        "EVICT_HINTS": True}
+    blocked = KernelConfig(register=False, block=4096, num_warps=16, evict_hints=True)
+    assert config.tuning_constexprs(blocked, smoothing=False) == {"EVICT_HINTS": True, "SMOOTH": False}
