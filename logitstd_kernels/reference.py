@@ -146,7 +146,7 @@ def _reduce(values: torch.Tensor, keep: torch.Tensor, config: DistillConfig, num
     total = values.sum()
     if config.reduction == "sum":
         return total
-    count = max(int(keep.sum()), 1)
+    count = keep.sum().clamp_min(1).to(total.dtype)  # (a tensor: no host synchronization)
     return total / (count * num_classes if config.reduction == "class_mean" else count)
 
 
