@@ -4,7 +4,10 @@ and requirements that skip by default but fail under ``LOGITSTD_REQUIRE_ALL=1`` 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional, Sequence
 
@@ -60,6 +63,21 @@ def require_modules(*names: str, extra: str = "examples") -> None:
     """:func:`require_module` for each of ``names``."""
     for name in names:
         require_module(name, extra)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """The script ``examples/<name>.py`` as a module, registered in ``sys.modules`` (so that its
+    dataclasses resolve their module, and a second call returns the same module)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def fused_cases() -> list[tuple[str, str]]:
