@@ -80,6 +80,26 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
+def spawn_ranks(target: Callable[..., None], world: int, folder: Path, *args: object, timeout_s: float) -> list[int]:
+    """Run ``target(rank, world, str(folder), *args)`` in ``world`` spawned processes and wait for them;
+    fails the test when one still runs after ``timeout_s`` (a hang; every process is killed then).
+    Returns their exit codes. The processes report through files they write into ``folder``."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=target, args=(rank, world, str(folder), *args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout_s)
+    alive = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    assert not alive, f"ranks {alive} still running after {timeout_s} s (a hang)"
+    return [proc.exitcode for proc in procs]
+
+
 def fused_cases() -> list[tuple[str, str]]:
     """(backend, device) pairs for every fused backend that can run here.
 

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from logitstd_kernels import distributed, reference
 from logitstd_kernels.distributed import torch_phases
 from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
                                           vocab_parallel_fused_linear_distillation_loss)
-from support import needs
+from support import needs, spawn_ranks
 
 TIMEOUT_S = 120
 
@@ -60,21 +59,11 @@ def _worker(rank: int, world: int, folder: str, scenarios: tuple[str, ...]) -> N
 
 def run_ranks(world: int, scenarios: tuple[str, ...], folder: Path) -> list[dict]:
     """Spawn ``world`` processes running ``scenarios``; their reports (scenario -> report) in rank order."""
-    context = mp.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(r, world, str(folder), scenarios)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    alive = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not alive, f"ranks {alive} still running after {TIMEOUT_S} s (a hang)"
+    exit_codes = spawn_ranks(_worker, world, folder, scenarios, timeout_s=TIMEOUT_S)
     reports = []
     for r in range(world):
         path = folder / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no report (exit code {procs[r].exitcode})"
+        assert path.exists(), f"rank {r} wrote no report (exit code {exit_codes[r]})"
         reports.append(json.loads(path.read_text()))
     return reports
 
