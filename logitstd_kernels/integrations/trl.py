@@ -39,7 +39,7 @@ from trl.trainer import distillation_trainer as _trl_distillation
 
 from .. import config as cfg
 from ..fused_linear import default_chunk_size, fused_linear_distillation_loss
-from ..reference import accumulation_dtype
+from ..reference import accumulation_dtype, transform_logits
 
 __all__ = ["DistillationTrainer", "chunked_divergence_loss", "student_entropy_sum"]
 
@@ -48,15 +48,6 @@ _TRL_LOSS_NAME = "_chunked_divergence_loss"
 if not callable(getattr(_trl_distillation, _TRL_LOSS_NAME, None)):
     raise ImportError(f"trl {trl.__version__} has no trl.trainer.distillation_trainer.{_TRL_LOSS_NAME}; "
                       "logitstd_kernels.integrations.trl supports the DistillationTrainer of trl 1.16")
-
-
-def head_transforms(logit_scale: float, softcapping: Optional[float], prefix: str) -> dict[str, float]:
-    """The fused lm_head's keywords for one model's logit scale and final softcapping: only those the
-    model has (a scale of 1 and no softcapping need none)."""
-    transforms = {} if logit_scale == 1.0 else {f"{prefix}_logit_scale": logit_scale}
-    if softcapping is not None:
-        transforms[f"{prefix}_final_logit_softcapping"] = softcapping
-    return transforms
 
 
 @torch.no_grad()
@@ -78,9 +69,7 @@ def student_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     total = torch.zeros((), dtype=acc, device=hidden.device)
     step = chunk_size or default_chunk_size(rows.shape[0], weight.shape[0], rows.dtype, rows.device)
     for chunk in rows.split(step):
-        logits = F.linear(chunk, weight, bias).to(acc) * logit_scale
-        if softcapping is not None:
-            logits = softcapping * torch.tanh(logits / softcapping)
+        logits = transform_logits(F.linear(chunk, weight, bias).to(acc), logit_scale, softcapping)
         log_q = F.log_softmax(logits / temperature, dim=-1)
         total += -(log_q.exp() * log_q).sum()
     return total
@@ -134,8 +123,9 @@ def chunked_divergence_loss(
         teacher_bias=None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
         ce_weight=0.0, kd_weight=1.0 / (tau * tau), divergence="jsd", beta=beta, temperature=tau,
         standardize=standardize, correction=correction, eps=eps, reduction="sum", chunk_size=chunk_size,
-        backend=backend, **head_transforms(student_logit_scale, student_final_logit_softcapping, "student"),
-        **head_transforms(teacher_logit_scale, teacher_final_logit_softcapping, "teacher"))
+        backend=backend, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_final_logit_softcapping=student_final_logit_softcapping,
+        teacher_final_logit_softcapping=teacher_final_logit_softcapping)
     n_valid = keep.sum()
     if num_items_in_batch is None:
         loss = total / n_valid.clamp(min=1)

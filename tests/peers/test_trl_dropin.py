@@ -3,8 +3,9 @@
 The loss hook (``chunked_divergence_loss``) against TRL's ``_chunked_divergence_loss`` on the same
 tensors, and a tiny offline run of the trainer: random small Llama teacher and student
 (examples/distill_causal_lm.py's), the standard library's source as prompts, the byte-level
-``ByT5Tokenizer``, greedy on-policy completions of 8 tokens. With ``standardize=False`` the first
-step's loss and gradients are TRL's own; with the default (standardized) the loss goes down.
+``ByT5Tokenizer``, greedy on-policy completions of 8 tokens, a teacher logit scale and a student
+softcapping in the model configs (which TRL reads). With ``standardize=False`` the first step's loss
+and gradients are TRL's own; with the default (standardized) the loss goes down.
 """
 
 from __future__ import annotations
@@ -39,12 +40,19 @@ def test_importing_the_package_imports_no_training_library():
     assert out.strip() == "[]"
 
 
+TRANSFORMS = {"none": {}, "scale-softcap": dict(student_logit_scale=0.5, teacher_logit_scale=2.0,
+                                                student_final_logit_softcapping=3.0,
+                                                teacher_final_logit_softcapping=5.0)}
+
+
+@pytest.mark.parametrize("transforms", list(TRANSFORMS.values()), ids=list(TRANSFORMS))
 @pytest.mark.parametrize("num_items", [None, 11], ids=["mean", "num_items"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_loss_hook_is_trls_without_standardization(trl_integration, beta, num_items):
+def test_loss_hook_is_trls_without_standardization(trl_integration, beta, num_items, transforms):
     """``chunked_divergence_loss(..., standardize=False)`` returns TRL's ``(loss, entropy_sum,
-    n_valid)`` for TRL's arguments (the student's entropy from its own no-grad lm_head pass), and
-    the same student gradients; ``entropy=False`` gives a NaN entropy sum and the same loss."""
+    n_valid)`` for TRL's arguments, logit scales and softcapping included (the student's entropy
+    from its own no-grad lm_head pass), and the same student gradients; ``entropy=False`` gives a
+    NaN entropy sum and the same loss."""
     trl_loss = peer("trl.trainer.distillation_trainer")._chunked_divergence_loss
     hidden, weight, bias = logits(B, K, H, scale=1.0, requires_grad=True), logits(V, H, requires_grad=True), logits(V)
     bias.requires_grad_(True)
@@ -52,15 +60,16 @@ def test_loss_hook_is_trls_without_standardization(trl_integration, beta, num_it
     mask = torch.ones(B, K, dtype=torch.long)
     mask[1, 2:] = 0
     args = (hidden, t_hidden, weight, t_weight, mask, beta, num_items, bias)
-    expected = trl_loss(*args, temperature=2.0)
-    got = trl_integration.chunked_divergence_loss(*args, temperature=2.0, standardize=False)
+    expected = trl_loss(*args, temperature=2.0, **transforms)
+    got = trl_integration.chunked_divergence_loss(*args, temperature=2.0, standardize=False, **transforms)
     assert_loss(got[0], expected[0], FLOAT32)
     assert_loss(got[1], expected[1], FLOAT32, "entropy_sum")
     assert int(got[2]) == int(expected[2]) == 7
     for name, g_ours, g_trl in zip(("hidden", "weight", "bias"), grads(got[0], hidden, weight, bias),
                                    grads(expected[0], hidden, weight, bias)):
         assert_grad(g_ours, g_trl, FLOAT32_LINEAR_GRAD, f"d/d student {name}")
-    quiet = trl_integration.chunked_divergence_loss(*args, temperature=2.0, standardize=False, entropy=False)
+    quiet = trl_integration.chunked_divergence_loss(*args, temperature=2.0, standardize=False, entropy=False,
+                                                    **transforms)
     assert math.isnan(float(quiet[1])) and float(quiet[0]) == float(got[0])
 
 
@@ -107,6 +116,9 @@ def _train(trainer_cls, recipe, steps: int, out_dir: str, **options) -> _Recorde
     student_size, teacher_size = recipe.SIZES["tiny"]
     teacher = recipe.build_model(teacher_size, len(tokenizer), 64, tokenizer, seed=1)
     student = recipe.build_model(student_size, len(tokenizer), 64, tokenizer, seed=0)
+    # TRL reads these from the configs (Llama's own forward uses neither): a teacher logit scale that
+    # makes its logits O(1), a student softcap at the size of its random logits, which it bends
+    teacher.config.logit_scale, student.config.final_logit_softcapping = 10.0, 0.1
     config = DistillationConfig(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
         lr_scheduler_type="constant", max_grad_norm=0.0, max_completion_length=8, temperature=1.0, beta=0.5,
@@ -144,9 +156,10 @@ def test_first_step_is_trls_without_standardization(runs):
 
 
 def test_standardized_loss_decreases(runs):
-    """The default (standardized) loss on the same first batch is a different objective (the random
-    models' logits are nearly flat; standardized, they are not) and goes down over six steps."""
+    """The default (standardized) loss on the same first batch (the same greedy completions) is
+    another objective than TRL's (0.19 against 0.25 in the run of the test), and goes down over six
+    steps (0.19 to 0.11, 0.08 at its lowest)."""
     losses = runs["standardized"].losses
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
-    assert abs(losses[0] - runs["plain"].losses[0]) > 10 * runs["plain"].losses[0]
+    assert abs(losses[0] - runs["plain"].losses[0]) > 0.1 * runs["plain"].losses[0]
     assert sum(losses[-2:]) < sum(losses[:2]) and losses[-1] < losses[0]
