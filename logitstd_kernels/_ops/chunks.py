@@ -58,23 +58,33 @@ class ChunkRows(NamedTuple):
 RowsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], ChunkRows]
 
 
-@functools.lru_cache(maxsize=None)
-def gemm_writes_float32(device: torch.device) -> bool:
-    """Whether GEMMs of bf16/fp16 inputs can accumulate into a float32 output on ``device``
-    (``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)``), and overwrite it with ``beta=0``
-    (NaN in ``acc`` ignored): CUDA, torch >= 2.10 (earlier versions lack the overload or require
-    ``acc`` in the inputs' dtype), sm_80 or newer; probed once."""
+def _float32_gemm(device: torch.device, beta: int) -> bool:
+    """Whether ``torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)`` with bf16 ``a``,
+    ``b`` and a float32 ``acc`` runs and gives ``beta * acc + a @ b`` (with ``beta=0``, NaN in ``acc``
+    ignored) on ``device``."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
         a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        fresh = torch.full((2, 2), float("nan"), dtype=torch.float32, device=device)
-        torch.addmm(fresh, a, a, beta=0, out_dtype=torch.float32, out=fresh)
-        return bool((acc == 3).all()) and bool((fresh == 2).all())
+        acc = torch.full((2, 2), 1.0 if beta else float("nan"), dtype=torch.float32, device=device)
+        torch.addmm(acc, a, a, beta=beta, out_dtype=torch.float32, out=acc)
+        return bool((acc == 2 + beta).all())
     except (TypeError, RuntimeError):
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_writes_float32(device: torch.device) -> bool:
+    """Whether GEMMs of bf16/fp16 inputs can accumulate into a float32 output on ``device``
+    (``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)``): CUDA, torch >= 2.10 (earlier
+    versions lack the overload or require ``acc`` in the inputs' dtype), sm_80 or newer; probed once."""
+    return _float32_gemm(device, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_overwrites_float32(device: torch.device) -> bool:
+    """Whether that GEMM also overwrites ``acc`` with ``beta=0``; probed once."""
+    return _float32_gemm(device, 0)
 
 
 def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = True) -> None:
@@ -83,14 +93,18 @@ def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate:
     ``acc`` itself (``beta``), no product is materialized beside it.
 
     bf16/fp16 factors with a float32 ``acc``: on CUDA the GEMM writes float32 where
-    :func:`gemm_writes_float32`; elsewhere the factors are converted first (so ``a`` and ``b`` should be
-    chunk-sized: the weight's gradient takes the C x V logits gradient and the C x H hidden states).
+    :func:`gemm_writes_float32` (zeroing ``acc`` first where it cannot overwrite it); elsewhere the
+    factors are converted first (so ``a`` and ``b`` should be chunk-sized: the weight's gradient takes
+    the C x V logits gradient and the C x H hidden states).
     """
     beta = 1 if accumulate else 0
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b, beta=beta)
     elif a.dtype == b.dtype and a.dtype in LOW_PRECISION and acc.dtype == torch.float32 and \
             gemm_writes_float32(acc.device):
+        if not accumulate and not gemm_overwrites_float32(acc.device):
+            acc.zero_()
+            beta = 1
         torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)

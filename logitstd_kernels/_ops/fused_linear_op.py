@@ -126,6 +126,12 @@ def _fake(*args) -> tuple[torch.Tensor, ...]:
                          for want, (shape, dtype) in zip(inputs.wants, shapes))
 
 
+def row_scaling(backend: str, device: torch.device):
+    """The backward's in-place scaling of a saved gradient on CUDA: the backend's ``scale_rows_``, which
+    skips a factor of 1 on the device (no host synchronization); None elsewhere (the host checks it)."""
+    return backend_module(backend).scale_rows_ if device.type == "cuda" else None
+
+
 def _setup_context(ctx, inputs, output) -> None:
     parsed = LinearOpInputs.parse(tuple(inputs))
     t = parsed.tensors
@@ -135,8 +141,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(g_hidden, g_weight, g_bias)
     ctx.dtypes = (t.hidden.dtype, t.weight.dtype, None if t.bias is None else t.bias.dtype)
     ctx.requested = parsed.wants
-    # on CUDA the backend's row scaling skips a factor of 1 on the device (no host synchronization)
-    ctx.scale_rows_ = backend_module(parsed.backend).scale_rows_ if t.hidden.device.type == "cuda" else None
+    ctx.scale_rows_ = row_scaling(parsed.backend, t.hidden.device)
     ctx.num_op_args = len(inputs)
 
 

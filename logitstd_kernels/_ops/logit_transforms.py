@@ -6,8 +6,9 @@ the same dtype, so the transformed logits are bit-identical to it)::
     z = x * s;   z = c * tanh(z / c)                    # transform_: in x's buffer
     dL/dx = dL/dz * s * (1 - (z / c)^2)                 # chain_: in the gradient's buffer, z consumed
 
-No buffer beyond the chunk's logits and gradient. Traffic: one read and one write of the C x V block
-per operation (at most four), against the C x V x H multiply-adds of the chunk's matmuls.
+No buffer beyond the chunk's logits and gradient. Traffic: each operation reads and writes the
+C x V block once, 2 x itemsize bytes per element (4 in bf16); at most four operations for the
+transform, three for the chain rule, against the 2 H flops per element of the chunk's matmuls.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import logitstd_kernels as lsk
-from support import labels_for, needs
+from support import case_id, fused_cases, labels_for, make_problem, needs, run
 from logitstd_kernels._backends import unavailable_reason
 
 NEEDS_CPU_KERNEL = needs(unavailable_reason("cpu", "cpu") is None, "the C++ CPU kernel is not built")
@@ -103,3 +103,20 @@ def test_a_step_allocates_the_accumulator_the_gradients_and_chunks(dtype, accum_
     loss = forward()
     peak, _ = allocations(lambda: loss.backward(grad))
     assert peak <= cast + hidden.numel() * weight.element_size() + 64 * 1024, f"backward peak {peak / MIB:.2f} MiB"
+
+
+@pytest.mark.parametrize("case", fused_cases(), ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_backends_row_scaling_gives_the_same_gradients(case, dtype, monkeypatch):
+    """The backward's path on CUDA (the saved gradients scaled in place by the backend's
+    ``scale_rows_``), forced here: bit for bit the CPU path's ``mul_``, weight, bias and hidden states."""
+    from logitstd_kernels._backends import backend_module
+    from logitstd_kernels._ops import fused_linear_op
+
+    backend, device = case
+    h, w, b, ht, wt, bt = make_problem(9, 6, 6, 21, device, dtype=dtype)
+    common = dict(upstream=0.37, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt, chunk_size=4, backend=backend)
+    want = run(h, w, b, **common)
+    monkeypatch.setattr(fused_linear_op, "row_scaling", lambda name, device: backend_module(name).scale_rows_)
+    got = run(h, w, b, **common)
+    assert all(torch.equal(g, t) for g, t in zip(got, want))
