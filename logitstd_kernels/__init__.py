@@ -9,12 +9,14 @@ from ._backends import available_backends, backend_status
 from .config import DistillConfig
 from .functional import kd_loss, logitstd_kd_loss, zscore
 from .fused_linear import default_chunk_size, fused_linear_distillation_loss
+from .methods import DKDLoss, dkd_loss
 from .modules import DistillationLoss, FusedLinearDistillationLoss, LogitStdKDLoss
 from .objective import DistillationParts, distillation_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DKDLoss",
     "DistillConfig",
     "DistillationLoss",
     "DistillationParts",
@@ -24,6 +26,7 @@ __all__ = [
     "backend_status",
     "default_chunk_size",
     "distillation_loss",
+    "dkd_loss",
     "fused_linear_distillation_loss",
     "kd_loss",
     "logitstd_kd_loss",

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .config import DistillConfig, check_backend
+from .config import LABEL_DIVERGENCES, DistillConfig, check_backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
@@ -101,8 +101,14 @@ def check_inputs(student_logits: object, teacher_logits: object, labels: object,
     """Every tensor check of the losses of (..., V) logits; returns them checked."""
     student, teacher = check_pair(student_logits, teacher_logits)
     config.check_classes(student.shape[-1], "student_logits")
+    _check_labels_given(labels, config)
     checked_labels = check_labels(labels, student, config.ignore_index)
     return student, teacher, checked_labels, check_mask(mask, student)
+
+
+def _check_labels_given(labels: object, config: DistillConfig) -> None:
+    if labels is None and config.divergence in LABEL_DIVERGENCES:
+        raise ValueError(f"labels is None, but divergence={config.divergence!r} needs the labels (its target class)")
 
 
 def check_op_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
@@ -117,6 +123,7 @@ def check_op_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optio
     config.check_classes(student.shape[1], "student")
     check_backend(backend, FUSED_BACKENDS)
     check_mask(mask, student)
+    _check_labels_given(labels, config)
     if labels is not None:
         if labels.dtype != torch.int64 or labels.dim() != 1 or labels.shape[0] != student.shape[0]:
             raise ValueError(f"labels must be an int64 tensor of shape ({student.shape[0]},), got {labels.dtype} "

@@ -48,10 +48,10 @@ def _kernel_args(config: DistillConfig) -> tuple:
 
 
 def _objective_args(labels: Optional[torch.Tensor], config: DistillConfig) -> tuple:
-    """The trailing (labels, ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta) of
-    the C++ ops."""
+    """The trailing (labels, ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta,
+    dkd_alpha, dkd_beta) of the C++ ops."""
     return (labels, config.ignore_index, config.label_smoothing, config.ce_weight, config.kd_weight,
-            config.divergence, config.beta)
+            config.divergence, config.beta, config.dkd_alpha, config.dkd_beta)
 
 
 def fused_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
@@ -86,7 +86,8 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 @torch.library.register_fake("logitstd::fused_kd_forward")
 def _fused_kd_forward_fake(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps,
                            grad_student, grad_teacher, labels=None, ignore_index=-100, label_smoothing=0.0,
-                           ce_weight=0.0, kd_weight=1.0, divergence="forward_kl", beta=0.5):
+                           ce_weight=0.0, kd_weight=1.0, divergence="forward_kl", beta=0.5, dkd_alpha=1.0,
+                           dkd_beta=8.0):
     torch._check(student.dim() == 2, lambda: f"student must be 2-D, got {student.dim()}-D")
     torch._check(teacher.shape == student.shape, lambda: "teacher and student must have the same shape")
     rows = student.new_empty((student.shape[0],), dtype=accumulation_dtype(student, teacher))
@@ -98,7 +99,7 @@ def _fused_kd_forward_fake(student, teacher, mask, grad_scale, tau_s, tau_t, sta
 @torch.library.register_fake("logitstd::fused_kd_regrad_")
 def _fused_kd_regrad_fake(student, teacher, active, grad_scale, tau_s, tau_t, standardize, correction, eps, grad_x,
                           grad_y, labels=None, ignore_index=-100, label_smoothing=0.0, ce_weight=0.0, kd_weight=1.0,
-                          divergence="forward_kl", beta=0.5):
+                          divergence="forward_kl", beta=0.5, dkd_alpha=1.0, dkd_beta=8.0):
     return None
 
 

@@ -21,7 +21,8 @@ from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 
-__all__ = ["DistillConfig", "REDUCTIONS", "KD_REDUCTIONS", "BACKENDS", "OBJECTIVE_SETTINGS", "KD_SETTINGS", "OP_FIELDS",
+__all__ = ["DistillConfig", "REDUCTIONS", "KD_REDUCTIONS", "BACKENDS", "OBJECTIVE_SETTINGS", "KD_SETTINGS",
+           "DKD_SETTINGS", "dkd_config", "LABEL_DIVERGENCES", "OP_FIELDS",
            "KEYWORD_DOCS", "document", "settings_keywords", "config_from", "check_backend", "check_temperature",
            "check_std_args", "check_chunk_size", "check_accum_dtype", "LogitTransforms", "LOGIT_TRANSFORMS",
            "check_logit_transforms"]
@@ -187,6 +188,8 @@ class DistillConfig:
     reduction: str = "mean"
     divergence: str = "forward_kl"
     beta: float = 0.5
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
 
     def __post_init__(self) -> None:
         tau_s = check_temperature("temperature", self.temperature)
@@ -201,8 +204,8 @@ class DistillConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.divergence not in DIVERGENCES + LABEL_DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES + LABEL_DIVERGENCES}, got {self.divergence!r}")
         _number("beta", self.beta)
         if not (0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
@@ -210,7 +213,9 @@ class DistillConfig:
                       correction=_check_correction(self.correction), eps=_check_eps(self.eps),
                       ignore_index=int(self.ignore_index), label_smoothing=float(self.label_smoothing),
                       ce_weight=_check_weight("ce_weight", self.ce_weight),
-                      kd_weight=_check_weight("kd_weight", self.kd_weight), beta=float(self.beta))
+                      kd_weight=_check_weight("kd_weight", self.kd_weight), beta=float(self.beta),
+                      dkd_alpha=_check_weight("dkd_alpha", self.dkd_alpha),
+                      dkd_beta=_check_weight("dkd_beta", self.dkd_beta))
         for name, value in values.items():  # canonical Python types (a frozen dataclass: set them directly)
             object.__setattr__(self, name, value)
 
@@ -262,12 +267,15 @@ OP_FIELDS = {"temperature": "float", "teacher_temperature": "float", "standardiz
              "kd_weight": "float"}
 #: The fields the ops take at the end of their schema, each with its default (so that a call that
 #: predates a field keeps working): schema type and default.
-OP_TAIL_FIELDS = {"divergence": ("str", '"forward_kl"'), "beta": ("float", "0.5")}
+OP_TAIL_FIELDS = {"divergence": ("str", '"forward_kl"'), "beta": ("float", "0.5"), "dkd_alpha": ("float", "1.0"),
+                  "dkd_beta": ("float", "8.0")}
 
 #: The divergences between the teacher's p and the student's q (docs/design.md, section 8) and the
 #: kernels' codes for them.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "jeffreys", "tvd")
-DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}
+#: Divergences that need the labels: decoupled KD (DKD, Zhao et al. 2022), the paper's second method.
+LABEL_DIVERGENCES = ("dkd",)
+DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES + LABEL_DIVERGENCES)}
 
 
 def op_schema_fields() -> str:
@@ -304,6 +312,8 @@ KEYWORD_DOCS = {
                   "convention: beta = 0 is forward KL, beta = 1 reverse KL), ``\"jeffreys\"`` KL(p || q) + "
                   "KL(q || p), ``\"tvd\"`` ½ sum |p - q| (at p = q the subgradient 0); each times ``tau_s**2``.",
     "beta": "the generalized JSD's weight of the teacher, in [0, 1] (``divergence=\"jsd\"`` only).",
+    "dkd_alpha": "decoupled KD's weight of the target-class term TCKD (``divergence=\"dkd\"``; finite, >= 0).",
+    "dkd_beta": "decoupled KD's weight of the non-target term NCKD (``divergence=\"dkd\"``; finite, >= 0).",
     "backend": "``\"auto\"``, ``\"triton\"``, ``\"cuda\"``, ``\"cpu\"`` or ``\"torch\"`` (the eager reference).",
     "chunk_size": "rows per chunk; None: :func:`~logitstd_kernels.default_chunk_size`.",
     "accum_dtype": "the dtype the weight's and bias's gradients are accumulated in over the chunks; None: "
@@ -334,8 +344,17 @@ def document(*names: str) -> Callable[[_F], _F]:
 
 #: The settings the objective's functions take as keywords, and those of the KD-only functions.
 OBJECTIVE_SETTINGS = ("ce_weight", "kd_weight", "temperature", "teacher_temperature", "standardize", "correction", "eps",
-                      "ignore_index", "label_smoothing", "divergence", "beta")
+                      "ignore_index", "label_smoothing", "divergence", "beta", "dkd_alpha", "dkd_beta")
 KD_SETTINGS = ("temperature", "teacher_temperature", "standardize", "correction", "eps", "divergence", "beta")
+#: The settings of the decoupled KD loss (its alpha and beta are ``dkd_alpha`` and ``dkd_beta``).
+DKD_SETTINGS = ("temperature", "teacher_temperature", "standardize", "correction", "eps", "ignore_index")
+
+
+def dkd_config(settings: dict, caller: str, alpha: object, beta: object, reduction: str) -> DistillConfig:
+    """The config of a decoupled KD call: ``alpha TCKD + beta NCKD`` (each times ``tau_s**2``), no CE."""
+    return config_from(settings, DKD_SETTINGS, caller, divergence="dkd", dkd_alpha=_check_weight("alpha", alpha),
+                       dkd_beta=_check_weight("beta", beta), ce_weight=0.0, kd_weight=1.0,
+                       reduction=objective_reduction(reduction))
 
 
 def settings_keywords(names: tuple[str, ...], *, docs: tuple[str, ...] = (), **defaults: object) -> Callable[[_F], _F]:

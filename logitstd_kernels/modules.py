@@ -19,7 +19,7 @@ from .fused_linear import fused_linear_distillation_loss
 from .reference import DistillationParts
 
 
-class _ConfiguredLoss(nn.Module):
+class ConfiguredLoss(nn.Module):
     """A loss module holding a checked ``config``; its settings read as attributes."""
 
     config: cfg.DistillConfig
@@ -38,7 +38,7 @@ class _ConfiguredLoss(nn.Module):
         return f"{settings}, backend={self.backend!r}"
 
 
-class LogitStdKDLoss(_ConfiguredLoss):
+class LogitStdKDLoss(ConfiguredLoss):
     """Logit-standardized KD loss module; ``forward(student, teacher, mask=None)``.
 
     Equivalent eager code: ``reference.logitstd_kd_loss(student, teacher, **keywords, mask=mask)``.
@@ -62,7 +62,7 @@ class LogitStdKDLoss(_ConfiguredLoss):
         return fused_loss(student, teacher, None, mask, self.config, self.backend)
 
 
-class DistillationLoss(_ConfiguredLoss):
+class DistillationLoss(ConfiguredLoss):
     """The distillation objective as a module; ``forward(student, teacher, labels=None, mask=None)``.
 
     Equivalent eager code: ``reference.distillation_loss(student, teacher, labels, **keywords, mask=mask)``.

@@ -22,7 +22,8 @@ from . import config as cfg
 from ._checks import check_inputs, check_logits
 from .config import DistillConfig, LogitTransforms, check_std_args, check_temperature
 
-__all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "distillation_loss", "DistillationParts", "accumulation_dtype",
+__all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "distillation_loss", "dkd_loss", "DistillationParts",
+           "accumulation_dtype", "row_dkd",
            "objective_rows", "transform_logits", "linear_loss_of_config"]
 
 
@@ -99,14 +100,43 @@ def row_divergence(b: torch.Tensor, a: torch.Tensor, divergence: str, beta: floa
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def _row_kl(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+def row_dkd(b: torch.Tensor, a: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Decoupled KD of each row (Zhao et al., CVPR 2022), ``alpha TCKD + beta NCKD``, with p = softmax(b)
+    the teacher's and q = softmax(a) the student's and g the label:
+
+    - TCKD = KL([p_g, 1 - p_g] || [q_g, 1 - q_g]), the target class against all the others;
+    - NCKD = KL(p^ || q^), p^ and q^ the softmaxes over the non-target classes (the official code
+      subtracts 1000 from the target logit; here it is left out exactly).
+
+    ``1 - p_g`` is the non-target mass itself (a log-sum-exp over the other classes), not 1 minus p_g,
+    so that it keeps its precision where p_g is near 1.
+    """
+    target = F.one_hot(labels.long(), a.shape[-1]).bool()
+    hat_a, hat_b = a.masked_fill(target, float("-inf")), b.masked_fill(target, float("-inf"))
+    log_q, log_p = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    log_rest_q = torch.logsumexp(hat_a, -1) - torch.logsumexp(a, -1)  # log(1 - q_g)
+    log_rest_p = torch.logsumexp(hat_b, -1) - torch.logsumexp(b, -1)
+    index = labels.long()[:, None]
+    log_bins_q = torch.stack((log_q.gather(-1, index)[:, 0], log_rest_q), -1)
+    log_bins_p = torch.stack((log_p.gather(-1, index)[:, 0], log_rest_p), -1)
+    tckd = _kl(log_bins_p.exp(), log_bins_p, log_bins_q)
+    hat_log_p = F.log_softmax(hat_b, -1)
+    nckd = _kl(hat_log_p.exp(), hat_log_p, F.log_softmax(hat_a, -1))
+    return alpha * tckd + beta * nckd
+
+
+def _row_kl(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig,
+            labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``tau_s**2 * D(softmax(b), softmax(a))`` for each row, in the accumulation dtype (D: the config's
-    divergence, forward KL by default)."""
+    divergence, forward KL by default; ``dkd`` reads the rows' ``labels``)."""
     acc = accumulation_dtype(student, teacher)
     if student.shape[0] == 0:  # no rows: nothing to standardize (torch.std would warn); still in the graph
         return (student.to(acc).sum(-1) + teacher.to(acc).sum(-1)) * 0
     a, b = _logits_for_softmax(student, teacher, config)
-    divergence = row_divergence(b, a, config.divergence, config.beta)
+    if config.divergence == "dkd":
+        divergence = row_dkd(b, a, labels, config.dkd_alpha, config.dkd_beta)
+    else:
+        divergence = row_divergence(b, a, config.divergence, config.beta)
     return divergence * (config.temperature * config.temperature)
 
 
@@ -130,7 +160,7 @@ def objective_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
         keep = keep & (labels != config.ignore_index)
     # Index the included rows out so that excluded rows (even NaN ones) get an exact 0 gradient.
     kd = torch.zeros(student.shape[0], dtype=acc, device=student.device).index_put(
-        (keep,), _row_kl(student[keep], teacher[keep], config))
+        (keep,), _row_kl(student[keep], teacher[keep], config, None if labels is None else labels[keep]))
     ce = torch.zeros_like(kd)
     if labels is None:
         return config.kd_weight * kd, ce, kd, keep
@@ -241,3 +271,24 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                              reduction=cfg.objective_reduction(reduction))
     student, teacher, labels, mask = check_inputs(student_logits, teacher_logits, labels, mask, config)
     return loss_of_config(student, teacher, labels, mask, config, return_components)
+
+
+@cfg.settings_keywords(cfg.DKD_SETTINGS)
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+             alpha: float = 1.0, beta: float = 8.0, mask: Optional[torch.Tensor] = None, reduction: str = "mean",
+             **settings) -> torch.Tensor:
+    """Decoupled KD (the official code's ``dkd_loss``) of logit-standardized rows::
+
+        a, b = Z(x) / tau_s, Z(y) / tau_t                       # (plain x / tau_s, y / tau_t without standardize)
+        kd = tau_s**2 * (alpha * TCKD + beta * NCKD)            # per row: row_dkd(b, a, labels, alpha, beta)
+        loss = kd[included].sum() / max(included.sum(), 1)    # included = mask & (labels != ignore_index)
+
+    The official code's warm-up factor ``min(epoch / 20, 1)`` and its CE belong to the caller.
+
+    Args:
+        {keywords}
+    """
+    config = cfg.dkd_config(settings, "dkd_loss", alpha, beta, reduction)
+    student, teacher, labels, mask = check_inputs(student_logits, teacher_logits, labels, mask, config)
+    return loss_of_config(student, teacher, labels, mask, config)
+

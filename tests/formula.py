@@ -88,9 +88,49 @@ def _divergence(log_q: np.ndarray, log_p: np.ndarray, divergence: str, beta: flo
     return d, d_a, d_b, d_mag, d_a_mag, d_b_mag
 
 
+def _dkd(log_q: np.ndarray, log_p: np.ndarray, labels: np.ndarray, alpha: float, beta: float) -> tuple:
+    """Decoupled KD, ``alpha TCKD + beta NCKD`` (the official formula, the target class masked out of
+    NCKD exactly): D per row (keepdims), dD/da, dD/db and their terms' magnitudes, written out by hand
+    (g the label; hats: the softmaxes over the other classes):
+
+    - TCKD = p_g ln(p_g / q_g) + (1 - p_g) ln((1 - p_g) / (1 - q_g));
+      d/da_g = q_g - p_g, d/da_k = q^_k (p_g - q_g); d/db_g = delta p_g (1 - p_g), d/db_k = -delta p_g p_k,
+      delta = ln(p_g / q_g) - ln((1 - p_g) / (1 - q_g));
+    - NCKD = sum_k p^_k ln(p^_k / q^_k); d/da_k = q^_k - p^_k, d/db_k = p^_k (l^_k - NCKD), 0 at g.
+    """
+    dtype = log_q.dtype.type
+    alpha, beta = dtype(alpha), dtype(beta)
+    rows = np.arange(log_q.shape[0])
+    target = np.zeros(log_q.shape, bool)
+    target[rows, labels] = True
+    q, p = np.exp(log_q), np.exp(log_p)
+    q_g, p_g = q[rows, labels][:, None], p[rows, labels][:, None]
+    rest_q, rest_p = np.where(target, 0, q).sum(-1, keepdims=True), np.where(target, 0, p).sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hat_q, hat_p = np.where(target, 0, q / rest_q), np.where(target, 0, p / rest_p)
+        log_hat_q, log_hat_p = np.log(hat_q), np.log(hat_p)
+    bins = ((p_g, q_g), (rest_p, rest_q))
+    tckd = sum(_where(bp > 0, bp * (np.log(bp) - np.log(bq))) for bp, bq in bins)
+    tckd_mag = sum(_where(bp > 0, bp * (np.abs(np.log(bp)) + np.abs(np.log(bq)))) for bp, bq in bins)
+    hat_l = _where(hat_p > 0, log_hat_p - log_hat_q)
+    hat_l_mag = _where(hat_p > 0, np.abs(log_hat_p) + np.abs(log_hat_q))
+    nckd = _where(hat_p > 0, hat_p * hat_l).sum(-1, keepdims=True)
+    nckd_mag = _where(hat_p > 0, hat_p * hat_l_mag).sum(-1, keepdims=True)
+    delta = _where(p_g > 0, np.log(p_g) - np.log(q_g)) - _where(rest_p > 0, np.log(rest_p) - np.log(rest_q))
+    delta_mag = sum(_where(bp > 0, np.abs(np.log(bp)) + np.abs(np.log(bq))) for bp, bq in bins)
+    d_a = np.where(target, alpha * (q_g - p_g), alpha * hat_q * (p_g - q_g) + beta * (hat_q - hat_p))
+    d_a_mag = np.where(target, alpha * (q_g + p_g), alpha * hat_q * (p_g + q_g) + beta * (hat_q + hat_p))
+    d_b = np.where(target, alpha * delta * p_g * (1 - p_g),
+                   -alpha * delta * p_g * p + beta * _where(hat_p > 0, hat_p * (hat_l - nckd)))
+    d_b_mag = np.where(target, alpha * delta_mag * p_g, alpha * delta_mag * p_g * p
+                       + beta * _where(hat_p > 0, hat_p * (hat_l_mag + nckd_mag)))
+    return (alpha * tckd + beta * nckd, d_a, d_b, alpha * tckd_mag + beta * nckd_mag, d_a_mag, d_b_mag)
+
+
 def rows_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float, standardize: bool,
                         correction: int, eps: float, magnitudes: bool = False, divergence: str = "forward_kl",
-                        beta: float = 0.5):
+                        beta: float = 0.5, labels: Optional[np.ndarray] = None, dkd_alpha: float = 1.0,
+                        dkd_beta: float = 8.0):
     """Loss of every row (last axis = classes) and its gradients with respect to x and y, row by row.
 
     With ``magnitudes=True`` also the magnitudes of the terms each result is a sum or difference of
@@ -117,7 +157,10 @@ def rows_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float
         u, w = x, y
     a, b = u / tau_s, w / tau_t
     log_q, log_p = _log_softmax(a), _log_softmax(b)
-    d, d_a, d_b, d_mag, d_a_mag, d_b_mag = _divergence(log_q, log_p, divergence, beta)
+    if divergence == "dkd":
+        d, d_a, d_b, d_mag, d_a_mag, d_b_mag = _dkd(log_q, log_p, labels, dkd_alpha, dkd_beta)
+    else:
+        d, d_a, d_b, d_mag, d_a_mag, d_b_mag = _divergence(log_q, log_p, divergence, beta)
     loss = tau_s**2 * d[..., 0]
     g_u = tau_s * d_a
     g_w = tau_s**2 * d_b / tau_t
@@ -159,7 +202,8 @@ def loss_and_grads(x: np.ndarray, y: np.ndarray, *, temperature: float = 2.0,
                    teacher_temperature: Optional[float] = None, standardize: bool = True, correction: int = 1,
                    eps: float = 1e-7, reduction: str = "batchmean", mask: Optional[np.ndarray] = None,
                    upstream=1.0, dtype=np.float64, magnitudes: bool = False, divergence: str = "forward_kl",
-                   beta: float = 0.5):
+                   beta: float = 0.5, labels: Optional[np.ndarray] = None, dkd_alpha: float = 1.0,
+                   dkd_beta: float = 8.0):
     """The public contract for (..., V) logits: the reduced loss and ``upstream``-weighted gradients.
 
     ``reduction``: "none" (the loss of every row; ``upstream`` has the leading shape), "sum",
@@ -177,8 +221,9 @@ def loss_and_grads(x: np.ndarray, y: np.ndarray, *, temperature: float = 2.0,
     rows = [np.zeros(xs.shape[0], dtype), np.zeros_like(xs), np.zeros_like(ys)]
     mags = [np.zeros(xs.shape[0], dtype), np.zeros_like(xs), np.zeros_like(ys)]
     if keep.any():
+        row_labels = None if labels is None else np.asarray(labels).reshape(-1)[keep]
         computed = rows_loss_and_grads(xs[keep], ys[keep], tau_s, tau_t, standardize, correction, eps, magnitudes,
-                                       divergence, beta)
+                                       divergence, beta, row_labels, dkd_alpha, dkd_beta)
         values, magnitude_values = computed if magnitudes else (computed, None)
         for target, value in zip(rows, values):
             target[keep] = value

@@ -92,10 +92,11 @@ ForwardOutputs fused_kd_forward_cpu(const at::Tensor& student, const at::Tensor&
                                     double tau_t, bool standardize, int64_t correction, double eps, bool grad_student,
                                     bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
                                     double label_smoothing, double ce_weight, double kd_weight,
-                                    const std::string& divergence, double beta) {
+                                    const std::string& divergence, double beta, double dkd_alpha,
+                                    double dkd_beta) {
   constexpr const char* op = "logitstd::fused_kd_forward";
   const FusedArgs a{student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
-                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta};
+                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta};
   const at::ScalarType acc = check_forward_args(op, a, c10::DeviceType::CPU);
   check_label_values_cpu(op, labels, student.size(1), ignore_index);
   return fused_forward_front(a, acc, grad_student, grad_teacher, [&](const KdProblem& p) {
@@ -112,11 +113,12 @@ void fused_kd_regrad_cpu(const at::Tensor& student, const at::Tensor& teacher, c
                          const at::Tensor& grad_scale, double tau_s, double tau_t, bool standardize,
                          int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y,
                          const std::optional<at::Tensor>& labels, int64_t ignore_index, double label_smoothing,
-                         double ce_weight, double kd_weight, const std::string& divergence, double beta) {
+                         double ce_weight, double kd_weight, const std::string& divergence, double beta,
+                         double dkd_alpha, double dkd_beta) {
   constexpr const char* op = "logitstd::fused_kd_regrad_";
   const std::optional<at::Tensor> rows(active);
   const FusedArgs a{student, teacher, rows, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
-                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta};
+                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta};
   fused_regrad_front(op, a, grad_x, grad_y, c10::DeviceType::CPU, [&](const KdProblem& p, at::ScalarType) {
     check_label_values_cpu(op, labels, student.size(1), ignore_index);
     run_rows(p);

@@ -35,6 +35,7 @@
 #include "logitstd/kd_problem.h"
 #include "logitstd/row_math.h"
 #include "logitstd/divergence.h"
+#include "dkd_row.h"
 #include "kd_cpu_passes.h"
 #include "vec_rows.h"
 
@@ -94,12 +95,15 @@ struct RowState {
   DivRow<T> div;
   bool stored;  // the exponentials are in the scratch rows
   PointwiseMode pointwise = PointwiseMode::kStable;  // how the gradient pass finds jsd/tvd's g and h
+  int64_t target = -1;  // decoupled KD: the label (its exponentials zeroed in the scratch rows)
+  DkdTarget<T> dkd{};
+  T dkd_alpha = T(0), dkd_beta = T(0);
 };
 
 // The row's statistics, exponentials (stored when `store`: a gradient or a pointwise divergence
 // reads them again) and partition sums; the divergence's row constants but E_q g and E_p h.
 template <class T>
-RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store) {
+RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store, int64_t target) {
   const int64_t n = p.cols;
   RowState<T> st;
   st.n = n;
@@ -116,7 +120,11 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store) 
   // ratios), on the exact path, and stored so that no later pass recomputes them unshifted.
   const T e_shift = (!p.standardize && (st.sx.scale != T(1) || st.sy.scale != T(1))) ? m_log(T(n)) + T(1) : T(0);
   const bool fast = row_is_finite(st.sx) && row_is_finite(st.sy) && e_shift == T(0);
-  st.stored = store || has_reverse(div) || e_shift != T(0);  // the reverse KL's refinement reads them too
+  // (the reverse KL's refinement reads them too; decoupled KD reads its target's)
+  st.stored = store || has_reverse(div) || e_shift != T(0) || div == Divergence::kDkd;
+  st.target = div == Divergence::kDkd ? target : -1;
+  st.dkd_alpha = static_cast<T>(p.dkd_alpha);
+  st.dkd_beta = static_cast<T>(p.dkd_beta);
   if (st.stored && !s.ea) {
     s.ea.reset(new T[n]);
     s.eb.reset(new T[n]);
@@ -128,16 +136,24 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store) 
     st.sums = fast ? exp_pass<T, false, true, true>(st.x, st.y, n, st.plan, e_shift, ea, eb, &st.rev)
                    : exp_pass<T, true, true, true>(st.x, st.y, n, st.plan, e_shift, ea, eb, &st.rev);
   } else if (st.stored) {
-    st.sums = fast ? exp_pass<T, false, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr)
-                   : exp_pass<T, true, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr);
+    st.sums = fast ? exp_pass<T, false, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr, st.target)
+                   : exp_pass<T, true, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr, st.target);
   } else {
     st.sums = fast ? exp_pass<T, false, false, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr)
                    : exp_pass<T, true, false, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr);
   }
   st.div = DivRow<T>{div, static_cast<T>(p.beta), T(1) / st.sums.za, T(1) / st.sums.zb,
                      m_log(st.sums.za / st.sums.zb), T(1), T(0), T(0), T(0), T(0)};
-  if (has_forward(div)) st.div.kl_f = kl_cross_term(st.sums, T(1)) + st.div.lz;
+  if (has_forward(div) || div == Divergence::kDkd) st.div.kl_f = kl_cross_term(st.sums, T(1)) + st.div.lz;
   if (has_reverse(div)) st.div.kl_r = reverse_kl(st.sums, st.rev, T(1));
+  if (st.target >= 0) {  // the target's part; its exponentials then leave the scratch rows
+    const int64_t g = st.target;
+    const T sa_g = exp_arg(st.x[g], st.plan.x_max, st.plan.xa, st.plan.x_scale);
+    const T sb_g = exp_arg(st.y[g], st.plan.y_max, st.plan.ya, st.plan.y_scale);
+    st.dkd = dkd_target(s.ea[g], s.eb[g], st.sums.za, st.sums.zb, sa_g, sb_g);
+    s.ea[g] = T(0);
+    s.eb[g] = T(0);
+  }
   return st;
 }
 
@@ -170,6 +186,13 @@ T row_divergence(RowState<T>& st, Scratch<T>& s, bool need_loss) {
   }
   if (!need_loss) return T(0);
   T value = T(0);
+  if (st.div.div == Divergence::kDkd) {  // alpha TCKD + beta NCKD, NCKD refined like a forward KL
+    if (st.target < 0) return T(NAN);     // (a label out of range)
+    const T nckd = kl_needs_refinement(st.sums, T(1))
+                       ? bregman_pass<T, true>(st.x, st.y, st.n, st.plan, st.sums, ea, eb)
+                       : st.div.kl_f;
+    return st.dkd_alpha * st.dkd.tckd + st.dkd_beta * nckd;
+  }
   if (has_forward(st.div.div)) {
     if (!kl_needs_refinement(st.sums, T(1))) {
       value += st.div.kl_f;
@@ -248,6 +271,39 @@ void teacher_gradient(const KdProblem& p, int64_t r, const RowState<T>& st, cons
   if (!direct) store_row(out, p.y_dtype, p.grad_y, r * n, n);
 }
 
+// The per-element terms of the row's divergence, written over the scratch rows, and their sums.
+template <class T, bool kGx, bool kGy>
+TermSums<T> row_terms(const KdProblem& p, const RowState<T>& st, Scratch<T>& s) {
+  const Divergence div = st.div.div;
+  if (div != Divergence::kForwardKl && div != Divergence::kDkd) {
+    return div_term_pass<T, kGx, kGy>(st.x, st.y, st.n, p.standardize, st.plan, st.sx, st.sy, st.div, s.ea.get(),
+                                      s.eb.get(), st.pointwise, s.g.get(), s.h.get());
+  }
+  const T kl_cross = kl_cross_term(st.sums, T(1));
+  T rza = st.div.rza, rzb = st.div.rzb;
+  TeacherTermCoef<T> teacher{st.div.rzb, T(1), T(0) - kl_cross};
+  if (div == Divergence::kDkd) {
+    if (st.target < 0) return TermSums<T>{T(NAN), T(NAN), T(NAN), T(NAN)};  // (a label out of range)
+    dkd_term_coefficients(st.dkd, st.dkd_alpha, st.dkd_beta, st.sums.za, st.sums.zb, kl_cross, rza, rzb, teacher);
+  }
+  TermSums<T> ts = term_pass<T, kGx, kGy>(st.x, st.y, st.n, p.standardize, st.plan, st.sx, st.sy, rza, rzb, teacher,
+                                          s.ea.get(), s.eb.get());
+  if (st.target >= 0) {  // decoupled KD's target class: its own terms (its exponentials were zeroed)
+    const int64_t g = st.target;
+    const T term_x = st.dkd_alpha * (st.dkd.q_g - st.dkd.p_g);
+    const T term_y = st.dkd_alpha * st.dkd.delta * st.dkd.p_g * st.dkd.rest_p;
+    if (kGx) s.ea[g] = term_x;
+    if (kGy) s.eb[g] = term_y;
+    if (p.standardize) {
+      ts.gx += kGx ? term_x : T(0);
+      ts.sx += kGx ? term_x * centered(st.x[g], st.sx) : T(0);
+      ts.gy += kGy ? term_y : T(0);
+      ts.sy += kGy ? term_y * centered(st.y[g], st.sy) : T(0);
+    }
+  }
+  return ts;
+}
+
 template <class T, bool kGx, bool kGy>
 void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   if (skip_excluded<T, kGx, kGy>(p, r)) return;
@@ -258,7 +314,7 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   // read out of bounds.
   const bool label_ok = !has_labels || (label >= 0 && label < p.cols);
   const Divergence div = static_cast<Divergence>(p.divergence);
-  RowState<T> st = row_state(p, r, s, kGrad || is_pointwise(div));
+  RowState<T> st = row_state(p, r, s, kGrad || is_pointwise(div), has_labels && label_ok ? label : -1);
   CeSums<T> ce_sums{T(1), T(0), T(0)};
   if (has_labels) {
     ce_sums = kGx ? ce_pass<T, true>(st.x, st.n, st.plan, label, s.ez.get())
@@ -274,12 +330,7 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
     store_parts(p, r, ce, kd);
   }
   if constexpr (kGrad) {
-    const TermSums<T> ts =
-        div == Divergence::kForwardKl
-            ? term_pass<T, kGx, kGy>(st.x, st.y, st.n, p.standardize, st.plan, st.sx, st.sy, st.div.rza, st.div.rzb,
-                                     kl_cross_term(st.sums, T(1)), s.ea.get(), s.eb.get())
-            : div_term_pass<T, kGx, kGy>(st.x, st.y, st.n, p.standardize, st.plan, st.sx, st.sy, st.div, s.ea.get(),
-                                         s.eb.get(), st.pointwise, s.g.get(), s.h.get());
+    const TermSums<T> ts = row_terms<T, kGx, kGy>(p, st, s);
     const T grad_scale = static_cast<const T*>(p.grad_scale)[r * p.grad_scale_stride];
     if constexpr (kGx) student_gradient(p, r, st, ts, ce_sums, label, label_ok, s, grad_scale);
     if constexpr (kGy) teacher_gradient(p, r, st, ts, s, grad_scale);

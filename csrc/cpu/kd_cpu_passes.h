@@ -33,15 +33,26 @@ inline Vectorized<T> vexp(const Vectorized<T>& v) {
   return v.exp();
 }
 
+// v with lane `lane` set to 0.
+template <class T>
+Vectorized<T> without_lane(const Vectorized<T>& v, int64_t lane) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  lanes[lane] = T(0);
+  return Vectorized<T>::loadu(lanes);
+}
+
 // kStore: the exponentials are kept for the later passes (a gradient is requested, or a pointwise
 // divergence's pass reads them). kReverse: the reverse KL's sums are accumulated too (``rev``).
 // kExact (rows with non-finite logits, or of extreme magnitude without standardization): a class
 // whose exponential is 0 contributes 0 to a sum of e^s delta, whatever delta is (-inf - -inf is NaN:
 // a class -inf in both rows counts 0), and both exponentials are e^-e_shift smaller (the same
 // ratios; see row_state's e_shift).
+// exclude (>= 0: decoupled KD's target class): that class's exponentials are stored but left out of
+// the sums.
 template <class T, bool kExact, bool kStore, bool kReverse>
 RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T e_shift, T* ea_out, T* eb_out,
-                    ReverseSums<T>* rev) {
+                    ReverseSums<T>* rev, int64_t exclude = -1) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec x_max(plan.x_max), xa(plan.xa), xc(plan.x_scale), y_max(plan.y_max), ya(plan.ya), yc(plan.y_scale);
@@ -63,6 +74,19 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
         ea = Vec::set(zero, ea, count);
         eb = Vec::set(zero, eb, count);
       }
+      if constexpr (kStore) {
+        if (tail) {
+          ea.store(ea_out + i, count);
+          eb.store(eb_out + i, count);
+        } else {
+          ea.store(ea_out + i);
+          eb.store(eb_out + i);
+        }
+      }
+      if (exclude >= i && exclude < i + count) {  // (once per row)
+        ea = without_lane(ea, exclude - i);
+        eb = without_lane(eb, exclude - i);
+      }
       // On rows of finite logits delta is finite: the guards are only needed on the exact path.
       const Vec delta = kExact ? kl_delta(sa, sb) : sb - sa;
       Vec eh = eb * delta;
@@ -76,15 +100,6 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
         if constexpr (kExact) er = Vec::blendv(zero, er, ea > zero);
         r = r - er;
         rabs = rabs + er.abs();
-      }
-      if constexpr (kStore) {
-        if (tail) {
-          ea.store(ea_out + i, count);
-          eb.store(eb_out + i, count);
-        } else {
-          ea.store(ea_out + i);
-          eb.store(eb_out + i);
-        }
       }
     };
     int64_t i = b0;
@@ -181,14 +196,21 @@ TermSums<T> div_term_pass(const T* x, const T* y, int64_t n, bool standardize, c
 // ------------------------------------------------------------------------------------------
 // Pass 3: the per-element terms (row_math.h, student_term / teacher_term), written over the stored
 // exponentials, and their sums G = sum g, S = sum g dev (dev: the centered logit).
+// The teacher's term as eb scale (delta unit + offset): the forward KL's (1 / Z_b, 1, -kl_cross),
+// or decoupled KD's (dkd_row.h).
+template <class T>
+struct TeacherTermCoef {
+  T scale, unit, offset;
+};
+
 template <class T, bool kGx, bool kGy>
 TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const ExpPlan<T>& plan,
-                      const RowStats<T>& stx, const RowStats<T>& sty, T rza, T rzb, T kl_cross, T* ea_to_gx,
-                      T* eb_to_gy) {
+                      const RowStats<T>& stx, const RowStats<T>& sty, T rza, T rzb, const TeacherTermCoef<T>& tc,
+                      T* ea_to_gx, T* eb_to_gy) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec x_max(plan.x_max), xa(plan.xa), xc(plan.x_scale), y_max(plan.y_max), ya(plan.ya), yc(plan.y_scale);
-  const Vec vrza(rza), vrzb(rzb), neg_rzb(-rzb), unit(T(1)), neg_kl_cross(-kl_cross);
+  const Vec vrza(rza), neg_rzb(-rzb), vrzb(tc.scale), unit(tc.unit), neg_kl_cross(tc.offset);
   const Vec zero(T(0));
   TermSums<T> total{T(0), T(0), T(0), T(0)};
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {

@@ -31,7 +31,7 @@ def _jsd_side(v, m, lv):
 def pointwise_terms(q, p, l, beta, DIV: tl.constexpr):
     """(loss, g, h) per element of the pointwise divergences (jsd, tvd)."""
     if DIV == TVD:
-        diff = tl.where(q > 0.0, q * expm1(l), p)  # p - q without cancellation
+        diff = tl.where(q > 0.0, q * expm1(l), p - q)  # p - q without cancellation (q = 0 or NaN: p - q)
         half = tl.where(diff > 0.0, 0.5, tl.where(diff < 0.0, -0.5, 0.0))
         loss = tl.abs(diff) * 0.5
         g = -half

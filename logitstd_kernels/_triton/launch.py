@@ -49,6 +49,9 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch
             gx: Optional[torch.Tensor], gy: Optional[torch.Tensor], config: DistillConfig, zero_excluded: bool,
             kernel_config: Optional[KernelConfig]) -> None:
     """One launch of the fused kernel over every row (see ``fused_forward`` for the arguments)."""
+    if config.divergence == "dkd":
+        raise NotImplementedError("divergence='dkd' runs on the cpu and torch backends; the Triton kernels do not "
+                                  "compute decoupled KD")
     num_rows, num_classes = student.shape
     acc64 = torch.float64 in (student.dtype, teacher.dtype)
     vec = _row_vec(num_classes, student, teacher)

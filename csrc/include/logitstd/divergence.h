@@ -24,7 +24,9 @@
 
 namespace logitstd {
 
-enum class Divergence : int32_t { kForwardKl = 0, kReverseKl = 1, kJsd = 2, kJeffreys = 3, kTvd = 4 };
+// kDkd: decoupled KD (the forward KL's passes over the non-target classes, plus its target-class
+// term; the CPU kernel's kd_cpu_kernel.cpp, dkd_* functions).
+enum class Divergence : int32_t { kForwardKl = 0, kReverseKl = 1, kJsd = 2, kJeffreys = 3, kTvd = 4, kDkd = 5 };
 
 LOGITSTD_HD bool has_forward(Divergence d) { return d == Divergence::kForwardKl || d == Divergence::kJeffreys; }
 LOGITSTD_HD bool has_reverse(Divergence d) { return d == Divergence::kReverseKl || d == Divergence::kJeffreys; }
@@ -146,8 +148,8 @@ template <class V>
 LOGITSTD_HD PointwiseTerms<V> pointwise_terms(Divergence div, V q, V p, V l, V beta) {
   const auto p_pos = m_positive(p);
   const auto q_pos = m_positive(q);
-  if (div == Divergence::kTvd) {  // p - q = q expm1(l) without cancellation; q = 0: p
-    const V diff = m_select(q_pos, q * m_expm1(l), p);
+  if (div == Divergence::kTvd) {  // p - q = q expm1(l) without cancellation; q = 0 (or NaN): p - q
+    const V diff = m_select(q_pos, q * m_expm1(l), p - q);
     const V half = V(0.5);
     return PointwiseTerms<V>{half * m_abs(diff), V(0) - half * m_sign(diff), half * m_sign(diff)};
   }

@@ -44,9 +44,12 @@ struct KdProblem {
   double kd_weight = 1.0;
   void* ce_rows = nullptr;
   void* kd_rows = nullptr;
-  // The divergence (logitstd/divergence.h, Divergence) and the generalized JSD's beta.
+  // The divergence (logitstd/divergence.h, Divergence), the generalized JSD's beta, and decoupled
+  // KD's weights of its target-class and non-target terms (divergence kDkd; needs labels).
   int32_t divergence = 0;
   double beta = 0.5;
+  double dkd_alpha = 1.0;
+  double dkd_beta = 8.0;
   bool acc_double = false;  // accumulate in float64 (either input is float64), else float32
 };
 

@@ -4,6 +4,8 @@
 // the problem.
 #pragma once
 
+#include <cmath>
+
 #include <ATen/ATen.h>
 
 #include <optional>
@@ -31,6 +33,7 @@ struct FusedArgs {
   double label_smoothing, ce_weight, kd_weight;
   const std::string& divergence;
   double beta;
+  double dkd_alpha, dkd_beta;
 };
 
 // The kernels' code of a divergence name (logitstd/divergence.h); the generalized JSD at beta = 0
@@ -42,8 +45,20 @@ inline int32_t divergence_code(const char* op, const std::string& name, double b
   if (name == "jsd") return 2;
   if (name == "jeffreys") return 3;
   if (name == "tvd") return 4;
-  TORCH_CHECK_VALUE(false, op, ": divergence must be one of forward_kl, reverse_kl, jsd, jeffreys, tvd, got ", name);
+  if (name == "dkd") return 5;
+  TORCH_CHECK_VALUE(false, op, ": divergence must be one of forward_kl, reverse_kl, jsd, jeffreys, tvd, dkd, got ",
+                    name);
   return 0;
+}
+
+// The divergence's settings: a known name, beta in [0, 1], DKD's weights finite and >= 0 and its labels.
+inline void check_divergence(const char* op, const FusedArgs& a) {
+  if (divergence_code(op, a.divergence, a.beta) != 5) return;
+  TORCH_CHECK_VALUE(std::isfinite(a.dkd_alpha) && a.dkd_alpha >= 0, op, ": dkd_alpha must be finite and >= 0, got ",
+                    a.dkd_alpha);
+  TORCH_CHECK_VALUE(std::isfinite(a.dkd_beta) && a.dkd_beta >= 0, op, ": dkd_beta must be finite and >= 0, got ",
+                    a.dkd_beta);
+  TORCH_CHECK_VALUE(a.labels.has_value(), op, ": divergence dkd needs labels");
 }
 
 // The forward's outputs: (rows, grad_student, grad_teacher, ce_rows, kd_rows).
@@ -54,7 +69,7 @@ inline at::ScalarType check_forward_args(const char* op, const FusedArgs& a, c10
   const at::ScalarType acc = check_fused_kd_forward(a.student, a.teacher, a.mask, a.grad_scale, a.tau_s, a.tau_t,
                                                     a.standardize, a.correction, a.eps);
   check_objective(op, a.student, a.labels, a.label_smoothing, a.ce_weight, a.kd_weight);
-  divergence_code(op, a.divergence, a.beta);
+  check_divergence(op, a);
   TORCH_CHECK_VALUE(a.student.device().type() == device, op, " (", c10::DeviceTypeName(device), "): student is on ",
                     a.student.device());
   return acc;
@@ -84,6 +99,8 @@ inline KdProblem problem_of(const FusedArgs& a, at::ScalarType acc, const at::Te
   p.kd_rows = kd_rows.numel() > 0 ? kd_rows.data_ptr() : nullptr;
   p.divergence = divergence_code("logitstd", a.divergence, a.beta);
   p.beta = a.beta;
+  p.dkd_alpha = a.dkd_alpha;
+  p.dkd_beta = a.dkd_beta;
   return p;
 }
 
@@ -108,7 +125,7 @@ void fused_regrad_front(const char* op, const FusedArgs& a, const at::Tensor& gr
   const at::ScalarType acc = check_fused_kd_regrad(a.student, a.teacher, *a.mask, a.grad_scale, a.tau_s, a.tau_t,
                                                    a.standardize, a.correction, a.eps, grad_x, grad_y);
   check_objective(op, a.student, a.labels, a.label_smoothing, a.ce_weight, a.kd_weight);
-  divergence_code(op, a.divergence, a.beta);
+  check_divergence(op, a);
   TORCH_CHECK_VALUE(a.student.device().type() == device, op, " (", c10::DeviceTypeName(device), "): student is on ",
                     a.student.device());
   if (a.student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;

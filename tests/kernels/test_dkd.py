@@ -1,0 +1,111 @@
+"""Decoupled KD (``lsk.dkd_loss``, the objective's ``"dkd"`` divergence) on every fused backend that
+computes it, against the independent float64 formula (tests/formula.py, ``_dkd``), with the package's
+accuracy rule: standardized and not, V = 2 and larger rows, a teacher with p_g -> 1 (the non-target
+mass underflows), ignored labels, masks, an incoming gradient that is not 1, both gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import logitstd_kernels as lsk
+from logitstd_kernels import reference
+from logitstd_kernels.testing import assert_within_eager_error
+from support import EXTENDED, case_id, formula, fused_cases, loss_and_grads
+
+DKD_BACKENDS = ("cpu", "cuda")  # the fused backends with a decoupled KD kernel
+CASES = [c for c in fused_cases() if c[0] in DKD_BACKENDS]
+OPTIONS = dict(alpha=1.3, beta=7.0, temperature=2.0)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def _truth(x, y, labels, upstream, options, magnitudes=False):
+    """(loss, gx, gy) in float64: the formula in extended precision (the reference run in float64 for
+    float32 math), and, with ``magnitudes``, the formula's term magnitudes."""
+    settings = dict(temperature=options["temperature"], standardize=options.get("standardize", True),
+                    reduction="mean", divergence="dkd", labels=labels.cpu().numpy(), dkd_alpha=options["alpha"],
+                    dkd_beta=options["beta"])
+    keep = labels.cpu().numpy() != -100
+    if magnitudes:
+        with np.errstate(all="ignore"):
+            _, mags = formula.loss_and_grads(_numpy(x), _numpy(y), mask=keep, upstream=_numpy(upstream),
+                                             magnitudes=True, **settings)
+        return tuple(torch.from_numpy(np.asarray(m, dtype=np.float64)) for m in mags)
+    if reference.accumulation_dtype(x, y) != torch.float64 or EXTENDED is None:
+        return loss_and_grads(reference.dkd_loss, x.double(), y.double(), upstream, labels=labels, **options)
+    values = formula.loss_and_grads(_numpy(x), _numpy(y), mask=keep, upstream=_numpy(upstream), dtype=EXTENDED,
+                                    **settings)
+    return tuple(torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in values)
+
+
+def check_dkd(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, backend: str, **options) -> None:
+    options = {**OPTIONS, **options}
+    upstream = torch.tensor(0.7, dtype=torch.float64)
+    fast = loss_and_grads(lsk.dkd_loss, x, y, upstream, labels=labels, backend=backend, **options)
+    acc = reference.accumulation_dtype(x, y)
+    eager = loss_and_grads(reference.dkd_loss, x.to(acc), y.to(acc), upstream, labels=labels, **options)
+    exact = _truth(x, y, labels, upstream, options)
+    mags = _truth(x, y, labels, upstream, options, magnitudes=True)
+    for name, got, want_eager, want, mag in zip(("loss", "grad_student", "grad_teacher"), fast, eager, exact, mags):
+        assert_within_eager_error(name, got, want_eager, want.to(got.device), magnitude=mag.to(got.device))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("standardize", [True, False], ids=["std", "plain"])
+@pytest.mark.parametrize("num_classes,dtype", [(2, torch.float64), (3, torch.float64), (100, torch.float64),
+                                               (1000, torch.float32), (4099, torch.float32)])
+def test_dkd_matches_the_formula(case, standardize, num_classes, dtype):
+    backend, device = case
+    rows = 6
+    x = (3 * torch.randn(rows, num_classes, dtype=torch.float64)).to(device=device, dtype=dtype)
+    y = (3 * torch.randn(rows, num_classes, dtype=torch.float64)).to(device=device, dtype=dtype)
+    labels = torch.randint(0, num_classes, (rows,), device=device)
+    labels[4] = -100
+    check_dkd(x, y, labels, backend, standardize=standardize)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_dkd_teacher_certain_of_the_target(case):
+    """p_g -> 1: the non-target mass underflows in 1 - p_g but not in its own sum; q_g -> 1 likewise."""
+    backend, device = case
+    x = 2 * torch.randn(4, 500, dtype=torch.float64, device=device)
+    y = 2 * torch.randn(4, 500, dtype=torch.float64, device=device)
+    labels = torch.tensor([3, 7, 11, 499], device=device)
+    y[0, 3] = 60.0
+    x[1, 7] = 60.0
+    y[2, 11] = x[2, 11] = 40.0
+    check_dkd(x, y, labels, backend, standardize=False, temperature=1.0)
+    check_dkd(x, y, labels, backend, temperature=4.0)
+
+
+def test_dkd_needs_labels():
+    x, y = torch.randn(2, 5), torch.randn(2, 5)
+    with pytest.raises(ValueError, match="labels"):
+        lsk.distillation_loss(x, y, None, divergence="dkd")
+    with pytest.raises(ValueError, match="alpha"):
+        lsk.dkd_loss(x, y, torch.tensor([1, 2]), alpha=-1.0)
+
+
+def test_dkd_of_the_official_formula():
+    """The official code's decoupled KD (its -1000 trick, ``F.kl_div`` with ``reduction="sum"`` over
+    the batch divided by the batch size, T^2) equals ``reference.dkd_loss`` to 1e-12 in float64."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 100, dtype=torch.float64), torch.randn(8, 100, dtype=torch.float64)
+    labels = torch.randint(0, 100, (8,))
+    tau, alpha, beta = 4.0, 1.0, 8.0
+    gt = F.one_hot(labels, 100).bool()
+    p_s, p_t = F.softmax(x / tau, 1), F.softmax(y / tau, 1)
+    b_s = torch.stack(((p_s * gt).sum(1), (p_s * ~gt).sum(1)), 1)
+    b_t = torch.stack(((p_t * gt).sum(1), (p_t * ~gt).sum(1)), 1)
+    tckd = F.kl_div(torch.log(b_s), b_t, reduction="sum") * tau**2 / 8
+    nckd = F.kl_div(F.log_softmax(x / tau - 1000.0 * gt, 1), F.softmax(y / tau - 1000.0 * gt, 1),
+                    reduction="sum") * tau**2 / 8
+    official = alpha * tckd + beta * nckd
+    ours = reference.dkd_loss(x, y, labels, alpha=alpha, beta=beta, temperature=tau, standardize=False)
+    torch.testing.assert_close(ours, official, rtol=1e-12, atol=1e-12)
