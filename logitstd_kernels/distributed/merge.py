@@ -138,7 +138,8 @@ def row_loss(totals: torch.Tensor, scales: RowScales, config: DistillConfig, kee
         lse = scales.max_x + totals[:, at + layout.ZC].log()
         nll = lse - totals[:, at + layout.X_LABEL]
         smoothing = config.label_smoothing
-        ce = (1 - smoothing) * nll + smoothing * (lse - totals[:, at + layout.SUM_X] / num_classes)
+        ce = nll if smoothing == 0 else (1 - smoothing) * nll + smoothing * (lse - totals[:, at + layout.SUM_X]
+                                                                              / num_classes)  # sum x: -inf
         owned = totals[:, at + layout.OWNERS] == 1
         ce = torch.where(owned | ~keep, ce, torch.full_like(ce, float("nan")))
     return RowLoss(kd, ce, kl, kl_r, log_ratio, lse, zero, zero)
@@ -159,6 +160,8 @@ def with_pointwise(loss: RowLoss, pointwise: torch.Tensor, config: DistillConfig
     """jsd, tvd: the divergence, E_q g and E_p h from the (N, ``layout.pointwise_count``) summed
     pointwise sums."""
     kd = (config.temperature * config.temperature) * pointwise[:, layout.PW_LOSS]
+    # A NaN row (its normalizers NaN) stays NaN: tvd's per-element selection (q > 0) would drop it.
+    kd = torch.where(torch.isnan(loss.log_ratio), loss.log_ratio, kd)
     return loss._replace(kd=kd, e_qg=pointwise[:, layout.PW_QG], e_ph=pointwise[:, layout.PW_PH])
 
 

@@ -1,4 +1,5 @@
-"""The objective of logits sharded by class: three local phases around two collectives of O(rows).
+"""The objective of logits sharded by class: local phases around two collectives of O(rows) (three
+for jsd and tvd).
 
 Each rank holds the classes ``[V_start, V_end)`` of every row (contiguous, in rank order, ``V_r`` may
 differ between ranks), the same rows on every rank, and the global labels. Every rank gets the same
@@ -107,7 +108,8 @@ def _phase_one(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[to
 
 
 def _pointwise(student: torch.Tensor, teacher: torch.Tensor, step: _Step, totals: torch.Tensor,
-               loss: merge.RowLoss, group, config: DistillConfig, phases: ModuleType):
+               loss: merge.RowLoss, group, config: DistillConfig,
+               phases: ModuleType) -> tuple[torch.Tensor, torch.Tensor, merge.RowLoss]:
     """jsd and tvd: the pointwise phase and its collective (the third); (coefficients, sums, loss)."""
     coef = merge.pointwise_coefficients(step.coef, totals, loss)
     partial = phases.slice_pointwise(student, teacher, coef, standardize=config.standardize,

@@ -6,17 +6,23 @@ scenarios share."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
+import time
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TIMEOUT_S = 120
+# A hung collective raises in its worker after the process group's timeout (60 s); the test's own
+# deadline is the backstop: start-up plus a budget per scenario (the Triton interpreter on a busy
+# 2-core machine takes up to about a minute for the slowest).
+STARTUP_S, PER_SCENARIO_S = 60, 45
 
 
 def widths_for(num_classes: int, world: int) -> list[int]:
@@ -40,6 +46,33 @@ def slice_of(rank: int, world: int, num_classes: int) -> slice:
 def max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
     """The largest error relative to the largest value of ``want``."""
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-300))
+
+
+_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter", "gather",
+                "scatter", "all_to_all", "all_to_all_single")
+
+
+@contextlib.contextmanager
+def recorded_collectives() -> Iterator[list[tuple[str, int]]]:
+    """Within the block, every ``torch.distributed`` collective call is appended to the yielded list
+    as (name, bytes this rank hands over), whatever the collective."""
+    calls: list[tuple[str, int]] = []
+    patched = {}
+    for name in _COLLECTIVES:
+        original = getattr(dist, name)
+        patched[name] = original
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            tensor = args[1] if _name in ("all_gather", "all_gather_into_tensor") else args[0]
+            calls.append((_name, tensor.numel() * tensor.element_size()))
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counting)
+    try:
+        yield calls
+    finally:
+        for name, original in patched.items():
+            setattr(dist, name, original)
 
 
 def _worker(rank: int, world: int, folder: str, module: str, scenarios: tuple[str, ...]) -> None:
@@ -68,15 +101,17 @@ def run_ranks(world: int, module: str, scenarios: tuple[str, ...], folder: Path)
     (scenario -> report) in rank order."""
     context = mp.get_context("spawn")
     procs = [context.Process(target=_worker, args=(r, world, str(folder), module, scenarios)) for r in range(world)]
+    timeout = STARTUP_S + PER_SCENARIO_S * len(scenarios)
+    deadline = time.monotonic() + timeout
     for p in procs:
         p.start()
     for p in procs:
-        p.join(TIMEOUT_S)
+        p.join(max(0.0, deadline - time.monotonic()))
     alive = [r for r, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
             p.kill()
-    assert not alive, f"ranks {alive} still running after {TIMEOUT_S} s (a hang)"
+    assert not alive, f"ranks {alive} still running after {timeout} s (a hang)"
     reports = []
     for r in range(world):
         path = folder / f"rank{r}.json"

@@ -16,7 +16,7 @@ from logitstd_kernels import distributed, reference
 from logitstd_kernels.distributed import torch_phases
 from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
                                           vocab_parallel_fused_linear_distillation_loss)
-from ranks import assert_ok, max_rel, run_ranks, slice_of
+from ranks import assert_ok, max_rel, recorded_collectives, run_ranks, slice_of
 from support import needs
 
 
@@ -66,32 +66,15 @@ def _compare_loss(rank: int, world: int, backend: str = "torch") -> dict:
 
 def _count_collectives(rank: int, world: int) -> dict:
     """The bytes each collective call of a step hands over, whatever the collective."""
-    calls = []
-    patched = {}
-    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter", "gather",
-                 "scatter", "all_to_all", "all_to_all_single"):
-        original = getattr(dist, name)
-        patched[name] = original
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            tensor = args[1] if _name in ("all_gather", "all_gather_into_tensor") else args[0]
-            calls.append((_name, tensor.numel() * tensor.element_size()))
-            return _original(*args, **kwargs)
-
-        setattr(dist, name, counting)
-    try:
-        cols = slice_of(rank, world, 500)
-        x, y = torch.randn(64, 500), torch.randn(64, 500)
-        labels = torch.randint(0, 500, (64,))
-        counts = {}
-        for check in (False, True):
-            calls.clear()
+    cols = slice_of(rank, world, 500)
+    x, y = torch.randn(64, 500), torch.randn(64, 500)
+    labels = torch.randint(0, 500, (64,))
+    counts = {}
+    for check in (False, True):
+        with recorded_collectives() as calls:
             xs = x[:, cols].clone().requires_grad_(True)
             vocab_parallel_distillation_loss(xs, y[:, cols], labels, check_shards=check).backward()
-            counts[str(check)] = list(calls)
-    finally:
-        for name, original in patched.items():
-            setattr(dist, name, original)
+        counts[str(check)] = list(calls)
     return counts
 
 
