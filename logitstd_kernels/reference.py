@@ -61,9 +61,13 @@ def _logits_for_softmax(student: torch.Tensor, teacher: torch.Tensor,
     return a, b
 
 
-def _kl(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) of each row (a class with p = 0 contributes 0, ``F.kl_div``'s convention)."""
-    return F.kl_div(log_q, p, reduction="none").sum(-1)
+def _kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each row, ``sum p (log p - log q)``; a class with p = 0 contributes 0 and no
+    gradient (its logs are masked before the product, so that log q = -inf there, as in a class that
+    is -inf in both rows, gives neither a NaN loss nor a NaN gradient)."""
+    support = p != 0  # (a NaN row stays NaN)
+    zero = log_p.new_zeros(())
+    return (p * (torch.where(support, log_p, zero) - torch.where(support, log_q, zero))).sum(-1)
 
 
 def row_divergence(b: torch.Tensor, a: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
@@ -75,17 +79,21 @@ def row_divergence(b: torch.Tensor, a: torch.Tensor, divergence: str, beta: floa
     convention (its limits there are 0); ``tvd`` is ``0.5 sum |p - q|``, whose autograd subgradient at
     p = q is 0.
     """
-    p, log_q = F.softmax(b, dim=-1), F.log_softmax(a, dim=-1)
+    p, log_p = F.softmax(b, dim=-1), F.log_softmax(b, dim=-1)
+    q, log_q = F.softmax(a, dim=-1), F.log_softmax(a, dim=-1)
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        return _kl(p, log_q)
-    q, log_p = F.softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+        return _kl(p, log_p, log_q)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return _kl(q, log_p)
+        return _kl(q, log_q, log_p)
     if divergence == "jeffreys":
-        return _kl(p, log_q) + _kl(q, log_p)
+        return _kl(p, log_p, log_q) + _kl(q, log_q, log_p)
     if divergence == "jsd":
-        log_m = torch.logsumexp(torch.stack((log_p + math.log(beta), log_q + math.log1p(-beta))), 0)
-        return beta * _kl(p, log_m) + (1 - beta) * _kl(q, log_m)
+        # a class with p = q = 0 has no m (masked to a finite stand-in: _kl leaves it out)
+        either = (p != 0) | (q != 0)
+        zero = log_p.new_zeros(())
+        log_m = torch.logsumexp(torch.stack((torch.where(either, log_p, zero) + math.log(beta),
+                                             torch.where(either, log_q, zero) + math.log1p(-beta))), 0)
+        return beta * _kl(p, log_p, log_m) + (1 - beta) * _kl(q, log_q, log_m)
     if divergence == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")

@@ -110,20 +110,28 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store) 
   st.sy = row_stats(st.y, n, dof, eps, p.standardize);
   st.plan = make_exp_plan(st.sx, st.sy, static_cast<T>(p.tau_s), static_cast<T>(p.tau_t), T(1));
   const Divergence div = static_cast<Divergence>(p.divergence);
-  const bool finite = row_is_finite(st.sx) && row_is_finite(st.sy);
-  st.stored = store || has_reverse(div);  // the reverse KL's refinement reads the exponentials
+  // Without standardization a row of extreme magnitude can have |b - a| near the float range, and
+  // sums of e^b (b - a) would overflow: its exponentials are taken e^-(log V + 1) smaller (the same
+  // ratios), on the exact path, and stored so that no later pass recomputes them unshifted.
+  const T e_shift = (!p.standardize && (st.sx.scale != T(1) || st.sy.scale != T(1))) ? m_log(T(n)) + T(1) : T(0);
+  const bool fast = row_is_finite(st.sx) && row_is_finite(st.sy) && e_shift == T(0);
+  st.stored = store || has_reverse(div) || e_shift != T(0);  // the reverse KL's refinement reads them too
+  if (st.stored && !s.ea) {
+    s.ea.reset(new T[n]);
+    s.eb.reset(new T[n]);
+  }
   T* ea = st.stored ? s.ea.get() : nullptr;
   T* eb = st.stored ? s.eb.get() : nullptr;
   st.rev = ReverseSums<T>{T(0), T(0)};
   if (has_reverse(div)) {
-    st.sums = finite ? exp_pass<T, false, true, true>(st.x, st.y, n, st.plan, ea, eb, &st.rev)
-                     : exp_pass<T, true, true, true>(st.x, st.y, n, st.plan, ea, eb, &st.rev);
+    st.sums = fast ? exp_pass<T, false, true, true>(st.x, st.y, n, st.plan, e_shift, ea, eb, &st.rev)
+                   : exp_pass<T, true, true, true>(st.x, st.y, n, st.plan, e_shift, ea, eb, &st.rev);
   } else if (st.stored) {
-    st.sums = finite ? exp_pass<T, false, true, false>(st.x, st.y, n, st.plan, ea, eb, nullptr)
-                     : exp_pass<T, true, true, false>(st.x, st.y, n, st.plan, ea, eb, nullptr);
+    st.sums = fast ? exp_pass<T, false, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr)
+                   : exp_pass<T, true, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr);
   } else {
-    st.sums = finite ? exp_pass<T, false, false, false>(st.x, st.y, n, st.plan, ea, eb, nullptr)
-                     : exp_pass<T, true, false, false>(st.x, st.y, n, st.plan, ea, eb, nullptr);
+    st.sums = fast ? exp_pass<T, false, false, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr)
+                   : exp_pass<T, true, false, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr);
   }
   st.div = DivRow<T>{div, static_cast<T>(p.beta), T(1) / st.sums.za, T(1) / st.sums.zb,
                      m_log(st.sums.za / st.sums.zb), T(1), T(0), T(0), T(0), T(0)};

@@ -34,15 +34,17 @@ inline Vectorized<T> vexp(const Vectorized<T>& v) {
 
 // kStore: the exponentials are kept for the later passes (a gradient is requested, or a pointwise
 // divergence's pass reads them). kReverse: the reverse KL's sums are accumulated too (``rev``).
-// kExact (rows with non-finite logits): a class whose exponential is 0 contributes 0 to a sum of
-// e^s delta, whatever delta is (-inf - -inf is NaN: a class -inf in both rows counts 0).
+// kExact (rows with non-finite logits, or of extreme magnitude without standardization): a class
+// whose exponential is 0 contributes 0 to a sum of e^s delta, whatever delta is (-inf - -inf is NaN:
+// a class -inf in both rows counts 0), and both exponentials are e^-e_shift smaller (the same
+// ratios; see row_state's e_shift).
 template <class T, bool kExact, bool kStore, bool kReverse>
-RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T* ea_out, T* eb_out,
+RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T e_shift, T* ea_out, T* eb_out,
                     ReverseSums<T>* rev) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec x_max(plan.x_max), xa(plan.xa), xc(plan.x_scale), y_max(plan.y_max), ya(plan.ya), yc(plan.y_scale);
-  const Vec zero(T(0));
+  const Vec zero(T(0)), shift(e_shift);
   RowSums<T> total = zero_sums<T>();
   ReverseSums<T> rtotal{T(0), T(0)};
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
@@ -54,8 +56,8 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
       const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
       const Vec sa = exp_arg(xv, x_max, xa, xc);
       const Vec sb = exp_arg(yv, y_max, ya, yc);
-      Vec ea = vexp<T, kExact>(sa);
-      Vec eb = vexp<T, kExact>(sb);
+      Vec ea = vexp<T, kExact>(kExact ? sa - shift : sa);
+      Vec eb = vexp<T, kExact>(kExact ? sb - shift : sb);
       if (tail) {  // lanes past the row end contribute nothing
         ea = Vec::set(zero, ea, count);
         eb = Vec::set(zero, eb, count);
@@ -241,7 +243,7 @@ TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const
       if constexpr (kGy) {
         const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
         const Vec delta = kl_delta(exp_arg(xv, x_max, xa, xc), exp_arg(yv, y_max, ya, yc));
-        gy = teacher_term(eb, delta, vrzb, unit, neg_kl_cross);
+        gy = Vec::blendv(teacher_term(eb, delta, vrzb, unit, neg_kl_cross), zero, eb == zero);  // p = 0: 0
         if (standardize) {
           const Vec dev = Vec::set(zero, centered(yv, sty), count);
           gys = gys + gy;

@@ -119,12 +119,16 @@ BACKWARD_NOTE = ("no speedups: the fused kernels compute the gradient during the
 
 
 def fill_speedups(results: list[Result]) -> None:
-    """``speedup_vs_torch`` (eager's median over the provider's) of every timed result of a mode in
-    ``SPEEDUP_MODES``; None in the backward mode."""
-    baseline = {(r.rows, r.vocab, r.dtype, r.mode): r.median_ms for r in results
-                if r.provider == "torch" and r.status == "ok"}
+    """``speedup_vs_torch`` (eager's median over the provider's, eager of the same divergence: the
+    ``torch@divergence`` provider) of every timed result of a mode in ``SPEEDUP_MODES``; None in the
+    backward mode."""
+    def divergence(provider: str) -> str:
+        return provider.partition("@")[2]
+
+    baseline = {(r.rows, r.vocab, r.dtype, r.mode, divergence(r.provider)): r.median_ms for r in results
+                if r.provider.partition("@")[0] == "torch" and r.status == "ok"}
     for r in results:
-        base = baseline.get((r.rows, r.vocab, r.dtype, r.mode))
+        base = baseline.get((r.rows, r.vocab, r.dtype, r.mode, divergence(r.provider)))
         r.speedup_vs_torch = base / r.median_ms if (r.status == "ok" and base and r.mode in SPEEDUP_MODES) else None
 
 

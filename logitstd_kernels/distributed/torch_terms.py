@@ -52,9 +52,13 @@ def pointwise_terms(q: torch.Tensor, p: torch.Tensor, l: torch.Tensor, beta: flo
         diff = torch.where(q > 0, q * torch.expm1(l), p)  # p - q without cancellation
         half = 0.5 * torch.sign(diff)
         return 0.5 * diff.abs(), -half, half
+    # the larger side's ln(side / m) from expm1(-|l|) (no overflow, whatever l), the other's from it
     one_minus = 1.0 - beta
-    lq = -torch.log1p(torch.expm1(l) * beta)  # ln(q / m)
-    lp = l + lq  # ln(p / m)
+    teacher_larger = l > 0
+    weight = torch.where(teacher_larger, l.new_tensor(one_minus), l.new_tensor(beta))  # l's dtype
+    larger = -torch.log1p(torch.expm1(-l.abs()) * weight)
+    lq = torch.where(teacher_larger, larger - l, larger)  # ln(q / m)
+    lp = torch.where(teacher_larger, larger, l + larger)  # ln(p / m)
     m = p * beta + q * one_minus
     loss = _jsd_side(p, m, lp) * beta + _jsd_side(q, m, lq) * one_minus
     zero = torch.zeros_like(l)
