@@ -157,10 +157,18 @@ def _store_group(out, s0, s1, s2, s3, s4, FIVE: tl.constexpr):
 
 
 @triton.jit
-def _z_scores(x, y, valid, coef_ptr, row, sig_x, sig_y, C: tl.constexpr):
+def _inv_sigmas(coef_ptr, row, TINY: tl.constexpr, C: tl.constexpr):
+    """1 / sigma_x and 1 / sigma_y of the row (sigma at least TINY): one division per row, not per
+    element (the per-element IEEE division's slow-path call made ptxas spill in the jsd gradients)."""
+    return (1.0 / tl.maximum(_coef(coef_ptr, row, SIGMA_X, C), TINY),
+            1.0 / tl.maximum(_coef(coef_ptr, row, SIGMA_Y, C), TINY))
+
+
+@triton.jit
+def _z_scores(x, y, valid, coef_ptr, row, inv_sig_x, inv_sig_y, C: tl.constexpr):
     """u = (x - shift_x) / sigma_x and w alike (0 outside the slice)."""
-    u = tl.where(valid, (x - _coef(coef_ptr, row, SHIFT_X, C)) / sig_x, 0.0)
-    w = tl.where(valid, (y - _coef(coef_ptr, row, SHIFT_Y, C)) / sig_y, 0.0)
+    u = tl.where(valid, (x - _coef(coef_ptr, row, SHIFT_X, C)) * inv_sig_x, 0.0)
+    w = tl.where(valid, (y - _coef(coef_ptr, row, SHIFT_Y, C)) * inv_sig_y, 0.0)
     return u, w
 
 
@@ -178,8 +186,7 @@ def vp_sums_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, out_ptr, W, stride_x, str
     s_ea, s_eb, s_au, s_bw, s_ex, s_x = z, z, z, z, z, z
     f_d, f_abs, f_breg, f_u, f_w = z, z, z, z, z
     r_d, r_abs, r_breg, r_u, r_w = z, z, z, z, z
-    sig_x = tl.maximum(_coef(coef_ptr, row, SIGMA_X, C), TINY)
-    sig_y = tl.maximum(_coef(coef_ptr, row, SIGMA_Y, C), TINY)
+    inv_sig_x, inv_sig_y = _inv_sigmas(coef_ptr, row, TINY, C)
     shift_d = _coef(coef_ptr, row, SHIFT_D, C)
     k_f, k_r = _coef(coef_ptr, row, K_F, C), _coef(coef_ptr, row, K_R, C)
     for start in range(0, W, BLOCK):
@@ -188,7 +195,7 @@ def vp_sums_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, out_ptr, W, stride_x, str
         s_eb += eb
         u, w = z, z
         if STD:
-            u, w = _z_scores(x, y, valid, coef_ptr, row, sig_x, sig_y, C)
+            u, w = _z_scores(x, y, valid, coef_ptr, row, inv_sig_x, inv_sig_y, C)
             s_au += ea * u
             s_bw += eb * w
         if OFF_FWD >= 0:  # t = -(d + c): e^t = q / p up to a row constant
@@ -231,8 +238,7 @@ def vp_pointwise_kernel(x_ptr, y_ptr, coef_ptr, out_ptr, W, stride_x, stride_y, 
     x_row, y_row = x_ptr + row * stride_x, y_ptr + row * stride_y
     z = tl.zeros([BLOCK], dtype=tl.float64 if ACC64 else tl.float32)
     s_loss, s_qg, s_ph, s_qgu, s_phw = z, z, z, z, z
-    sig_x = tl.maximum(_coef(coef_ptr, row, SIGMA_X, C), TINY)
-    sig_y = tl.maximum(_coef(coef_ptr, row, SIGMA_Y, C), TINY)
+    inv_sig_x, inv_sig_y = _inv_sigmas(coef_ptr, row, TINY, C)
     inv_za, inv_zb = _coef(coef_ptr, row, INV_ZA, C), _coef(coef_ptr, row, INV_ZB, C)
     log_ratio = _coef(coef_ptr, row, LOG_RATIO, C)
     beta = scalar(beta, ACC64)
@@ -244,7 +250,7 @@ def vp_pointwise_kernel(x_ptr, y_ptr, coef_ptr, out_ptr, W, stride_x, stride_y, 
         s_qg += q * g
         s_ph += p * h
         if STANDARDIZE:
-            u, w = _z_scores(x, y, valid, coef_ptr, row, sig_x, sig_y, C)
+            u, w = _z_scores(x, y, valid, coef_ptr, row, inv_sig_x, inv_sig_y, C)
             s_qgu += q * g * u
             s_phw += p * h * w
     _store_group(out_ptr + row * P, s_loss, s_qg, s_ph, s_qgu, s_phw, STANDARDIZE)
@@ -270,8 +276,7 @@ def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, gx_ptr, gy_ptr, W, strid
     keep = _coef(coef_ptr, row, KEEP, C) != 0
     inv_za, inv_zb = _coef(coef_ptr, row, INV_ZA, C), _coef(coef_ptr, row, INV_ZB, C)
     ka, kb = _coef(coef_ptr, row, KA, C), _coef(coef_ptr, row, KB, C)
-    sig_x = tl.maximum(_coef(coef_ptr, row, SIGMA_X, C), TINY)
-    sig_y = tl.maximum(_coef(coef_ptr, row, SIGMA_Y, C), TINY)
+    inv_sig_x, inv_sig_y = _inv_sigmas(coef_ptr, row, TINY, C)
     log_ratio = _coef(coef_ptr, row, LOG_RATIO, C)
     kl_f, kl_r = _coef(coef_ptr, row, KL, C), _coef(coef_ptr, row, KL_R, C)
     e_qg, e_ph = _coef(coef_ptr, row, E_QG, C), _coef(coef_ptr, row, E_PH, C)
@@ -290,7 +295,7 @@ def vp_grads_kernel(x_ptr, y_ptr, coef_ptr, labels_ptr, gx_ptr, gy_ptr, W, strid
         if (DIV == JSD) or (DIV == TVD):
             _, g, h = pointwise_terms(ea * inv_za, eb * inv_zb, l, beta, DIV)
         if STANDARDIZE:
-            u, w = _z_scores(x, y, valid, coef_ptr, row, sig_x, sig_y, C)
+            u, w = _z_scores(x, y, valid, coef_ptr, row, inv_sig_x, inv_sig_y, C)
         if GRAD_S:
             gs = t2 * student_term(ea, eb, l, inv_za, inv_zb, kl_r, g, e_qg, DIV)
             if STANDARDIZE:

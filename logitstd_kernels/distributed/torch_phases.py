@@ -53,8 +53,9 @@ class _Terms:
         self.u = self.w = None
         if standardize:
             tiny = torch.finfo(coef.dtype).tiny
-            self.u = (self.x - self.col(layout.SHIFT_X)) / self.col(layout.SIGMA_X).clamp_min(tiny)
-            self.w = (self.y - self.col(layout.SHIFT_Y)) / self.col(layout.SIGMA_Y).clamp_min(tiny)
+            # times 1 / sigma, as the Triton phases (one division per row)
+            self.u = (self.x - self.col(layout.SHIFT_X)) * (1 / self.col(layout.SIGMA_X).clamp_min(tiny))
+            self.w = (self.y - self.col(layout.SHIFT_Y)) * (1 / self.col(layout.SIGMA_Y).clamp_min(tiny))
 
     def col(self, j: int) -> torch.Tensor:
         """Coefficient column ``j`` of the chunk's rows, as a column."""

@@ -1,6 +1,6 @@
 """Vocabulary-parallel distillation over torch.distributed (gloo, CPU), 2 and 3 processes spawned from
 the test (``ranks.py``): every rank's loss and gradient slices against the single-process reference
-on the whole rows (forward KL; the other divergences: ``test_divergences.py``)."""
+on the whole rows (forward KL; the other divergences: ``test_vp_divergences.py``)."""
 
 from __future__ import annotations
 
