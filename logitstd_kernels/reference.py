@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from . import config as cfg
 from ._checks import check_inputs, check_logits
-from .config import DistillConfig, check_std_args, check_temperature
+from .config import DistillConfig, LogitTransforms, check_std_args, check_temperature
 
 __all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "distillation_loss", "DistillationParts", "accumulation_dtype",
-           "objective_rows"]
+           "objective_rows", "transform_logits", "linear_loss_of_config"]
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -146,7 +146,7 @@ def _reduce(values: torch.Tensor, keep: torch.Tensor, config: DistillConfig, num
     total = values.sum()
     if config.reduction == "sum":
         return total
-    count = max(int(keep.sum()), 1)
+    count = keep.sum().clamp_min(1).to(total.dtype)  # (a tensor: no host synchronization)
     return total / (count * num_classes if config.reduction == "class_mean" else count)
 
 
@@ -164,6 +164,33 @@ def loss_of_config(student_logits: torch.Tensor, teacher_logits: torch.Tensor, l
         return loss
     return DistillationParts(loss, _reduce(ce, keep, config, num_classes, lead).detach(),
                              _reduce(kd, keep, config, num_classes, lead).detach())
+
+
+def transform_logits(logits: torch.Tensor, scale: float = 1.0, softcap: Optional[float] = None) -> torch.Tensor:
+    """A model's last transforms of its logits, in their dtype, as TRL orders them::
+
+        z = logits * scale                      # Cohere's logit_scale (skipped at 1)
+        z = softcap * tanh(z / softcap)         # Gemma 2/3's final_logit_softcapping (None: skipped)
+    """
+    z = logits if scale == 1.0 else logits * scale
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
+def linear_loss_of_config(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                          student_bias: Optional[torch.Tensor], teacher_logits: torch.Tensor,
+                          labels: Optional[torch.Tensor], mask: Optional[torch.Tensor], config: DistillConfig,
+                          transforms: LogitTransforms = LogitTransforms(),
+                          return_components: bool = False) -> Union[torch.Tensor, DistillationParts]:
+    """The fused lm_head's objective with the full logits (``teacher_logits``: the teacher's lm_head
+    output, before its transforms)::
+
+        z_s = transform_logits(F.linear(student_hidden, student_weight, student_bias), *transforms.student())
+        z_t = transform_logits(teacher_logits, *transforms.teacher())
+        loss_of_config(z_s, z_t, labels, mask, config)      # the CE term of z_s too
+    """
+    student = transform_logits(F.linear(student_hidden, student_weight, student_bias), *transforms.student())
+    teacher = transform_logits(teacher_logits, *transforms.teacher())
+    return loss_of_config(student, teacher, labels, mask, config, return_components)
 
 
 @cfg.settings_keywords(cfg.KD_SETTINGS)

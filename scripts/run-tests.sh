@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The same extras as scripts/run-benchmark.sh, so that either script reuses the .venv the other one made;
 # LOGITSTD_REQUIRE_EXTENSION=1: a broken C++ build fails the run.
-LOGITSTD_REQUIRE_EXTENSION=1 bash scripts/setup-venv.sh "test,examples,bench,hf"
+LOGITSTD_REQUIRE_EXTENSION=1 bash scripts/setup-venv.sh "test,examples,bench,hf,peers"
 if [ -f .ci/check_cuda_compile.sh ]; then
   # The nvcc compile check (a minute) runs again only when what it compiles or compiles with changed.
   cuda_check_hash="$( {

@@ -241,3 +241,13 @@ def objective_numpy(x, y, labels, *, ce_weight, kd_weight, temperature, teacher_
     up = float(upstream)
     return (rows.sum() / div, up * gx.reshape(x.shape) / div, up * gy.reshape(y.shape) / div, ce_rows.sum() / div,
             kd_rows.sum() / div)
+
+
+def logit_transform(x, scale: float = 1.0, softcap: Optional[float] = None):
+    """``(z, dz/dx)`` elementwise for a model's last logit transforms: ``z = scale * x``, then
+    ``z = softcap * tanh(z / softcap)`` when ``softcap`` is given."""
+    u = scale * np.asarray(x, np.float64)
+    if softcap is None:
+        return u, np.full_like(u, scale)
+    t = np.tanh(u / softcap)
+    return softcap * t, scale * (1.0 - t * t)

@@ -86,14 +86,19 @@ def save_gradients(ctx, inputs, grad_s: torch.Tensor, grad_t: torch.Tensor,
     ctx.requested = (inputs.grad_student, inputs.grad_teacher)
 
 
-def _may_overwrite_saved(saved: torch.Tensor) -> bool:
+def is_traced(saved: torch.Tensor) -> bool:
+    """True under torch.compile / AOT tracing: no host checks of values, no mutation of saved tensors."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(saved) is not None
+
+
+def may_overwrite_saved(saved: torch.Tensor) -> bool:
     """True when the saved gradient will never be needed again, so it can become the gradient.
 
     Not under torch.compile / AOT tracing (functionalized graphs cannot mutate saved tensors), and
     not when the autograd graph is kept (``retain_graph=True``, gradcheck): a later backward through
     the same graph must find the saved gradient unchanged.
     """
-    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(saved) is not None:
+    if is_traced(saved):
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return keep_graph is not None and not keep_graph()
@@ -153,7 +158,7 @@ def saved_gradients_backward(ctx, grad_loss: Optional[torch.Tensor],
         return None, None
     _check_requests(ctx, op_name)
     saved_s, saved_t = ctx.saved_tensors[:2]
-    in_place = _may_overwrite_saved(saved_s if ctx.requested[0] else saved_t)
+    in_place = may_overwrite_saved(saved_s if ctx.requested[0] else saved_t)
     if any(ctx.recompute):
         saved_s, saved_t = _recompute(ctx, saved_s, saved_t, grad_loss, in_place)
     grads = []

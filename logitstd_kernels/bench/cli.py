@@ -15,7 +15,7 @@ import torch
 
 from ..config import DIVERGENCES
 from .cases import DTYPES, MODES, Case, build_cases, default_cases
-from . import distributed, fused_linear, objective
+from . import accum_accuracy, distributed, fused_linear, objective
 from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
 from .providers import PROVIDERS, make_loss, split_provider, unavailable, with_divergence
 from .report import Result, Run, fill_speedups, metadata, progress, table, write_files
@@ -56,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="time the vocabulary-parallel objective on 1, 2 and 4 gloo processes (CPU) and record "
                              "the bytes each rank sends per step (--rows, first --vocab value)")
-    parser.add_argument("--hidden", type=int, default=None, help="hidden size H of --fused-linear")
+    parser.add_argument("--accum-accuracy", action="store_true",
+                        help="measure the fused lm_head's weight-gradient error with a float32 and a bfloat16 "
+                             "accumulator (accum_dtype) against float64, bf16 inputs; default shape: 2048 rows, "
+                             "H=256, V=8192 (--rows, --hidden, first --vocab); writes <out>/accum-dtype/")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size H of --fused-linear and --accum-accuracy")
     parser.add_argument("--cpu-budget", type=float, default=1.0, help="seconds of timed runs per CPU measurement")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds; the cases left are recorded as "
@@ -185,6 +189,8 @@ def _report(bench_run: Run, modes: tuple, out, paths: dict) -> list:
 def run(args: argparse.Namespace) -> int:
     if args.fused_linear:
         return fused_linear.run(args)
+    if args.accum_accuracy:
+        return accum_accuracy.run(args)
     if args.distributed:
         return distributed.run(args)
     device = torch.device(args.device)

@@ -1,8 +1,8 @@
-"""Spawning gloo processes for the vocabulary-parallel tests: each rank runs named scenarios of a
-test module (its ``SCENARIOS``: name -> function(rank, world) returning a JSON-able result), checks
-its own results and writes a one-line report; the test fails on a wrong report, a missing one, or a
-worker still running after the timeout (no hang). Also the slicing and the error measure the
-scenarios share."""
+"""Gloo processes for the vocabulary-parallel tests (``support.spawn_ranks``): each rank runs named
+scenarios of a test module (its ``SCENARIOS``: name -> function(rank, world) returning a JSON-able
+result), checks its own results and writes a one-line report; the test fails on a wrong report, a
+missing one, or a worker still running after the timeout (no hang). Also the slicing, the error
+measure and the collective recorder the scenarios share."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import contextlib
 import datetime
 import importlib
 import json
-import time
 import traceback
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from support import spawn_ranks
 
 # A hung collective raises in its worker after the process group's timeout (60 s); the test's own
-# deadline is the backstop: start-up plus a budget per scenario (the Triton interpreter on a busy
+# timeout is the backstop: start-up plus a budget per scenario (the Triton interpreter on a busy
 # 2-core machine takes up to about a minute for the slowest).
 STARTUP_S, PER_SCENARIO_S = 60, 45
 
@@ -99,23 +99,12 @@ def _worker(rank: int, world: int, folder: str, module: str, scenarios: tuple[st
 def run_ranks(world: int, module: str, scenarios: tuple[str, ...], folder: Path) -> list[dict]:
     """Spawn ``world`` processes running ``scenarios`` of test module ``module``; their reports
     (scenario -> report) in rank order."""
-    context = mp.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(r, world, str(folder), module, scenarios)) for r in range(world)]
-    timeout = STARTUP_S + PER_SCENARIO_S * len(scenarios)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not alive, f"ranks {alive} still running after {timeout} s (a hang)"
+    exit_codes = spawn_ranks(_worker, world, folder, module, scenarios,
+                             timeout_s=STARTUP_S + PER_SCENARIO_S * len(scenarios))
     reports = []
     for r in range(world):
         path = folder / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no report (exit code {procs[r].exitcode})"
+        assert path.exists(), f"rank {r} wrote no report (exit code {exit_codes[r]})"
         reports.append(json.loads(path.read_text()))
     return reports
 

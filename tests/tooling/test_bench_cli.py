@@ -76,3 +76,20 @@ def test_divergences_are_timed_per_provider_with_their_own_eager_baseline(tmp_pa
         assert abs(fused["speedup_vs_torch"] - eager["median_ms"] / fused["median_ms"]) < 1e-9
     bad = main(["bench", "--device", "cpu", "--divergences", "kl", "--out", str(tmp_path)])
     assert bad == 2 and "divergence" in capsys.readouterr().err
+
+
+def test_accum_accuracy_writes_its_results(tmp_path, capsys):
+    """``--accum-accuracy`` at a tiny shape: one record per seed, provider, accumulator and chunk size,
+    errors against float64 of the size of bf16 rounding, and the run's metadata."""
+    code = main(["bench", "--accum-accuracy", "--device", "cpu", "--rows", "32", "--hidden", "16", "--vocab", "64",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (report,) = (tmp_path / "accum-dtype").glob("*.json")
+    data = json.loads(report.read_text())
+    for key in ("device", "date", "command", "torch", "logitstd_kernels", "git_commit"):
+        assert key in data["metadata"], key
+    assert data["metadata"]["accumulator_bytes"] == {"float32": 4 * 64 * 16, "bfloat16": 2 * 64 * 16}
+    assert len(data["results"]) == 3 * (1 + 2 * 3) and len(data["summary"]) == 1 + 2 * 3
+    for row in data["summary"]:
+        assert all(0 < row[key] < 0.05 for key in ("weight_grad_max", "weight_grad_norm", "hidden_grad_max")), row
