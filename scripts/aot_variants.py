@@ -6,7 +6,8 @@
 - compile-only variants: every entry of both tables at the run width they get (16-byte and scalar
   runs) x mixed bf16/fp32 and float64 inputs x the heaviest switches (both gradients, a mask,
   labels, label smoothing, forward KL and jsd) for the forward and for the in-place recompute;
-- the row-scaling kernel and the vocabulary-parallel phase kernels.
+- the row-scaling kernel and the vocabulary-parallel phase kernels (standardized with labels, each
+  divergence's sums, pointwise phase and gradients).
 """
 
 from __future__ import annotations
@@ -125,18 +126,36 @@ def _compile_variants() -> list[Variant]:
     return out
 
 
+def _vp_kernels() -> list[tuple[str, dict, str]]:
+    """(kernel, constexprs, divergence) of the vocabulary-parallel phases, standardized with labels:
+    the sums of each group of divergences (forward KL, reverse KL, Jeffreys; jsd and tvd share theirs),
+    the pointwise phase of jsd and tvd, and the gradients of each divergence with both gradients."""
+    from logitstd_kernels._triton.vocab_parallel import sums_constexprs
+    from logitstd_kernels.distributed import layout
+
+    out = [("vp_stats_kernel", {}, "forward_kl")]
+    for divergence in ("forward_kl", "reverse_kl", "jeffreys", "jsd"):
+        sums = layout.sum_layout(True, True, DIVERGENCES.index(divergence))
+        out.append(("vp_sums_kernel", sums_constexprs(sums), divergence))
+    for divergence in ("jsd", "tvd"):
+        out.append(("vp_pointwise_kernel", {"STANDARDIZE": True, "DIV": DIVERGENCES.index(divergence),
+                                            "P": layout.pointwise_count(True)}, divergence))
+    for code, divergence in enumerate(DIVERGENCES):
+        out.append(("vp_grads_kernel", {"STANDARDIZE": True, "HAS_LABELS": True, "GRAD_S": True, "GRAD_T": True,
+                                        "DIV": code}, divergence))
+    return out
+
+
 def _other_variants() -> list[Variant]:
     from logitstd_kernels._triton import config
 
     out = [Variant("scale_rows_kernel", "row scaling", "scale", config.SCALE_BLOCK, config.SCALE_WARPS, 0, g, acc64,
                    {}, 131072) for g, acc64 in (("fp32", False), ("fp64", True))]
-    vp = (("vp_stats_kernel", {}), ("vp_sums_kernel", {"STANDARDIZE": True, "HAS_LABELS": True}),
-          ("vp_grads_kernel", {"STANDARDIZE": True, "HAS_LABELS": True, "GRAD_S": True, "GRAD_T": True}))
     for pair, acc64 in (("bf16/bf16", False), ("fp32/fp32", False), ("fp64/fp64", True)):
-        for kernel, flags in vp:
-            block = config.VP_BLOCK_F64 if acc64 else config.VP_BLOCK
+        for kernel, flags, divergence in _vp_kernels():
+            block = config.vp_block(acc64, flags.get("S", 0))
             out.append(Variant(kernel, "vocab-parallel phase", "vocab-parallel", block, config.VP_WARPS, 0, pair,
-                               acc64, dict(flags), VP_SLICE))
+                               acc64, dict(flags), VP_SLICE, divergence=divergence))
     return out
 
 
@@ -196,9 +215,9 @@ def source_of(v: Variant):
         from logitstd_kernels._triton import vocab_parallel
         from logitstd_kernels.distributed import layout
 
+        columns = {"vp_grads_kernel": layout.GRADS_COLUMNS, "vp_pointwise_kernel": layout.POINTWISE_COLUMNS}
         given.update(TINY=vocab_parallel._tiny(torch.float64 if v.acc64 else torch.float32),
-                     S=layout.sums_count(v.constexprs.get("STANDARDIZE", False), v.constexprs.get("HAS_LABELS", False)),
-                     C=layout.GRADS_COLUMNS if v.kernel == "vp_grads_kernel" else layout.SUMS_COLUMNS)
+                     C=columns.get(v.kernel, layout.SUMS_COLUMNS))
     signature, constexprs, attrs = {}, {}, {}
     divisible = [["tt.divisibility", 16]]
     for index, p in enumerate(fn.params):

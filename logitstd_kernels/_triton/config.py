@@ -95,12 +95,25 @@ SCALE_BLOCK = 4096
 SCALE_WARPS = 8
 
 # The vocabulary-parallel phases (vocab_parallel.py): one program per row over its slice, in
-# 1024-wide tiles, 4 warps -> 8 elements per thread (one 16-byte access of bf16), up to nine float32
-# accumulators per element in phase 2: 128 registers, no spills; slices of 32k-128k classes make
-# 32-128 tiles per row. float64 accumulation takes 512-wide tiles: at 1024 its phase 2 spills.
+# 1024-wide tiles, 4 warps -> 8 elements per thread (one 16-byte access of bf16); phase 2 keeps one
+# accumulator per partial sum and element: 13 (forward KL, standardized, with labels) take 128
+# registers in float32, Jeffreys' 18 take 168, no spills; slices of 32k-128k classes make 32-128
+# tiles per row. float64 accumulation takes 512-wide tiles: at 1024 its phase 2 spills; and phase 2
+# with more than VP_F64_MAX_SUMS partial sums (Jeffreys standardized) 256-wide ones: at 512 it
+# spills (255 registers, 152 bytes of spills with 18 sums), 13 take 232 registers without.
 VP_BLOCK = 1024
 VP_BLOCK_F64 = 512
+VP_BLOCK_F64_MANY_SUMS = 256
+VP_F64_MAX_SUMS = 13
 VP_WARPS = 4
+
+
+def vp_block(acc64: bool, sums: int = 0) -> int:
+    """The tile width of a vocabulary-parallel phase; ``sums``: phase 2's partial sums per row (0 for
+    the other phases)."""
+    if not acc64:
+        return VP_BLOCK
+    return VP_BLOCK_F64_MANY_SUMS if sums > VP_F64_MAX_SUMS else VP_BLOCK_F64
 
 
 def vector_width(*dtypes: torch.dtype) -> int:

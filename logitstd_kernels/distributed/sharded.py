@@ -1,4 +1,5 @@
-"""The objective of logits sharded by class: three local phases around two collectives of O(rows).
+"""The objective of logits sharded by class: local phases around two collectives of O(rows) (three
+for jsd and tvd).
 
 Each rank holds the classes ``[V_start, V_end)`` of every row (contiguous, in rank order, ``V_r`` may
 differ between ranks), the same rows on every rank, and the global labels. Every rank gets the same
@@ -6,6 +7,8 @@ loss and the gradients of its own slice (docs/tensor-parallel.md):
 
 1. the slice's statistics (``phases``), **all_gather**, Chan's merge in rank order (``merge.py``);
 2. the slice's partial sums under the global statistics, **all_gather**, summed in rank order;
+   jsd and tvd then take the pointwise phase: their per-element terms under the global normalizers,
+   a third **all_gather**, summed in rank order;
 3. loss and the slice's gradients: every term of the chain rule is a per-element quantity times a
    per-row global sum.
 
@@ -24,7 +27,7 @@ import torch.distributed as dist
 from .._ops.loss_op import included_rows
 from ..config import DistillConfig
 from ..reference import accumulation_dtype
-from . import merge, torch_phases
+from . import layout, merge, torch_phases
 from .collectives import Layout, gather
 
 
@@ -62,10 +65,10 @@ def _whole_row(gathered: torch.Tensor, layout_: Optional[Layout], group, config:
 
 
 def _raise_unowned(labels: torch.Tensor, totals: torch.Tensor, keep: torch.Tensor, num_classes,
-                   config: DistillConfig) -> None:
+                   config: DistillConfig, sums: layout.SumLayout) -> None:
     """A label no rank owns (outside [0, V)) raises on the CPU: every rank sees the same totals, so
     every rank raises; elsewhere the row is NaN, as on the single-device CUDA kernels (no host sync)."""
-    unowned = merge.unowned_labels(totals, keep)
+    unowned = merge.unowned_labels(totals, keep, sums)
     if labels.device.type == "cpu" and bool(unowned.any()):
         row = int(unowned.nonzero()[0])
         raise IndexError(f"labels[{row}] = {int(labels[row])} is outside [0, {int(num_classes)}) (the whole row's "
@@ -78,17 +81,20 @@ def _empty(student: torch.Tensor, teacher: torch.Tensor, grads: tuple[bool, bool
                        teacher.new_zeros(teacher.shape) if grads[1] else None)
 
 
-def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                 mask: Optional[torch.Tensor], group, config: DistillConfig, grads: tuple[bool, bool],
-                 layout_: Optional[Layout] = None, phases: ModuleType = torch_phases) -> ShardedRows:
-    """The three phases on (N, V_r) slices; see the module docstring. Excluded rows (mask, labels at
-    ``ignore_index``) get 0 and a zero gradient. ``layout_``: from ``collectives.agree_on_shards``
-    (the class offsets on the host); None derives them from phase 1's gather on the device.
-    ``phases``: a phase backend (``phases.phase_backend``)."""
-    acc = accumulation_dtype(student, teacher)
-    if student.shape[0] == 0:  # every rank has no rows (the header said so, or the caller guarantees it)
-        return _empty(student, teacher, grads, acc)
-    student, teacher = (t if t.stride(-1) == 1 else t.contiguous() for t in (student, teacher))
+class _Step(NamedTuple):
+    """What phase 1 and its merge established for the later phases."""
+
+    scales: merge.RowScales
+    keep: torch.Tensor
+    label_column: torch.Tensor
+    coef: torch.Tensor  # phase 2's coefficients
+    num_classes: Union[int, torch.Tensor]
+
+
+def _phase_one(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+               mask: Optional[torch.Tensor], group, config: DistillConfig, layout_: Optional[Layout],
+               phases: ModuleType, acc: torch.dtype) -> _Step:
+    """Phase 1, its collective and the merge: the whole row's scales and phase 2's coefficients."""
     rows, width = student.shape
     local = phases.slice_stats(student, teacher, acc)
     width_column = torch.full((rows, 1), float(width), dtype=torch.float64, device=student.device)
@@ -98,24 +104,56 @@ def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[
     keep = included_rows(labels, mask, config.ignore_index)
     keep = torch.ones(rows, dtype=torch.bool, device=student.device) if keep is None else keep
     owns, label_column = _label_columns(labels, start, width, keep)
-    coef = merge.sums_coefficients(scales, owns, acc)
-    partial = phases.slice_sums(student, teacher, coef, label_column, config.standardize, labels is not None)
+    return _Step(scales, keep, label_column, merge.sums_coefficients(scales, owns, acc), num_classes)
+
+
+def _pointwise(student: torch.Tensor, teacher: torch.Tensor, step: _Step, totals: torch.Tensor,
+               loss: merge.RowLoss, group, config: DistillConfig,
+               phases: ModuleType) -> tuple[torch.Tensor, torch.Tensor, merge.RowLoss]:
+    """jsd and tvd: the pointwise phase and its collective (the third); (coefficients, sums, loss)."""
+    coef = merge.pointwise_coefficients(step.coef, totals, loss)
+    partial = phases.slice_pointwise(student, teacher, coef, standardize=config.standardize,
+                                     divergence=config.kernel_divergence(), beta=config.beta)
+    pointwise = gather(partial, group).sum(0)  # rank order: deterministic
+    return coef, pointwise, merge.with_pointwise(loss, pointwise, config)
+
+
+def sharded_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                 mask: Optional[torch.Tensor], group, config: DistillConfig, grads: tuple[bool, bool],
+                 layout_: Optional[Layout] = None, phases: ModuleType = torch_phases) -> ShardedRows:
+    """The phases on (N, V_r) slices; see the module docstring. Excluded rows (mask, labels at
+    ``ignore_index``) get 0 and a zero gradient. ``layout_``: from ``collectives.agree_on_shards``
+    (the class offsets on the host); None derives them from phase 1's gather on the device.
+    ``phases``: a phase backend (``phases.phase_backend``)."""
+    acc = accumulation_dtype(student, teacher)
+    if student.shape[0] == 0:  # every rank has no rows (the header said so, or the caller guarantees it)
+        return _empty(student, teacher, grads, acc)
+    student, teacher = (t if t.stride(-1) == 1 else t.contiguous() for t in (student, teacher))
+    step = _phase_one(student, teacher, labels, mask, group, config, layout_, phases, acc)
+    divergence = config.kernel_divergence()
+    sums = layout.sum_layout(config.standardize, labels is not None, divergence)
+    partial = phases.slice_sums(student, teacher, step.coef, step.label_column, sums)
     totals = gather(partial, group).sum(0)  # rank order: deterministic
     if labels is not None:
-        _raise_unowned(labels, totals, keep, num_classes, config)
-    loss = merge.row_loss(totals, scales, config, keep, labels is not None, num_classes)
-    grad_x = torch.empty((rows, width), dtype=acc, device=student.device) if grads[0] else None
-    grad_y = torch.empty((rows, width), dtype=acc, device=student.device) if grads[1] else None
+        _raise_unowned(labels, totals, step.keep, step.num_classes, config, sums)
+    loss = merge.row_loss(totals, step.scales, config, step.keep, sums, step.num_classes)
+    coef, pointwise = step.coef, None
+    if layout.is_pointwise(divergence):
+        coef, pointwise, loss = _pointwise(student, teacher, step, totals, loss, group, config, phases)
+    grad_x = torch.empty(student.shape, dtype=acc, device=student.device) if grads[0] else None
+    grad_y = torch.empty(teacher.shape, dtype=acc, device=student.device) if grads[1] else None
     if any(grads):
-        coef = merge.grads_coefficients(coef, totals, scales, loss, keep, config, num_classes)
-        phases.slice_grads(student, teacher, coef, label_column, grad_x, grad_y,
+        coef = merge.grads_coefficients(coef, totals, pointwise, step.scales, loss, step.keep, config, sums,
+                                        step.num_classes)
+        phases.slice_grads(student, teacher, coef, step.label_column, grad_x, grad_y,
                            t2=config.temperature * config.temperature, kd_weight=config.kd_weight,
                            ce_weight=config.ce_weight, label_smoothing=config.label_smoothing,
-                           standardize=config.standardize, has_labels=labels is not None)
+                           standardize=config.standardize, has_labels=labels is not None, divergence=divergence,
+                           beta=config.beta)
     objective = config.ce_weight * loss.ce + config.kd_weight * loss.kd if labels is not None \
         else config.kd_weight * loss.kd
     zero = torch.zeros_like(loss.kd)
-    rows_out, ce, kd = (torch.where(keep, v, zero).to(acc) for v in (objective, loss.ce, loss.kd))
+    rows_out, ce, kd = (torch.where(step.keep, v, zero).to(acc) for v in (objective, loss.ce, loss.kd))
     return ShardedRows(rows_out, ce, kd, grad_x, grad_y)
 
 

@@ -2,7 +2,8 @@
 
 A tiny run (16 rows x 64 classes) of the whole command: 1, 2 and 4 gloo processes and the
 single-device yardstick, each with its time, rank 0's peak memory and the bytes it hands to the
-collectives: a 72-byte header, then 9 and 11 float64 per row, whatever V and the process count.
+collectives: a 72-byte header, then 9 and 13 float64 per row (forward KL, standardized, with labels),
+whatever V and the process count.
 """
 
 from __future__ import annotations
@@ -29,5 +30,5 @@ def test_distributed_bench_writes_times_memory_and_bytes(tmp_path):
     for world in (1, 2, 4):
         r = results[f"gloo x{world}"]
         assert (r["rows"], r["vocab"], r["collectives"]) == (ROWS, VOCAB, 3)
-        assert r["sent_bytes_per_rank"] == 72 + ROWS * 9 * 8 + ROWS * 11 * 8
+        assert r["sent_bytes_per_rank"] == 72 + ROWS * 9 * 8 + ROWS * 13 * 8
     assert results["fused x1"]["collectives"] == 0 and results["fused x1"]["sent_bytes_per_rank"] == 0

@@ -1,16 +1,11 @@
 """Vocabulary-parallel distillation over torch.distributed (gloo, CPU), 2 and 3 processes spawned from
-the test: every rank's loss and gradient slices against the single-process reference on the whole
-rows. Each worker checks its own results and writes a one-line report; the test fails on a wrong
-report, a missing one, or a worker still running after the timeout (no hang)."""
+the test (``ranks.py``): every rank's loss and gradient slices against the single-process reference
+on the whole rows (forward KL; the other divergences: ``test_vp_divergences.py``)."""
 
 from __future__ import annotations
 
-import datetime
 import functools
-import json
 import re
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,82 +17,23 @@ from logitstd_kernels.config import DistillConfig, LogitTransforms
 from logitstd_kernels.distributed import torch_phases
 from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
                                           vocab_parallel_fused_linear_distillation_loss)
-from support import needs, spawn_ranks
-
-TIMEOUT_S = 120
-
-
-def widths_for(num_classes: int, world: int) -> list[int]:
-    """Uneven slices: rank 0 takes the remainder and a few more classes."""
-    base = num_classes // world
-    widths = [base] * world
-    widths[0] += num_classes - base * world
-    if world > 1:
-        widths[0] += 3
-        widths[-1] -= 3
-    return widths
-
-
-def _worker(rank: int, world: int, folder: str, scenarios: tuple[str, ...]) -> None:
-    """Run the scenarios one after the other; each one's result or exception goes into the report
-    (a scenario that raises the same error on every rank leaves the process group usable)."""
-    reports = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        for name in scenarios:
-            torch.manual_seed(1234)  # the same full rows on every rank
-            try:
-                reports[name] = {"ok": True, "result": SCENARIOS[name](rank, world)}
-            except Exception as exc:  # reported to the test, which decides
-                reports[name] = {"ok": False, "type": type(exc).__name__, "error": str(exc),
-                                 "traceback": traceback.format_exc()}
-    finally:
-        (Path(folder) / f"rank{rank}.json").write_text(json.dumps(reports))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(world: int, scenarios: tuple[str, ...], folder: Path) -> list[dict]:
-    """Spawn ``world`` processes running ``scenarios``; their reports (scenario -> report) in rank order."""
-    exit_codes = spawn_ranks(_worker, world, folder, scenarios, timeout_s=TIMEOUT_S)
-    reports = []
-    for r in range(world):
-        path = folder / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no report (exit code {exit_codes[r]})"
-        reports.append(json.loads(path.read_text()))
-    return reports
+from ranks import assert_ok, max_rel, recorded_collectives, run_ranks, slice_of
+from support import needs
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> dict[int, list[dict]]:
     """One spawn per world size, every scenario in it (process start-up dominates a scenario)."""
     runs = {2: tuple(SCENARIOS), 3: ("loss", "loss_triton", "fused_linear")}
-    return {world: run_ranks(world, names, tmp_path_factory.mktemp(f"world{world}")) for world, names in runs.items()}
-
-
-def assert_ok(reports: list[dict], scenario: str) -> list[dict]:
-    for r, report in enumerate(reports):
-        assert scenario in report, f"rank {r} did not get to {scenario!r}"
-        assert report[scenario]["ok"], f"rank {r}: {report[scenario].get('traceback')}"
-    return [report[scenario]["result"] for report in reports]
-
-
-def _slice(rank: int, world: int, num_classes: int) -> slice:
-    widths = widths_for(num_classes, world)
-    start = sum(widths[:rank])
-    return slice(start, start + widths[rank])
-
-
-def _max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-300))
+    return {world: run_ranks(world, __name__, names, tmp_path_factory.mktemp(f"world{world}"))
+            for world, names in runs.items()}
 
 
 def _compare_loss(rank: int, world: int, backend: str = "torch") -> dict:
     """Every configuration against the reference; returns the worst relative errors per dtype.
     ``backend``: the local phases' (the Triton kernels run under the interpreter here)."""
     num_classes, rows = 1003, 9
-    cols = _slice(rank, world, num_classes)
+    cols = slice_of(rank, world, num_classes)
     worst = {"float64": 0.0, "float32": 0.0}
     x64 = 3 * torch.randn(rows, num_classes, dtype=torch.float64)
     y64 = 5 * torch.randn(rows, num_classes, dtype=torch.float64)
@@ -119,8 +55,8 @@ def _compare_loss(rank: int, world: int, backend: str = "torch") -> dict:
                     xf, yf = x64.clone().requires_grad_(True), y64.clone().requires_grad_(True)
                     want = reference.distillation_loss(xf, yf, given_labels, **options)
                     want.backward(None if upstream is None else upstream.double())
-                    errors = [_max_rel(loss, want), _max_rel(xs.grad, xf.grad[:, cols]),
-                              _max_rel(ys.grad, yf.grad[:, cols])]
+                    errors = [max_rel(loss, want), max_rel(xs.grad, xf.grad[:, cols]),
+                              max_rel(ys.grad, yf.grad[:, cols])]
                     name = str(dtype).split(".")[-1]
                     bound = 1e-12 if dtype == torch.float64 else 2e-5
                     assert max(errors) <= bound, (f"{name} standardize={standardize} labels={given_labels is not None} "
@@ -131,32 +67,15 @@ def _compare_loss(rank: int, world: int, backend: str = "torch") -> dict:
 
 def _count_collectives(rank: int, world: int) -> dict:
     """The bytes each collective call of a step hands over, whatever the collective."""
-    calls = []
-    patched = {}
-    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter", "gather",
-                 "scatter", "all_to_all", "all_to_all_single"):
-        original = getattr(dist, name)
-        patched[name] = original
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            tensor = args[1] if _name in ("all_gather", "all_gather_into_tensor") else args[0]
-            calls.append((_name, tensor.numel() * tensor.element_size()))
-            return _original(*args, **kwargs)
-
-        setattr(dist, name, counting)
-    try:
-        cols = _slice(rank, world, 500)
-        x, y = torch.randn(64, 500), torch.randn(64, 500)
-        labels = torch.randint(0, 500, (64,))
-        counts = {}
-        for check in (False, True):
-            calls.clear()
+    cols = slice_of(rank, world, 500)
+    x, y = torch.randn(64, 500), torch.randn(64, 500)
+    labels = torch.randint(0, 500, (64,))
+    counts = {}
+    for check in (False, True):
+        with recorded_collectives() as calls:
             xs = x[:, cols].clone().requires_grad_(True)
             vocab_parallel_distillation_loss(xs, y[:, cols], labels, check_shards=check).backward()
-            counts[str(check)] = list(calls)
-    finally:
-        for name, original in patched.items():
-            setattr(dist, name, original)
+        counts[str(check)] = list(calls)
     return counts
 
 
@@ -166,7 +85,7 @@ def _phase_backends_agree(rank: int, world: int, device: str = "cpu") -> dict:
     stride, bf16 too: the same loss and gradients but for rounding (1e-12 in float64, 2e-5 in
     float32, 2^-7 of a bf16 row's largest gradient, one rounding apart)."""
     num_classes, rows = 2 * 1300 + 7, 5
-    cols = _slice(rank, world, num_classes)
+    cols = slice_of(rank, world, num_classes)
     x64 = 3 * torch.randn(rows, num_classes, dtype=torch.float64)
     y64 = 5 * torch.randn(rows, num_classes, dtype=torch.float64)
     labels = torch.randint(0, num_classes, (rows,))
@@ -186,7 +105,7 @@ def _phase_backends_agree(rank: int, world: int, device: str = "cpu") -> dict:
                                                         label_smoothing=0.1, backend=backend)
                 loss.backward(torch.linspace(0.5, 1.5, rows, dtype=loss.dtype, device=device))
                 got[backend] = (loss.detach(), xs.grad, ys.grad)
-            errors = [_max_rel(a, b) for a, b in zip(got["triton"], got["torch"])]
+            errors = [max_rel(a, b) for a, b in zip(got["triton"], got["torch"])]
             assert max(errors) <= bound, f"{dtype} standardize={standardize}: {errors}"
             worst[str(dtype)] = max(worst.get(str(dtype), 0.0), *errors)
     return worst
@@ -200,7 +119,7 @@ def _edge_rows(rank: int, world: int) -> dict:
     from logitstd_kernels.objective import distillation_loss
 
     num_classes = 40
-    cols = _slice(rank, world, num_classes)
+    cols = slice_of(rank, world, num_classes)
     found = {}
     for backend in ("torch", "triton"):
         x, y = torch.randn(3, num_classes, dtype=torch.float64), torch.randn(3, num_classes, dtype=torch.float64)
@@ -212,7 +131,7 @@ def _edge_rows(rank: int, world: int) -> dict:
         xf, yf = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
         want = distillation_loss(xf, yf, labels, standardize=False, reduction="none", backend="cpu")
         want.sum().backward()  # the C++ kernel: p = 0 contributes 0 (the -inf teacher logit's limit)
-        errors = [_max_rel(loss, want), _max_rel(xs.grad, xf.grad[:, cols]), _max_rel(ys.grad, yf.grad[:, cols])]
+        errors = [max_rel(loss, want), max_rel(xs.grad, xf.grad[:, cols]), max_rel(ys.grad, yf.grad[:, cols])]
         assert torch.isfinite(loss).all() and torch.isfinite(ys.grad).all() and max(errors) <= 1e-12, errors
 
         x = torch.randn(3, num_classes)
@@ -234,7 +153,7 @@ def _edge_rows(rank: int, world: int) -> dict:
             xf = x64.float().double().requires_grad_(True)
             want = reference.distillation_loss(xf, y64.float().double(), None, reduction="none", **options)
             want.sum().backward()
-            errors = [_max_rel(loss, want), _max_rel(xs.grad, xf.grad[:, cols])]
+            errors = [max_rel(loss, want), max_rel(xs.grad, xf.grad[:, cols])]
             assert max(errors) <= 2e-5, (magnitude, errors)
         found[backend] = True
     return found
@@ -267,7 +186,7 @@ def _dtensor(rank: int, world: int) -> dict:
     want = reference.distillation_loss(xf, y, labels)
     want.backward()
     grad = xd.grad.full_tensor()
-    errors = [_max_rel(loss, want), _max_rel(grad, xf.grad)]
+    errors = [max_rel(loss, want), max_rel(grad, xf.grad)]
     assert max(errors) <= 1e-12, errors
     return {"errors": errors}
 
@@ -282,7 +201,7 @@ def _fused_linear(rank: int, world: int, backend: str = "torch") -> dict:
     and explicit chunks, with and without logit transforms; the hidden gradient's partial sums
     all-reduced as the layer's backward would."""
     num_classes, hidden, teacher_hidden, rows = 301, 16, 24, 11
-    cols = _slice(rank, world, num_classes)
+    cols = slice_of(rank, world, num_classes)
     h = torch.randn(rows, hidden, dtype=torch.float64)
     w = torch.randn(num_classes, hidden, dtype=torch.float64) / 4
     b = torch.randn(num_classes, dtype=torch.float64)
@@ -311,8 +230,8 @@ def _fused_linear(rank: int, world: int, backend: str = "torch") -> dict:
         want = reference.linear_loss_of_config(hf, wf, bf, F.linear(ht, wt), labels, mask, DistillConfig(),
                                                LogitTransforms(**transforms))
         want.backward()
-        errors = [_max_rel(loss, want), _max_rel(grad_hidden, hf.grad), _max_rel(wl.grad, wf.grad[cols]),
-                  _max_rel(bl.grad, bf.grad[cols])]
+        errors = [max_rel(loss, want), max_rel(grad_hidden, hf.grad), max_rel(wl.grad, wf.grad[cols]),
+                  max_rel(bl.grad, bf.grad[cols])]
         assert max(errors) <= bound, f"{dtype} teacher={teacher} {transforms}: {errors}"
         worst = max(worst, *errors)
     return {"worst": worst}
@@ -401,10 +320,11 @@ def test_matches_the_single_process_objective(world, reports):
 def test_two_collectives_of_rows_size_per_step(reports):
     counts = assert_ok(reports[2], "collectives")[0]
     rows = 64
-    # without the header check: phase 1 (rows x 9 float64) and phase 2 (rows x 11 float64)
-    assert counts["False"] == [["all_gather", rows * 9 * 8], ["all_gather", rows * 11 * 8]]
+    # without the header check: phase 1 (rows x 9 float64) and phase 2 (rows x 13 float64: Za, Zb, the
+    # standardization's 2, forward KL's 5, the CE's 4)
+    assert counts["False"] == [["all_gather", rows * 9 * 8], ["all_gather", rows * 13 * 8]]
     # with it: one constant-size header (9 int64) first
-    assert counts["True"] == [["all_gather", 9 * 8], ["all_gather", rows * 9 * 8], ["all_gather", rows * 11 * 8]]
+    assert counts["True"] == [["all_gather", 9 * 8], ["all_gather", rows * 9 * 8], ["all_gather", rows * 13 * 8]]
 
 
 @pytest.mark.parametrize("world", [2, 3])
