@@ -27,11 +27,17 @@ from .sharded import ShardedLoss, no_double_backward, sharded_rows
 _LOCAL_ERRORS = (TypeError, ValueError, IndexError, RuntimeError)
 
 
+def _check_divergence(config: cfg.DistillConfig, caller: str) -> None:
+    if config.divergence in cfg.LABEL_DIVERGENCES:
+        raise ValueError(f"{caller}: divergence={config.divergence!r} is computed by the single-device losses only")
+
+
 def _check_local(student_logits, teacher_logits, labels, mask, settings: dict, reduction: str, backend: object):
     """The checks that need no other rank; the class count (for ``correction`` and the labels' upper
     bound) is the whole row's, checked after phase 1."""
     config = cfg.config_from(settings, cfg.OBJECTIVE_SETTINGS, "vocab_parallel_distillation_loss",
                              reduction=cfg.objective_reduction(reduction))
+    _check_divergence(config, "vocab_parallel_distillation_loss")
     student, teacher = check_pair(student_logits, teacher_logits)
     labels = check_labels(labels, student, config.ignore_index, num_classes=None)
     return student, teacher, labels, check_mask(mask, student), config, phase_backend(backend, student.device)
@@ -140,6 +146,7 @@ def _check_linear_local(student_hidden, student_weight, student_bias, teacher_hi
     the labels against the whole row (>= 0 here; < V after phase 1)."""
     config = cfg.config_from(objective, cfg.OBJECTIVE_SETTINGS, "vocab_parallel_fused_linear_distillation_loss",
                              reduction=cfg.objective_reduction(reduction, cfg.FUSED_LINEAR_REDUCTIONS))
+    _check_divergence(config, "vocab_parallel_fused_linear_distillation_loss")
     cfg.check_chunk_size(chunk_size)
     cfg.check_accum_dtype(accum_dtype)
     checked_transforms = cfg.check_logit_transforms(**transforms)
