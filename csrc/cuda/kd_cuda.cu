@@ -929,13 +929,17 @@ ForwardOutputs fused_kd_forward_cuda(const at::Tensor& student, const at::Tensor
                                      bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
                                      double label_smoothing, double ce_weight, double kd_weight,
                                     const std::string& divergence, double beta, double dkd_alpha,
-                                    double dkd_beta) {
+                                    double dkd_beta, const std::optional<at::Tensor>& temperature_rows,
+                                    bool grad_temperature) {
   constexpr const char* op = "logitstd::fused_kd_forward";
   const FusedArgs a{student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
-                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta};
+                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta,
+                    temperature_rows, grad_temperature};
   const at::ScalarType acc = check_forward_args(op, a, c10::DeviceType::CUDA);
   TORCH_CHECK_VALUE(divergence_code(op, divergence, beta) == 0, op, " (CUDA): the CUDA kernel computes forward_kl "
                     "only; use backend=\"triton\" for ", divergence);
+  TORCH_CHECK_VALUE(!temperature_rows.has_value(), op, " (CUDA): no per-row temperature in the CUDA kernel; use "
+                    "backend=\"cpu\" or \"torch\"");
   TORCH_CHECK_VALUE(student.size(1) <= INT32_MAX, op, " (CUDA): student has ", student.size(1),
                     " classes, more than the kernel's limit of 2^31 - 1");
   const c10::cuda::CUDAGuard guard(student.device());
@@ -943,10 +947,11 @@ ForwardOutputs fused_kd_forward_cuda(const at::Tensor& student, const at::Tensor
     // no kernel for this dtype pair: both in the accumulation dtype, the gradients rounded back once
     auto out = fused_kd_forward_cuda(student.to(acc), teacher.to(acc), mask, grad_scale, tau_s, tau_t, standardize,
                                      correction, eps, grad_student, grad_teacher, labels, ignore_index,
-                                     label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta);
+                                     label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta,
+                                     temperature_rows, grad_temperature);
     return {std::get<0>(out), grad_student ? std::get<1>(out).to(student.scalar_type()) : student.new_empty({0}),
             grad_teacher ? std::get<2>(out).to(teacher.scalar_type()) : teacher.new_empty({0}), std::get<3>(out),
-            std::get<4>(out)};
+            std::get<4>(out), std::get<5>(out)};
   }
   return fused_forward_front(a, acc, grad_student, grad_teacher, [&](const KdProblem& p) {
     launch(p, student.scalar_type(), teacher.scalar_type(), c10::cuda::getCurrentCUDAStream());
@@ -961,11 +966,12 @@ void fused_kd_regrad_cuda(const at::Tensor& student, const at::Tensor& teacher, 
                           int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y,
                           const std::optional<at::Tensor>& labels, int64_t ignore_index, double label_smoothing,
                           double ce_weight, double kd_weight, const std::string& divergence, double beta,
-                         double dkd_alpha, double dkd_beta) {
+                         double dkd_alpha, double dkd_beta, const std::optional<at::Tensor>& temperature_rows) {
   constexpr const char* op = "logitstd::fused_kd_regrad_";
   const std::optional<at::Tensor> rows(active);
   const FusedArgs a{student, teacher, rows, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
-                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta};
+                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta,
+                    temperature_rows, false};
   const c10::cuda::CUDAGuard guard(student.device());
   fused_regrad_front(op, a, grad_x, grad_y, c10::DeviceType::CUDA, [&](const KdProblem& p, at::ScalarType acc) {
     if (native_pair(student.scalar_type(), teacher.scalar_type())) {
@@ -974,7 +980,8 @@ void fused_kd_regrad_cuda(const at::Tensor& student, const at::Tensor& teacher, 
     }
     auto out = fused_kd_forward_cuda(student.to(acc), teacher.to(acc), active, grad_scale, tau_s, tau_t, standardize,
                                      correction, eps, grad_x.numel() > 0, grad_y.numel() > 0, labels, ignore_index,
-                                     label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta);
+                                     label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta,
+                                     temperature_rows, false);
     const at::Tensor picked = active.reshape({-1, 1});
     if (grad_x.numel() > 0) grad_x.copy_(at::where(picked, std::get<1>(out).to(grad_x.scalar_type()), grad_x));
     if (grad_y.numel() > 0) grad_y.copy_(at::where(picked, std::get<2>(out).to(grad_y.scalar_type()), grad_y));
