@@ -1,103 +1,70 @@
-// Reductions of the CUDA kernel (kd_kernel.cuh): one value per thread to one value per row, through
-// warp shuffles, the CTA's warps in order and the cluster's CTAs in rank order (distributed shared
-// memory), and the two halves of a cluster barrier.
+// Reductions of the CUDA kernel (kd_kernel.cuh): one value per thread (a struct of A fields) to one
+// value per row, through a warp shuffle tree, the CTA's warps in order and the cluster's CTAs in
+// rank order (distributed shared memory), so that every thread of every CTA of a row's cluster gets
+// the same bits; and the two halves of a cluster barrier.
 #pragma once
 
 #include <cooperative_groups.h>
 
-#include "logitstd/row_math.h"
+#include "launch_config.h"
 
 namespace cg = cooperative_groups;
 
 namespace logitstd {
 namespace cuda {
 
-// ----------------------------------------------------------------------------------------------
-// Reductions of one value per thread to one value per row.
+// The reductions of a row, each with its own CTA slot: another CTA of the cluster may read a slot
+// until it reaches its next cluster barrier, so no slot is reused within a row.
+enum ReduceSlot : int { kSlotStats, kSlotExact, kSlotScaled, kSlotSums, kSlotPointwise, kSlotRefine, kSlotTerms, kSlots };
+
+// The reduction buffers of one CTA, as rows of A (each reduced struct is a struct of A fields, at
+// most kFields of them): the warps' partial results, the CTA's result per slot, the row's result.
 template <class A>
-struct MomentsPair {
-  Moments<A> x, y;
+struct SharedStorage {
+  static constexpr int kFields = 16;
+  A warp[kWarps][kFields];
+  A cta[kSlots][kFields];
+  A row[kFields];
 };
-
-template <class A>
-__device__ __forceinline__ MomentsPair<A> combine(const MomentsPair<A>& a, const MomentsPair<A>& b) {
-  return MomentsPair<A>{merge_moments(a.x, b.x), merge_moments(a.y, b.y)};
-}
-
-__device__ __forceinline__ float combine(float a, float b) { return a + b; }
-__device__ __forceinline__ double combine(double a, double b) { return a + b; }
-__device__ __forceinline__ float shfl_down(float v, int off) { return __shfl_down_sync(0xffffffffu, v, off); }
-__device__ __forceinline__ double shfl_down(double v, int off) { return __shfl_down_sync(0xffffffffu, v, off); }
-
-template <class A>
-__device__ __forceinline__ RowSums<A> combine(const RowSums<A>& a, const RowSums<A>& b) {
-  return add_sums(a, b);
-}
-
-template <class A>
-__device__ __forceinline__ CeSums<A> combine(const CeSums<A>& a, const CeSums<A>& b) {
-  return add_ce_sums(a, b);
-}
-
-template <class A>
-__device__ __forceinline__ CeSums<A> shfl_down(const CeSums<A>& c, int off) {
-  return CeSums<A>{__shfl_down_sync(0xffffffffu, c.zc, off), __shfl_down_sync(0xffffffffu, c.zsum, off),
-                   __shfl_down_sync(0xffffffffu, c.excl, off)};
-}
-
-template <class A>
-__device__ __forceinline__ TermSums<A> combine(const TermSums<A>& a, const TermSums<A>& b) {
-  return add_term_sums(a, b);
-}
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <class A>
-__device__ __forceinline__ Moments<A> shfl_down(const Moments<A>& m, int off) {
-  return Moments<A>{__shfl_down_sync(kFullMask, m.n, off), __shfl_down_sync(kFullMask, m.mean, off),
-                    __shfl_down_sync(kFullMask, m.m2, off), __shfl_down_sync(kFullMask, m.max, off),
-                    __shfl_down_sync(kFullMask, m.min, off)};
+// __shfl_down_sync of every field of a struct of A fields.
+template <class A, class R>
+__device__ __forceinline__ R shfl_down_fields(const R& v, int off) {
+  static_assert(sizeof(R) % sizeof(A) == 0, "a reduced value is a struct of A fields");
+  constexpr int kN = static_cast<int>(sizeof(R) / sizeof(A));
+  union Fields {
+    R value;
+    A f[kN];
+  };
+  Fields u{v};
+#pragma unroll
+  for (int i = 0; i < kN; ++i) u.f[i] = __shfl_down_sync(kFullMask, u.f[i], off);
+  return u.value;
 }
 
-template <class A>
-__device__ __forceinline__ MomentsPair<A> shfl_down(const MomentsPair<A>& m, int off) {
-  return MomentsPair<A>{shfl_down(m.x, off), shfl_down(m.y, off)};
-}
-
-template <class A>
-__device__ __forceinline__ TermSums<A> shfl_down(const TermSums<A>& s, int off) {
-  return TermSums<A>{__shfl_down_sync(kFullMask, s.gx, off), __shfl_down_sync(kFullMask, s.sx, off),
-                     __shfl_down_sync(kFullMask, s.gy, off), __shfl_down_sync(kFullMask, s.sy, off)};
-}
-
-template <class A>
-__device__ __forceinline__ RowSums<A> shfl_down(const RowSums<A>& s, int off) {
-  return RowSums<A>{__shfl_down_sync(kFullMask, s.za, off),  __shfl_down_sync(kFullMask, s.zb, off),
-                    __shfl_down_sync(kFullMask, s.t, off),   __shfl_down_sync(kFullMask, s.tabs, off),
-                    __shfl_down_sync(kFullMask, s.saa, off),
-                    __shfl_down_sync(kFullMask, s.sab, off), __shfl_down_sync(kFullMask, s.sbb, off),
-                    __shfl_down_sync(kFullMask, s.sbd, off)};
-}
-
-// A warp shuffle tree (lane 0), the CTA's warps in order (thread 0), then, for a cluster, the CTAs'
-// results in rank order through distributed shared memory. All threads of all CTAs of the cluster
-// return the same bits. `cta_slot` must not be reused: other CTAs read it after this returns
-// until they reach their next cluster barrier.
-template <class R>
-__device__ R row_reduce(R v, R* warp_buf, R* cta_slot, R* row_buf, int cluster) {
+// The row's value of v (every thread's), combined by `combine` (associative; applied in a fixed
+// order). Every thread of the CTA takes part.
+template <class A, class R, class Combine>
+__device__ __noinline__ R row_reduce(R v, Combine combine, SharedStorage<A>& sh, int slot, int cluster) {
+  static_assert(sizeof(R) <= SharedStorage<A>::kFields * sizeof(A), "SharedStorage::kFields is too small");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    const R other = shfl_down(v, off);
+    const R other = shfl_down_fields<A>(v, off);
     if (lane < off) v = combine(v, other);
   }
-  if (lane == 0) warp_buf[warp] = v;
+  R* const warp_buf = reinterpret_cast<R*>(sh.warp[warp]);
+  R* const cta_slot = reinterpret_cast<R*>(sh.cta[slot]);
+  R* const row_buf = reinterpret_cast<R*>(sh.row);
+  if (lane == 0) *warp_buf = v;
   __syncthreads();
   if (threadIdx.x == 0) {
-    R r = warp_buf[0];
+    R r = *reinterpret_cast<R*>(sh.warp[0]);
     const int warps = static_cast<int>(blockDim.x >> 5);
-    for (int w = 1; w < warps; ++w) r = combine(r, warp_buf[w]);
+    for (int w = 1; w < warps; ++w) r = combine(r, *reinterpret_cast<R*>(sh.warp[w]));
     *cta_slot = r;
   }
   if (cluster == 1) {
@@ -120,7 +87,8 @@ __device__ R row_reduce(R v, R* warp_buf, R* cta_slot, R* row_buf, int cluster) 
 #endif
 }
 
-// The two halves of a cluster barrier (PTX ISA 8.0, sm_90), executed by every thread.
+// The two halves of a cluster barrier (PTX ISA 8.0, sm_90), executed by every thread: a CTA
+// arrives after its last reduction and waits before it exits, so that its slots stay readable.
 __device__ __forceinline__ void cluster_arrive() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");

@@ -1,5 +1,5 @@
 // The divergence family of the fused loss (docs/design.md section 8), shared by the CPU kernel (on
-// scalars and at::vec::Vectorized lanes) and the CUDA kernel. Include row_math.h first.
+// scalars and at::vec::Vectorized lanes) and the CUDA kernel.
 //
 // With q = e^sa / Za (student) and p = e^sb / Zb (teacher), delta = sb - sa in exponent units and
 // l = ln p - ln q = unit delta + lz, lz = log(Za / Zb), every divergence D(p, q) has the gradients
@@ -22,13 +22,15 @@
 
 #include <cstdint>
 
+#include "row_math.h"
+
 namespace logitstd {
 
 enum class Divergence : int32_t { kForwardKl = 0, kReverseKl = 1, kJsd = 2, kJeffreys = 3, kTvd = 4 };
 
-LOGITSTD_HD bool has_forward(Divergence d) { return d == Divergence::kForwardKl || d == Divergence::kJeffreys; }
-LOGITSTD_HD bool has_reverse(Divergence d) { return d == Divergence::kReverseKl || d == Divergence::kJeffreys; }
-LOGITSTD_HD bool is_pointwise(Divergence d) { return d == Divergence::kJsd || d == Divergence::kTvd; }
+LOGITSTD_HD constexpr bool has_forward(Divergence d) { return d == Divergence::kForwardKl || d == Divergence::kJeffreys; }
+LOGITSTD_HD constexpr bool has_reverse(Divergence d) { return d == Divergence::kReverseKl || d == Divergence::kJeffreys; }
+LOGITSTD_HD constexpr bool is_pointwise(Divergence d) { return d == Divergence::kJsd || d == Divergence::kTvd; }
 
 LOGITSTD_HD float m_expm1(float v) { return expm1f(v); }
 LOGITSTD_HD double m_expm1(double v) { return expm1(v); }
@@ -50,6 +52,8 @@ template <class T>
 inline at::vec::Vectorized<T> m_log1p(const at::vec::Vectorized<T>& v) { return v.log1p(); }
 template <class T>
 inline at::vec::Vectorized<T> m_exp(const at::vec::Vectorized<T>& v) { return v.exp(); }
+template <class T>
+inline at::vec::Vectorized<T> m_log(const at::vec::Vectorized<T>& v) { return v.log(); }
 template <class T>
 inline at::vec::Vectorized<T> m_abs(const at::vec::Vectorized<T>& v) { return v.abs(); }
 // c ? a : b with c a lane mask (all bits set where true), as at::vec's comparisons return.
@@ -151,10 +155,11 @@ LOGITSTD_HD PointwiseTerms<V> pointwise_terms(Divergence div, V q, V p, V l, V b
     const V half = V(0.5);
     return PointwiseTerms<V>{half * m_abs(diff), V(0) - half * m_sign(diff), half * m_sign(diff)};
   }
-  // L_q = ln(q / m) = -log1p(beta expm1(l)); L_p = ln(p / m) = l + L_q; m = beta p + (1 - beta) q
+  // L_q = ln(q / m) = -log1p(beta expm1(l)); L_p = ln(p / m) = l + L_q, or -ln(beta) where q = 0
+  // (l = +inf there: inf - inf); m = beta p + (1 - beta) q
   const V one_minus = V(1) - beta;
   const V lq = V(0) - m_log1p(beta * m_expm1(l));
-  const V lp = l + lq;
+  const V lp = m_select(q_pos, l + lq, V(0) - m_log(beta));
   const V m = m_fma(beta, p, one_minus * q);
   const V loss = m_fma(beta, jsd_side(p, m, lp, p_pos), one_minus * jsd_side(q, m, lq, q_pos));
   return PointwiseTerms<V>{loss, m_select(q_pos, one_minus * lq, V(0)), m_select(p_pos, beta * lp, V(0))};

@@ -74,6 +74,18 @@ LOGITSTD_HD T magnitude_scale(T max, T min) {
   return m_ldexp(T(1), -e);
 }
 
+// The magnitude scale from bounds lo <= max |v| <= hi (the CUDA kernel's statistics give bounds,
+// not the min): magnitude_scale of the bounds where they agree, else 0, where the bounds leave it
+// open and the exact max |v| must decide: their scales differ, or hi overflowed while lo is finite.
+// (Any power of two c with c v in range gives the same bits: the scale only keeps the squares in
+// range.)
+template <class T>
+LOGITSTD_HD T magnitude_scale_within(T lo, T hi) {
+  const T a = magnitude_scale(lo, lo);
+  const T b = magnitude_scale(hi, hi);
+  return (a == b && (m_isfinite(hi) || !m_isfinite(lo))) ? a : T(0);
+}
+
 // What the rest of the row math needs from the statistics of one input row (scaled units).
 template <class T>
 struct RowStats {

@@ -3,21 +3,19 @@
 // derivation; this header (with scalar_math.h, the scalar functions, and moments.h, the statistics,
 // which it includes) is the single implementation of every formula the kernels use.
 //
-// Per row of V logits (student x, teacher y) a kernel does:
+// Per row of V logits (student x, teacher y) the CPU kernel does (the CUDA kernel's passes build on
+// these functions in phase_math.h, phase_grads.h and phase_row.h):
 //   1. statistics: Moments (count, mean, M2, max) of x - shift and y - shift, where shift is the
 //      row's first element (a constant row is then exactly 0, and the mean of a row such as
 //      1000 + 0.01 * randn is computed from small numbers). Partial moments of blocks of the row
 //      are combined with Chan's pairwise merge; finalize_moments() gives sigma and s = sigma + eps.
 //   2. make_exp_plan(): the exponent of element k is sa_k = (x_k - max x) * xa = (a_k - max a) / unit
 //      ("units" of log: 1 for exp, ln 2 for exp2). The kernel accumulates RowSums:
-//        za = sum e^sa, zb = sum e^sb, t = sum e^sb * delta, saa = sum e^sa sa, sab = sum e^sb sa,
-//        sbb = sum e^sb sb, sbd = sum e^sb delta sb, with delta = sb - sa (kl_delta()).
-//   3. finalize_row(): loss = tau_s^2 * KL and the coefficients of the gradient formulas (the CUDA
-//      kernel on long rows); the CPU kernel, and the CUDA kernel on short rows, evaluate the same
-//      chain rule from per-element terms instead (student_term ... term_coefficients below)
-//        dL/dx_k = alpha_a e^sa_k - alpha_b e^sb_k - beta (x_k - shift_x) + beta_m       (grad_student_elem)
-//        dL/dy_k = gamma e^sb_k (unit delta_k - kl_cross) - beta (y_k - shift_y) + beta_m  (grad_teacher_elem)
-//      which are docs/design.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
+//        za = sum e^sa, zb = sum e^sb, t = sum e^sb * delta, tabs = sum |e^sb * delta|, with
+//        delta = sb - sa (kl_delta()); the loss is tau_s^2 * KL = tau_s^2 (unit t / zb + log(za / zb)).
+//   3. the chain rule from per-element terms (student_term ... term_coefficients below):
+//        dL/dv_k = A ((g_k - G / V) - dev_k S / ((V - c) sigma s))
+//      which is docs/design.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
 //      and the same chain rule for the teacher with g_w = tau_s^2 p (log p - log q - KL) / tau_t,
 //      multiplied by grad_scale.
 #pragma once
@@ -79,31 +77,7 @@ LOGITSTD_HD RowSums<T> add_sums(const RowSums<T>& a, const RowSums<T>& b) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Loss and gradient coefficients of one row.
-template <class T>
-struct GradStudentCoef {
-  T alpha_a, alpha_b, beta, beta_m;
-};
-
-template <class T>
-struct GradTeacherCoef {
-  T gamma, unit, kl_cross, beta, beta_m;
-};
-
-template <class T>
-struct RowResult {
-  T loss;  // tau_s^2 * KL(p || q)
-  GradStudentCoef<T> gx;
-  GradTeacherCoef<T> gy;
-};
-
-// The coefficient of the standardization term: S s / ((V - c) sigma), 0 for a constant row
-// (sigma = 0, eps > 0), where u = 0 exactly and the term is 0 instead of 0 * inf.
-template <class T>
-LOGITSTD_HD T std_coefficient(T S, const RowStats<T>& st, T dof) {
-  return st.sigma > T(0) ? S * st.s / (dof * st.sigma) : T(0);
-}
-
+// The loss of one row.
 // E_p[(b - max b) - (a - max a)] (natural log units): KL = kl_cross + log(Z_a / Z_b).
 template <class T>
 LOGITSTD_HD T kl_cross_term(const RowSums<T>& sums, T unit) {
@@ -117,61 +91,6 @@ LOGITSTD_HD T row_loss(const RowSums<T>& sums, T tau_s, T unit) {
   return tau_s * tau_s * (kl_cross_term(sums, unit) + m_log(sums.za / sums.zb));
 }
 
-// The gradient coefficients from the exp pass's sums alone (the CUDA kernel: no extra pass).
-template <class T>
-LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>& sx, const RowStats<T>& sy,
-                                      T dof, T tau_s, T tau_t, bool standardize, T unit, T grad_scale) {
-  RowResult<T> r;
-  const T inv_za = T(1) / sums.za;
-  const T inv_zb = T(1) / sums.zb;
-  const T kl_cross = kl_cross_term(sums, unit);
-  const T tau2 = tau_s * tau_s;
-  r.loss = row_loss(sums, tau_s, unit);
-
-  // Student: S = sum g_u u = tau_s^2 (E_q[a] - E_p[a]) (g_u sums to 0, so any shift of a cancels).
-  // d/dx = c d/d(c x): the magnitude scale enters every coefficient once.
-  const T sx_s = sx.s;
-  const T gsx = grad_scale * sx.scale;
-  const T gsy = grad_scale * sy.scale;
-  r.gx.alpha_a = gsx * tau_s * inv_za / sx_s;
-  r.gx.alpha_b = gsx * tau_s * inv_zb / sx_s;
-  if (standardize) {
-    const T S = tau2 * unit * (sums.saa * inv_za - sums.sab * inv_zb);
-    r.gx.beta = gsx * std_coefficient(S, sx, dof) / (sx_s * sx_s);
-    r.gx.beta_m = r.gx.beta * sx.mean;
-  } else {  // no standardization term (the kernels pass xk = 0: a -inf logit must not give 0 * inf)
-    r.gx.beta = T(0);
-    r.gx.beta_m = T(0);
-  }
-
-  // Teacher: g_w = tau_s^2 p (delta - KL_cross) / tau_t, S = tau_s^2 Cov_p(delta, b).
-  const T sy_s = sy.s;
-  r.gy.gamma = gsy * tau2 * inv_zb / (tau_t * sy_s);
-  r.gy.unit = unit;
-  r.gy.kl_cross = kl_cross;
-  if (standardize) {
-    const T S = tau2 * unit * (unit * sums.sbd * inv_zb - kl_cross * sums.sbb * inv_zb);
-    r.gy.beta = gsy * std_coefficient(S, sy, dof) / (sy_s * sy_s);
-    r.gy.beta_m = r.gy.beta * sy.mean;
-  } else {
-    r.gy.beta = T(0);
-    r.gy.beta_m = T(0);
-  }
-  return r;
-}
-
-// Per-element gradients; V is a scalar (float, double) or a vector type with m_fma overloads.
-// xk = c x - shift_x when standardizing, else 0; ea = e^sa, eb = e^sb (all in the accumulation type).
-template <class V>
-LOGITSTD_HD V grad_student_elem(V ea, V eb, V xk, V alpha_a, V neg_alpha_b, V neg_beta, V beta_m) {
-  return m_fma(alpha_a, ea, m_fma(neg_alpha_b, eb, m_fma(neg_beta, xk, beta_m)));
-}
-
-template <class V>
-LOGITSTD_HD V grad_teacher_elem(V eb, V delta, V yk, V gamma, V unit, V neg_kl_cross, V neg_beta, V beta_m) {
-  return m_fma(gamma * eb, m_fma(delta, unit, neg_kl_cross), m_fma(neg_beta, yk, beta_m));
-}
-
 // ---------------------------------------------------------------------------------------------
 // The chain rule evaluated from the per-element terms themselves (the CPU kernel, which caches the
 // exponentials, so one more pass over a row is cheap). With the per-element term computed once,
@@ -181,8 +100,8 @@ LOGITSTD_HD V grad_teacher_elem(V eb, V delta, V yk, V gamma, V unit, V neg_kl_c
 //   dL/dv_k = A ((g_k - G / V) - dev_k S / ((V - c) sigma s)),
 // A = grad_scale tau_s / s_x (student) or grad_scale tau_s^2 / (tau_t s_y) (teacher): what autograd
 // computes through the mean and the std. Analytically G = 0 and S is the sums form of
-// finalize_row; evaluated from the same rounded g_k, the two terms stay consistent where they
-// cancel (V = 2, where the exact gradient is O(eps)).
+// phase_grads.h (chain_coefficients); evaluated from the same rounded g_k, the two terms stay
+// consistent where they cancel (V = 2, where the exact gradient is O(eps)).
 template <class V>
 LOGITSTD_HD V student_term(V ea, V eb, V rza, V neg_rzb) {
   return m_fma(ea, rza, eb * neg_rzb);

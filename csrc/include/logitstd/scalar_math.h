@@ -37,11 +37,33 @@ template <class T> struct Lowest;
 template <> struct Lowest<float> { LOGITSTD_HD static float value() { return -FLT_MAX; } };
 template <> struct Lowest<double> { LOGITSTD_HD static double value() { return -DBL_MAX; } };
 
-// max and min that propagate NaN (fmaxf would drop it): a NaN logit must make its row NaN.
+// max and min that propagate NaN (fmaxf would drop it): a NaN logit must make its row NaN. On the
+// device (sm_80+) float's are one FMNMX.NAN instruction (PTX max.NaN / min.NaN).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+LOGITSTD_HD float nan_max(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+LOGITSTD_HD float nan_min(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+#else
 LOGITSTD_HD float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
-LOGITSTD_HD double nan_max(double a, double b) { return (a != a || a > b) ? a : b; }
 LOGITSTD_HD float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
+#endif
+LOGITSTD_HD double nan_max(double a, double b) { return (a != a || a > b) ? a : b; }
 LOGITSTD_HD double nan_min(double a, double b) { return (a != a || a < b) ? a : b; }
+
+// v clamped to the finite range, NaN to the bound (fmax / fmin drop NaN; one FMNMX on the device):
+// a difference of exponents where both are -inf (NaN) or one is (+-inf) becomes finite, so that
+// multiplied by an exponential of 0 it contributes 0.
+LOGITSTD_HD float finite_floor(float v) { return fmaxf(v, -FLT_MAX); }
+LOGITSTD_HD double finite_floor(double v) { return fmax(v, -DBL_MAX); }
+LOGITSTD_HD float finite_ceil(float v) { return fminf(v, FLT_MAX); }
+LOGITSTD_HD double finite_ceil(double v) { return fmin(v, DBL_MAX); }
 LOGITSTD_HD float m_abs(float v) { return fabsf(v); }
 LOGITSTD_HD double m_abs(double v) { return fabs(v); }
 #if defined(__CUDA_ARCH__)
