@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PERF_MARKERS = ("<!-- perf-tables:start -->", "<!-- perf-tables:end -->")
 SPEED_MARKERS = ("<!-- speed-table:start -->", "<!-- speed-table:end -->")
+STATIC_MARKERS = ("<!-- static-cost:start -->", "<!-- static-cost:end -->")
+STATIC_REPORT = "static-cost.json"
 FUSED = ("triton", "cuda", "cpu")
 
 # The README's speed table: the GPU, the case and the class counts it summarizes.
@@ -101,6 +103,8 @@ def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
     runs: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
     for path in result_files(results_dir):
         data = json.loads(path.read_text())
+        if "metadata" not in data:  # not a benchmark run (static-cost.json: the static cost report)
+            continue
         runs.setdefault((data["metadata"]["device"], benchmark_kind(data)), []).append((path, data))
     chosen = []
     for files in runs.values():
@@ -301,6 +305,34 @@ def speed_summary(results_dir: Path) -> str:
     return render_summary(newest_per_device(results_dir))
 
 
+def render_static_cost(results_dir: Path) -> str:
+    """The static cost report (``scripts/static_cost.py``): per kernel and launch-table entry, SASS
+    instructions per element summed over the passes every row takes, MUFU per element, registers
+    and spills, for bf16 and fp32 inputs (the x/y dtypes), one row per objective and divergence."""
+    path = results_dir / STATIC_REPORT
+    if not path.exists():
+        return "No static cost report is committed."
+    entries = json.loads(path.read_text())["entries"]
+    groups: dict[tuple, dict[tuple, dict]] = {}
+    for e in entries:
+        cells = groups.setdefault((e["backend"], e["kernel"], e["entry"]), {})
+        cells.setdefault((e["objective"], e["divergence"]), {})[e["dtype"].split("/")[0]] = e
+    compilers = sorted({e["compiler"] for e in entries})
+    lines = [f"Compiled for sm_90 without a GPU ({', '.join(compilers)}); `{STATIC_REPORT}`.", ""]
+    for (backend, kernel, entry), cells in groups.items():
+        lines += [f"**{backend} `{kernel}`, {entry}**", "",
+                  "| objective | divergence | instructions / element (bf16 / fp32) | MUFU / element (bf16) | "
+                  "registers (bf16 / fp32) | spills |", "|---|---|---:|---:|---:|---:|"]
+        for (objective, divergence), by_dtype in cells.items():
+            bf, fp = by_dtype.get("bf16", {}), by_dtype.get("fp32", {})
+            spills = max(bf.get("spills") or 0, fp.get("spills") or 0)
+            lines.append(f"| {objective} | {divergence} | {bf.get('instructions_per_element', '-')} / "
+                         f"{fp.get('instructions_per_element', '-')} | {bf.get('mufu_per_element', '-')} | "
+                         f"{bf.get('registers', '-')} / {fp.get('registers', '-')} | {spills} |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
 def replace_block(text: str, markers: tuple[str, str], content: str, path: Path) -> str:
     """``text`` with what lies between the two markers replaced by ``content``."""
     start, end = markers
@@ -321,10 +353,14 @@ def main() -> int:
     args = parser.parse_args()
     runs = newest_per_device(args.results)
     stale = []
-    for path, markers, content in ((args.performance, PERF_MARKERS, render_section(runs)),
-                                   (args.readme, SPEED_MARKERS, render_summary(runs))):
+    blocks = {args.performance: [(PERF_MARKERS, render_section(runs)),
+                                 (STATIC_MARKERS, render_static_cost(args.results))],
+              args.readme: [(SPEED_MARKERS, render_summary(runs))]}
+    for path, replacements in blocks.items():
         text = path.read_text()
-        updated = replace_block(text, markers, content, path)
+        updated = text
+        for markers, content in replacements:
+            updated = replace_block(updated, markers, content, path)
         if updated != text:
             stale.append(path)
             if not args.check:

@@ -26,12 +26,18 @@ weights (and compares their gradients), the Trainer runs once with each.
 
     python examples/distill_causal_lm.py --tiny          # seconds; what the tests run
     python examples/distill_causal_lm.py                 # the run of docs/hf-recipe.md
+    torchrun --nproc-per-node 2 examples/distill_causal_lm.py --mode trainer   # DistributedDataParallel
+
+The loss never calls ``student.forward`` (it takes the base model's hidden states), so it runs as the
+forward of the module that wraps the student (``logitstd_kernels.integrations.wrapped.call_in_forward``):
+under ``DistributedDataParallel`` the gradients are all-reduced as for any forward.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import ctypes.util
 import os
 import re
@@ -47,6 +53,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 import logitstd_kernels as lsk
+from logitstd_kernels.integrations.wrapped import call_in_forward
 
 IGNORE_INDEX = -100
 
@@ -172,14 +179,25 @@ def last_hidden_state(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -
     return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
 
+def student_loss(student: LlamaForCausalLM, teacher_weight: torch.Tensor, loss_fn: lsk.FusedLinearDistillationLoss,
+                 batch: dict[str, torch.Tensor], teacher_hidden: torch.Tensor) -> lsk.DistillationParts:
+    """The student's side of the loss: its hidden states and lm_head weight with the teacher's into the
+    fused loss. It runs as the student's forward (see :func:`distillation_loss`)."""
+    return loss_fn(last_hidden_state(student, batch), student.lm_head.weight, teacher_hidden, teacher_weight,
+                   next_token_labels(batch["labels"]))
+
+
 def distillation_loss(student: LlamaForCausalLM, teacher: LlamaForCausalLM, batch: dict[str, torch.Tensor],
-                      loss_fn: lsk.FusedLinearDistillationLoss) -> lsk.DistillationParts:
-    """The distillation objective of one batch: teacher under ``torch.no_grad``, then the student's
-    hidden states and lm_head weight with the teacher's into the fused loss (``return_components``)."""
+                      loss_fn: lsk.FusedLinearDistillationLoss,
+                      wrapper: Optional[torch.nn.Module] = None) -> lsk.DistillationParts:
+    """The distillation objective of one batch (``loss_fn`` with ``return_components``): the teacher
+    under ``torch.no_grad``, then :func:`student_loss` as the forward of ``wrapper``, the module that
+    wraps the student (``DistributedDataParallel(student)``; default the student itself), so that
+    the wrapper's gradient all-reduce runs although the loss never calls ``student.forward``."""
     with torch.no_grad():
         teacher_hidden = last_hidden_state(teacher, batch)
-    return loss_fn(last_hidden_state(student, batch), student.lm_head.weight, teacher_hidden,
-                   teacher.lm_head.weight, next_token_labels(batch["labels"]))
+    fn = functools.partial(student_loss, student, teacher.lm_head.weight, loss_fn)
+    return call_in_forward(wrapper if wrapper is not None else student, student, fn, batch, teacher_hidden)
 
 
 def make_loss(args: argparse.Namespace, backend: str, reduction: str = "mean") -> lsk.FusedLinearDistillationLoss:
@@ -361,7 +379,9 @@ class DistillationTrainer(Trainer):
     loss (``reduction="sum"``), never computing logits, and divides the sum by ``num_items_in_batch``
     when the Trainer gives it (the predicted tokens of the whole accumulated batch, as
     ``transformers``' own causal LM loss does, so that gradient accumulation is exact), else by the
-    batch's predicted tokens. ``step_parts`` keeps (loss, ce, kd, tokens) of every call.
+    batch's predicted tokens. Under ``torchrun`` the Trainer wraps the student in
+    ``DistributedDataParallel``; the loss runs as the wrapper's forward, so that the gradients are
+    all-reduced. ``step_parts`` keeps (loss, ce, kd, tokens) of every call (this process's).
     """
 
     def __init__(self, *args, teacher: LlamaForCausalLM, loss_fn: lsk.FusedLinearDistillationLoss,
@@ -375,17 +395,23 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Optional[torch.Tensor | int] = None):
-        """The distillation loss of ``inputs`` (``input_ids``, ``attention_mask``, unshifted ``labels``)."""
+        """The distillation loss of ``inputs`` (``input_ids``, ``attention_mask``, unshifted ``labels``).
+
+        ``model`` is what the Trainer trains through, ``DistributedDataParallel(student)`` under
+        ``torchrun``: the loss runs as its forward (:func:`distillation_loss`). ``num_items_in_batch``
+        then counts the tokens of every process (``average_tokens_across_devices``), and the loss is
+        multiplied by the process count, as the Trainer's own loss is, since DDP averages the
+        processes' gradients: the step's gradient is that of the global token mean."""
+        parts = distillation_loss(self.accelerator.unwrap_model(model), self.teacher, inputs, self.loss_fn,
+                                  wrapper=model)
         labels = next_token_labels(inputs["labels"])
-        with torch.no_grad():
-            teacher_hidden = last_hidden_state(self.teacher, inputs)
-        hidden = last_hidden_state(model, inputs)
-        parts = self.loss_fn(hidden, model.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight, labels)
         count = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE_INDEX).sum().clamp_min(1)
-        loss = parts.loss / count
-        self.step_parts.append((float(loss.detach()), float(parts.ce / count), float(parts.kd / count),
-                                int(inputs["attention_mask"].sum())))
-        return (loss, {"hidden_states": hidden}) if return_outputs else loss
+        scale = self.accelerator.num_processes if (num_items_in_batch is not None
+                                                    and self.args.average_tokens_across_devices) else 1
+        loss = parts.loss * scale / count
+        self.step_parts.append((float(loss.detach()), float(parts.ce * scale / count),
+                                float(parts.kd * scale / count), int(inputs["attention_mask"].sum())))
+        return (loss, parts._asdict()) if return_outputs else loss
 
 
 class StepStats(TrainerCallback):
@@ -480,6 +506,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=None,
                         help="the Trainer's output_dir (it saves no checkpoint); default: a temporary directory")
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.mode != "trainer":
+        parser.error("with several processes (torchrun) run --mode trainer: the plain loop is for one process")
     preset = {"steps": 8, "batch_size": 4, "block_len": 64, "max_bytes": 20000, "teacher_steps": 10} if args.tiny \
         else {"steps": 20, "batch_size": 8, "block_len": 64, "max_bytes": 100000, "teacher_steps": 12}
     for name, value in preset.items():
@@ -504,8 +532,12 @@ def setup(args: argparse.Namespace) -> tuple[LlamaForCausalLM, LlamaForCausalLM,
 
 
 def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> Report:
-    """Run the recipe (see the module docstring and ``--help``); returns what it measured."""
+    """Run the recipe (see the module docstring and ``--help``); returns what it measured. Under
+    ``torchrun`` only the first process logs (its own steps: each process's loss share, times the
+    process count, which average over the processes to the global loss)."""
     args = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        log = lambda line: None  # noqa: E731
     report = Report()
     teacher, student, blocks = setup(args)
     start = time.perf_counter()

@@ -17,13 +17,14 @@ import dataclasses
 import inspect
 import math
 import numbers
-from typing import Callable, Optional, TypeVar
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 
 __all__ = ["DistillConfig", "REDUCTIONS", "KD_REDUCTIONS", "BACKENDS", "OBJECTIVE_SETTINGS", "KD_SETTINGS", "OP_FIELDS",
            "KEYWORD_DOCS", "document", "settings_keywords", "config_from", "check_backend", "check_temperature",
-           "check_std_args", "check_chunk_size", "check_accum_dtype"]
+           "check_std_args", "check_chunk_size", "check_accum_dtype", "LogitTransforms", "LOGIT_TRANSFORMS",
+           "check_logit_transforms"]
 
 #: The reductions of the objective: per row, summed, or the sum over the included rows divided by
 #: their count ("mean": token-level averaging; "batchmean" for a classification batch), or by their
@@ -125,6 +126,43 @@ def check_accum_dtype(accum_dtype: object) -> Optional[torch.dtype]:
     if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise TypeError(f"accum_dtype must be a floating dtype or None, got {accum_dtype!r}")
     return accum_dtype  # type: ignore[return-value]
+
+
+class LogitTransforms(NamedTuple):
+    """The fused lm_head's transforms of each chunk's logits before the objective, TRL's keywords
+    (``DistillationTrainer``): ``z = logits * logit_scale`` (Cohere's ``logit_scale``), then
+    ``z = c * tanh(z / c)`` with ``c = final_logit_softcapping`` (Gemma 2/3), for the student and the
+    teacher apart; the objective's standardization and temperatures follow. They belong to the lm_head
+    functions, not to :class:`DistillConfig`: the kernels never see them (the chunk loop applies them)."""
+
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_final_logit_softcapping: Optional[float] = None
+    teacher_final_logit_softcapping: Optional[float] = None
+
+    def student(self) -> tuple[float, Optional[float]]:
+        """``(scale, softcap)`` of the student's logits."""
+        return self.student_logit_scale, self.student_final_logit_softcapping
+
+    def teacher(self) -> tuple[float, Optional[float]]:
+        """``(scale, softcap)`` of the teacher's logits."""
+        return self.teacher_logit_scale, self.teacher_final_logit_softcapping
+
+
+#: The keywords of :class:`LogitTransforms`, as the fused lm_head functions take them.
+LOGIT_TRANSFORMS = LogitTransforms._fields
+
+
+def check_logit_transforms(student_logit_scale: object = 1.0, teacher_logit_scale: object = 1.0,
+                           student_final_logit_softcapping: object = None,
+                           teacher_final_logit_softcapping: object = None) -> LogitTransforms:
+    """The scales finite and > 0, each softcap None or finite and > 0 (``TypeError`` / ``ValueError``
+    naming the argument)."""
+    caps = {"student_final_logit_softcapping": student_final_logit_softcapping,
+            "teacher_final_logit_softcapping": teacher_final_logit_softcapping}
+    return LogitTransforms(check_temperature("student_logit_scale", student_logit_scale),
+                           check_temperature("teacher_logit_scale", teacher_logit_scale),
+                           *(None if value is None else check_temperature(name, value) for name, value in caps.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +307,15 @@ KEYWORD_DOCS = {
     "backend": "``\"auto\"``, ``\"triton\"``, ``\"cuda\"``, ``\"cpu\"`` or ``\"torch\"`` (the eager reference).",
     "chunk_size": "rows per chunk; None: :func:`~logitstd_kernels.default_chunk_size`.",
     "accum_dtype": "the dtype the weight's and bias's gradients are accumulated in over the chunks; None: "
-                   "float32 for bf16/fp16 weights, the weight's dtype otherwise.",
+                   "float32 for bf16/fp16 weights, the weight's dtype otherwise (``torch.bfloat16``: half the "
+                   "memory of the float32 accumulator, one rounding per chunk).",
+    "student_logit_scale": "multiplies the student's logits first (Cohere's ``logit_scale``; finite, > 0).",
+    "teacher_logit_scale": "multiplies the teacher's logits (or ``teacher_logits``) first (finite, > 0).",
+    "student_final_logit_softcapping": "None, or ``c`` (finite, > 0): the student's scaled logits become "
+                                       "``c * tanh(z / c)`` (Gemma 2/3), before the standardization; the CE "
+                                       "term uses them too.",
+    "teacher_final_logit_softcapping": "None, or ``c`` (finite, > 0): the teacher's scaled logits become "
+                                       "``c * tanh(z / c)``.",
 }
 
 _F = TypeVar("_F", bound=Callable)

@@ -6,10 +6,12 @@ materializes them: the rows go through in chunks (``_ops/chunks.py``), each chun
 matmul, turned into their gradient by one fused kernel launch and multiplied back into the hidden
 states' and the weight's gradients. See docs/design.md, "fused linear".
 
-Equivalent eager code (``backend="torch"`` runs exactly this, with the full logits)::
+Equivalent eager code (``backend="torch"`` runs exactly this, ``reference.linear_loss_of_config``, with
+the full logits)::
 
-    distillation_loss(F.linear(student_hidden, student_weight, student_bias),
-                      F.linear(teacher_hidden, teacher_weight, teacher_bias) (or teacher_logits),
+    distillation_loss(transform_logits(F.linear(student_hidden, student_weight, student_bias), student_*),
+                      transform_logits(F.linear(teacher_hidden, teacher_weight, teacher_bias) (or teacher_logits),
+                                       teacher_*),
                       labels, **options)
 """
 
@@ -26,7 +28,7 @@ from ._backends import resolve_backend_name
 from ._checks import check_linear, check_rows_of, check_teacher
 from ._ops.chunks import LinearInputs, default_accum_dtype
 from ._ops.fused_linear_op import call_fused_linear_op
-from .config import DistillConfig
+from .config import DistillConfig, LogitTransforms
 from .functional import as_rows
 from .reference import DistillationParts
 
@@ -86,14 +88,15 @@ def flat_rows(t: LinearInputs) -> LinearInputs:
         mask=None if t.mask is None else t.mask.reshape(-1).contiguous())
 
 
-def _eager(t: LinearInputs, config: DistillConfig, return_components: bool) -> Union[torch.Tensor, DistillationParts]:
+def _eager(t: LinearInputs, config: DistillConfig, transforms: LogitTransforms,
+           return_components: bool) -> Union[torch.Tensor, DistillationParts]:
     """``backend="torch"``: the eager composition, full logits."""
-    student_logits = F.linear(t.hidden, t.weight, t.bias)
     teacher_logits = t.teacher_logits
     if teacher_logits is None:
         with torch.no_grad():
             teacher_logits = F.linear(t.teacher_hidden, t.teacher_weight, t.teacher_bias)
-    return reference.loss_of_config(student_logits, teacher_logits, t.labels, t.mask, config, return_components)
+    return reference.linear_loss_of_config(t.hidden, t.weight, t.bias, teacher_logits, t.labels, t.mask, config,
+                                           transforms, return_components)
 
 
 def _chunk_size(t: LinearInputs, chunk_size: Optional[int]) -> int:
@@ -105,7 +108,7 @@ def _chunk_size(t: LinearInputs, chunk_size: Optional[int]) -> int:
 
 
 @cfg.settings_keywords(cfg.OBJECTIVE_SETTINGS, docs=("labels", "mask", "return_components", "chunk_size",
-                                                     "accum_dtype"))
+                                                     "accum_dtype", *cfg.LOGIT_TRANSFORMS))
 def fused_linear_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -118,6 +121,10 @@ def fused_linear_distillation_loss(
     teacher_bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     accum_dtype: Optional[torch.dtype] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: Optional[float] = None,
+    teacher_final_logit_softcapping: Optional[float] = None,
     mask: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     return_components: bool = False,
@@ -130,6 +137,8 @@ def fused_linear_distillation_loss(
 
         student_logits = F.linear(student_hidden, student_weight, student_bias)
         teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)  # unless given
+        student_logits = transform_logits(student_logits, student_logit_scale, student_final_logit_softcapping)
+        teacher_logits = transform_logits(teacher_logits, teacher_logit_scale, teacher_final_logit_softcapping)
         distillation_loss(student_logits, teacher_logits, labels, ce_weight=..., kd_weight=..., ...)
 
     Args:
@@ -151,12 +160,14 @@ def fused_linear_distillation_loss(
     config = cfg.config_from(settings, cfg.OBJECTIVE_SETTINGS, "fused_linear_distillation_loss",
                              reduction=cfg.objective_reduction(reduction, cfg.FUSED_LINEAR_REDUCTIONS))
     chunk_size, accum_dtype = cfg.check_chunk_size(chunk_size), cfg.check_accum_dtype(accum_dtype)
+    transforms = cfg.check_logit_transforms(student_logit_scale, teacher_logit_scale, student_final_logit_softcapping,
+                                            teacher_final_logit_softcapping)
     tensors = checked_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                     teacher_bias, teacher_logits, labels, mask, config)
     name = resolve_backend_name(cfg.check_backend(backend), tensors.hidden.device.type)
     if name == "torch":
-        return _eager(tensors, config, return_components)
+        return _eager(tensors, config, transforms, return_components)
     tensors = flat_rows(tensors)
     loss, ce, kd = call_fused_linear_op(tensors, config, _chunk_size(tensors, chunk_size),
-                                        accum_dtype or default_accum_dtype(tensors.weight), name)
+                                        accum_dtype or default_accum_dtype(tensors.weight), name, transforms)
     return DistillationParts(loss, ce, kd) if return_components else loss

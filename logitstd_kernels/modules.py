@@ -97,17 +97,21 @@ class FusedLinearDistillationLoss(DistillationLoss):
         DistillationLoss(**keywords)(F.linear(student_hidden, student_weight, student_bias),
                                      F.linear(teacher_hidden, teacher_weight, teacher_bias), labels, mask)
 
-    The keywords are those of :class:`DistillationLoss` plus ``chunk_size`` and ``accum_dtype`` of
-    :func:`logitstd_kernels.fused_linear_distillation_loss`; ``reduction`` is ``"mean"`` or ``"sum"``.
+    The keywords are those of :class:`DistillationLoss` plus ``chunk_size``, ``accum_dtype`` and the
+    logit transforms (``student_logit_scale``, ``teacher_logit_scale``, ``student_final_logit_softcapping``,
+    ``teacher_final_logit_softcapping``) of :func:`logitstd_kernels.fused_linear_distillation_loss`;
+    ``reduction`` is ``"mean"`` or ``"sum"``.
     Like Liger-Kernel's ``LigerFusedLinearJSDLoss``, it holds no parameters: pass ``lm_head.weight``.
     """
 
     def __init__(self, ce_weight: float = 0.1, kd_weight: float = 9.0, *, chunk_size: Optional[int] = None,
                  accum_dtype: Optional[torch.dtype] = None, **keywords) -> None:
         reduction = cfg.objective_reduction(keywords.pop("reduction", "mean"), cfg.FUSED_LINEAR_REDUCTIONS)
+        transforms = {name: keywords.pop(name) for name in cfg.LOGIT_TRANSFORMS if name in keywords}
         super().__init__(ce_weight, kd_weight, reduction=reduction, **keywords)
         self.chunk_size = cfg.check_chunk_size(chunk_size)
         self.accum_dtype = cfg.check_accum_dtype(accum_dtype)
+        self.transforms = cfg.check_logit_transforms(**transforms)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
@@ -119,7 +123,9 @@ class FusedLinearDistillationLoss(DistillationLoss):
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, teacher_logits=teacher_logits,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
             accum_dtype=self.accum_dtype, mask=mask, reduction=self.config.reduction,
-            return_components=self.return_components, backend=self.backend, **settings)
+            return_components=self.return_components, backend=self.backend, **settings, **self.transforms._asdict())
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunk_size={self.chunk_size}, accum_dtype={self.accum_dtype}"
+        transforms = "".join(f", {name}={value}" for name, value in self.transforms._asdict().items()
+                             if value != cfg.LogitTransforms._field_defaults[name])
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}, accum_dtype={self.accum_dtype}{transforms}"

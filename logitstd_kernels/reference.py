@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from . import config as cfg
 from ._checks import check_inputs, check_logits
-from .config import DistillConfig, check_std_args, check_temperature
+from .config import DistillConfig, LogitTransforms, check_std_args, check_temperature
 
 __all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "distillation_loss", "DistillationParts", "accumulation_dtype",
-           "objective_rows"]
+           "objective_rows", "transform_logits", "linear_loss_of_config"]
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -61,9 +61,13 @@ def _logits_for_softmax(student: torch.Tensor, teacher: torch.Tensor,
     return a, b
 
 
-def _kl(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) of each row (a class with p = 0 contributes 0, ``F.kl_div``'s convention)."""
-    return F.kl_div(log_q, p, reduction="none").sum(-1)
+def _kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each row, ``sum p (log p - log q)``; a class with p = 0 contributes 0 and no
+    gradient (its logs are masked before the product, so that log q = -inf there, as in a class that
+    is -inf in both rows, gives neither a NaN loss nor a NaN gradient)."""
+    support = p != 0  # (a NaN row stays NaN)
+    zero = log_p.new_zeros(())
+    return (p * (torch.where(support, log_p, zero) - torch.where(support, log_q, zero))).sum(-1)
 
 
 def row_divergence(b: torch.Tensor, a: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
@@ -75,17 +79,21 @@ def row_divergence(b: torch.Tensor, a: torch.Tensor, divergence: str, beta: floa
     convention (its limits there are 0); ``tvd`` is ``0.5 sum |p - q|``, whose autograd subgradient at
     p = q is 0.
     """
-    p, log_q = F.softmax(b, dim=-1), F.log_softmax(a, dim=-1)
+    p, log_p = F.softmax(b, dim=-1), F.log_softmax(b, dim=-1)
+    q, log_q = F.softmax(a, dim=-1), F.log_softmax(a, dim=-1)
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        return _kl(p, log_q)
-    q, log_p = F.softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+        return _kl(p, log_p, log_q)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return _kl(q, log_p)
+        return _kl(q, log_q, log_p)
     if divergence == "jeffreys":
-        return _kl(p, log_q) + _kl(q, log_p)
+        return _kl(p, log_p, log_q) + _kl(q, log_q, log_p)
     if divergence == "jsd":
-        log_m = torch.logsumexp(torch.stack((log_p + math.log(beta), log_q + math.log1p(-beta))), 0)
-        return beta * _kl(p, log_m) + (1 - beta) * _kl(q, log_m)
+        # a class with p = q = 0 has no m (masked to a finite stand-in: _kl leaves it out)
+        either = (p != 0) | (q != 0)
+        zero = log_p.new_zeros(())
+        log_m = torch.logsumexp(torch.stack((torch.where(either, log_p, zero) + math.log(beta),
+                                             torch.where(either, log_q, zero) + math.log1p(-beta))), 0)
+        return beta * _kl(p, log_p, log_m) + (1 - beta) * _kl(q, log_q, log_m)
     if divergence == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
@@ -138,7 +146,7 @@ def _reduce(values: torch.Tensor, keep: torch.Tensor, config: DistillConfig, num
     total = values.sum()
     if config.reduction == "sum":
         return total
-    count = max(int(keep.sum()), 1)
+    count = keep.sum().clamp_min(1).to(total.dtype)  # (a tensor: no host synchronization)
     return total / (count * num_classes if config.reduction == "class_mean" else count)
 
 
@@ -156,6 +164,33 @@ def loss_of_config(student_logits: torch.Tensor, teacher_logits: torch.Tensor, l
         return loss
     return DistillationParts(loss, _reduce(ce, keep, config, num_classes, lead).detach(),
                              _reduce(kd, keep, config, num_classes, lead).detach())
+
+
+def transform_logits(logits: torch.Tensor, scale: float = 1.0, softcap: Optional[float] = None) -> torch.Tensor:
+    """A model's last transforms of its logits, in their dtype, as TRL orders them::
+
+        z = logits * scale                      # Cohere's logit_scale (skipped at 1)
+        z = softcap * tanh(z / softcap)         # Gemma 2/3's final_logit_softcapping (None: skipped)
+    """
+    z = logits if scale == 1.0 else logits * scale
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
+def linear_loss_of_config(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                          student_bias: Optional[torch.Tensor], teacher_logits: torch.Tensor,
+                          labels: Optional[torch.Tensor], mask: Optional[torch.Tensor], config: DistillConfig,
+                          transforms: LogitTransforms = LogitTransforms(),
+                          return_components: bool = False) -> Union[torch.Tensor, DistillationParts]:
+    """The fused lm_head's objective with the full logits (``teacher_logits``: the teacher's lm_head
+    output, before its transforms)::
+
+        z_s = transform_logits(F.linear(student_hidden, student_weight, student_bias), *transforms.student())
+        z_t = transform_logits(teacher_logits, *transforms.teacher())
+        loss_of_config(z_s, z_t, labels, mask, config)      # the CE term of z_s too
+    """
+    student = transform_logits(F.linear(student_hidden, student_weight, student_bias), *transforms.student())
+    teacher = transform_logits(teacher_logits, *transforms.teacher())
+    return loss_of_config(student, teacher, labels, mask, config, return_components)
 
 
 @cfg.settings_keywords(cfg.KD_SETTINGS)

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The same extras as scripts/run-tests.sh, so that either script reuses the .venv the other one made.
-bash scripts/setup-venv.sh "test,examples,bench,hf"
+bash scripts/setup-venv.sh "test,examples,bench,hf,peers"
 exec .venv/bin/python -m logitstd_kernels bench "$@"

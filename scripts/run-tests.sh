@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The same extras as scripts/run-benchmark.sh, so that either script reuses the .venv the other one made;
 # LOGITSTD_REQUIRE_EXTENSION=1: a broken C++ build fails the run.
-LOGITSTD_REQUIRE_EXTENSION=1 bash scripts/setup-venv.sh "test,examples,bench,hf"
+LOGITSTD_REQUIRE_EXTENSION=1 bash scripts/setup-venv.sh "test,examples,bench,hf,peers"
 
 # run_unless_passed NAME HASH COMMAND...: run a check unless it passed before on inputs of the same
 # hash (the stamp .venv/.logitstd-NAME-stamp keeps the hash of its last pass).

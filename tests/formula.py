@@ -1,4 +1,5 @@
-"""An independent NumPy transcription of docs/design.md section 1, including its gradients and the reductions.
+"""An independent NumPy transcription of docs/design.md section 1, including its gradients, the
+divergences (forward KL, reverse KL, generalized JSD, Jeffreys, TVD) and the reductions.
 
 It deliberately shares no code with the package: the reference (PyTorch autograd) and every fused
 backend are checked against it, so a mistake in the shared math would have to be made twice.
@@ -27,8 +28,69 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def _where(cond: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """``value`` where ``cond``, else 0 (the limit of a term whose probability is 0)."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return np.where(cond, value, 0)
+
+
+def _term_form(prob: np.ndarray, g: np.ndarray, g_mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dD/dlogit = prob (g - E_prob g) for a per-element ``g``, and its terms' magnitude."""
+    mean = _where(prob > 0, prob * g).sum(axis=-1, keepdims=True)
+    mean_mag = _where(prob > 0, prob * g_mag).sum(axis=-1, keepdims=True)
+    return _where(prob > 0, prob * (g - mean)), _where(prob > 0, prob * (g_mag + mean_mag))
+
+
+def _kl(log_p: np.ndarray, log_q: np.ndarray) -> tuple:
+    """KL(p || q), d/dlog-its of q and of p (before the temperatures), and the terms' magnitudes."""
+    p, q = np.exp(log_p), np.exp(log_q)
+    l = _where(p > 0, log_p - log_q)
+    l_mag = _where(p > 0, np.abs(log_p) + np.abs(log_q))
+    d = _where(p > 0, p * l).sum(axis=-1, keepdims=True)
+    d_mag = _where(p > 0, p * l_mag).sum(axis=-1, keepdims=True)
+    return d, q - p, _where(p > 0, p * (l - d)), d_mag, q + p, _where(p > 0, p * (l_mag + d_mag))
+
+
+def _divergence(log_q: np.ndarray, log_p: np.ndarray, divergence: str, beta: float) -> tuple:
+    """D(p, q) per row (keepdims), dD/da, dD/db (a, b: the tempered student and teacher logits) and
+    the magnitudes of the terms of each. ``jsd``: m = beta p + (1 - beta) q, D = beta KL(p || m) +
+    (1 - beta) KL(q || m), beta 0 and 1 meaning forward and reverse KL; ``tvd``: 1/2 sum |p - q|, its
+    subgradient 0 where p = q."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        return _kl(log_p, log_q)
+    if divergence == "reverse_kl":
+        d, d_b, d_a, d_mag, d_b_mag, d_a_mag = _kl(log_q, log_p)
+        return d, d_a, d_b, d_mag, d_a_mag, d_b_mag
+    if divergence == "jeffreys":
+        forward, reverse = _kl(log_p, log_q), _kl(log_q, log_p)
+        return (forward[0] + reverse[0], forward[1] + reverse[2], forward[2] + reverse[1],
+                forward[3] + reverse[3], forward[4] + reverse[5], forward[5] + reverse[4])
+    p, q = np.exp(log_p), np.exp(log_q)
+    dtype = log_p.dtype.type
+    if divergence == "tvd":
+        d = 0.5 * np.abs(p - q).sum(axis=-1, keepdims=True)
+        half = dtype(0.5) * np.ones_like(p)
+        d_a, d_a_mag = _term_form(q, 0.5 * np.sign(q - p), half)
+        d_b, d_b_mag = _term_form(p, 0.5 * np.sign(p - q), half)
+        return d, d_a, d_b, 0.5 * (p + q).sum(axis=-1, keepdims=True), d_a_mag, d_b_mag  # |p - q|: terms p, q
+    assert divergence == "jsd", divergence
+    beta = dtype(beta)
+    log_m = np.logaddexp(np.log(beta) + log_p, np.log1p(-beta) + log_q)
+    lp, lq = _where(p > 0, log_p - log_m), _where(q > 0, log_q - log_m)
+    d = (beta * _where(p > 0, p * lp) + (1 - beta) * _where(q > 0, q * lq)).sum(axis=-1, keepdims=True)
+    lp_mag = _where(p > 0, np.abs(log_p) + np.abs(log_m))
+    lq_mag = _where(q > 0, np.abs(log_q) + np.abs(log_m))
+    d_mag = (beta * _where(p > 0, p * lp_mag) + (1 - beta) * _where(q > 0, q * lq_mag)).sum(axis=-1, keepdims=True)
+    d_a, d_a_mag = _term_form(q, (1 - beta) * lq, (1 - beta) * lq_mag)
+    d_b, d_b_mag = _term_form(p, beta * lp, beta * lp_mag)
+    return d, d_a, d_b, d_mag, d_a_mag, d_b_mag
+
+
 def rows_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float, standardize: bool,
-                        correction: int, eps: float, magnitudes: bool = False):
+                        correction: int, eps: float, magnitudes: bool = False, divergence: str = "forward_kl",
+                        beta: float = 0.5):
     """Loss of every row (last axis = classes) and its gradients with respect to x and y, row by row.
 
     With ``magnitudes=True`` also the magnitudes of the terms each result is a sum or difference of
@@ -55,25 +117,14 @@ def rows_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float
         u, w = x, y
     a, b = u / tau_s, w / tau_t
     log_q, log_p = _log_softmax(a), _log_softmax(b)
-    q, p = np.exp(log_q), np.exp(log_p)
-    with np.errstate(invalid="ignore"):
-        terms = np.where(p > 0, p * (log_p - log_q), 0)
-    kl = terms.sum(axis=-1, keepdims=True)
-
-    g_u = tau_s * (q - p)
-    with np.errstate(invalid="ignore"):
-        g_b = np.where(p > 0, tau_s**2 * p * (log_p - log_q - kl), 0)
-    g_w = g_b / tau_t
-    loss = tau_s**2 * kl[..., 0]
+    d, d_a, d_b, d_mag, d_a_mag, d_b_mag = _divergence(log_q, log_p, divergence, beta)
+    loss = tau_s**2 * d[..., 0]
+    g_u = tau_s * d_a
+    g_w = tau_s**2 * d_b / tau_t
     if magnitudes:
-        # The magnitude of a sum / difference is the sum of its terms' magnitudes, applied recursively:
-        # the KL shared by a row's teacher gradient enters with its own terms' magnitude, not |KL|
-        # (a KL near 0 is a cancellation of terms p |log p|, and so is resolved only to u x those).
-        with np.errstate(invalid="ignore"):
-            kl_mag = np.where(p > 0, p * (np.abs(log_p) + np.abs(log_q)), 0).sum(axis=-1, keepdims=True)
-            loss_mag = tau_s**2 * kl_mag[..., 0]
-            g_u_mag = tau_s * (q + p)
-            g_w_mag = np.where(p > 0, tau_s**2 * p * (np.abs(log_p) + np.abs(log_q) + kl_mag), 0) / tau_t
+        loss_mag = tau_s**2 * d_mag[..., 0]
+        g_u_mag = tau_s * d_a_mag
+        g_w_mag = tau_s**2 * d_b_mag / tau_t
 
     def chain(g: np.ndarray, z: np.ndarray, s: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         big_s = (g * z).sum(axis=-1, keepdims=True)
@@ -107,7 +158,8 @@ def row_loss_and_grads(x: np.ndarray, y: np.ndarray, tau_s: float, tau_t: float,
 def loss_and_grads(x: np.ndarray, y: np.ndarray, *, temperature: float = 2.0,
                    teacher_temperature: Optional[float] = None, standardize: bool = True, correction: int = 1,
                    eps: float = 1e-7, reduction: str = "batchmean", mask: Optional[np.ndarray] = None,
-                   upstream=1.0, dtype=np.float64, magnitudes: bool = False):
+                   upstream=1.0, dtype=np.float64, magnitudes: bool = False, divergence: str = "forward_kl",
+                   beta: float = 0.5):
     """The public contract for (..., V) logits: the reduced loss and ``upstream``-weighted gradients.
 
     ``reduction``: "none" (the loss of every row; ``upstream`` has the leading shape), "sum",
@@ -125,7 +177,8 @@ def loss_and_grads(x: np.ndarray, y: np.ndarray, *, temperature: float = 2.0,
     rows = [np.zeros(xs.shape[0], dtype), np.zeros_like(xs), np.zeros_like(ys)]
     mags = [np.zeros(xs.shape[0], dtype), np.zeros_like(xs), np.zeros_like(ys)]
     if keep.any():
-        computed = rows_loss_and_grads(xs[keep], ys[keep], tau_s, tau_t, standardize, correction, eps, magnitudes)
+        computed = rows_loss_and_grads(xs[keep], ys[keep], tau_s, tau_t, standardize, correction, eps, magnitudes,
+                                       divergence, beta)
         values, magnitude_values = computed if magnitudes else (computed, None)
         for target, value in zip(rows, values):
             target[keep] = value
@@ -188,3 +241,13 @@ def objective_numpy(x, y, labels, *, ce_weight, kd_weight, temperature, teacher_
     up = float(upstream)
     return (rows.sum() / div, up * gx.reshape(x.shape) / div, up * gy.reshape(y.shape) / div, ce_rows.sum() / div,
             kd_rows.sum() / div)
+
+
+def logit_transform(x, scale: float = 1.0, softcap: Optional[float] = None):
+    """``(z, dz/dx)`` elementwise for a model's last logit transforms: ``z = scale * x``, then
+    ``z = softcap * tanh(z / softcap)`` when ``softcap`` is given."""
+    u = scale * np.asarray(x, np.float64)
+    if softcap is None:
+        return u, np.full_like(u, scale)
+    t = np.tanh(u / softcap)
+    return softcap * t, scale * (1.0 - t * t)

@@ -4,7 +4,10 @@ and requirements that skip by default but fail under ``LOGITSTD_REQUIRE_ALL=1`` 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional, Sequence
 
@@ -60,6 +63,41 @@ def require_modules(*names: str, extra: str = "examples") -> None:
     """:func:`require_module` for each of ``names``."""
     for name in names:
         require_module(name, extra)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """The script ``examples/<name>.py`` as a module, registered in ``sys.modules`` (so that its
+    dataclasses resolve their module, and a second call returns the same module)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def spawn_ranks(target: Callable[..., None], world: int, folder: Path, *args: object, timeout_s: float) -> list[int]:
+    """Run ``target(rank, world, str(folder), *args)`` in ``world`` spawned processes and wait for them;
+    fails the test when one still runs after ``timeout_s`` (a hang; every process is killed then).
+    Returns their exit codes. The processes report through files they write into ``folder``."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=target, args=(rank, world, str(folder), *args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout_s)
+    alive = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    assert not alive, f"ranks {alive} still running after {timeout_s} s (a hang)"
+    return [proc.exitcode for proc in procs]
 
 
 def fused_cases() -> list[tuple[str, str]]:
@@ -240,3 +278,86 @@ def capture_cuda_graph(x: torch.Tensor,
         static = loss_fn()
         static.sum().backward()
     return graph, static
+
+
+# The fused lm_head: random problems, their float64 truth from the full logits, and comparisons.
+
+def make_problem(rows, hidden, teacher_hidden, classes, device, dtype=torch.float64, biases=True, lead=None):
+    """Student (h, W, b) and teacher (ht, Wt, bt) of a random lm_head problem."""
+    shape = (rows,) if lead is None else lead
+    h = torch.randn(*shape, hidden, dtype=dtype, device=device)
+    w = torch.randn(classes, hidden, dtype=dtype, device=device) / hidden**0.5
+    b = torch.randn(classes, dtype=dtype, device=device) if biases else None
+    ht = torch.randn(*shape, teacher_hidden, dtype=dtype, device=device)
+    wt = 2 * torch.randn(classes, teacher_hidden, dtype=dtype, device=device) / teacher_hidden**0.5
+    bt = torch.randn(classes, dtype=dtype, device=device) if biases else None
+    return h, w, b, ht, wt, bt
+
+
+def labels_for(shape, classes, pattern, device):
+    if pattern == "no-labels":
+        return None
+    labels = torch.randint(0, classes, shape, device=device)
+    if pattern == "some-ignored":
+        labels.view(-1)[::3] = -100
+    elif pattern == "all-ignored":
+        labels.fill_(-100)
+    return labels
+
+
+def _logits_gradient(z, zt, labels, mask, reduction, upstream, divergence, beta, **options):
+    """(loss, d/dz) of the objective of (transformed) logits: tests/formula.py's for forward KL; for
+    another divergence the eager reference's autograd in float64 (formula.py has no divergences)."""
+    if divergence == "forward_kl":
+        loss, gz, _, _, _ = formula.objective_numpy(z, zt, labels, mask=mask, reduction=reduction, upstream=upstream,
+                                                    **options)
+        return loss, gz
+    zs = torch.from_numpy(z).requires_grad_(True)
+    loss = reference.distillation_loss(zs, torch.from_numpy(zt), None if labels is None else torch.from_numpy(labels),
+                                       mask=None if mask is None else torch.from_numpy(mask), reduction=reduction,
+                                       divergence=divergence, beta=beta, **options)
+    loss.backward(torch.as_tensor(upstream, dtype=torch.float64))
+    return loss.item(), zs.grad.numpy()
+
+
+def numpy_truth(h, w, b, teacher_logits, labels, mask=None, reduction="mean", upstream=1.0, transforms=None,
+                divergence="forward_kl", beta=0.5, **options):
+    """(loss, d/dh, d/dW, d/db) in float64 from the full logits x = h W^T + b, in NumPy but for the
+    divergence of :func:`_logits_gradient`. ``transforms``: the logit transforms' keywords (tests/formula.py's
+    ``logit_transform`` and its derivative, the chain rule in NumPy)."""
+    t = dict(transforms or {})
+    hn = h.detach().double().cpu().numpy().reshape(-1, h.shape[-1])
+    wn = w.detach().double().cpu().numpy()
+    x = hn @ wn.T + (0 if b is None else b.detach().double().cpu().numpy())
+    z, dz = formula.logit_transform(x, t.get("student_logit_scale", 1.0), t.get("student_final_logit_softcapping"))
+    zt, _ = formula.logit_transform(teacher_logits.detach().double().cpu().numpy().reshape(x.shape),
+                                    t.get("teacher_logit_scale", 1.0), t.get("teacher_final_logit_softcapping"))
+    loss, gz = _logits_gradient(z, zt, None if labels is None else labels.cpu().numpy().reshape(-1),
+                                None if mask is None else mask.cpu().numpy().reshape(-1), reduction, upstream,
+                                divergence, beta, **options)
+    gx = gz.reshape(x.shape) * dz
+    return loss, (gx @ wn).reshape(h.shape), gx.T @ hn, gx.sum(0)
+
+
+def run(h, w, b, upstream=1.0, **kwargs):
+    """(loss, d/dh, d/dW, d/db) of the fused linear loss on leaf copies."""
+    import logitstd_kernels as lsk
+
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (h, w, b)]
+    loss = lsk.fused_linear_distillation_loss(leaves[0], leaves[1], student_bias=leaves[2], **kwargs)
+    loss.backward(torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device))
+    return (loss.detach(),) + tuple(None if t is None else t.grad for t in leaves)
+
+
+def assert_close(name, got, want, rtol):
+    want = torch.as_tensor(np.asarray(want), dtype=torch.float64)
+    got = got.detach().double().cpu().reshape(want.shape)
+    scale = want.abs().max().clamp_min(1e-300) if want.numel() else 1.0
+    err = float((got - want).abs().max() / scale) if want.numel() else 0.0
+    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"
+
+
+def assert_matches(got, want, rtol):
+    for name, g, t in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, want):
+        if g is not None:
+            assert_close(name, g, t, rtol)

@@ -58,7 +58,7 @@ using at::vec::Vectorized;
 // Per-thread scratch rows, allocated once per range of rows.
 template <class T>
 struct Scratch {
-  std::unique_ptr<T[]> x, y, ea, eb, ez;
+  std::unique_ptr<T[]> x, y, ea, eb, ez, g, h;  // g, h: a pointwise divergence's per-element g and h
 };
 
 template <class T>
@@ -93,6 +93,7 @@ struct RowState {
   ReverseSums<T> rev;
   DivRow<T> div;
   bool stored;  // the exponentials are in the scratch rows
+  PointwiseMode pointwise = PointwiseMode::kStable;  // how the gradient pass finds jsd/tvd's g and h
 };
 
 // The row's statistics, exponentials (stored when `store`: a gradient or a pointwise divergence
@@ -110,20 +111,28 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store) 
   st.sy = row_stats(st.y, n, dof, eps, p.standardize);
   st.plan = make_exp_plan(st.sx, st.sy, static_cast<T>(p.tau_s), static_cast<T>(p.tau_t), T(1));
   const Divergence div = static_cast<Divergence>(p.divergence);
-  const bool finite = row_is_finite(st.sx) && row_is_finite(st.sy);
-  st.stored = store || has_reverse(div);  // the reverse KL's refinement reads the exponentials
+  // Without standardization a row of extreme magnitude can have |b - a| near the float range, and
+  // sums of e^b (b - a) would overflow: its exponentials are taken e^-(log V + 1) smaller (the same
+  // ratios), on the exact path, and stored so that no later pass recomputes them unshifted.
+  const T e_shift = (!p.standardize && (st.sx.scale != T(1) || st.sy.scale != T(1))) ? m_log(T(n)) + T(1) : T(0);
+  const bool fast = row_is_finite(st.sx) && row_is_finite(st.sy) && e_shift == T(0);
+  st.stored = store || has_reverse(div) || e_shift != T(0);  // the reverse KL's refinement reads them too
+  if (st.stored && !s.ea) {
+    s.ea.reset(new T[n]);
+    s.eb.reset(new T[n]);
+  }
   T* ea = st.stored ? s.ea.get() : nullptr;
   T* eb = st.stored ? s.eb.get() : nullptr;
   st.rev = ReverseSums<T>{T(0), T(0)};
   if (has_reverse(div)) {
-    st.sums = finite ? exp_pass<T, false, true, true>(st.x, st.y, n, st.plan, ea, eb, &st.rev)
-                     : exp_pass<T, true, true, true>(st.x, st.y, n, st.plan, ea, eb, &st.rev);
+    st.sums = fast ? exp_pass<T, false, true, true>(st.x, st.y, n, st.plan, e_shift, ea, eb, &st.rev)
+                   : exp_pass<T, true, true, true>(st.x, st.y, n, st.plan, e_shift, ea, eb, &st.rev);
   } else if (st.stored) {
-    st.sums = finite ? exp_pass<T, false, true, false>(st.x, st.y, n, st.plan, ea, eb, nullptr)
-                     : exp_pass<T, true, true, false>(st.x, st.y, n, st.plan, ea, eb, nullptr);
+    st.sums = fast ? exp_pass<T, false, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr)
+                   : exp_pass<T, true, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr);
   } else {
-    st.sums = finite ? exp_pass<T, false, false, false>(st.x, st.y, n, st.plan, ea, eb, nullptr)
-                     : exp_pass<T, true, false, false>(st.x, st.y, n, st.plan, ea, eb, nullptr);
+    st.sums = fast ? exp_pass<T, false, false, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr)
+                   : exp_pass<T, true, false, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr);
   }
   st.div = DivRow<T>{div, static_cast<T>(p.beta), T(1) / st.sums.za, T(1) / st.sums.zb,
                      m_log(st.sums.za / st.sums.zb), T(1), T(0), T(0), T(0), T(0)};
@@ -140,7 +149,21 @@ T row_divergence(RowState<T>& st, Scratch<T>& s, bool need_loss) {
   const T* ea = st.stored ? s.ea.get() : nullptr;
   const T* eb = st.stored ? s.eb.get() : nullptr;
   if (is_pointwise(st.div.div)) {
-    const PointwiseSums<T> pw = pointwise_pass(st.x, st.y, st.n, st.plan, st.div, ea, eb);
+    PointwiseSums<T> pw;
+    if (s.g && s.h) {
+      pw = direct_pointwise_pass<T, true, true>(st.x, st.y, st.n, st.plan, st.div, ea, eb, s.g.get(), s.h.get());
+    } else if (s.g) {
+      pw = direct_pointwise_pass<T, true, false>(st.x, st.y, st.n, st.plan, st.div, ea, eb, s.g.get(), nullptr);
+    } else if (s.h) {
+      pw = direct_pointwise_pass<T, false, true>(st.x, st.y, st.n, st.plan, st.div, ea, eb, nullptr, s.h.get());
+    } else {
+      pw = direct_pointwise_pass<T, false, false>(st.x, st.y, st.n, st.plan, st.div, ea, eb, nullptr, nullptr);
+    }
+    st.pointwise = PointwiseMode::kDirect;
+    if (pointwise_needs_refinement(pw)) {  // rare: the stable forms (pointwise_passes.h)
+      pw = pointwise_pass(st.x, st.y, st.n, st.plan, st.div, ea, eb);
+      st.pointwise = PointwiseMode::kStable;
+    }
     st.div.eq = pw.eq;
     st.div.ep = pw.ep;
     return pw.loss;
@@ -256,7 +279,7 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
             ? term_pass<T, kGx, kGy>(st.x, st.y, st.n, p.standardize, st.plan, st.sx, st.sy, st.div.rza, st.div.rzb,
                                      kl_cross_term(st.sums, T(1)), s.ea.get(), s.eb.get())
             : div_term_pass<T, kGx, kGy>(st.x, st.y, st.n, p.standardize, st.plan, st.sx, st.sy, st.div, s.ea.get(),
-                                         s.eb.get());
+                                         s.eb.get(), st.pointwise, s.g.get(), s.h.get());
     const T grad_scale = static_cast<const T*>(p.grad_scale)[r * p.grad_scale_stride];
     if constexpr (kGx) student_gradient(p, r, st, ts, ce_sums, label, label_ok, s, grad_scale);
     if constexpr (kGy) teacher_gradient(p, r, st, ts, s, grad_scale);
@@ -275,6 +298,8 @@ void run_rows(const KdProblem& p, int64_t begin, int64_t end) {
     s.eb.reset(new T[n]);
   }
   if (kGx && p.labels != nullptr) s.ez.reset(new T[n]);
+  if (kGx && is_pointwise(div)) s.g.reset(new T[n]);
+  if (kGy && is_pointwise(div)) s.h.reset(new T[n]);
   for (int64_t r = begin; r < end; ++r) run_row<T, kGx, kGy>(p, r, s);
 }
 

@@ -15,6 +15,7 @@
 #include "logitstd/kd_problem.h"
 #include "logitstd/row_math.h"
 #include "logitstd/divergence.h"
+#include "pointwise_passes.h"
 #include "row_stats.h"
 #include "vec_rows.h"
 
@@ -34,15 +35,17 @@ inline Vectorized<T> vexp(const Vectorized<T>& v) {
 
 // kStore: the exponentials are kept for the later passes (a gradient is requested, or a pointwise
 // divergence's pass reads them). kReverse: the reverse KL's sums are accumulated too (``rev``).
-// kExact (rows with non-finite logits): a class whose exponential is 0 contributes 0 to a sum of
-// e^s delta, whatever delta is (-inf - -inf is NaN: a class -inf in both rows counts 0).
+// kExact (rows with non-finite logits, or of extreme magnitude without standardization): a class
+// whose exponential is 0 contributes 0 to a sum of e^s delta, whatever delta is (-inf - -inf is NaN:
+// a class -inf in both rows counts 0), and both exponentials are e^-e_shift smaller (the same
+// ratios; see row_state's e_shift).
 template <class T, bool kExact, bool kStore, bool kReverse>
-RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T* ea_out, T* eb_out,
+RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T e_shift, T* ea_out, T* eb_out,
                     ReverseSums<T>* rev) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec x_max(plan.x_max), xa(plan.xa), xc(plan.x_scale), y_max(plan.y_max), ya(plan.ya), yc(plan.y_scale);
-  const Vec zero(T(0));
+  const Vec zero(T(0)), shift(e_shift);
   RowSums<T> total = zero_sums<T>();
   ReverseSums<T> rtotal{T(0), T(0)};
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
@@ -54,8 +57,8 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
       const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
       const Vec sa = exp_arg(xv, x_max, xa, xc);
       const Vec sb = exp_arg(yv, y_max, ya, yc);
-      Vec ea = vexp<T, kExact>(sa);
-      Vec eb = vexp<T, kExact>(sb);
+      Vec ea = vexp<T, kExact>(kExact ? sa - shift : sa);
+      Vec eb = vexp<T, kExact>(kExact ? sb - shift : sb);
       if (tail) {  // lanes past the row end contribute nothing
         ea = Vec::set(zero, ea, count);
         eb = Vec::set(zero, eb, count);
@@ -87,58 +90,11 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
     int64_t i = b0;
     for (; i + W <= b1; i += W) body(i, W);
     if (i < b1) body(i, b1 - i);
-    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), lane_sum(tabs), T(0), T(0), T(0), T(0)});
+    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), lane_sum(tabs)});
     rtotal.r += lane_sum(r);
     rtotal.rabs += lane_sum(rabs);
   }
   if (rev != nullptr) *rev = rtotal;
-  return total;
-}
-
-// ------------------------------------------------------------------------------------------
-// The pointwise divergences' pass (jsd, tvd; divergence.h, pointwise_terms) over the stored
-// exponentials: the row's divergence (natural units) and E_q g, E_p h.
-template <class T>
-struct PointwiseSums {
-  T loss, eq, ep;
-};
-
-template <class T>
-Vectorized<T> log_ratio(const Vectorized<T>& xv, const Vectorized<T>& yv, const ExpPlan<T>& plan, const DivRow<T>& c) {
-  using Vec = Vectorized<T>;
-  const Vec sa = exp_arg(xv, Vec(plan.x_max), Vec(plan.xa), Vec(plan.x_scale));
-  const Vec sb = exp_arg(yv, Vec(plan.y_max), Vec(plan.ya), Vec(plan.y_scale));
-  return at::vec::fmadd(kl_delta(sa, sb), Vec(c.unit), Vec(c.lz));  // ln p - ln q
-}
-
-template <class T>
-PointwiseSums<T> pointwise_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, const DivRow<T>& c,
-                                const T* ea_in, const T* eb_in) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec zero(T(0)), rza(c.rza), rzb(c.rzb), beta(c.beta);
-  PointwiseSums<T> total{T(0), T(0), T(0)};
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t b1 = std::min(n, b0 + kBlock);
-    Vec loss = zero, eq = zero, ep = zero;
-    auto body = [&](int64_t i, int64_t count) {
-      const bool tail = count < W;
-      const Vec q = (tail ? Vec::loadu(ea_in + i, count) : Vec::loadu(ea_in + i)) * rza;
-      const Vec p = (tail ? Vec::loadu(eb_in + i, count) : Vec::loadu(eb_in + i)) * rzb;
-      const Vec l = log_ratio(tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i),
-                              tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i), plan, c);
-      const PointwiseTerms<Vec> pt = pointwise_terms(c.div, q, p, l, beta);
-      loss = loss + (tail ? Vec::set(zero, pt.loss, count) : pt.loss);
-      eq = at::vec::fmadd(q, tail ? Vec::set(zero, pt.g, count) : pt.g, eq);
-      ep = at::vec::fmadd(p, tail ? Vec::set(zero, pt.h, count) : pt.h, ep);
-    };
-    int64_t i = b0;
-    for (; i + W <= b1; i += W) body(i, W);
-    if (i < b1) body(i, b1 - i);
-    total.loss += lane_sum(loss);
-    total.eq += lane_sum(eq);
-    total.ep += lane_sum(ep);
-  }
   return total;
 }
 
@@ -153,15 +109,21 @@ DivRow<Vectorized<T>> broadcast(const DivRow<T>& c) {
                      Vec(c.eq), Vec(c.ep)};
 }
 
+//
+// Pointwise divergences (PointwiseMode): kStable recomputes g and h in the stable form (rows whose
+// divergence cancels); kDirect reads jsd's g and h from the direct pass's rows (g_in, h_in) and
+// takes tvd's signs from p - q.
 template <class T, bool kGx, bool kGy>
 TermSums<T> div_term_pass(const T* x, const T* y, int64_t n, bool standardize, const ExpPlan<T>& plan,
                           const RowStats<T>& stx, const RowStats<T>& sty, const DivRow<T>& row, T* ea_to_gx,
-                          T* eb_to_gy) {
+                          T* eb_to_gy, PointwiseMode mode = PointwiseMode::kStable, const T* g_in = nullptr,
+                          const T* h_in = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const DivRow<Vec> c = broadcast(row);
   const Vec zero(T(0));
   const bool pointwise = is_pointwise(row.div);
+  const bool needs_l = !pointwise || mode == PointwiseMode::kStable;
   TermSums<T> total{T(0), T(0), T(0), T(0)};
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = std::min(n, b0 + kBlock);
@@ -172,9 +134,17 @@ TermSums<T> div_term_pass(const T* x, const T* y, int64_t n, bool standardize, c
       const Vec eb = tail ? Vec::loadu(eb_to_gy + i, count) : Vec::loadu(eb_to_gy + i);
       const Vec xv = tail ? Vec::loadu(x + i, count) : Vec::loadu(x + i);
       const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
-      const Vec l = log_ratio(xv, yv, plan, row);
+      const Vec l = needs_l ? log_ratio(xv, yv, plan, row) : zero;  // ln p - ln q
       PointwiseTerms<Vec> pt{zero, zero, zero};
-      if (pointwise) pt = pointwise_terms(row.div, ea * c.rza, eb * c.rzb, l, c.beta);
+      if (pointwise && mode == PointwiseMode::kStable) {
+        pt = pointwise_terms(row.div, ea * c.rza, eb * c.rzb, l, c.beta);
+      } else if (pointwise && row.div == Divergence::kTvd) {
+        pt.h = tvd_half_sign(eb * c.rzb - ea * c.rza);
+        pt.g = zero - pt.h;
+      } else if (pointwise) {
+        if (kGx) pt.g = tail ? Vec::loadu(g_in + i, count) : Vec::loadu(g_in + i);
+        if (kGy) pt.h = tail ? Vec::loadu(h_in + i, count) : Vec::loadu(h_in + i);
+      }
       Vec gx, gy;
       if constexpr (kGx) {
         gx = Vec::set(zero, student_div_term(c, ea, eb, l, pt.g), count);
@@ -241,7 +211,7 @@ TermSums<T> term_pass(const T* x, const T* y, int64_t n, bool standardize, const
       if constexpr (kGy) {
         const Vec yv = tail ? Vec::loadu(y + i, count) : Vec::loadu(y + i);
         const Vec delta = kl_delta(exp_arg(xv, x_max, xa, xc), exp_arg(yv, y_max, ya, yc));
-        gy = teacher_term(eb, delta, vrzb, unit, neg_kl_cross);
+        gy = Vec::blendv(teacher_term(eb, delta, vrzb, unit, neg_kl_cross), zero, eb == zero);  // p = 0: 0
         if (standardize) {
           const Vec dev = Vec::set(zero, centered(yv, sty), count);
           gys = gys + gy;

@@ -9,7 +9,8 @@ memory is the inputs plus one gradient buffer per input that requires grad:
   saved gradient is the gradient, rounded once to the input's dtype;
 - float32/float64 gradients are multiplied by other incoming gradients in place (``scale_rows_``;
   rows whose factor is 1 are skipped on the device: no host synchronization);
-- bfloat16/float16 gradients are recomputed from the logits instead, with the incoming gradient
+- gradients in a dtype below the accumulation dtype (bfloat16/float16, or float32 next to a float64
+  input) are recomputed from the logits instead, with the incoming gradient
   folded into the kernel's factor (``fused_regrad_``, in place, rows whose factor is 1 skipped on the
   device), so that they are rounded once, like eager PyTorch's, whatever the factor (a ``loss * 9``
   or a GradScaler's 65536; scaling the rounded gradient would round twice, and a float16 gradient
@@ -29,7 +30,6 @@ from .._backends import backend_module
 from ..config import DistillConfig
 from ..reference import accumulation_dtype
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 _RECOMPUTE_SCHEMA = ("(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, Tensor grad_scale, "
                      + cfg.op_schema_fields() + ", bool grad_student, bool grad_teacher, str backend, "
@@ -67,15 +67,16 @@ def _recompute_grads_fake(student, teacher, labels, mask, grad_scale, *rest):
 
 def save_gradients(ctx, inputs, grad_s: torch.Tensor, grad_t: torch.Tensor,
                    reduction_scale: Callable[[], torch.Tensor]) -> None:
-    """Remember what the backward needs: the saved (pre-scaled) gradients and, for a low-precision
-    gradient, what recomputing it takes (the logits, mask, labels and the forward's factor
+    """Remember what the backward needs: the saved (pre-scaled) gradients and, for a gradient in a
+    dtype below the accumulation dtype, what recomputing it takes (the logits, mask, labels and the forward's factor
     ``reduction_scale()``, the (1,) tensor the forward scaled the gradients by). ``inputs``: the op's
     ``LossOpInputs``."""
     ctx.mark_non_differentiable(grad_s, grad_t)
     ctx.set_materialize_grads(False)  # no N x V zeros for the non-differentiable outputs
     student, teacher = inputs.student, inputs.teacher
-    ctx.recompute = ((inputs.grad_student and student.dtype in LOW_PRECISION),
-                     (inputs.grad_teacher and teacher.dtype in LOW_PRECISION))
+    acc = accumulation_dtype(student, teacher)  # a gradient rounded below it must not be rounded twice
+    ctx.recompute = ((inputs.grad_student and student.dtype != acc),
+                     (inputs.grad_teacher and teacher.dtype != acc))
     if any(ctx.recompute):  # the logits are needed again to recompute a low-precision gradient
         ctx.save_for_backward(grad_s, grad_t, student, teacher, inputs.mask, inputs.labels, reduction_scale())
     else:
@@ -85,14 +86,19 @@ def save_gradients(ctx, inputs, grad_s: torch.Tensor, grad_t: torch.Tensor,
     ctx.requested = (inputs.grad_student, inputs.grad_teacher)
 
 
-def _may_overwrite_saved(saved: torch.Tensor) -> bool:
+def is_traced(saved: torch.Tensor) -> bool:
+    """True under torch.compile / AOT tracing: no host checks of values, no mutation of saved tensors."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(saved) is not None
+
+
+def may_overwrite_saved(saved: torch.Tensor) -> bool:
     """True when the saved gradient will never be needed again, so it can become the gradient.
 
     Not under torch.compile / AOT tracing (functionalized graphs cannot mutate saved tensors), and
     not when the autograd graph is kept (``retain_graph=True``, gradcheck): a later backward through
     the same graph must find the saved gradient unchanged.
     """
-    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(saved) is not None:
+    if is_traced(saved):
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return keep_graph is not None and not keep_graph()
@@ -110,7 +116,8 @@ def _scale_saved(ctx, saved: torch.Tensor, grad_loss: torch.Tensor, in_place: bo
 
 def _recompute(ctx, saved_s: torch.Tensor, saved_t: torch.Tensor, grad_loss: torch.Tensor,
                in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The low-precision gradients (those in ``ctx.recompute``) for the incoming gradient, rounded once."""
+    """The gradients below the accumulation dtype (those in ``ctx.recompute``) for the incoming
+    gradient, rounded once."""
     _, _, student, teacher, mask, labels, reduction_scale = ctx.saved_tensors
     factor = grad_loss.to(accumulation_dtype(student, teacher)).reshape(-1) * reduction_scale
     redo_s, redo_t = ctx.recompute
@@ -151,7 +158,7 @@ def saved_gradients_backward(ctx, grad_loss: Optional[torch.Tensor],
         return None, None
     _check_requests(ctx, op_name)
     saved_s, saved_t = ctx.saved_tensors[:2]
-    in_place = _may_overwrite_saved(saved_s if ctx.requested[0] else saved_t)
+    in_place = may_overwrite_saved(saved_s if ctx.requested[0] else saved_t)
     if any(ctx.recompute):
         saved_s, saved_t = _recompute(ctx, saved_s, saved_t, grad_loss, in_place)
     grads = []

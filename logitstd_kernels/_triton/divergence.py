@@ -37,9 +37,11 @@ def pointwise_terms(q, p, l, beta, DIV: tl.constexpr):
         g = -half
         h = half
     else:
+        # the larger side's ln(side / m) from expm1(-|l|) (no overflow, whatever l), the other's from it
         one_minus = 1.0 - beta
-        lq = -log1p(expm1(l) * beta)  # ln(q / m)
-        lp = l + lq  # ln(p / m)
+        larger = -log1p(expm1(-tl.abs(l)) * tl.where(l > 0.0, one_minus, beta))
+        lq = tl.where(l > 0.0, larger - l, larger)  # ln(q / m)
+        lp = tl.where(l > 0.0, larger, l + larger)  # ln(p / m)
         m = p * beta + q * one_minus
         loss = _jsd_side(p, m, lp) * beta + _jsd_side(q, m, lq) * one_minus
         g = tl.where(q > 0.0, lq * one_minus, 0.0)

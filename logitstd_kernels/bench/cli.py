@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import DIVERGENCES
 from .cases import DTYPES, MODES, Case, build_cases, default_cases
-from . import distributed, fused_linear, objective
+from . import accum_accuracy, distributed, fused_linear, objective
 from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
-from .providers import PROVIDERS, make_loss, unavailable
+from .providers import PROVIDERS, make_loss, split_provider, unavailable, with_divergence
 from .report import Result, Run, fill_speedups, metadata, progress, table, write_files
 
 
@@ -38,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-sweep", type=_ints, default=None, help="row counts of the rows sweep")
     parser.add_argument("--rows-sweep-vocab", type=int, default=None, help="V of the rows sweep")
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--divergences", default="forward_kl",
+                        help="comma-separated divergences, each timed for every provider (forward_kl, reverse_kl, "
+                             "jsd, jeffreys, tvd); providers of another than forward_kl are named provider@divergence")
+    parser.add_argument("--beta", type=float, default=0.5, help="the jsd's beta")
     parser.add_argument("--no-standardize", dest="standardize", action="store_false",
                         help="plain KD (adds the liger provider on CUDA)")
     parser.add_argument("--objective", action="store_true",
@@ -51,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="time the vocabulary-parallel objective on 1, 2 and 4 gloo processes (CPU) and record "
                              "the bytes each rank sends per step (--rows, first --vocab value)")
-    parser.add_argument("--hidden", type=int, default=None, help="hidden size H of --fused-linear")
+    parser.add_argument("--accum-accuracy", action="store_true",
+                        help="measure the fused lm_head's weight-gradient error with a float32 and a bfloat16 "
+                             "accumulator (accum_dtype) against float64, bf16 inputs; default shape: 2048 rows, "
+                             "H=256, V=8192 (--rows, --hidden, first --vocab); writes <out>/accum-dtype/")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size H of --fused-linear and --accum-accuracy")
     parser.add_argument("--cpu-budget", type=float, default=1.0, help="seconds of timed runs per CPU measurement")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds; the cases left are recorded as "
@@ -116,22 +125,23 @@ def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student
     def failed(why: str) -> list[Result]:
         return [Result(case.sweep, case.rows, case.vocab, case.dtype, m, provider, f"failed: {why}") for m in modes]
 
-    kd_options = {k: options[k] for k in ("temperature", "standardize")}
+    base, divergence = split_provider(provider)
+    kd_options = dict(temperature=options["temperature"], standardize=options["standardize"], divergence=divergence,
+                      beta=options["beta"])
     try:
         if options.get("objective"):
             labels = objective.labels_for(case.rows, case.vocab, device)
-            fn = objective.make_objective(provider, **kd_options)
+            fn = objective.make_objective(base, **kd_options)
             violation = objective.objective_violation(
-                fn, student, teacher, labels, **kd_options, ce_weight=objective.gate_ce_weight(provider),
-                eager_in_input_dtype=provider in objective.SUMMED_IN_INPUT_DTYPE)
+                fn, student, teacher, labels, **kd_options, ce_weight=objective.gate_ce_weight(base),
+                eager_in_input_dtype=base in objective.SUMMED_IN_INPUT_DTYPE)
 
             def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 return fn(x, y, labels)
         else:
-            loss_fn = make_loss(provider, **kd_options)
+            loss_fn = make_loss(base, **kd_options)
             # Liger's KL-divergence loss takes no gradient for its target: the student's is checked
-            violation = correctness_violation(loss_fn, student, teacher, teacher_grad=provider != "liger",
-                                              **kd_options)
+            violation = correctness_violation(loss_fn, student, teacher, teacher_grad=base != "liger", **kd_options)
         if violation:
             return failed(violation)
         results = []
@@ -179,6 +189,8 @@ def _report(bench_run: Run, modes: tuple, out, paths: dict) -> list:
 def run(args: argparse.Namespace) -> int:
     if args.fused_linear:
         return fused_linear.run(args)
+    if args.accum_accuracy:
+        return accum_accuracy.run(args)
     if args.distributed:
         return distributed.run(args)
     device = torch.device(args.device)
@@ -192,10 +204,15 @@ def run(args: argparse.Namespace) -> int:
     known = objective.OBJECTIVE_PROVIDERS if args.objective else PROVIDERS
     providers = (tuple(args.providers.split(",")) if args.providers
                  else objective.OBJECTIVE_PROVIDERS if args.objective else PROVIDERS)
-    bad = [m for m in modes if m not in MODES] + [p for p in providers if p not in known]
+    divergences = tuple(args.divergences.split(","))
+    bad = ([m for m in modes if m not in MODES] + [p for p in providers if p not in known]
+           + [d for d in divergences if d not in DIVERGENCES])
     if bad:
-        print(f"unknown mode(s)/provider(s) {bad}; modes: {MODES}, providers: {known}", file=sys.stderr)
+        print(f"unknown mode(s)/provider(s)/divergence(s) {bad}; modes: {MODES}, providers: {known}, "
+              f"divergences: {DIVERGENCES}", file=sys.stderr)
         return 2
+    providers = tuple(with_divergence(p, d) for d in divergences for p in providers)
+
     def given(value, default):
         return default if value is None else value
 
@@ -206,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         print("--rows, --rows-sweep must be >= 1 and --vocab, --rows-sweep-vocab >= 2", file=sys.stderr)
         return 2
     copy_gbps = copy_bandwidth_gbps(device)
-    options = {"temperature": args.temperature, "standardize": args.standardize, "objective": args.objective}
+    options = {"temperature": args.temperature, "standardize": args.standardize, "objective": args.objective,
+               "divergences": list(divergences), "beta": args.beta}
     bench_run = Run(metadata(device, list(args.argv), copy_gbps, options))
     print(f"device: {bench_run.metadata['device']}, copy bandwidth {copy_gbps:.1f} GB/s, "
           f"{len(cases)} cases x {len(providers)} providers x {len(modes)} modes")

@@ -48,8 +48,8 @@ def labels_for(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
 
 
 def unavailable(provider: str, device: torch.device) -> Optional[str]:
-    """None if ``provider`` can be timed on ``device``, else why not."""
-    backend = provider.split("_kd")[0]
+    """None if ``provider`` (a label: ``providers.split_provider``) can be timed on ``device``, else why not."""
+    backend = provider.partition("@")[0].split("_kd")[0]
     if backend in ("torch", "torch_compile"):
         return None
     if backend == "triton" and device.type != "cuda":
@@ -69,9 +69,10 @@ def _compiled() -> Callable[..., torch.Tensor]:
     return torch.compile(_eager)
 
 
-def make_objective(provider: str, temperature: float, standardize: bool) -> ObjectiveFn:
-    """The objective of ``provider``: ``fn(student, teacher, labels)``."""
-    options = dict(temperature=temperature, standardize=standardize)
+def make_objective(provider: str, temperature: float, standardize: bool, divergence: str = "forward_kl",
+                   beta: float = 0.5) -> ObjectiveFn:
+    """The objective of ``provider`` (a bare name): ``fn(student, teacher, labels)``."""
+    options = dict(temperature=temperature, standardize=standardize, divergence=divergence, beta=beta)
     if provider == "torch":
         return functools.partial(_eager, **options)
     if provider == "torch_compile":
@@ -94,7 +95,8 @@ def make_objective(provider: str, temperature: float, standardize: bool) -> Obje
 
 def objective_violation(fn: ObjectiveFn, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                         temperature: float, standardize: bool, ce_weight: float = WEIGHTS["ce_weight"],
-                        eager_in_input_dtype: bool = False) -> Optional[str]:
+                        eager_in_input_dtype: bool = False, divergence: str = "forward_kl",
+                        beta: float = 0.5) -> Optional[str]:
     """None if ``fn`` matches the reference objective (loss and student gradient, every row), else why not.
 
     The eager yardstick is the reference objective in float32 (``reduction="sum"``), or with
@@ -105,8 +107,8 @@ def objective_violation(fn: ObjectiveFn, student: torch.Tensor, teacher: torch.T
     (grad_x,) = torch.autograd.grad(loss, (x,))
     rows, vocab = student.shape
     chunk = max(1, (2**24 if student.device.type == "cuda" else 2**22) // vocab)
-    options = dict(temperature=temperature, standardize=standardize, reduction="sum", ce_weight=ce_weight,
-                   kd_weight=WEIGHTS["kd_weight"])
+    kd_options = dict(temperature=temperature, standardize=standardize, divergence=divergence, beta=beta)
+    options = dict(kd_options, reduction="sum", ce_weight=ce_weight, kd_weight=WEIGHTS["kd_weight"])
     exact_sum = torch.zeros((), dtype=torch.float64, device=student.device)
     eager_sum = torch.zeros((), dtype=torch.float64, device=student.device)
     for start in range(0, rows, chunk):
@@ -117,8 +119,7 @@ def objective_violation(fn: ObjectiveFn, student: torch.Tensor, teacher: torch.T
         (want,) = torch.autograd.grad(exact / rows, (exact_x,))
         if eager_in_input_dtype:
             eager_x = xs.detach().requires_grad_(True)
-            eager = _eager(eager_x, ys, ls, ce_weight=ce_weight, temperature=temperature,
-                           standardize=standardize) * xs.shape[0]
+            eager = _eager(eager_x, ys, ls, ce_weight=ce_weight, **kd_options) * xs.shape[0]
         else:
             eager_x = xs.float().requires_grad_(True)
             eager = reference.distillation_loss(eager_x, ys.float(), ls, **options)

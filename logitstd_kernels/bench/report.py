@@ -61,7 +61,7 @@ def device_name(device: torch.device) -> str:
     return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
     """``$LOGITSTD_GIT_COMMIT`` when set (a copy of the tree whose ``.git`` may not match it, e.g. on a
     lent GPU machine), else the checkout's commit (with "+dirty" for uncommitted changes)."""
     import subprocess
@@ -79,7 +79,8 @@ def _git_commit() -> Optional[str]:
     return commit + ("+dirty" if dirty else "")
 
 
-def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: dict) -> dict:
+def run_metadata(device: torch.device, argv: list[str]) -> dict:
+    """What every results file records: the device, the date, the command, the versions and the commit."""
     from .. import __version__
 
     try:
@@ -96,9 +97,16 @@ def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: d
         "torch": torch.__version__,
         "triton": triton_version,
         "logitstd_kernels": __version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
+    }
+
+
+def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: dict) -> dict:
+    """:func:`run_metadata` of a timing run, with the copy bandwidth and what the floor and the peak mean."""
+    return {
+        **run_metadata(device, argv),
         "copy_bandwidth_gbps": round(copy_gbps, 1),
         "floor": "bytes that must move / measured copy bandwidth; forward reads student and teacher, "
                  "backward writes the student gradient, full does both. The fused kernels write the gradient "
@@ -119,17 +127,33 @@ BACKWARD_NOTE = ("no speedups: the fused kernels compute the gradient during the
 
 
 def fill_speedups(results: list[Result]) -> None:
-    """``speedup_vs_torch`` (eager's median over the provider's) of every timed result of a mode in
-    ``SPEEDUP_MODES``; None in the backward mode."""
-    baseline = {(r.rows, r.vocab, r.dtype, r.mode): r.median_ms for r in results
-                if r.provider == "torch" and r.status == "ok"}
+    """``speedup_vs_torch`` (eager's median over the provider's, eager of the same divergence: the
+    ``torch@divergence`` provider) of every timed result of a mode in ``SPEEDUP_MODES``; None in the
+    backward mode."""
+    def divergence(provider: str) -> str:
+        return provider.partition("@")[2]
+
+    baseline = {(r.rows, r.vocab, r.dtype, r.mode, divergence(r.provider)): r.median_ms for r in results
+                if r.provider.partition("@")[0] == "torch" and r.status == "ok"}
     for r in results:
-        base = baseline.get((r.rows, r.vocab, r.dtype, r.mode))
+        base = baseline.get((r.rows, r.vocab, r.dtype, r.mode, divergence(r.provider)))
         r.speedup_vs_torch = base / r.median_ms if (r.status == "ok" and base and r.mode in SPEEDUP_MODES) else None
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
+
+
+def new_stem(out_dir: Path, meta: dict) -> Path:
+    """``out_dir/<device>-<date>`` (``-2``, ``-3``, ... after a name an earlier run took), the folder made."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = meta["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    stem = out_dir / f"{_slug(meta['device'].split('(')[0])}-{stamp}"
+    suffix = 1
+    while stem.with_suffix(".json").exists():
+        suffix += 1
+        stem = out_dir / f"{_slug(meta['device'].split('(')[0])}-{stamp}-{suffix}"
+    return stem
 
 
 def write_files(run: Run, out_dir: Path, previous: Optional[dict[str, Path]] = None) -> dict[str, Path]:
@@ -138,16 +162,7 @@ def write_files(run: Run, out_dir: Path, previous: Optional[dict[str, Path]] = N
     ``previous``: the paths of an earlier call of the same run, rewritten in place; a new run picks
     a name no earlier run has.
     """
-    if previous:
-        stem = previous["json"].with_suffix("")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stamp = run.metadata["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
-        stem = out_dir / f"{_slug(run.metadata['device'].split('(')[0])}-{stamp}"
-        suffix = 1
-        while stem.with_suffix(".json").exists():
-            suffix += 1
-            stem = out_dir / f"{_slug(run.metadata['device'].split('(')[0])}-{stamp}-{suffix}"
+    stem = previous["json"].with_suffix("") if previous else new_stem(out_dir, run.metadata)
     paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv")}
     with open(paths["json"], "w") as f:
         json.dump({"metadata": run.metadata, "results": [asdict(r) for r in run.results]}, f, indent=1)

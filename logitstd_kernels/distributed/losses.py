@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 from .. import config as cfg
 from .._checks import check_labels, check_mask, check_pair
-from .._ops.chunks import ChunkRows, LinearInputs, default_accum_dtype, run_chunks
+from .._ops.chunks import ChunkRows, LinearInputs, default_accum_dtype, run_chunks, scaled_gradient
 from .._ops.loss_op import included_rows
-from ..config import DistillConfig
+from ..config import DistillConfig, LogitTransforms
 from ..fused_linear import checked_linear_inputs, default_chunk_size, flat_rows
 from ..reference import DistillationParts, accumulation_dtype
 from .collectives import Layout, agree_on_shards, local_shards
@@ -98,12 +98,13 @@ def vocab_parallel_distillation_loss(
 
 class _ShardedFusedLinear(torch.autograd.Function):
     """The chunk loop (``_ops/chunks.py``) with the sharded objective as its row function; the
-    gradients are computed in the forward and scaled in the backward."""
+    gradients are computed in the forward (divided by the count in place) and scaled in the backward
+    (``chunks.scaled_gradient``)."""
 
     @staticmethod
     def forward(ctx, tensors: LinearInputs, group, config: DistillConfig, layout_: Optional[Layout],
                 phases: ModuleType, chunk_size: int, accum_dtype: torch.dtype, wants: tuple[bool, bool, bool],
-                *parameters: torch.Tensor):
+                transforms: LogitTransforms, *parameters: torch.Tensor):
         weight = tensors.weight
 
         def rows_fn(xs, xt, labels, mask) -> ChunkRows:
@@ -112,14 +113,14 @@ class _ShardedFusedLinear(torch.autograd.Function):
             return ChunkRows(torch.stack([v.double().sum() for v in (out.rows, out.ce, out.kd)]), grad)
 
         keep = included_rows(tensors.labels, tensors.mask, config.ignore_index)
-        totals, grads = run_chunks(tensors, keep, rows_fn, chunk_size, accum_dtype, wants, torch.float64)
+        totals, grads = run_chunks(tensors, keep, rows_fn, chunk_size, accum_dtype, wants, torch.float64, transforms)
         if config.reduction == "mean":
             count = (keep.sum() if keep is not None else totals.new_tensor(float(tensors.hidden.shape[0])))
             count = count.clamp_min(1).double()
         else:
             count = totals.new_ones(())
         loss, ce, kd = (part.to(accumulation_dtype(tensors.hidden, weight)).clone() for part in (totals / count).unbind())
-        ctx.save_for_backward(*(g if g is None else g / count.to(g.dtype) for g in grads))
+        ctx.save_for_backward(*(g if g is None else g.div_(count.to(g.dtype)) for g in grads))
         ctx.dtypes = tuple(None if p is None else p.dtype for p in (tensors.hidden, weight, tensors.bias))
         ctx.mark_non_differentiable(ce, kd)
         return loss, ce, kd
@@ -127,22 +128,24 @@ class _ShardedFusedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
         no_double_backward()
-        grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (None,) * 8 + tuple(grads)
+        grads = [None if g is None else scaled_gradient(g, grad_loss, dtype) for g, dtype in zip(ctx.saved_tensors,
+                                                                                                  ctx.dtypes)]
+        return (None,) * 9 + tuple(grads)
 
 
 def _check_linear_local(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                         teacher_logits, labels, mask, objective: dict, reduction: str, chunk_size, accum_dtype,
-                        backend):
+                        backend, transforms: dict):
     """The local checks of the fused vocabulary-parallel loss: the tensors against this rank's slice,
     the labels against the whole row (>= 0 here; < V after phase 1)."""
     config = cfg.config_from(objective, cfg.OBJECTIVE_SETTINGS, "vocab_parallel_fused_linear_distillation_loss",
                              reduction=cfg.objective_reduction(reduction, cfg.FUSED_LINEAR_REDUCTIONS))
     cfg.check_chunk_size(chunk_size)
     cfg.check_accum_dtype(accum_dtype)
+    checked_transforms = cfg.check_logit_transforms(**transforms)
     tensors = checked_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                     teacher_bias, teacher_logits, labels, mask, config, num_classes=None)
-    return flat_rows(tensors), config, phase_backend(backend, tensors.hidden.device)
+    return flat_rows(tensors), config, phase_backend(backend, tensors.hidden.device), checked_transforms
 
 
 def vocab_parallel_fused_linear_distillation_loss(
@@ -151,8 +154,10 @@ def vocab_parallel_fused_linear_distillation_loss(
     teacher_logits: Optional[torch.Tensor] = None, student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None, process_group: Optional[dist.ProcessGroup] = None,
     vocab_range: Optional[tuple[int, int]] = None, check_shards: bool = True, chunk_size: Optional[int] = None,
-    accum_dtype: Optional[torch.dtype] = None, mask: Optional[torch.Tensor] = None, reduction: str = "mean",
-    return_components: bool = False, backend: str = "auto", **objective,
+    accum_dtype: Optional[torch.dtype] = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: Optional[float] = None, teacher_final_logit_softcapping: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None, reduction: str = "mean", return_components: bool = False,
+    backend: str = "auto", **objective,
 ) -> Union[torch.Tensor, DistillationParts]:
     """:func:`logitstd_kernels.fused_linear_distillation_loss` with lm_heads split by vocabulary.
 
@@ -172,16 +177,21 @@ def vocab_parallel_fused_linear_distillation_loss(
     (from the header, so ``check_shards=False`` needs an explicit ``chunk_size``). ``objective``: the
     keywords of ``distillation_loss`` (``ce_weight``, ``kd_weight``, ``temperature``, ...);
     ``reduction`` is ``"mean"`` or ``"sum"``; ``backend``: the local phases', as in
-    :func:`vocab_parallel_distillation_loss`.
+    :func:`vocab_parallel_distillation_loss`. ``student_logit_scale``, ``teacher_logit_scale``,
+    ``student_final_logit_softcapping``, ``teacher_final_logit_softcapping``: the logit transforms of
+    :func:`logitstd_kernels.fused_linear_distillation_loss`, applied to each rank's slice.
     """
     if not check_shards and chunk_size is None:
         raise ValueError("pass chunk_size with check_shards=False: every rank must use the same chunks, and the "
                          "default is derived from the widest slice, which only the header exchange reveals")
     local_error, rows_view = None, None
     try:
-        tensors, config, phases = _check_linear_local(
+        transforms = dict(student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                          student_final_logit_softcapping=student_final_logit_softcapping,
+                          teacher_final_logit_softcapping=teacher_final_logit_softcapping)
+        tensors, config, phases, transforms = _check_linear_local(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-            labels, mask, objective, reduction, chunk_size, accum_dtype, backend)
+            labels, mask, objective, reduction, chunk_size, accum_dtype, backend, transforms)
         rows_view = tensors.hidden.new_empty(()).expand(tensors.hidden.shape[0], tensors.weight.shape[0])
     except _LOCAL_ERRORS as exc:
         if not check_shards:
@@ -199,5 +209,6 @@ def vocab_parallel_fused_linear_distillation_loss(
              grad_on and tensors.bias is not None and tensors.bias.requires_grad)
     parameters = (tensors.hidden, tensors.weight, tensors.bias)
     loss, ce, kd = _ShardedFusedLinear.apply(tensors, process_group, config, layout_, phases, int(chunk_size),
-                                             accum_dtype or default_accum_dtype(tensors.weight), wants, *parameters)
+                                             accum_dtype or default_accum_dtype(tensors.weight), wants, transforms,
+                                             *parameters)
     return DistillationParts(loss, ce, kd) if return_components else loss

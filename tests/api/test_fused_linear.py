@@ -10,69 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import logitstd_kernels as lsk
-from formula import objective_numpy
-from support import case_id, fused_cases, interpreted
+from support import assert_close, assert_matches, case_id, fused_cases, interpreted, labels_for, make_problem, \
+    numpy_truth, run
 
 CASES = fused_cases()
 ALL = CASES + [("torch", "cpu")]
 OPTIONS = dict(ce_weight=0.3, kd_weight=2.5, temperature=1.7, teacher_temperature=2.3)
-
-
-def make_problem(rows, hidden, teacher_hidden, classes, device, dtype=torch.float64, biases=True, lead=None):
-    """Student (h, W, b) and teacher (ht, Wt, bt) of a random lm_head problem."""
-    shape = (rows,) if lead is None else lead
-    h = torch.randn(*shape, hidden, dtype=dtype, device=device)
-    w = torch.randn(classes, hidden, dtype=dtype, device=device) / hidden**0.5
-    b = torch.randn(classes, dtype=dtype, device=device) if biases else None
-    ht = torch.randn(*shape, teacher_hidden, dtype=dtype, device=device)
-    wt = 2 * torch.randn(classes, teacher_hidden, dtype=dtype, device=device) / teacher_hidden**0.5
-    bt = torch.randn(classes, dtype=dtype, device=device) if biases else None
-    return h, w, b, ht, wt, bt
-
-
-def labels_for(shape, classes, pattern, device):
-    if pattern == "no-labels":
-        return None
-    labels = torch.randint(0, classes, shape, device=device)
-    if pattern == "some-ignored":
-        labels.view(-1)[::3] = -100
-    elif pattern == "all-ignored":
-        labels.fill_(-100)
-    return labels
-
-
-def numpy_truth(h, w, b, teacher_logits, labels, mask=None, reduction="mean", upstream=1.0, **options):
-    """(loss, d/dh, d/dW, d/db) in float64 NumPy from the full logits x = h W^T + b."""
-    hn = h.detach().double().cpu().numpy().reshape(-1, h.shape[-1])
-    wn = w.detach().double().cpu().numpy()
-    x = hn @ wn.T + (0 if b is None else b.detach().double().cpu().numpy())
-    y = teacher_logits.detach().double().cpu().numpy().reshape(x.shape)
-    loss, gx, _, _, _ = objective_numpy(x, y, None if labels is None else labels.cpu().numpy().reshape(-1),
-                                        mask=None if mask is None else mask.cpu().numpy().reshape(-1),
-                                        reduction=reduction, upstream=upstream, **options)
-    return loss, (gx @ wn).reshape(h.shape), gx.T @ hn, gx.sum(0)
-
-
-def run(h, w, b, upstream=1.0, **kwargs):
-    """(loss, d/dh, d/dW, d/db) of the fused linear loss on leaf copies."""
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (h, w, b)]
-    loss = lsk.fused_linear_distillation_loss(leaves[0], leaves[1], student_bias=leaves[2], **kwargs)
-    loss.backward(torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device))
-    return (loss.detach(),) + tuple(None if t is None else t.grad for t in leaves)
-
-
-def assert_close(name, got, want, rtol):
-    want = torch.as_tensor(np.asarray(want), dtype=torch.float64)
-    got = got.detach().double().cpu().reshape(want.shape)
-    scale = want.abs().max().clamp_min(1e-300) if want.numel() else 1.0
-    err = float((got - want).abs().max() / scale) if want.numel() else 0.0
-    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"
-
-
-def assert_matches(got, want, rtol):
-    for name, g, t in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, want):
-        if g is not None:
-            assert_close(name, g, t, rtol)
 
 
 @pytest.mark.parametrize("case", ALL, ids=case_id)

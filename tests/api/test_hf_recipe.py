@@ -4,32 +4,24 @@ batch, with the same student gradients. Needs the ``hf`` extra (transformers, ac
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-from support import needs, require_modules
+from support import load_example, needs, require_modules
 
 import logitstd_kernels as lsk
 from logitstd_kernels._backends import unavailable_reason
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "distill_causal_lm.py"
 TINY = ["--tiny", "--device", "cpu", "--steps", "6", "--teacher-steps", "5"]
 
 
 @pytest.fixture(scope="module")
 def recipe() -> ModuleType:
-    """The example script as a module (registered, so that its dataclasses resolve their module)."""
+    """The example script as a module."""
     require_modules("transformers", "accelerate", extra="hf")
-    spec = importlib.util.spec_from_file_location("distill_causal_lm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("distill_causal_lm")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from logitstd_kernels import distributed, reference
+from logitstd_kernels.config import DistillConfig, LogitTransforms
 from logitstd_kernels.distributed import torch_phases
 from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
                                           vocab_parallel_fused_linear_distillation_loss)
-from support import needs
+from support import needs, spawn_ranks
 
 TIMEOUT_S = 120
 
@@ -60,21 +60,11 @@ def _worker(rank: int, world: int, folder: str, scenarios: tuple[str, ...]) -> N
 
 def run_ranks(world: int, scenarios: tuple[str, ...], folder: Path) -> list[dict]:
     """Spawn ``world`` processes running ``scenarios``; their reports (scenario -> report) in rank order."""
-    context = mp.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(r, world, str(folder), scenarios)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    alive = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not alive, f"ranks {alive} still running after {TIMEOUT_S} s (a hang)"
+    exit_codes = spawn_ranks(_worker, world, folder, scenarios, timeout_s=TIMEOUT_S)
     reports = []
     for r in range(world):
         path = folder / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no report (exit code {procs[r].exitcode})"
+        assert path.exists(), f"rank {r} wrote no report (exit code {exit_codes[r]})"
         reports.append(json.loads(path.read_text()))
     return reports
 
@@ -282,9 +272,15 @@ def _dtensor(rank: int, world: int) -> dict:
     return {"errors": errors}
 
 
+#: Logit transforms of the fused lm_head (TRL's keywords), with values that change every row.
+TRANSFORMS = dict(student_logit_scale=0.7, student_final_logit_softcapping=3.0, teacher_logit_scale=1.3,
+                  teacher_final_logit_softcapping=4.0)
+
+
 def _fused_linear(rank: int, world: int, backend: str = "torch") -> dict:
     """Teacher by hidden states + weights and by its logits' slice, a student bias, a mask, default
-    and explicit chunks; the hidden gradient's partial sums all-reduced as the layer's backward would."""
+    and explicit chunks, with and without logit transforms; the hidden gradient's partial sums
+    all-reduced as the layer's backward would."""
     num_classes, hidden, teacher_hidden, rows = 301, 16, 24, 11
     cols = _slice(rank, world, num_classes)
     h = torch.randn(rows, hidden, dtype=torch.float64)
@@ -297,25 +293,28 @@ def _fused_linear(rank: int, world: int, backend: str = "torch") -> dict:
     mask = torch.ones(rows, dtype=torch.bool)
     mask[4] = False
     worst = 0.0
-    for dtype, bound in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
-        for teacher, chunk in (("hidden", 4), ("logits", None)):
-            hl = h.to(dtype).clone().requires_grad_(True)
-            wl = w.to(dtype)[cols].clone().requires_grad_(True)
-            bl = b.to(dtype)[cols].clone().requires_grad_(True)
-            given = (dict(teacher_hidden=ht.to(dtype), teacher_weight=wt.to(dtype)[cols]) if teacher == "hidden"
-                     else dict(teacher_logits=F.linear(ht, wt).to(dtype)[:, cols]))
-            loss = vocab_parallel_fused_linear_distillation_loss(hl, wl, labels=labels, student_bias=bl, mask=mask,
-                                                                 chunk_size=chunk, backend=backend, **given)
-            loss.backward()
-            grad_hidden = hl.grad.double().clone()
-            dist.all_reduce(grad_hidden)  # the tensor-parallel layer's all-reduce of the partial sums
-            hf, wf, bf = (t.clone().requires_grad_(True) for t in (h, w, b))
-            want = reference.distillation_loss(F.linear(hf, wf, bf), F.linear(ht, wt), labels, mask=mask)
-            want.backward()
-            errors = [_max_rel(loss, want), _max_rel(grad_hidden, hf.grad), _max_rel(wl.grad, wf.grad[cols]),
-                      _max_rel(bl.grad, bf.grad[cols])]
-            assert max(errors) <= bound, f"{dtype} teacher={teacher}: {errors}"
-            worst = max(worst, *errors)
+    cases = [(dtype, bound, teacher, chunk, {}) for dtype, bound in ((torch.float64, 1e-12), (torch.float32, 2e-5))
+             for teacher, chunk in (("hidden", 4), ("logits", None))]
+    cases += [(torch.float64, 1e-12, teacher, 4, TRANSFORMS) for teacher in ("hidden", "logits")]
+    for dtype, bound, teacher, chunk, transforms in cases:
+        hl = h.to(dtype).clone().requires_grad_(True)
+        wl = w.to(dtype)[cols].clone().requires_grad_(True)
+        bl = b.to(dtype)[cols].clone().requires_grad_(True)
+        given = (dict(teacher_hidden=ht.to(dtype), teacher_weight=wt.to(dtype)[cols]) if teacher == "hidden"
+                 else dict(teacher_logits=F.linear(ht, wt).to(dtype)[:, cols]))
+        loss = vocab_parallel_fused_linear_distillation_loss(hl, wl, labels=labels, student_bias=bl, mask=mask,
+                                                             chunk_size=chunk, backend=backend, **given, **transforms)
+        loss.backward()
+        grad_hidden = hl.grad.double().clone()
+        dist.all_reduce(grad_hidden)  # the tensor-parallel layer's all-reduce of the partial sums
+        hf, wf, bf = (t.clone().requires_grad_(True) for t in (h, w, b))
+        want = reference.linear_loss_of_config(hf, wf, bf, F.linear(ht, wt), labels, mask, DistillConfig(),
+                                               LogitTransforms(**transforms))
+        want.backward()
+        errors = [_max_rel(loss, want), _max_rel(grad_hidden, hf.grad), _max_rel(wl.grad, wf.grad[cols]),
+                  _max_rel(bl.grad, bf.grad[cols])]
+        assert max(errors) <= bound, f"{dtype} teacher={teacher} {transforms}: {errors}"
+        worst = max(worst, *errors)
     return {"worst": worst}
 
 

@@ -56,3 +56,40 @@ def test_time_budget_skips_the_cases_left(tmp_path, capsys):
     (report,) = tmp_path.glob("*.json")
     statuses = [r["status"] for r in json.loads(report.read_text())["results"]]
     assert statuses and all(s == "skipped: time budget" for s in statuses)
+
+
+def test_divergences_are_timed_per_provider_with_their_own_eager_baseline(tmp_path, capsys):
+    """``--divergences``: every provider once per divergence (``provider@divergence``), checked against
+    the reference of that divergence, its speedup over the eager code of the same divergence."""
+    code = main(["bench", "--device", "cpu", "--objective", "--divergences", "forward_kl,jsd,tvd", "--beta", "0.3",
+                 "--vocab", "300", "--rows", "8", "--rows-sweep", "8", "--rows-sweep-vocab", "300",
+                 "--providers", "torch,cpu", "--modes", "full", "--cpu-budget", "0.05", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["metadata"]["divergences"] == ["forward_kl", "jsd", "tvd"]
+    assert data["metadata"]["beta"] == 0.3
+    ok = {r["provider"]: r for r in data["results"] if r["status"] == "ok"}
+    assert set(ok) == {"torch", "cpu", "torch@jsd", "cpu@jsd", "torch@tvd", "cpu@tvd"}
+    for divergence in ("jsd", "tvd"):
+        eager, fused = ok[f"torch@{divergence}"], ok[f"cpu@{divergence}"]
+        assert abs(fused["speedup_vs_torch"] - eager["median_ms"] / fused["median_ms"]) < 1e-9
+    bad = main(["bench", "--device", "cpu", "--divergences", "kl", "--out", str(tmp_path)])
+    assert bad == 2 and "divergence" in capsys.readouterr().err
+
+
+def test_accum_accuracy_writes_its_results(tmp_path, capsys):
+    """``--accum-accuracy`` at a tiny shape: one record per seed, provider, accumulator and chunk size,
+    errors against float64 of the size of bf16 rounding, and the run's metadata."""
+    code = main(["bench", "--accum-accuracy", "--device", "cpu", "--rows", "32", "--hidden", "16", "--vocab", "64",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (report,) = (tmp_path / "accum-dtype").glob("*.json")
+    data = json.loads(report.read_text())
+    for key in ("device", "date", "command", "torch", "logitstd_kernels", "git_commit"):
+        assert key in data["metadata"], key
+    assert data["metadata"]["accumulator_bytes"] == {"float32": 4 * 64 * 16, "bfloat16": 2 * 64 * 16}
+    assert len(data["results"]) == 3 * (1 + 2 * 3) and len(data["summary"]) == 1 + 2 * 3
+    for row in data["summary"]:
+        assert all(0 < row[key] < 0.05 for key in ("weight_grad_max", "weight_grad_norm", "hidden_grad_max")), row

@@ -36,7 +36,8 @@ def _make_tables_module(path: Path):
 
 def _newer_result(results: Path) -> dict:
     """The newest committed result, re-dated into the future and with other numbers: a run's output."""
-    newest = max((json.loads(p.read_text()) for p in results.glob("*.json")), key=lambda d: d["metadata"]["date"])
+    runs = (json.loads(p.read_text()) for p in results.glob("*.json"))
+    newest = max((d for d in runs if "metadata" in d), key=lambda d: d["metadata"]["date"])
     newest["metadata"]["date"] = "2999-01-01T00:00:00+00:00"
     for result in newest["results"]:
         if result.get("median_ms"):

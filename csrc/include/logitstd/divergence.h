@@ -53,8 +53,6 @@ inline at::vec::Vectorized<T> m_log1p(const at::vec::Vectorized<T>& v) { return 
 template <class T>
 inline at::vec::Vectorized<T> m_exp(const at::vec::Vectorized<T>& v) { return v.exp(); }
 template <class T>
-inline at::vec::Vectorized<T> m_log(const at::vec::Vectorized<T>& v) { return v.log(); }
-template <class T>
 inline at::vec::Vectorized<T> m_abs(const at::vec::Vectorized<T>& v) { return v.abs(); }
 // c ? a : b with c a lane mask (all bits set where true), as at::vec's comparisons return.
 template <class T>
@@ -155,11 +153,14 @@ LOGITSTD_HD PointwiseTerms<V> pointwise_terms(Divergence div, V q, V p, V l, V b
     const V half = V(0.5);
     return PointwiseTerms<V>{half * m_abs(diff), V(0) - half * m_sign(diff), half * m_sign(diff)};
   }
-  // L_q = ln(q / m) = -log1p(beta expm1(l)); L_p = ln(p / m) = l + L_q, or -ln(beta) where q = 0
-  // (l = +inf there: inf - inf); m = beta p + (1 - beta) q
+  // m = beta p + (1 - beta) q. The larger side's log-ratio from expm1 of -|l| (no overflow, whatever
+  // l): l <= 0: L_q = ln(q / m) = -log1p(beta expm1(l)), L_p = l + L_q; l > 0: L_p = ln(p / m) =
+  // -log1p((1 - beta) expm1(-l)), L_q = L_p - l.
   const V one_minus = V(1) - beta;
-  const V lq = V(0) - m_log1p(beta * m_expm1(l));
-  const V lp = m_select(q_pos, l + lq, V(0) - m_log(beta));
+  const auto teacher_larger = m_positive(l);
+  const V larger = V(0) - m_log1p(m_select(teacher_larger, one_minus, beta) * m_expm1(V(0) - m_abs(l)));
+  const V lq = m_select(teacher_larger, larger - l, larger);
+  const V lp = m_select(teacher_larger, larger, l + larger);
   const V m = m_fma(beta, p, one_minus * q);
   const V loss = m_fma(beta, jsd_side(p, m, lp, p_pos), one_minus * jsd_side(q, m, lq, q_pos));
   return PointwiseTerms<V>{loss, m_select(q_pos, one_minus * lq, V(0)), m_select(p_pos, beta * lp, V(0))};

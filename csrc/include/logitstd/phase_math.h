@@ -4,14 +4,14 @@
 // divergence.h:
 //
 //   statistics  per thread, sums of d = v - shift and d^2 around the thread's first element
-//               (ShiftedSums: one add and one FMA per element, no division), turned into moments
+//               (ShiftedSums: two adds and an FMA per element, no division), turned into moments
 //               once per thread and merged across threads by Chan's formula (moments.h); the
 //               magnitude scale from bounds of max |v| (no minimum per element);
 //   exponents   e0 = c v - max(c v) (one FMA, <= 0, exactly 0 at the max) and s = e0 K + B (one
 //               FMA; B = 0 but for the rows of note (a)), e^s = 2^s in float (ex2.approx);
 //   sums        the partition sums, the KLs' sums and the standardization's sums (PhaseSums);
-//   gradients   a few FMAs of per-row coefficients (GradCoef): term A + e0 C + D per element, the
-//               forward KL's student gradient as ea A/Za - eb A/Zb + e0 C + D.
+//   gradients   (phase_grads.h) a few FMAs of per-row coefficients (GradCoef): term A + e0 C + D
+//               per element, the forward KL's student gradient as ea A/Za - eb A/Zb + e0 C + D.
 //
 // (a) Without standardization, a row of extreme magnitude (scale c != 1) has both exponentials
 // shifted down by log2(2V) (B < 0): sums of e^sb (sb - sa) cannot overflow where |sb - sa| nears

@@ -64,16 +64,15 @@ LOGITSTD_HD V kl_delta(V sa, V sb) { return floor_lowest(sb - sa); }
 // (kl_needs_refinement).
 template <class T>
 struct RowSums {
-  T za, zb, t, tabs, saa, sab, sbb, sbd;
+  T za, zb, t, tabs;
 };
 
 template <class T>
-LOGITSTD_HD RowSums<T> zero_sums() { return RowSums<T>{T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)}; }
+LOGITSTD_HD RowSums<T> zero_sums() { return RowSums<T>{T(0), T(0), T(0), T(0)}; }
 
 template <class T>
 LOGITSTD_HD RowSums<T> add_sums(const RowSums<T>& a, const RowSums<T>& b) {
-  return RowSums<T>{a.za + b.za, a.zb + b.zb, a.t + b.t, a.tabs + b.tabs, a.saa + b.saa,
-                    a.sab + b.sab, a.sbb + b.sbb, a.sbd + b.sbd};
+  return RowSums<T>{a.za + b.za, a.zb + b.zb, a.t + b.t, a.tabs + b.tabs};
 }
 
 // ---------------------------------------------------------------------------------------------
