@@ -7,6 +7,7 @@ math and README.md for the API.
 from . import reference
 from ._backends import available_backends, backend_status
 from .config import DistillConfig
+from .ctkd import CTKDTemperature, GradientReversal, cosine_lambda, gradient_reversal
 from .functional import kd_loss, logitstd_kd_loss, zscore
 from .fused_linear import default_chunk_size, fused_linear_distillation_loss
 from .methods import DKDLoss, dkd_loss
@@ -16,6 +17,10 @@ from .objective import DistillationParts, distillation_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "CTKDTemperature",
+    "GradientReversal",
+    "cosine_lambda",
+    "gradient_reversal",
     "DKDLoss",
     "DistillConfig",
     "DistillationLoss",
