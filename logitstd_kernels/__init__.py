@@ -11,6 +11,7 @@ from .ctkd import CTKDTemperature, GradientReversal, cosine_lambda, gradient_rev
 from .functional import kd_loss, logitstd_kd_loss, zscore
 from .fused_linear import default_chunk_size, fused_linear_distillation_loss
 from .methods import DKDLoss, dkd_loss
+from .mlkd import MLKDLoss, mlkd_loss
 from .modules import DistillationLoss, FusedLinearDistillationLoss, LogitStdKDLoss
 from .objective import DistillationParts, distillation_loss
 
@@ -27,6 +28,7 @@ __all__ = [
     "DistillationParts",
     "FusedLinearDistillationLoss",
     "LogitStdKDLoss",
+    "MLKDLoss",
     "available_backends",
     "backend_status",
     "default_chunk_size",
@@ -35,6 +37,7 @@ __all__ = [
     "fused_linear_distillation_loss",
     "kd_loss",
     "logitstd_kd_loss",
+    "mlkd_loss",
     "reference",
     "zscore",
     "__version__",
