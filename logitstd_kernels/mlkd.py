@@ -4,8 +4,8 @@ MLKD aligns the teacher and the student at three levels, at each of several temp
 instance level (KD of each row, logit-standardized when ``standardize``), the batch level (the
 rows' similarity matrix ``P P^T``) and the class level (the classes' matrix ``P^T P``), P the row
 softmaxes. The instance term is the fused KD loss, one pass over the logits per temperature; the
-two correlation terms are Gram matrices in PyTorch (autograd), both from three products on the
-smaller side of the logits (:func:`gram_gaps`).
+two correlation terms are Gram matrices in PyTorch (autograd), each the cheaper of the n x n and
+k x k forms (:func:`gram_gap`).
 
 Equivalent eager code: ``mlkd_loss(..., backend="torch")``: the KD rows from the reference and the
 correlation terms in the official code's order of operations.
@@ -25,7 +25,7 @@ from .modules import ConfiguredLoss
 from .reference import accumulation_dtype
 
 __all__ = ["mlkd_loss", "MLKDLoss", "MLKD_TEMPERATURES", "CONFIDENCE_MODES", "confidence_masks",
-           "correlation_terms", "gram_gaps"]
+           "correlation_terms", "gram_gap"]
 
 #: The official temperatures: the config's KD temperature (4, mdistiller's default), then 3, 5, 2, 6.
 MLKD_TEMPERATURES = (4.0, 3.0, 5.0, 2.0, 6.0)
@@ -52,22 +52,21 @@ def confidence_masks(teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return rows, classes
 
 
-def gram_gaps(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(((p.T @ p - q.T @ q) ** 2).sum(), ((p @ p.T - q @ q.T) ** 2).sum())`` of (N, V) ``p`` and ``q``,
-    both from three products on the smaller side (``3 N V min(N, V)`` multiply-adds, where the official
-    code's four Grams take ``2 N V (N + V)``).
+def gram_gap(p: torch.Tensor, q: torch.Tensor, direct: bool = False) -> torch.Tensor:
+    """``((p @ p.T - q @ q.T) ** 2).sum()`` of (n, k) ``p`` and ``q``, through the cheaper Gram matrices.
 
-    With ``s = p + q`` and ``d = p - q``, ``p p^T - q q^T = (M + M^T) / 2`` for ``M = s d^T``, and
-    ``||p^T p - q^T q||^2 = (<s s^T, d d^T> + <M, M^T>) / 2``; the same with the roles of the sides
-    swapped (``M = s^T d``) when V < N. Every term is second order in ``d``, so a student close to its
-    teacher loses no precision to cancellation (the direct form rounds each Gram before the difference).
+    The n x n Grams cost ``2 n^2 k`` multiply-adds. With ``s = p + q`` and ``d = p - q``,
+    ``p p^T - q q^T = (s d^T + d s^T) / 2``, so the same sum is ``(<s^T s, d^T d> + <m, m^T>) / 2`` with
+    ``m = s^T d``: three k x k products, ``3 n k^2``. The second form is taken when cheaper
+    (``2 n > 3 k``) and ``direct`` is False; its terms are second order in ``d``, so a student close to
+    its teacher loses no precision to cancellation (the first form rounds each Gram before the difference).
     """
+    n, k = p.shape
+    if direct or 2 * n <= 3 * k:
+        return ((p @ p.T - q @ q.T) ** 2).sum()
     s, d = p + q, p - q
-    if p.shape[0] <= p.shape[1]:
-        m = s @ d.T
-        return ((s @ s.T) * (d @ d.T)).sum() / 2 + (m * m.T).sum() / 2, ((m + m.T) ** 2).sum() / 4
     m = s.T @ d
-    return ((m + m.T) ** 2).sum() / 4, ((s.T @ s) * (d.T @ d)).sum() / 2 + (m * m.T).sum() / 2
+    return ((s.T @ s) * (d.T @ d)).sum() / 2 + (m * m.T).sum() / 2
 
 
 def correlation_terms(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -79,14 +78,12 @@ def correlation_terms(student: torch.Tensor, teacher: torch.Tensor, temperature:
         class_term = ((pt.T @ pt - ps.T @ ps) ** 2).sum() / V
         batch_term = ((pt @ pt.T - ps @ ps.T) ** 2).sum() / N
 
-    Otherwise both sums come from :func:`gram_gaps`.
+    Otherwise each sum takes the cheaper of the two Gram forms (:func:`gram_gap`).
     """
     ps, pt = F.softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1)
-    if direct:
-        classes, batch = ((pt.T @ pt - ps.T @ ps) ** 2).sum(), ((pt @ pt.T - ps @ ps.T) ** 2).sum()
-    else:
-        classes, batch = gram_gaps(pt, ps)
-    return classes / student.shape[-1], batch / student.shape[0]
+    classes = gram_gap(pt.T, ps.T, direct) / student.shape[-1]
+    batch = gram_gap(pt, ps, direct) / student.shape[0]
+    return classes, batch
 
 
 def _check_levels(temperatures: object, temperature_weights: object, confidence: object, class_weight: object,

@@ -67,7 +67,7 @@ def test_mlkd_float32_within_the_eager_error(standardize):
 @needs_cpu
 def test_student_close_to_its_teacher_float32():
     """Near convergence the correlation terms are small differences of large Gram matrices: the fused
-    path's form (terms second order in p_t - p_s) stays within the eager error of the direct form."""
+    path's k x k form (terms second order in p_t - p_s) stays within the eager error of the direct form."""
     y = 2 * torch.randn(64, 10)
     x = y + 1e-3 * torch.randn(64, 10)
     options = dict(OPTIONS, standardize=False)
@@ -76,14 +76,14 @@ def test_student_close_to_its_teacher_float32():
         assert_within_eager_error(name, got, want_eager, want)
 
 
-@pytest.mark.parametrize("n,k", [(40, 3), (3, 40), (9, 9)])
-def test_gram_gaps_equal_the_direct_sums(n, k):
-    from logitstd_kernels.mlkd import gram_gaps
+@pytest.mark.parametrize("n,k", [(40, 3), (3, 40), (9, 9), (7, 5)])
+def test_gram_gap_forms_agree(n, k):
+    from logitstd_kernels.mlkd import gram_gap
 
     p, q = torch.rand(n, k, dtype=torch.float64), torch.rand(n, k, dtype=torch.float64)
-    classes, batch = gram_gaps(p, q)
-    torch.testing.assert_close(classes, ((p.T @ p - q.T @ q) ** 2).sum(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(batch, ((p @ p.T - q @ q.T) ** 2).sum(), rtol=1e-12, atol=0)
+    want = ((p @ p.T - q @ q.T) ** 2).sum()
+    torch.testing.assert_close(gram_gap(p, q), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gram_gap(p, q, direct=True), want, rtol=0, atol=0)
 
 
 @needs_cpu
