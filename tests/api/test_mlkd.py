@@ -65,6 +65,18 @@ def test_mlkd_float32_within_the_eager_error(standardize):
 
 
 @needs_cpu
+@pytest.mark.parametrize("rows,classes", [(200, 60), (48, 400)])
+def test_mlkd_float32_far_from_the_teacher(rows, classes):
+    """Both Gram forms of each correlation term, at shapes where the rows' gradients are small next to
+    the Grams (the benchmark's logit scales)."""
+    x, y = 3 * torch.randn(rows, classes), 5 * torch.randn(rows, classes)
+    options = dict(OPTIONS, standardize=False)
+    fast, eager, exact = _fused(x, y, "cpu", **options), _fused(x, y, "torch", **options), _truth(x, y, **options)
+    for name, got, want_eager, want in zip(("loss", "grad_student"), fast, eager, exact):
+        assert_within_eager_error(name, got, want_eager, want)
+
+
+@needs_cpu
 def test_student_close_to_its_teacher_float32():
     """Near convergence the correlation terms are small differences of large Gram matrices: the fused
     path's k x k form (terms second order in p_t - p_s) stays within the eager error of the direct form."""
