@@ -26,6 +26,7 @@ REVERSE_KL = tl.constexpr(1)
 JSD = tl.constexpr(2)
 JEFFREYS = tl.constexpr(3)
 TVD = tl.constexpr(4)
+DKD = tl.constexpr(5)  # decoupled KD: the forward KL over the non-target classes plus the target's term
 
 
 @triton.jit
