@@ -31,11 +31,12 @@ evict_last, the row's last read with evict_first, and the gradients are stored s
 import triton
 import triton.language as tl
 
-from .blocked_phases import grads_phase, load_full, load_tile, pointwise_phase, refine_phase, sums_phase
+from .blocked_phases import (grads_phase, load_full, load_tile, nontarget_max_phase, pointwise_phase, refine_phase,
+                             sums_phase)
 from .divergence import dkd_row
-from .row_math import (DKD, FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, keep_row, magnitude_scale, max2,
-                       min2, needs_refinement, row_ce, row_label, scalar, sqrt_rn, store_row_results, tile_offsets,
-                       to_acc)
+from .row_math import (DKD, DKD_RESUM_BELOW, FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, keep_row,
+                       magnitude_scale, max2, min2, needs_refinement, row_ce, row_label, scalar, sqrt_rn,
+                       store_row_results, tile_offsets, to_acc)
 
 
 @triton.jit
@@ -202,10 +203,7 @@ def _dkd_target(x_row, y_row, label, keep, label_ok, cx, cy, x0c, y0c, ka, ba, k
     y_g = to_acc(tl.load(y_row + label, mask=keep & label_ok, other=0.0), ACC64)
     e0x_g = tl.where(label_ok, x_g * cx - x0c, float("nan"))
     e0y_g = tl.where(label_ok, y_g * cy - y0c, float("nan"))
-    da_g = e0x_g * ka + ba
-    db_g = e0y_g * kb + bb
-    d, dkd = dkd_row(tl.exp2(da_g), tl.exp2(db_g), (db_g - da_g) * LN2, za, zb, nckd, scalar(alpha, ACC64),
-                     scalar(beta, ACC64))
+    d, dkd = dkd_row(e0x_g * ka + ba, e0y_g * kb + bb, za, zb, nckd, scalar(alpha, ACC64), scalar(beta, ACC64))
     return e0x_g, e0y_g, d, dkd
 
 
@@ -284,7 +282,7 @@ def kd_blocked_kernel(
         kz = LOG2E / cx  # the CE's exponent (x - max x) log2(e)
         bz = -(max_x - x0c) * kz
         _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok, V, v_load, num_full, has_tail,
-                     offs0, cx, cy, x0c, y0c, ka, ba, kb, bb, kz, bz, mean_x, mean_y, sigma_x, sigma_y, s_x, s_y, ts,
+                     offs0, cx, cy, x0c, y0c, ka, ba, kb, bb, k, kz, bz, mean_x, mean_y, sigma_x, sigma_y, s_x, s_y, ts,
                      tt, dof_a, v_f, scale_ptr, scale_stride, rows_ptr, ce_ptr, kd_ptr, gx_ptr, gy_ptr, v_runs,
                      scalar(beta, ACC64), scalar(smoothing, ACC64), scalar(ce_weight, ACC64),
                      scalar(kd_weight, ACC64), (dkd_alpha, dkd_beta), BLOCK, VEC, STANDARDIZE, GRAD_S, GRAD_T, ACC64,
@@ -293,7 +291,7 @@ def kd_blocked_kernel(
 
 @triton.jit
 def _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok, V, v_load, num_full, has_tail, offs0,
-                 cx, cy, x0c, y0c, ka, ba, kb, bb, kz, bz, mean_x, mean_y, sigma_x, sigma_y, s_x, s_y, ts, tt, dof_a,
+                 cx, cy, x0c, y0c, ka, ba, kb, bb, k, kz, bz, mean_x, mean_y, sigma_x, sigma_y, s_x, s_y, ts, tt, dof_a,
                  v_f, scale_ptr, scale_stride, rows_ptr, ce_ptr, kd_ptr, gx_ptr, gy_ptr, v_runs, beta, smooth, ce_w,
                  kd_w, dkd_weights, BLOCK: tl.constexpr, VEC: tl.constexpr, STD: tl.constexpr, GRAD_S: tl.constexpr,
                  GRAD_T: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -301,10 +299,20 @@ def _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok
     """Phases 2 to 5 of a row (after its statistics): sums, loss, and the gradients."""
     if DIV == DKD:  # (a label in [0, V) where it is used: 32-bit lane compares)
         label = label.to(tl.int32)
-    za, zb, tf, tfa, tr, tra, sea, seb, ser, teb, teh, tea, zo, lt, ltx, zs = sums_phase(
-        x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c, y0c, ka, ba, kb, bb,
-        kz, bz, BLOCK, VEC, ACC64, STD, GRAD_S, GRAD_T, HAS_LABELS, SMOOTH, DIV, EVICT_HINTS,
-        not (GRAD_S or GRAD_T or DIV == JSD or DIV == TVD))  # (LAST_USE: the sums pass is the row's last read)
+    last_use: tl.constexpr = not (GRAD_S or GRAD_T or DIV == JSD or DIV == TVD)  # the sums pass reads last
+    sums = sums_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c, y0c, ka,
+                      ba, kb, bb, kz, bz, BLOCK, VEC, ACC64, STD, GRAD_S, GRAD_T, HAS_LABELS, SMOOTH, DIV, EVICT_HINTS,
+                      last_use)
+    if DIV == DKD:
+        if (sums[0] < DKD_RESUM_BELOW) | (sums[1] < DKD_RESUM_BELOW):  # rare: exponents from the non-target max
+            top_x, top_y = nontarget_max_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0,
+                                               label, cx, cy, x0c, y0c, BLOCK, VEC, ACC64, EVICT_HINTS)
+            ba = -top_x * ka - k  # (_exponent's B with the largest non-target class for the row's max)
+            bb = -top_y * kb - k
+            sums = sums_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c,
+                              y0c, ka, ba, kb, bb, kz, bz, BLOCK, VEC, ACC64, STD, GRAD_S, GRAD_T, HAS_LABELS, SMOOTH,
+                              DIV, EVICT_HINTS, last_use)
+    za, zb, tf, tfa, tr, tra, sea, seb, ser, teb, teh, tea, zo, lt, ltx, zs = sums
     r_za = 1.0 / za
     r_zb = 1.0 / zb
     lz = tl.log2(za * r_zb) * LN2

@@ -231,6 +231,35 @@ def pointwise_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail,
 
 
 @triton.jit
+def _nontarget_max_tile(x, y, m, offs, label, cx, cy, x0c, y0c, mx, my):
+    """The running per-run max of e0 = c v - c v[0] over the tile's classes other than the label."""
+    off = offs != label
+    if m is not None:
+        off = off & m
+    mx = tl.maximum(mx, tl.max(tl.where(off, x * cx - x0c, float("-inf")), axis=1))
+    my = tl.maximum(my, tl.max(tl.where(off, y * cy - y0c, float("-inf")), axis=1))
+    return mx, my
+
+
+@triton.jit
+def nontarget_max_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c, y0c,
+                        BLOCK: tl.constexpr, VEC: tl.constexpr, ACC64: tl.constexpr, EVICT_HINTS: tl.constexpr):
+    """Decoupled KD's largest non-target e0 of x and of y (max over k != g): a pass only for the rows
+    whose non-target sums underflow relative to the row's max (a target far above the rest)."""
+    mx = tl.sum(offs0 * 0.0, axis=1).to(x0c.dtype) - float("inf")
+    my = mx
+    for blk in range(0, num_full):
+        xt, yt = load_full(x_row, y_row, blk, num_full, BLOCK, VEC, ACC64, EVICT_HINTS, False)
+        mx, my = _nontarget_max_tile(xt, yt, None, blk * BLOCK + offs0, label, cx, cy, x0c, y0c, mx, my)
+    if has_tail:
+        offs = num_full * BLOCK + offs0
+        x, y = load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, False)
+        mx, my = _nontarget_max_tile(to_acc(x, ACC64), to_acc(y, ACC64), offs < V, offs, label, cx, cy, x0c, y0c, mx,
+                                     my)
+    return tl.max(mx, axis=0), tl.max(my, axis=0)
+
+
+@triton.jit
 def _refine_tile(x, y, m, offs, label, at_label, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, bf, br,
                  FWD: tl.constexpr, REV: tl.constexpr, DIV: tl.constexpr):
     """The Bregman terms of one tile: forward sum p phi(-l), reverse sum q phi(l) (bregman_terms);

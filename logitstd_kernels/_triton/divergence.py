@@ -86,22 +86,36 @@ def teacher_term(ea, eb, l, r_za, r_zb, kl_f, h, e_ph, DIV: tl.constexpr):
 
 
 @triton.jit
-def dkd_row(ea_g, eb_g, delta_g, za, zb, nckd, alpha, beta):
+def _log2_with(z, e):
+    """log2(z + 2^e) for a sum z of 2^(exponents <= 0) and a target's exponent e of any size (no
+    overflow of 2^e where the target lies far above the other classes)."""
+    m = tl.maximum(e, 0.0)
+    return m + tl.log2(z * tl.exp2(-m) + tl.exp2(e - m))
+
+
+@triton.jit
+def dkd_row(da_g, db_g, za, zb, nckd, alpha, beta):
     """(alpha TCKD + beta NCKD, coefficients) of decoupled KD (dkd_row.h, dkd_target) from the target's
-    exponentials ea_g, eb_g, its ``b_g - a_g`` (natural units), the non-target sums za = Za', zb = Zb'
-    and NCKD. TCKD = KL([p_g, 1 - p_g] || [q_g, 1 - q_g]) as two Bregman terms, 1 - p_g = Zb' / Zb
-    (no cancellation where p_g is near 1). The coefficients ``(rza, rzb, shift, tgt_s, tgt_t)``:
-    rza = (alpha (p_g - q_g) + beta) / Za', rzb = beta / Zb', shift = alpha Delta p_g (1 - p_g) / Zb'
-    (Delta = ln(p_g / q_g) - ln((1 - p_g) / (1 - q_g)); Delta p_g is 0 where p_g = 0, its limit), and
-    the target's terms tgt_s = alpha (q_g - p_g), tgt_t = alpha Delta p_g (1 - p_g)."""
-    za_all = za + ea_g
-    zb_all = zb + eb_g
-    q_g = ea_g / za_all
-    p_g = eb_g / zb_all
-    rest_p = zb / zb_all
-    l_g = delta_g + tl.log2(za_all / zb_all) * LN2  # ln p_g - ln q_g
-    l_rest = tl.log2((zb * za_all) / (zb_all * za)) * LN2  # ln(1 - p_g) - ln(1 - q_g)
-    tckd = bregman_terms(p_g, q_g, -l_g, 1.0, 1.0) + bregman_terms(rest_p, za / za_all, -l_rest, 1.0, 1.0)
+    exponents da_g, db_g (log2 units, on the scale of the non-target sums za = Za', zb = Zb'; any
+    size) and NCKD. The bins come from logarithms, log2 q_g = a_g - log2 Za, log2(1 - q_g) =
+    log2 Za' - log2 Za (no cancellation where p_g is near 1, no overflow where the target dominates);
+    TCKD = KL([p_g, 1 - p_g] || [q_g, 1 - q_g]) as two Bregman terms. The coefficients
+    ``(rza, rzb, shift, tgt_s, tgt_t)``: rza = (alpha (p_g - q_g) + beta) / Za', rzb = beta / Zb',
+    shift = alpha Delta p_g (1 - p_g) / Zb' (Delta = ln(p_g / q_g) - ln((1 - p_g) / (1 - q_g));
+    Delta p_g is 0 where p_g = 0, its limit), and the target's terms tgt_s = alpha (q_g - p_g),
+    tgt_t = alpha Delta p_g (1 - p_g)."""
+    la = _log2_with(za, da_g)
+    lb = _log2_with(zb, db_g)
+    log_q = da_g - la  # log2 q_g
+    log_p = db_g - lb
+    log_rest_q = tl.log2(za) - la  # log2(1 - q_g)
+    log_rest_p = tl.log2(zb) - lb
+    q_g = tl.exp2(log_q)
+    p_g = tl.exp2(log_p)
+    rest_p = tl.exp2(log_rest_p)
+    l_g = (log_p - log_q) * LN2  # ln p_g - ln q_g
+    l_rest = (log_rest_p - log_rest_q) * LN2  # ln(1 - p_g) - ln(1 - q_g)
+    tckd = bregman_terms(p_g, q_g, -l_g, 1.0, 1.0) + bregman_terms(rest_p, tl.exp2(log_rest_q), -l_rest, 1.0, 1.0)
     tgt_t = alpha * tl.where(p_g > 0.0, (l_g - l_rest) * p_g, 0.0) * rest_p
     coefficients = ((alpha * (p_g - q_g) + beta) / za, beta / zb, tgt_t / zb, alpha * (q_g - p_g), tgt_t)
     return alpha * tckd + beta * nckd, coefficients

@@ -17,14 +17,15 @@ import triton
 import triton.language as tl
 
 from .divergence import dkd_row, dkd_student_term, dkd_teacher_term, pointwise_terms, student_term, teacher_term
-from .row_math import (DKD, FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, bregman_terms, keep_row, magnitude_scale,
-                       max2, min2, needs_refinement, row_ce, row_label, scalar, sqrt_rn, store_grad,
+from .row_math import (DKD, FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, bregman_terms, keep_row,
+                       magnitude_scale, max2, min2, needs_refinement, row_ce, row_label, scalar, sqrt_rn, store_grad,
                        store_row_results, tile_offsets, to_acc, total)
 
 
 @triton.jit
-def _standardize(v, v0_raw, valid, mv, nv, dof_a, eps_a, ACC64: tl.constexpr):
-    """(centered c v, sigma, s, 1 / s, c, max of the standardized row) of one row in registers."""
+def _standardize(v, v0_raw, valid, mv, nv, top_v, dof_a, eps_a, ACC64: tl.constexpr):
+    """(centered c v, sigma, s, 1 / s, c, the standardized top_v) of one row in registers; top_v: the
+    row's max (decoupled KD: its largest non-target class)."""
     c = magnitude_scale(mv, nv, ACC64)
     vs = v * c - to_acc(v0_raw, ACC64) * c  # shifted by the first element: exact for offset rows
     mean = total(vs) / tl.sum(tl.sum(valid.to(vs.dtype), axis=1), axis=0)
@@ -32,7 +33,7 @@ def _standardize(v, v0_raw, valid, mv, nv, dof_a, eps_a, ACC64: tl.constexpr):
     sigma = sqrt_rn(total(dev * dev) / dof_a, ACC64)
     s = sigma + eps_a * c
     inv_s = 1.0 / s
-    top = (mv * c - to_acc(v0_raw, ACC64) * c - mean) * inv_s
+    top = (top_v * c - to_acc(v0_raw, ACC64) * c - mean) * inv_s
     return dev, sigma, s, inv_s, c, top
 
 
@@ -121,14 +122,14 @@ def _ce(x, valid, offs, label, label_ok, mx, x_row, keep, smooth, v_f, x_label, 
 
 
 @triton.jit
-def _target_args(x_row, y_row, label, keep, label_ok, mx, my, cx, cy, s_x, s_y, ts, tt, k, ACC64: tl.constexpr):
+def _target_args(x_row, y_row, label, keep, label_ok, ax, ay, cx, cy, s_x, s_y, ts, tt, k, ACC64: tl.constexpr):
     """(x_g, a_g, b_g) of decoupled KD's target g, loaded once: its student logit and both exponents
-    (log2 units, relative to the row's max: ``(c v_g - c max v) log2(e) / (s tau) - k``, the
-    exponents of phase 1); NaN exponents for a label outside [0, V) (a NaN row)."""
+    (log2 units, relative to the largest non-target class: ``(c v_g - c max' v) log2(e) / (s tau) - k``,
+    the exponents of phase 1); NaN exponents for a label outside [0, V) (a NaN row)."""
     x_g = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
     y_g = to_acc(tl.load(y_row + label, mask=keep & label_ok, other=0.0), ACC64)
-    da_g = (x_g * cx - mx * cx) * (LOG2E / (ts * s_x)) - k
-    db_g = (y_g * cy - my * cy) * (LOG2E / (tt * s_y)) - k
+    da_g = (x_g * cx - ax * cx) * (LOG2E / (ts * s_x)) - k
+    db_g = (y_g * cy - ay * cy) * (LOG2E / (tt * s_y)) - k
     return x_g, tl.where(label_ok, da_g, float("nan")), tl.where(label_ok, db_g, float("nan"))
 
 
@@ -167,9 +168,16 @@ def kd_register_kernel(
     nx, ny = min2(tl.min(x, axis=1), tl.min(y, axis=1))
 
     # Phase 1: the statistics (exponent arguments in log2 units, <= 0 exactly: rounding is monotone).
+    ax = mx  # the exponents' 0: the row's max
+    ay = my
+    in_sums = valid
+    if DIV == DKD:  # decoupled KD: the target out of the sums (Za', Zb'), exponents from the non-target max
+        in_sums = valid & (offs != label)
+        ax, ay = max2(tl.max(tl.where(in_sums, x, float("-inf")), axis=1),
+                      tl.max(tl.where(in_sums, y, float("-inf")), axis=1))
     if STANDARDIZE:
-        dx, sigma_x, s_x, inv_sx, cx, u_max = _standardize(x, x0_raw, valid, mx, nx, dof_a, eps_a, ACC64)
-        dy, sigma_y, s_y, inv_sy, cy, w_max = _standardize(y, y0_raw, valid, my, ny, dof_a, eps_a, ACC64)
+        dx, sigma_x, s_x, inv_sx, cx, u_max = _standardize(x, x0_raw, valid, mx, nx, ax, dof_a, eps_a, ACC64)
+        dy, sigma_y, s_y, inv_sy, cy, w_max = _standardize(y, y0_raw, valid, my, ny, ay, dof_a, eps_a, ACC64)
         da = (dx * inv_sx - u_max) * (LOG2E / ts)
         db = (dy * inv_sy - w_max) * (LOG2E / tt)
         k = v_f * 0.0
@@ -185,23 +193,20 @@ def kd_register_kernel(
         # rows of extreme magnitude: both exponentials 2^-k smaller (the ratios are the same), so that
         # sums of e^b (b - a) cannot overflow where |b - a| nears the float range (row_math.h)
         k = tl.where((cx != 1.0) | (cy != 1.0), tl.log2(v_f) + 1.0, 0.0)
-        da = (x * cx - mx * cx) * (LOG2E / (ts * cx)) - k
-        db = (y * cy - my * cy) * (LOG2E / (tt * cy)) - k
+        da = (x * cx - ax * cx) * (LOG2E / (ts * cx)) - k
+        db = (y * cy - ay * cy) * (LOG2E / (tt * cy)) - k
 
     # Phase 2: the partition sums, the divergence and the CE.
-    ea = tl.where(valid, tl.exp2(da), 0.0)
-    eb = tl.where(valid, tl.exp2(db), 0.0)
     x_g = None
-    if DIV == DKD:  # decoupled KD: the target's exponentials out of the sums (Za', Zb'), its own from its logits
-        x_g, da_g, db_g = _target_args(x_row, y_row, label, keep, label_ok, mx, my, cx, cy, s_x, s_y, ts, tt, k, ACC64)
-        ea = tl.where(offs == label, 0.0, ea)
-        eb = tl.where(offs == label, 0.0, eb)
+    if DIV == DKD:  # the target's exponents (> 0 where it leads the other classes) from its logits
+        x_g, da_g, db_g = _target_args(x_row, y_row, label, keep, label_ok, ax, ay, cx, cy, s_x, s_y, ts, tt, k, ACC64)
+    ea = tl.where(in_sums, tl.exp2(da), 0.0)
+    eb = tl.where(in_sums, tl.exp2(db), 0.0)
     za = total(ea)
     zb = total(eb)
     d, kl_f, kl_r, l, g_pw, h_pw, e_qg, e_ph = _divergence(ea, eb, da, db, za, zb, scalar(beta, ACC64), DIV)
     if DIV == DKD:
-        d, dkd = dkd_row(tl.exp2(da_g), tl.exp2(db_g), (db_g - da_g) * LN2, za, zb, kl_f, scalar(dkd_alpha, ACC64),
-                         scalar(dkd_beta, ACC64))
+        d, dkd = dkd_row(da_g, db_g, za, zb, kl_f, scalar(dkd_alpha, ACC64), scalar(dkd_beta, ACC64))
     ce_w = scalar(ce_weight, ACC64)
     kd_w = scalar(kd_weight, ACC64)
     smooth = scalar(smoothing, ACC64)
