@@ -22,7 +22,7 @@ and of the target's own terms.
 import triton
 import triton.language as tl
 
-from .row_math import FORWARD_KL, JEFFREYS, JSD, LN2, REVERSE_KL, TVD, bregman_terms, expm1, log1p, psi_series
+from .row_math import FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, bregman_terms, expm1, log1p, psi_series
 
 
 @triton.jit
@@ -86,30 +86,30 @@ def teacher_term(ea, eb, l, r_za, r_zb, kl_f, h, e_ph, DIV: tl.constexpr):
 
 
 @triton.jit
-def _log2_with(z, e):
-    """log2(z + 2^e) for a sum z of 2^(exponents <= 0) and a target's exponent e of any size (no
-    overflow of 2^e where the target lies far above the other classes)."""
-    m = tl.maximum(e, 0.0)
-    return m + tl.log2(z * tl.exp2(-m) + tl.exp2(e - m))
+def _share_logs(z, e):
+    """(log2 of the target's share 2^e / (z + 2^e), log2 of the rest's z / (z + 2^e)) for a sum z of
+    2^(exponents <= 0) and a target's exponent e of any size: log1p of the smaller share's ratio to
+    the larger (no large logarithm cancels, no overflow of 2^e where the target dominates)."""
+    lz = tl.log2(z)
+    big = e > lz  # the target's share is the larger
+    t_big = log1p(tl.exp2(lz - e)) * LOG2E
+    t_small = log1p(tl.exp2(e - lz)) * LOG2E
+    return tl.where(big, -t_big, e - lz - t_small), tl.where(big, lz - e - t_big, -t_small)
 
 
 @triton.jit
 def dkd_row(da_g, db_g, za, zb, nckd, alpha, beta):
     """(alpha TCKD + beta NCKD, coefficients) of decoupled KD (dkd_row.h, dkd_target) from the target's
     exponents da_g, db_g (log2 units, on the scale of the non-target sums za = Za', zb = Zb'; any
-    size) and NCKD. The bins come from logarithms, log2 q_g = a_g - log2 Za, log2(1 - q_g) =
-    log2 Za' - log2 Za (no cancellation where p_g is near 1, no overflow where the target dominates);
+    size) and NCKD. The bins come from their logarithms (_share_logs: no cancellation where p_g is
+    near 1, no overflow where the target dominates);
     TCKD = KL([p_g, 1 - p_g] || [q_g, 1 - q_g]) as two Bregman terms. The coefficients
     ``(rza, rzb, shift, tgt_s, tgt_t)``: rza = (alpha (p_g - q_g) + beta) / Za', rzb = beta / Zb',
     shift = alpha Delta p_g (1 - p_g) / Zb' (Delta = ln(p_g / q_g) - ln((1 - p_g) / (1 - q_g));
     Delta p_g is 0 where p_g = 0, its limit), and the target's terms tgt_s = alpha (q_g - p_g),
     tgt_t = alpha Delta p_g (1 - p_g)."""
-    la = _log2_with(za, da_g)
-    lb = _log2_with(zb, db_g)
-    log_q = da_g - la  # log2 q_g
-    log_p = db_g - lb
-    log_rest_q = tl.log2(za) - la  # log2(1 - q_g)
-    log_rest_p = tl.log2(zb) - lb
+    log_q, log_rest_q = _share_logs(za, da_g)  # log2 q_g, log2(1 - q_g)
+    log_p, log_rest_p = _share_logs(zb, db_g)
     q_g = tl.exp2(log_q)
     p_g = tl.exp2(log_p)
     rest_p = tl.exp2(log_rest_p)
