@@ -304,7 +304,7 @@ def _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok
                       ba, kb, bb, kz, bz, BLOCK, VEC, ACC64, STD, GRAD_S, GRAD_T, HAS_LABELS, SMOOTH, DIV, EVICT_HINTS,
                       last_use)
     if DIV == DKD:
-        if (sums[0] < DKD_RESUM_BELOW) | (sums[1] < DKD_RESUM_BELOW):  # rare: exponents from the non-target max
+        if keep & ((sums[0] < DKD_RESUM_BELOW) | (sums[1] < DKD_RESUM_BELOW)):  # rare: from the non-target max
             top_x, top_y = nontarget_max_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0,
                                                label, cx, cy, x0c, y0c, BLOCK, VEC, ACC64, EVICT_HINTS)
             ba = -top_x * ka - k  # (_exponent's B with the largest non-target class for the row's max)
