@@ -154,7 +154,7 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store, 
     const int64_t g = st.target;
     const T sa_g = exp_arg(st.x[g], st.plan.x_max, st.plan.xa, st.plan.x_scale);
     const T sb_g = exp_arg(st.y[g], st.plan.y_max, st.plan.ya, st.plan.y_scale);
-    st.dkd = dkd_target(s.ea[g], s.eb[g], st.sums.za, st.sums.zb, sa_g, sb_g);
+    st.dkd = dkd_target(st.sums.za, st.sums.zb, sa_g - e_shift, sb_g - e_shift, T(1));  // (the sums' scale)
     s.ea[g] = T(0);
     s.eb[g] = T(0);
   }
