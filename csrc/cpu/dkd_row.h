@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "logitstd/divergence.h"
 #include "logitstd/dkd_math.h"
@@ -19,6 +20,23 @@
 namespace logitstd {
 namespace cpu {
 namespace CPU_CAPABILITY {
+
+// A row whose target leads so far that its non-target sums underflow relative to the row's max
+// (dkd_math.h, kDkdResumBelow): the plan's maxima become the largest non-target c v (the exponents'
+// ratios are the same), for the exp pass to run again. Returns whether it did.
+template <class T>
+bool dkd_rebase(ExpPlan<T>& plan, const RowSums<T>& sums, const T* x, const T* y, int64_t n, int64_t g) {
+  if (!(sums.za < T(kDkdResumBelow) || sums.zb < T(kDkdResumBelow))) return false;
+  T top_x = -std::numeric_limits<T>::infinity(), top_y = top_x;
+  for (int64_t k = 0; k < n; ++k) {
+    if (k == g) continue;
+    top_x = nan_max(top_x, x[k] * plan.x_scale);
+    top_y = nan_max(top_y, y[k] * plan.y_scale);
+  }
+  plan.x_max = top_x;
+  plan.y_max = top_y;
+  return true;
+}
 
 // The student's (rza, rzb) of student_term and the teacher's TeacherTermCoef for k != g.
 template <class T>
