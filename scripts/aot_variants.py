@@ -2,10 +2,12 @@
 
 - the *report* variants, the default launches: every entry of the float32 launch table with 16-byte
   runs x bf16/bf16 and fp32/fp32 x (standardized KD, student gradient, with each divergence; plain
-  KD; the objective with labels);
+  KD; the objective with labels; decoupled KD, which takes labels, standardized with the student
+  gradient);
 - compile-only variants: every entry of both tables at the run width they get (16-byte and scalar
   runs) x mixed bf16/fp32 and float64 inputs x the heaviest switches (both gradients, a mask,
-  labels, label smoothing, forward KL and jsd) for the forward and for the in-place recompute;
+  labels, label smoothing, forward KL and jsd) for the forward and for the in-place recompute, and
+  decoupled KD's forward with the same switches;
 - the row-scaling kernel and the vocabulary-parallel phase kernels (standardized with labels, each
   divergence's sums, pointwise phase and gradients).
 """
@@ -17,6 +19,7 @@ from typing import Optional
 
 DTYPES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4), "fp64": ("fp64", 8)}
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "jeffreys", "tvd")
+DKD = 5  # decoupled KD's code (config.DIVERGENCE_CODES): a divergence of the objective with labels
 VP_SLICE = 65536
 
 
@@ -48,7 +51,7 @@ class Variant:
         if self.constexprs.get("STANDARDIZE"):
             loops.append(("stats_minima", False))  # only when the bounds leave the scale open
         loops += [("stats_rescaled", False), ("sums", True)]
-        if div in (0, 1, 3):
+        if div in (0, 1, 3, DKD):
             loops.append(("refine", False))
         if div in (2, 4):
             loops.append(("pointwise", True))
@@ -91,7 +94,8 @@ def _kd_constexprs(path: str, evict: bool, **switches) -> dict:
 
 
 REPORT_KINDS = [("kd", d, dict(DIV=i)) for i, d in enumerate(DIVERGENCES)] + [
-    ("plain", "forward_kl", dict(STANDARDIZE=False)), ("objective", "forward_kl", dict(HAS_LABELS=True))]
+    ("plain", "forward_kl", dict(STANDARDIZE=False)), ("objective", "forward_kl", dict(HAS_LABELS=True)),
+    ("objective", "dkd", dict(HAS_LABELS=True, DIV=DKD))]
 
 
 def _report_variants() -> list[Variant]:
@@ -112,6 +116,7 @@ def _compile_variants() -> list[Variant]:
     out = []
     heavy = [dict(GRAD_T=True, HAS_MASK=True, HAS_LABELS=True, SMOOTH=True, DIV=div, ZERO_EXCLUDED=zero)
              for div in (0, 2) for zero in (True, False)]
+    heavy.append(dict(GRAD_T=True, HAS_MASK=True, HAS_LABELS=True, SMOOTH=True, DIV=DKD, ZERO_EXCLUDED=True))
     for acc64, pairs in ((False, ("bf16/fp32",)), (True, ("fp64/fp64",))):
         for label, path, block, warps, full, vocab, evict in _table(acc64):
             kernel = "kd_register_kernel" if path == "register" else "kd_blocked_kernel"

@@ -202,6 +202,8 @@ def objective_term_magnitudes(student: torch.Tensor, teacher: torch.Tensor, labe
     lab = None if labels is None else labels.cpu().numpy().reshape(-1)
     if lab is not None:
         keep &= lab != ignore_index
+    if kd_options.get("divergence") == "dkd":  # (decoupled KD reads the labels)
+        kd_options = dict(kd_options, labels=lab)
     with np.errstate(all="ignore"):
         _, (kd_rows, kd_gx, kd_gy) = formula.loss_and_grads(x, y, mask=keep.reshape(x.shape[:-1]), reduction="none",
                                                             magnitudes=True, **kd_options)

@@ -91,6 +91,7 @@ struct RowState {
   int64_t n;
   RowStats<T> sx, sy;
   ExpPlan<T> plan;
+  ExpPlan<T> ce_plan;  // the CE's: relative to the row's max (plan's may be decoupled KD's, dkd_rebase)
   RowSums<T> sums;
   ReverseSums<T> rev;
   DivRow<T> div;
@@ -118,6 +119,7 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store, 
   st.tau_s = p.tau_rows != nullptr ? static_cast<const T*>(p.tau_rows)[r * p.tau_stride] : static_cast<T>(p.tau_s);
   st.tau_t = p.tau_rows != nullptr ? st.tau_s : static_cast<T>(p.tau_t);
   st.plan = make_exp_plan(st.sx, st.sy, st.tau_s, st.tau_t, T(1));
+  st.ce_plan = st.plan;
   const Divergence div = static_cast<Divergence>(p.divergence);
   // Without standardization a row of extreme magnitude can have |b - a| near the float range, and
   // sums of e^b (b - a) would overflow: its exponentials are taken e^-(log V + 1) smaller (the same
@@ -140,8 +142,12 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store, 
     st.sums = fast ? exp_pass<T, false, true, true>(st.x, st.y, n, st.plan, e_shift, ea, eb, &st.rev)
                    : exp_pass<T, true, true, true>(st.x, st.y, n, st.plan, e_shift, ea, eb, &st.rev);
   } else if (st.stored) {
-    st.sums = fast ? exp_pass<T, false, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr, st.target)
-                   : exp_pass<T, true, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr, st.target);
+    auto stored_pass = [&] {
+      return fast ? exp_pass<T, false, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr, st.target)
+                  : exp_pass<T, true, true, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr, st.target);
+    };
+    st.sums = stored_pass();
+    if (st.target >= 0 && dkd_rebase(st.plan, st.sums, st.x, st.y, n, st.target)) st.sums = stored_pass();
   } else {
     st.sums = fast ? exp_pass<T, false, false, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr)
                    : exp_pass<T, true, false, false>(st.x, st.y, n, st.plan, e_shift, ea, eb, nullptr);
@@ -154,7 +160,7 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store, 
     const int64_t g = st.target;
     const T sa_g = exp_arg(st.x[g], st.plan.x_max, st.plan.xa, st.plan.x_scale);
     const T sb_g = exp_arg(st.y[g], st.plan.y_max, st.plan.ya, st.plan.y_scale);
-    st.dkd = dkd_target(s.ea[g], s.eb[g], st.sums.za, st.sums.zb, sa_g, sb_g);
+    st.dkd = dkd_target(st.sums.za, st.sums.zb, sa_g - e_shift, sb_g - e_shift, T(1));  // (the sums' scale)
     s.ea[g] = T(0);
     s.eb[g] = T(0);
   }
@@ -217,7 +223,7 @@ T row_divergence(RowState<T>& st, Scratch<T>& s, bool need_loss) {
 // The row's CE (the objective with labels); sz_label at the label (NaN for a label out of range).
 template <class T>
 T row_ce_of(const KdProblem& p, const RowState<T>& st, const CeSums<T>& ce_sums, int64_t label, bool label_ok) {
-  const T sz_label = label_ok ? (st.x[label] * st.plan.x_scale - st.plan.x_max) / st.plan.x_scale : T(NAN);
+  const T sz_label = label_ok ? (st.x[label] * st.ce_plan.x_scale - st.ce_plan.x_max) / st.ce_plan.x_scale : T(NAN);
   return row_ce(ce_sums, sz_label, std::exp(sz_label), static_cast<T>(p.label_smoothing), static_cast<T>(st.n),
                 T(1));
 }
@@ -321,8 +327,8 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   RowState<T> st = row_state(p, r, s, kGrad || is_pointwise(div), has_labels && label_ok ? label : -1);
   CeSums<T> ce_sums{T(1), T(0), T(0)};
   if (has_labels) {
-    ce_sums = kGx ? ce_pass<T, true>(st.x, st.n, st.plan, label, s.ez.get())
-                  : ce_pass<T, false>(st.x, st.n, st.plan, label, nullptr);
+    ce_sums = kGx ? ce_pass<T, true>(st.x, st.n, st.ce_plan, label, s.ez.get())
+                  : ce_pass<T, false>(st.x, st.n, st.ce_plan, label, nullptr);
   }
   const T divergence = row_divergence(st, s, p.loss != nullptr);
   if (p.loss != nullptr) {

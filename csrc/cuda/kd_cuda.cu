@@ -181,6 +181,8 @@ KdCudaArgs kernel_args(const KdProblem& p, const LaunchPlan& plan) {
   args.tau_t = p.tau_t;
   args.eps = p.eps;
   args.beta = p.beta;
+  args.dkd_alpha = p.dkd_alpha;
+  args.dkd_beta = p.dkd_beta;
   return args;
 }
 
@@ -217,6 +219,7 @@ void launch_divergence(const KdProblem& p, cudaStream_t stream) {
     case Divergence::kJsd: return launch_fused<S, T, P, kVec, Divergence::kJsd>(p, stream);
     case Divergence::kJeffreys: return launch_fused<S, T, P, kVec, Divergence::kJeffreys>(p, stream);
     case Divergence::kTvd: return launch_fused<S, T, P, kVec, Divergence::kTvd>(p, stream);
+    case Divergence::kDkd: return launch_fused<S, T, P, kVec, Divergence::kDkd>(p, stream);
   }
   TORCH_CHECK(false, "logitstd::fused_kd_forward (CUDA): unknown divergence code ", p.divergence);
 }
@@ -289,8 +292,6 @@ ForwardOutputs fused_kd_forward_cuda(const at::Tensor& student, const at::Tensor
                     ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta,
                     temperature_rows, grad_temperature};
   const at::ScalarType acc = check_forward_args(op, a, c10::DeviceType::CUDA);
-  TORCH_CHECK_VALUE(divergence_code(op, divergence, beta) != 5, op, " (CUDA): decoupled KD (dkd) runs on the cpu "
-                    "and torch backends");
   TORCH_CHECK_VALUE(!temperature_rows.has_value(), op, " (CUDA): no per-row temperature in the CUDA kernel; use "
                     "backend=\"cpu\" or \"torch\"");
   TORCH_CHECK_VALUE(student.size(1) <= INT32_MAX, op, " (CUDA): student has ", student.size(1),

@@ -6,9 +6,11 @@
 // into shared memory (16-byte cp.async when the rows are 16-byte aligned), so each input element is
 // read from device memory once. Then the passes of kd_phases.cuh over shared memory, each ending in
 // a row reduction (warps, the CTA, the cluster's CTAs in rank order: every CTA gets the same bits):
-//   statistics (again for the rare rows that need an exact max |v| or a magnitude scale), sums,
-//   jsd / tvd: the pointwise pass, KLs that cancel: the Bregman pass (those rows only), short rows
-//   (V <= kTermsMaxCols) with a gradient: the terms pass, and the gradients (16-byte stores).
+//   statistics (again for the rare rows that need an exact max |v| or a magnitude scale), sums
+//   (decoupled KD: the target left out; again after a pass for the non-target max on the rare rows
+//   whose target leads so far that the non-target sums underflow), jsd / tvd: the pointwise pass,
+//   KLs that cancel: the Bregman pass (those rows only), short rows (V <= kTermsMaxCols) with a
+//   gradient: the terms pass, and the gradients (16-byte stores).
 // Math per element (docs/design.md sections 1, 6 and 8; logitstd/phase_math.h, on row_math.h and
 // divergence.h, shared with the CPU kernel): e0 = c x - max(c x) (one FMA), the exponent e0 K + B
 // (one FMA), 2^s by ex2.approx (float; exp in double), sums in the accumulation type A; the
@@ -69,6 +71,7 @@ struct KdCudaArgs {
   double tau_t;
   double eps;
   double beta;  // the generalized JSD's beta
+  double dkd_alpha, dkd_beta;  // decoupled KD's weights
 };
 
 // CTAs per SM the register allocation must allow: kMinCtasPerSm for the KLs, kMinCtasPerSmHeavy for
@@ -129,6 +132,17 @@ __device__ __forceinline__ RowSettings<A> row_settings(const KdCudaArgs& args, c
                         r.label_ok};
 }
 
+// Decoupled KD's row (phase_grads.h, make_dkd_row): every thread loads the target's logits.
+template <class S, class T, class A>
+__device__ __forceinline__ DkdRow<A> dkd_row_of(const KdCudaArgs& args, const RowSlice& r, const PhaseSums<A>& sums,
+                                                const RowPlan<A>& plan, A nckd) {
+  const A x_g = r.label_ok ? Conv<S>::template load<A>(static_cast<const S*>(args.x)[r.row * args.x_stride + r.label])
+                           : static_cast<A>(NAN);
+  const A y_g = r.label_ok ? Conv<T>::template load<A>(static_cast<const T*>(args.y)[r.row * args.y_stride + r.label])
+                           : static_cast<A>(NAN);
+  return make_dkd_row(sums, plan, nckd, x_g, y_g, static_cast<A>(args.dkd_alpha), static_cast<A>(args.dkd_beta));
+}
+
 // The rest of a row after its sums: the divergence (its own passes where needed), the loss (CTA 0),
 // the gradient coefficients (the terms pass first for short rows) and the gradient pass.
 template <Divergence D, bool kStd, class S, class T, int P, bool kVec, class A>
@@ -136,10 +150,16 @@ __device__ __noinline__ void finish_row(const KdCudaArgs& args, const RowSlice& 
                                         const PassCtx<A>& ctx, const RowPlan<A>& plan, const PassWants& w,
                                         const PhaseSums<A>& sums) {
   const RowSettings<A> o = row_settings<A>(args, r);
-  DivRow<A> c = make_div_row(D, static_cast<A>(args.beta), sums, ExpUnits<A>::kUnit);
+  DivRow<A> c = make_div_row(kl_of(D), static_cast<A>(args.beta), sums, ExpUnits<A>::kUnit);
   PointwiseSums<A> pw{A(0), A(0), A(0), A(0), A(0)};
-  const A divergence = row_divergence<D>(
-      sums, c, pw, [&] { return pointwise_pass<D>(v, plan, c, ctx); }, [&] { return refine_pass<D>(v, plan, c, ctx); });
+  A divergence = row_divergence<D>(
+      sums, c, pw, [&] { return pointwise_pass<D>(v, plan, c, ctx); },
+      [&] { return refine_pass<D>(v, plan, c, w.label_local, ctx); });
+  DkdRow<A> dkd{};
+  if constexpr (D == Divergence::kDkd) {
+    dkd = dkd_row_of<S, T>(args, r, sums, plan, c.kl_f);
+    divergence = dkd.divergence;
+  }
   if (args.loss != nullptr && r.rank == 0 && threadIdx.x == 0) {
     const S* xrow = static_cast<const S*>(args.x) + r.row * args.x_stride;
     const RowLoss<A> l = row_loss_of(divergence, sums, plan, r.label_ok ? Conv<S>::template load<A>(xrow[r.label]) : A(0), o);
@@ -149,8 +169,8 @@ __device__ __noinline__ void finish_row(const KdCudaArgs& args, const RowSlice& 
   }
   if (w.gx || w.gy) {
     const bool terms = kStd && args.from_terms;  // short rows: the chain rule from per-element terms
-    const TermSums<A> ts = terms ? terms_pass<D>(v, plan, c, w, ctx) : TermSums<A>{A(0), A(0), A(0), A(0)};
-    const GradRow<A> g = grad_row<kStd>(sums, pw, c, plan, o, terms, ts);
+    const TermSums<A> ts = terms ? terms_pass<D>(v, plan, c, dkd.coef, w, ctx) : TermSums<A>{A(0), A(0), A(0), A(0)};
+    const GradRow<A> g = grad_row<D, kStd>(sums, pw, c, plan, o, terms, ts, dkd);
     // Other CTAs may still read this CTA's slots: arrive now, wait before exiting (overlaps the pass).
     if (ctx.cluster > 1) cluster_arrive();
     const int64_t out = r.row * args.cols + r.start;
@@ -169,7 +189,7 @@ __device__ __noinline__ void fused_row(const KdCudaArgs& args, const RowSlice& r
   const A x0 = Conv<S>::template load<A>(static_cast<const S*>(args.x)[r.row * args.x_stride]);
   const A y0 = Conv<T>::template load<A>(static_cast<const T*>(args.y)[r.row * args.y_stride]);
   const RowSettings<A> o = row_settings<A>(args, r);
-  const RowPlan<A> plan = row_plan<kStd>(
+  RowPlan<A> plan = row_plan<kStd>(
       [&](StatsPass pass, A cx, A cy) {
         if (pass == StatsPass::kSums) return stats_pass<true, false>(v, cx, cy, x0 * cx, y0 * cy, ctx, kSlotStats);
         if (pass == StatsPass::kExact) return stats_pass<false, false>(v, cx, cy, x0 * cx, y0 * cy, ctx, kSlotExact);
@@ -177,7 +197,14 @@ __device__ __noinline__ void fused_row(const KdCudaArgs& args, const RowSlice& r
       },
       x0, y0, o.dof, o.eps, o.tau_s, o.tau_t, o.classes);
   const PassWants w{args.grad_x != nullptr, args.grad_y != nullptr, r.has_labels, r.label - r.start};
-  finish_row<D, kStd>(args, r, v, ctx, plan, w, row_sums<D, kStd>(v, plan, w, ctx));
+  PhaseSums<A> sums = row_sums<D, kStd>(v, plan, w, ctx);
+  if constexpr (D == Divergence::kDkd) {
+    if (dkd_needs_resum(sums)) {  // rare: exponents relative to the largest non-target class
+      dkd_rebias(plan, nontarget_top_pass(v, plan, w.label_local, ctx));
+      sums = row_sums<D, kStd>(v, plan, w, ctx);
+    }
+  }
+  finish_row<D, kStd>(args, r, v, ctx, plan, w, sums);
 }
 
 template <class S, class T, int P, bool kVec, Divergence D>

@@ -138,6 +138,16 @@ __device__ __noinline__ PhaseSums<A> sums_pass(const ChunkView<S, T, P, kVec>& v
   return row_reduce(s, CombineSums{}, ctx.sh, kSlotSums, ctx.cluster);
 }
 
+// Decoupled KD's rare pass: the largest non-target e0 of x and y (label_local: the target's offset).
+template <class S, class T, int P, bool kVec, class A>
+__device__ __noinline__ TopPair<A> nontarget_top_pass(const ChunkView<S, T, P, kVec>& v, const RowPlan<A>& plan,
+                                                      int64_t label_local, const PassCtx<A>& ctx) {
+  TopPair<A> t{-static_cast<A>(INFINITY), -static_cast<A>(INFINITY)};
+  v.template for_each_pack<A>(
+      [&](const A (&x)[P], const A (&y)[P], int64_t e) { nontarget_top_pack<P>(t, x, y, plan, label_local - e); });
+  return row_reduce(t, CombineTop{}, ctx.sh, kSlotTop, ctx.cluster);
+}
+
 // jsd and tvd: the loss, E_q g, E_p h and the standardization's sums of their terms.
 template <Divergence D, class S, class T, int P, bool kVec, class A>
 __device__ __noinline__ PointwiseSums<A> pointwise_pass(const ChunkView<S, T, P, kVec>& v, const RowPlan<A>& plan,
@@ -147,22 +157,27 @@ __device__ __noinline__ PointwiseSums<A> pointwise_pass(const ChunkView<S, T, P,
   return row_reduce(s, CombineSums{}, ctx.sh, kSlotPointwise, ctx.cluster);
 }
 
-// The Bregman sums of the KLs, for the rows whose KL cancels.
+// The Bregman sums of the KLs, for the rows whose KL cancels (label_local: decoupled KD's target's
+// offset in the chunk, left out).
 template <Divergence D, class S, class T, int P, bool kVec, class A>
 __device__ __noinline__ BregmanSums<A> refine_pass(const ChunkView<S, T, P, kVec>& v, const RowPlan<A>& plan,
-                                                   const DivRow<A>& c, const PassCtx<A>& ctx) {
+                                                   const DivRow<A>& c, int64_t label_local, const PassCtx<A>& ctx) {
   BregmanSums<A> s{A(0), A(0)};
-  v.template for_each_pack<A>([&](const A (&x)[P], const A (&y)[P], int64_t) { refine_pack<D>(s, x, y, plan, c); });
+  v.template for_each_pack<A>(
+      [&](const A (&x)[P], const A (&y)[P], int64_t e) { refine_pack<D>(s, x, y, plan, c, label_local - e); });
   return row_reduce(s, CombineSums{}, ctx.sh, kSlotRefine, ctx.cluster);
 }
 
-// Short rows (standardized): G and S of the per-element terms of both inputs.
+// Short rows (standardized): G and S of the per-element terms of both inputs (dkd: decoupled KD's
+// coefficients).
 template <Divergence D, class S, class T, int P, bool kVec, class A>
 __device__ __noinline__ TermSums<A> terms_pass(const ChunkView<S, T, P, kVec>& v, const RowPlan<A>& plan,
-                                               const DivRow<A>& c, const PassWants& w, const PassCtx<A>& ctx) {
+                                               const DivRow<A>& c, const DkdCoef<A>& dkd, const PassWants& w,
+                                               const PassCtx<A>& ctx) {
   TermSums<A> s{A(0), A(0), A(0), A(0)};
-  v.template for_each_pack<A>(
-      [&](const A (&x)[P], const A (&y)[P], int64_t) { terms_pack<D>(s, x, y, plan, c, w.gx, w.gy); });
+  v.template for_each_pack<A>([&](const A (&x)[P], const A (&y)[P], int64_t e) {
+    terms_pack<D>(s, x, y, plan, c, w.gx, w.gy, dkd, w.label_local - e);
+  });
   return row_reduce(s, CombineSums{}, ctx.sh, kSlotTerms, ctx.cluster);
 }
 

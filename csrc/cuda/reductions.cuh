@@ -15,7 +15,9 @@ namespace cuda {
 
 // The reductions of a row, each with its own CTA slot: another CTA of the cluster may read a slot
 // until it reaches its next cluster barrier, so no slot is reused within a row.
-enum ReduceSlot : int { kSlotStats, kSlotExact, kSlotScaled, kSlotSums, kSlotPointwise, kSlotRefine, kSlotTerms, kSlots };
+enum ReduceSlot : int {
+  kSlotStats, kSlotExact, kSlotScaled, kSlotSums, kSlotPointwise, kSlotRefine, kSlotTerms, kSlotTop, kSlots
+};
 
 // The reduction buffers of one CTA, as rows of A (each reduced struct is a struct of A fields, at
 // most kFields of them): the warps' partial results, the CTA's result per slot, the row's result.

@@ -31,9 +31,12 @@ evict_last, the row's last read with evict_first, and the gradients are stored s
 import triton
 import triton.language as tl
 
-from .blocked_phases import grads_phase, load_full, load_tile, pointwise_phase, refine_phase, sums_phase
-from .row_math import (FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, keep_row, magnitude_scale, max2, min2,
-                       needs_refinement, row_ce, row_label, scalar, sqrt_rn, store_row_results, tile_offsets, to_acc)
+from .blocked_phases import (grads_phase, load_full, load_tile, nontarget_max_phase, pointwise_phase, refine_phase,
+                             sums_phase)
+from .divergence import dkd_row
+from .row_math import (DKD, DKD_RESUM_BELOW, FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, keep_row,
+                       magnitude_scale, max2, min2, needs_refinement, row_ce, row_label, scalar, sqrt_rn,
+                       store_row_results, tile_offsets, to_acc)
 
 
 @triton.jit
@@ -173,12 +176,54 @@ def _chain(total_term_e0, a_full, c, s, sigma, mean, dof_a, STD: tl.constexpr):
 
 
 @triton.jit
+def _term_sums(sea, seb, ser, teb, teh, tea, r_za, r_zb, lz, kl_f, kl_r, e_qg, e_ph, eqx, epy, DIV: tl.constexpr):
+    """sum term e0 of the student's and of the teacher's terms (divergence.py), from the sums."""
+    sum_s = sea * r_za * 0.0
+    sum_t = sum_s
+    if (DIV == FORWARD_KL) or (DIV == JEFFREYS):
+        sum_s += sea * r_za - seb * r_zb
+        sum_t += (teh * LN2 + teb * lz) * r_zb - kl_f * teb * r_zb
+    if (DIV == REVERSE_KL) or (DIV == JEFFREYS):
+        sum_s += -((ser * LN2 + sea * lz) * r_za) - kl_r * sea * r_za
+        sum_t += teb * r_zb - tea * r_za
+    if (DIV == JSD) or (DIV == TVD):
+        sum_s = eqx - e_qg * sea * r_za
+        sum_t = epy - e_ph * teb * r_zb
+    return sum_s, sum_t
+
+
+@triton.jit
+def _dkd_target(x_row, y_row, label, keep, label_ok, cx, cy, x0c, y0c, ka, ba, kb, bb, za, zb, nckd, weights,
+                ACC64: tl.constexpr):
+    """(e0x_g, e0y_g, alpha TCKD + beta NCKD, coefficients) of decoupled KD (divergence.py, dkd_row):
+    the target's logits loaded once, e0 = c v_g - c v[0] and the exponents of phase 2 (NaN for a
+    label outside [0, V): a NaN row); za, zb: the non-target sums."""
+    alpha, beta = weights
+    x_g = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
+    y_g = to_acc(tl.load(y_row + label, mask=keep & label_ok, other=0.0), ACC64)
+    e0x_g = tl.where(label_ok, x_g * cx - x0c, float("nan"))
+    e0y_g = tl.where(label_ok, y_g * cy - y0c, float("nan"))
+    d, dkd = dkd_row(e0x_g * ka + ba, e0y_g * kb + bb, za, zb, nckd, scalar(alpha, ACC64), scalar(beta, ACC64))
+    return e0x_g, e0y_g, d, dkd
+
+
+@triton.jit
+def _dkd_term_sums(sea, seb, teb, teh, lz, nckd, dkd, e0x_g, e0y_g):
+    """Decoupled KD's sum term e0: the non-target sums' (sea, seb, teb, teh exclude the target) with
+    its coefficients, plus the target's own terms times its e0."""
+    rza, rzb, shift, tgt_s, tgt_t = dkd
+    sum_s = rza * sea - rzb * seb + tgt_s * e0x_g
+    sum_t = rzb * ((teh * LN2 + teb * lz) - nckd * teb) - shift * teb + tgt_t * e0y_g
+    return sum_s, sum_t
+
+
+@triton.jit
 def kd_blocked_kernel(
     x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr, labels_ptr, ce_ptr, kd_ptr,
     V, v_runs, runs_x, runs_y, scale_stride, ignore_index,
     tau_s: tl.float64, tau_t: tl.float64, eps: tl.float64, dof: tl.float64, v_float: tl.float64,
-    smoothing: tl.float64, ce_weight: tl.float64, kd_weight: tl.float64, beta: tl.float64,
-    BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
+    smoothing: tl.float64, ce_weight: tl.float64, kd_weight: tl.float64, beta: tl.float64, dkd_alpha: tl.float64,
+    dkd_beta: tl.float64, BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
     ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr, EVICT_HINTS: tl.constexpr, DIV: tl.constexpr,
     SMOOTH: tl.constexpr,
@@ -237,25 +282,37 @@ def kd_blocked_kernel(
         kz = LOG2E / cx  # the CE's exponent (x - max x) log2(e)
         bz = -(max_x - x0c) * kz
         _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok, V, v_load, num_full, has_tail,
-                     offs0, cx, cy, x0c, y0c, ka, ba, kb, bb, kz, bz, mean_x, mean_y, sigma_x, sigma_y, s_x, s_y, ts,
+                     offs0, cx, cy, x0c, y0c, ka, ba, kb, bb, k, kz, bz, mean_x, mean_y, sigma_x, sigma_y, s_x, s_y, ts,
                      tt, dof_a, v_f, scale_ptr, scale_stride, rows_ptr, ce_ptr, kd_ptr, gx_ptr, gy_ptr, v_runs,
                      scalar(beta, ACC64), scalar(smoothing, ACC64), scalar(ce_weight, ACC64),
-                     scalar(kd_weight, ACC64), BLOCK, VEC, STANDARDIZE, GRAD_S, GRAD_T, ACC64, ZERO_EXCLUDED,
-                     ROUND_BF16, HAS_LABELS, EVICT_HINTS, DIV, SMOOTH)
+                     scalar(kd_weight, ACC64), (dkd_alpha, dkd_beta), BLOCK, VEC, STANDARDIZE, GRAD_S, GRAD_T, ACC64,
+                     ZERO_EXCLUDED, ROUND_BF16, HAS_LABELS, EVICT_HINTS, DIV, SMOOTH)
 
 
 @triton.jit
 def _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok, V, v_load, num_full, has_tail, offs0,
-                 cx, cy, x0c, y0c, ka, ba, kb, bb, kz, bz, mean_x, mean_y, sigma_x, sigma_y, s_x, s_y, ts, tt, dof_a,
+                 cx, cy, x0c, y0c, ka, ba, kb, bb, k, kz, bz, mean_x, mean_y, sigma_x, sigma_y, s_x, s_y, ts, tt, dof_a,
                  v_f, scale_ptr, scale_stride, rows_ptr, ce_ptr, kd_ptr, gx_ptr, gy_ptr, v_runs, beta, smooth, ce_w,
-                 kd_w, BLOCK: tl.constexpr, VEC: tl.constexpr, STD: tl.constexpr, GRAD_S: tl.constexpr,
+                 kd_w, dkd_weights, BLOCK: tl.constexpr, VEC: tl.constexpr, STD: tl.constexpr, GRAD_S: tl.constexpr,
                  GRAD_T: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr,
                  HAS_LABELS: tl.constexpr, EVICT_HINTS: tl.constexpr, DIV: tl.constexpr, SMOOTH: tl.constexpr):
     """Phases 2 to 5 of a row (after its statistics): sums, loss, and the gradients."""
-    za, zb, tf, tfa, tr, tra, sea, seb, ser, teb, teh, tea, zo, lt, ltx, zs = sums_phase(
-        x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c, y0c, ka, ba, kb, bb,
-        kz, bz, BLOCK, VEC, ACC64, STD, GRAD_S, GRAD_T, HAS_LABELS, SMOOTH, DIV, EVICT_HINTS,
-        not (GRAD_S or GRAD_T or DIV == JSD or DIV == TVD))  # (LAST_USE: the sums pass is the row's last read)
+    if DIV == DKD:  # (a label in [0, V) where it is used: 32-bit lane compares)
+        label = label.to(tl.int32)
+    last_use: tl.constexpr = not (GRAD_S or GRAD_T or DIV == JSD or DIV == TVD)  # the sums pass reads last
+    sums = sums_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c, y0c, ka,
+                      ba, kb, bb, kz, bz, BLOCK, VEC, ACC64, STD, GRAD_S, GRAD_T, HAS_LABELS, SMOOTH, DIV, EVICT_HINTS,
+                      last_use)
+    if DIV == DKD:
+        if keep & ((sums[0] < DKD_RESUM_BELOW) | (sums[1] < DKD_RESUM_BELOW)):  # rare: from the non-target max
+            top_x, top_y = nontarget_max_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0,
+                                               label, cx, cy, x0c, y0c, BLOCK, VEC, ACC64, EVICT_HINTS)
+            ba = -top_x * ka - k  # (_exponent's B with the largest non-target class for the row's max)
+            bb = -top_y * kb - k
+            sums = sums_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c,
+                              y0c, ka, ba, kb, bb, kz, bz, BLOCK, VEC, ACC64, STD, GRAD_S, GRAD_T, HAS_LABELS, SMOOTH,
+                              DIV, EVICT_HINTS, last_use)
+    za, zb, tf, tfa, tr, tra, sea, seb, ser, teb, teh, tea, zo, lt, ltx, zs = sums
     r_za = 1.0 / za
     r_zb = 1.0 / zb
     lz = tl.log2(za * r_zb) * LN2
@@ -263,14 +320,15 @@ def _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok
     kl_r = -(tr * r_za * LN2) - lz  # reverse KL
     refine_f = (kl_f != kl_f) & False
     refine_r = refine_f
-    if (DIV == FORWARD_KL) or (DIV == JEFFREYS):
+    if (DIV == FORWARD_KL) or (DIV == JEFFREYS) or (DIV == DKD):  # (DKD: NCKD, from the non-target sums)
         refine_f = needs_refinement(kl_f, tfa * r_zb * LN2, lz)
     if (DIV == REVERSE_KL) or (DIV == JEFFREYS):
         refine_r = needs_refinement(kl_r, tra * r_za * LN2, lz)
     if refine_f | refine_r:  # rare (high temperatures, a student close to its teacher): the Bregman forms
-        bf, br = refine_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, cx, cy, x0c, y0c,
-                               ka, ba, kb, bb, r_za, r_zb, lz, BLOCK, VEC, ACC64, (DIV == FORWARD_KL) or (DIV == JEFFREYS),
-                               (DIV == REVERSE_KL) or (DIV == JEFFREYS), EVICT_HINTS)
+        bf, br = refine_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c,
+                              y0c, ka, ba, kb, bb, r_za, r_zb, lz, BLOCK, VEC, ACC64,
+                              (DIV == FORWARD_KL) or (DIV == JEFFREYS) or (DIV == DKD),
+                              (DIV == REVERSE_KL) or (DIV == JEFFREYS), EVICT_HINTS, DIV)
         kl_f = tl.where(refine_f, bf, kl_f)
         kl_r = tl.where(refine_r, br, kl_r)
     e_qg = za * 0.0
@@ -285,36 +343,40 @@ def _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok
         d = kl_f + kl_r
     elif DIV == REVERSE_KL:
         d = kl_r
+    elif DIV == DKD:  # alpha TCKD + beta NCKD, from the target's logits (loaded once)
+        e0x_g, e0y_g, d, dkd = _dkd_target(x_row, y_row, label, keep, label_ok, cx, cy, x0c, y0c, ka, ba, kb, bb, za,
+                                           zb, kl_f, dkd_weights, ACC64)
     else:
         d = kl_f
     ce = d * 0.0
     zc = zo + lt
     excl = zo + ltx
     if HAS_LABELS:  # the objective's CE (row_math.h, row_ce)
-        x_label = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
-        sz_label = tl.where(label_ok, (x_label * cx - x0c) * kz + bz, float("nan"))
+        if DIV == DKD:
+            sz_label = e0x_g * kz + bz  # (NaN for a label outside [0, V))
+        else:
+            x_label = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
+            sz_label = tl.where(label_ok, (x_label * cx - x0c) * kz + bz, float("nan"))
         ce = row_ce(zc, zs, excl, sz_label, smooth, v_f)
     store_row_results(rows_ptr, ce_ptr, kd_ptr, row, keep, ce, ts * ts * d, ce_w, kd_w, HAS_LABELS)
     if GRAD_S or GRAD_T:
         scale = to_acc(tl.load(scale_ptr + row64 * scale_stride), ACC64)
         kd_scale = scale * kd_w
-        # sum term e0 of the student's and the teacher's terms (divergence.py), from the sums
-        sum_s = sea * r_za * 0.0
-        sum_t = sum_s
-        if (DIV == FORWARD_KL) or (DIV == JEFFREYS):
-            sum_s += sea * r_za - seb * r_zb
-            sum_t += (teh * LN2 + teb * lz) * r_zb - kl_f * teb * r_zb
-        if (DIV == REVERSE_KL) or (DIV == JEFFREYS):
-            sum_s += -((ser * LN2 + sea * lz) * r_za) - kl_r * sea * r_za
-            sum_t += teb * r_zb - tea * r_za
-        if (DIV == JSD) or (DIV == TVD):
-            sum_s = eqx - e_qg * sea * r_za
-            sum_t = epy - e_ph * teb * r_zb
+        if DIV == DKD:
+            sum_s, sum_t = _dkd_term_sums(sea, seb, teb, teh, lz, kl_f, dkd, e0x_g, e0y_g)
+        else:
+            sum_s, sum_t = _term_sums(sea, seb, ser, teb, teh, tea, r_za, r_zb, lz, kl_f, kl_r, e_qg, e_ph, eqx, epy,
+                                      DIV)
         a_s, c_s, d_s = _chain(sum_s, kd_scale * ts, cx, s_x, sigma_x, mean_x, dof_a, STD)
         a_t, c_t, d_t = _chain(sum_t, kd_scale * ts * ts / tt, cy, s_y, sigma_y, mean_y, dof_a, STD)
         ce_scale = scale * ce_w
         ce_b = ce_scale * smooth / v_f
         ce_l = ce_scale * (smooth - smooth / v_f - excl / zc)  # row_math.h, ce_label_grad
+        if DIV == DKD:  # the student's term coefficients are DKD's; its target's term joins the label's element
+            r_za, r_zb, _shift, tgt_s, _tgt_t = dkd
+            ce_l += a_s * tgt_s
+        else:
+            dkd = (r_za, r_zb, r_za, r_za, r_za)  # (unused)
         if ZERO_EXCLUDED:  # every tile of a masked-out row, to store its zeros
             num_pass = V // BLOCK
             tail = num_pass * BLOCK < V
@@ -323,5 +385,5 @@ def _blocked_row(x_row, y_row, x0_raw, y0_raw, row, row64, keep, label, label_ok
             tail = has_tail
         grads_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_pass, tail, row64 * v_runs * VEC, offs0, gx_ptr,
                      gy_ptr, keep, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, beta, kl_f, kl_r, e_qg, e_ph,
-                     (a_s, c_s, d_s), (a_t, c_t, d_t), (kz, bz, 1.0 / zc, ce_scale, ce_b, ce_l), label, label_ok, BLOCK,
-                     VEC, ACC64, ZERO_EXCLUDED, ROUND_BF16, GRAD_S, GRAD_T, HAS_LABELS, DIV, EVICT_HINTS)
+                     (a_s, c_s, d_s), (a_t, c_t, d_t), (kz, bz, 1.0 / zc, ce_scale, ce_b, ce_l), label, label_ok, dkd,
+                     BLOCK, VEC, ACC64, ZERO_EXCLUDED, ROUND_BF16, GRAD_S, GRAD_T, HAS_LABELS, DIV, EVICT_HINTS)

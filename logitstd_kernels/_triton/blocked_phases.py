@@ -5,8 +5,9 @@ over a row's tiles with its per-tile function."""
 import triton
 import triton.language as tl
 
-from .divergence import pointwise_terms, student_term, teacher_term
-from .row_math import FORWARD_KL, JEFFREYS, JSD, LN2, REVERSE_KL, TVD, bregman_terms, store_grad, tile_offsets, to_acc
+from .divergence import dkd_teacher_term, pointwise_terms, student_term, teacher_term
+from .row_math import (DKD, FORWARD_KL, JEFFREYS, JSD, LN2, REVERSE_KL, TVD, bregman_terms, store_grad, tile_offsets,
+                       to_acc)
 
 
 @triton.jit
@@ -73,6 +74,17 @@ def _exps(x, y, cx, cy, x0c, y0c, ka, ba, kb, bb):
 
 
 @triton.jit
+def drop_target(ea, eb, offs, label, at_label):
+    """Decoupled KD: ea and eb with the target class's lane 0 in the label's tile (``at_label``, a
+    branch per tile, so the other tiles pay no per-element work), so that the sums and the Bregman
+    terms leave the target out (dkd_row.h)."""
+    if at_label:
+        ea = tl.where(offs == label, 0.0, ea)
+        eb = tl.where(offs == label, 0.0, eb)
+    return ea, eb
+
+
+@triton.jit
 def _guarded(e, d, STD: tl.constexpr):
     """e d, 0 where e = 0: an unstandardized -inf logit makes d infinite or NaN (standardized, the
     whole row is NaN anyway, as in the reference)."""
@@ -95,10 +107,12 @@ def _sums_tile(x, y, m, offs, label, label_tile, tile, cx, cy, x0c, y0c, ka, ba,
     if m is not None:
         ea = tl.where(m, ea, 0.0)
         eb = tl.where(m, eb, 0.0)
+    if DIV == DKD:  # the non-target sums: the forward KL's over the other classes
+        ea, eb = drop_target(ea, eb, offs, label, tile == label_tile)
     za += tl.sum(ea, axis=1)
     zb += tl.sum(eb, axis=1)
     delta = db - da
-    if (DIV == FORWARD_KL) or (DIV == JEFFREYS):
+    if (DIV == FORWARD_KL) or (DIV == JEFFREYS) or (DIV == DKD):
         eh = _guarded(eb, delta, STD)
         tf += tl.sum(eh, axis=1)
         tfa += tl.sum(tl.abs(eh), axis=1)
@@ -217,13 +231,46 @@ def pointwise_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail,
 
 
 @triton.jit
-def _refine_tile(x, y, m, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, bf, br, FWD: tl.constexpr,
-                 REV: tl.constexpr):
-    """The Bregman terms of one tile: forward sum p phi(-l), reverse sum q phi(l) (bregman_terms)."""
+def _nontarget_max_tile(x, y, m, offs, label, cx, cy, x0c, y0c, mx, my):
+    """The running per-run max of e0 = c v - c v[0] over the tile's classes other than the label."""
+    off = offs != label
+    if m is not None:
+        off = off & m
+    mx = tl.maximum(mx, tl.max(tl.where(off, x * cx - x0c, float("-inf")), axis=1))
+    my = tl.maximum(my, tl.max(tl.where(off, y * cy - y0c, float("-inf")), axis=1))
+    return mx, my
+
+
+@triton.jit
+def nontarget_max_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c, y0c,
+                        BLOCK: tl.constexpr, VEC: tl.constexpr, ACC64: tl.constexpr, EVICT_HINTS: tl.constexpr):
+    """Decoupled KD's largest non-target e0 of x and of y (max over k != g): a pass only for the rows
+    whose non-target sums underflow relative to the row's max (a target far above the rest)."""
+    mx = tl.sum(offs0 * 0.0, axis=1).to(x0c.dtype) - float("inf")
+    my = mx
+    for blk in range(0, num_full):
+        xt, yt = load_full(x_row, y_row, blk, num_full, BLOCK, VEC, ACC64, EVICT_HINTS, False)
+        mx, my = _nontarget_max_tile(xt, yt, None, blk * BLOCK + offs0, label, cx, cy, x0c, y0c, mx, my)
+    if has_tail:
+        offs = num_full * BLOCK + offs0
+        x, y = load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, False)
+        mx, my = _nontarget_max_tile(to_acc(x, ACC64), to_acc(y, ACC64), offs < V, offs, label, cx, cy, x0c, y0c, mx,
+                                     my)
+    return tl.max(mx, axis=0), tl.max(my, axis=0)
+
+
+@triton.jit
+def _refine_tile(x, y, m, offs, label, at_label, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, bf, br,
+                 FWD: tl.constexpr, REV: tl.constexpr, DIV: tl.constexpr):
+    """The Bregman terms of one tile: forward sum p phi(-l), reverse sum q phi(l) (bregman_terms);
+    decoupled KD's NCKD without its target (whose term is then 0)."""
     e0x, e0y, da, db, ea, eb = _exps(x, y, cx, cy, x0c, y0c, ka, ba, kb, bb)
     if m is not None:
         ea = tl.where(m, ea, 0.0)
         eb = tl.where(m, eb, 0.0)
+    if DIV == DKD:
+        ea = tl.where(offs == label, 0.0, ea)
+        eb = tl.where(offs == label, 0.0, eb)
     lv = (db - da) * LN2 + lz
     if FWD:
         bf += tl.sum(bregman_terms(eb, ea, -lv, r_zb, r_za), axis=1)
@@ -233,9 +280,9 @@ def _refine_tile(x, y, m, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, bf, 
 
 
 @triton.jit
-def refine_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, cx, cy, x0c, y0c, ka, ba, kb,
-                  bb, r_za, r_zb, lz, BLOCK: tl.constexpr, VEC: tl.constexpr, ACC64: tl.constexpr, FWD: tl.constexpr, REV: tl.constexpr,
-                  EVICT_HINTS: tl.constexpr):
+def refine_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, offs0, label, cx, cy, x0c, y0c, ka, ba,
+                 kb, bb, r_za, r_zb, lz, BLOCK: tl.constexpr, VEC: tl.constexpr, ACC64: tl.constexpr, FWD: tl.constexpr,
+                 REV: tl.constexpr, EVICT_HINTS: tl.constexpr, DIV: tl.constexpr):
     """The Bregman forms of the row's KLs (rows where the sums cancel only: the caller's branch)."""
     bf = tl.sum(offs0 * 0.0, axis=1).to(x0c.dtype)
     br = bf
@@ -245,23 +292,37 @@ def refine_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_full, has_tail, of
         xt = to_acc(x_next, ACC64)
         yt = to_acc(y_next, ACC64)
         x_next, y_next = load_full(x_row, y_row, blk + 1, num_full, BLOCK, VEC, ACC64, EVICT_HINTS, True)
-        bf, br = _refine_tile(xt, yt, None, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, bf, br, FWD, REV)
+        bf, br = _refine_tile(xt, yt, None, blk * BLOCK + offs0, label, blk == label // BLOCK, cx, cy, x0c, y0c, ka,
+                              ba, kb, bb, r_za, r_zb, lz, bf, br, FWD, REV, DIV)
     if has_tail:
         offs = v_full + offs0
         x, y = load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, True)
-        bf, br = _refine_tile(to_acc(x, ACC64), to_acc(y, ACC64), offs < V, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za,
-                              r_zb, lz, bf, br, FWD, REV)
+        bf, br = _refine_tile(to_acc(x, ACC64), to_acc(y, ACC64), offs < V, offs, label, num_full == label // BLOCK,
+                              cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, bf, br, FWD, REV, DIV)
     return tl.sum(bf, axis=0), tl.sum(br, axis=0)
 
 
 @triton.jit
+def _dkd_student(ea, eb, e0x, offs, label, label_ok, rza, rzb, coef_s, ce):
+    """Decoupled KD's student gradient on a tile with the objective's CE: ``ea A rza - eb A rzb`` plus
+    the CE's term off the target, the label's element ``ce_l`` (the CE's and the target's own term) at
+    it, then ``e0 C + D``; a NaN row for a label outside [0, V)."""
+    a_s, c_s, d_s = coef_s
+    kz, bz, r_zc, ce_scale, ce_b, ce_l = ce
+    ez = tl.exp2(e0x * kz + bz)
+    off_target = ea * (a_s * rza) - eb * (a_s * rzb) + (ez * (ce_scale * r_zc) - ce_b)
+    return tl.where(label_ok, tl.where(offs == label, ce_l, off_target) + (e0x * c_s + d_s), float("nan"))
+
+
+@triton.jit
 def _grads_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, keep, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz,
-                beta, kl_f, kl_r, e_qg, e_ph, coef_s, coef_t, ce, label, label_ok, ZERO_EXCLUDED: tl.constexpr,
+                beta, kl_f, kl_r, e_qg, e_ph, coef_s, coef_t, ce, label, label_ok, dkd, ZERO_EXCLUDED: tl.constexpr,
                 ROUND_BF16: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, HAS_LABELS: tl.constexpr,
                 DIV: tl.constexpr, STREAM: tl.constexpr):
     """Phase 4 on one tile: ``out = term A + e0 C + D`` per element (forward KL's student gradient:
-    ``ea A / Za - eb A / Zb + e0 C + D``), plus the CE's ``ce_scale (e^sz / Zc - s / V)`` and its
-    label element ``ce_l`` (a NaN row for a label outside [0, V)); ``m`` masks the partial tile."""
+    ``ea A / Za - eb A / Zb + e0 C + D``; decoupled KD's in ``_dkd_student``), plus the CE's
+    ``ce_scale (e^sz / Zc - s / V)`` and its label element ``ce_l`` (a NaN row for a label outside
+    [0, V)); ``m`` masks the partial tile."""
     a_s, c_s, d_s = coef_s
     a_t, c_t, d_t = coef_t
     e0x, e0y, da, db, ea, eb = _exps(x, y, cx, cy, x0c, y0c, ka, ba, kb, bb)
@@ -274,27 +335,34 @@ def _grads_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, keep, cx, cy, x0c, y0c,
     if (DIV == JSD) or (DIV == TVD):
         terms, g, h = pointwise_terms(ea * r_za, eb * r_zb, l, beta, DIV)
     if GRAD_S:
-        if DIV == FORWARD_KL:
+        if DIV == DKD:
+            out = _dkd_student(ea, eb, e0x, offs, label, label_ok, r_za, r_zb, coef_s, ce)
+        elif DIV == FORWARD_KL:
             out = ea * (a_s * r_za) - eb * (a_s * r_zb) + (e0x * c_s + d_s)
         else:
             out = student_term(ea, eb, l, r_za, r_zb, kl_r, g, e_qg, DIV) * a_s + (e0x * c_s + d_s)
-        if HAS_LABELS:
+        if HAS_LABELS and (DIV != DKD):
             kz, bz, r_zc, ce_scale, ce_b, ce_l = ce
             ez = tl.exp2(e0x * kz + bz)
             out += tl.where(offs == label, ce_l, ez * (ce_scale * r_zc) - ce_b)
             out = tl.where(label_ok, out, float("nan"))
         store_grad(gx_ptr, out_offs, m, out, keep, ZERO_EXCLUDED, ROUND_BF16, STREAM)
     if GRAD_T:
+        if DIV == DKD:  # (a NaN row for a label outside [0, V))
+            term_t = tl.where(label_ok, dkd_teacher_term(eb, l, offs == label, kl_f, dkd), float("nan"))
+        else:
+            term_t = teacher_term(ea, eb, l, r_za, r_zb, kl_f, h, e_ph, DIV)
         # c_t = 0 without standardization: a -inf teacher logit (e0y = -inf) adds 0, not 0 * -inf
         e0_term = tl.where(c_t == 0.0, 0.0, e0y * c_t)
-        out_t = teacher_term(ea, eb, l, r_za, r_zb, kl_f, h, e_ph, DIV) * a_t + (e0_term + d_t)
+        out_t = term_t * a_t + (e0_term + d_t)
         store_grad(gy_ptr, out_offs, m, out_t, keep, ZERO_EXCLUDED, ROUND_BF16, STREAM)
 
 
 @triton.jit
 def grads_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_pass, tail, out_row, offs0, gx_ptr, gy_ptr, keep,
                  cx, cy, x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, beta, kl_f, kl_r, e_qg, e_ph, coef_s, coef_t, ce,
-                 label, label_ok, BLOCK: tl.constexpr, VEC: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
+                 label, label_ok, dkd, BLOCK: tl.constexpr, VEC: tl.constexpr, ACC64: tl.constexpr,
+                 ZERO_EXCLUDED: tl.constexpr,
                  ROUND_BF16: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, HAS_LABELS: tl.constexpr,
                  DIV: tl.constexpr, EVICT_HINTS: tl.constexpr):
     """Phase 4 over the row: full tiles forward, then the partial tile (``num_pass`` full tiles:
@@ -307,11 +375,11 @@ def grads_phase(x_row, y_row, x0_raw, y0_raw, V, v_load, num_pass, tail, out_row
         yt = to_acc(y_next, ACC64)
         x_next, y_next = load_full(x_row, y_row, blk + 1, loaded, BLOCK, VEC, ACC64, EVICT_HINTS, True)
         _grads_tile(xt, yt, None, offs, out_row + offs, gx_ptr, gy_ptr, keep, cx, cy, x0c, y0c, ka, ba, kb, bb, r_za,
-                    r_zb, lz, beta, kl_f, kl_r, e_qg, e_ph, coef_s, coef_t, ce, label, label_ok, ZERO_EXCLUDED,
+                    r_zb, lz, beta, kl_f, kl_r, e_qg, e_ph, coef_s, coef_t, ce, label, label_ok, dkd, ZERO_EXCLUDED,
                     ROUND_BF16, GRAD_S, GRAD_T, HAS_LABELS, DIV, EVICT_HINTS)
     if tail:
         offs = num_pass * BLOCK + offs0
         x, y = load_tile(x_row, y_row, offs, v_load, x0_raw, y0_raw, EVICT_HINTS, True)
         _grads_tile(to_acc(x, ACC64), to_acc(y, ACC64), offs < V, offs, out_row + offs, gx_ptr, gy_ptr, keep, cx, cy,
                     x0c, y0c, ka, ba, kb, bb, r_za, r_zb, lz, beta, kl_f, kl_r, e_qg, e_ph, coef_s, coef_t, ce, label,
-                    label_ok, ZERO_EXCLUDED, ROUND_BF16, GRAD_S, GRAD_T, HAS_LABELS, DIV, EVICT_HINTS)
+                    label_ok, dkd, ZERO_EXCLUDED, ROUND_BF16, GRAD_S, GRAD_T, HAS_LABELS, DIV, EVICT_HINTS)

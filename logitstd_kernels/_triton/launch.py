@@ -49,9 +49,8 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch
             gx: Optional[torch.Tensor], gy: Optional[torch.Tensor], config: DistillConfig, zero_excluded: bool,
             kernel_config: Optional[KernelConfig]) -> None:
     """One launch of the fused kernel over every row (see ``fused_forward`` for the arguments)."""
-    if config.divergence == "dkd":
-        raise NotImplementedError("divergence='dkd' runs on the cpu and torch backends; the Triton kernels do not "
-                                  "compute decoupled KD")
+    if config.divergence == "dkd" and labels is None:
+        raise ValueError("divergence='dkd' needs labels (decoupled KD splits off the target class)")
     num_rows, num_classes = student.shape
     acc64 = torch.float64 in (student.dtype, teacher.dtype)
     vec = _row_vec(num_classes, student, teacher)
@@ -74,7 +73,7 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch
             num_classes, num_classes // vec, student.stride(0) // vec, teacher.stride(0) // vec,
             factors.stride(0) if factors.numel() > 1 else 0, config.ignore_index,
             config.temperature, config.teacher_temperature, config.eps, dof, float(num_classes),
-            config.label_smoothing, config.ce_weight, config.kd_weight, config.beta,
+            config.label_smoothing, config.ce_weight, config.kd_weight, config.beta, config.dkd_alpha, config.dkd_beta,
             BLOCK=cfg.block, VEC=vec, STANDARDIZE=config.standardize, GRAD_S=gx is not None,
             GRAD_T=gy is not None, HAS_MASK=keep is not None, ACC64=acc64, ZERO_EXCLUDED=zero_excluded,
             ROUND_BF16=round_bf16, HAS_LABELS=labels is not None, DIV=config.kernel_divergence(),

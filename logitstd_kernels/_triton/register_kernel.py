@@ -16,15 +16,16 @@ bf16 with the student gradient: the floor of the fused op). The phases run on th
 import triton
 import triton.language as tl
 
-from .divergence import pointwise_terms, student_term, teacher_term
-from .row_math import (FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, bregman_terms, keep_row, magnitude_scale,
-                       max2, min2, needs_refinement, row_ce, row_label, scalar, sqrt_rn, store_grad,
+from .divergence import dkd_row, dkd_student_term, dkd_teacher_term, pointwise_terms, student_term, teacher_term
+from .row_math import (DKD, FORWARD_KL, JEFFREYS, JSD, LN2, LOG2E, REVERSE_KL, TVD, bregman_terms, keep_row,
+                       magnitude_scale, max2, min2, needs_refinement, row_ce, row_label, scalar, sqrt_rn, store_grad,
                        store_row_results, tile_offsets, to_acc, total)
 
 
 @triton.jit
-def _standardize(v, v0_raw, valid, mv, nv, dof_a, eps_a, ACC64: tl.constexpr):
-    """(centered c v, sigma, s, 1 / s, c, max of the standardized row) of one row in registers."""
+def _standardize(v, v0_raw, valid, mv, nv, top_v, dof_a, eps_a, ACC64: tl.constexpr):
+    """(centered c v, sigma, s, 1 / s, c, the standardized top_v) of one row in registers; top_v: the
+    row's max (decoupled KD: its largest non-target class)."""
     c = magnitude_scale(mv, nv, ACC64)
     vs = v * c - to_acc(v0_raw, ACC64) * c  # shifted by the first element: exact for offset rows
     mean = total(vs) / tl.sum(tl.sum(valid.to(vs.dtype), axis=1), axis=0)
@@ -32,7 +33,7 @@ def _standardize(v, v0_raw, valid, mv, nv, dof_a, eps_a, ACC64: tl.constexpr):
     sigma = sqrt_rn(total(dev * dev) / dof_a, ACC64)
     s = sigma + eps_a * c
     inv_s = 1.0 / s
-    top = (mv * c - to_acc(v0_raw, ACC64) * c - mean) * inv_s
+    top = (top_v * c - to_acc(v0_raw, ACC64) * c - mean) * inv_s
     return dev, sigma, s, inv_s, c, top
 
 
@@ -90,7 +91,7 @@ def _divergence(ea, eb, da, db, za, zb, beta, DIV: tl.constexpr):
     h = g
     e_qg = zero
     e_ph = zero
-    if (DIV == FORWARD_KL) or (DIV == JEFFREYS):
+    if (DIV == FORWARD_KL) or (DIV == JEFFREYS) or (DIV == DKD):  # (DKD: NCKD, the target's exponentials 0)
         kl_f = _linear_kl(ea, eb, da, db, za, zb, lz, True)
     if (DIV == REVERSE_KL) or (DIV == JEFFREYS):
         kl_r = _linear_kl(ea, eb, da, db, za, zb, lz, False)
@@ -107,15 +108,29 @@ def _divergence(ea, eb, da, db, za, zb, beta, DIV: tl.constexpr):
 
 
 @triton.jit
-def _ce(x, valid, offs, label, label_ok, mx, x_row, keep, smooth, v_f, ACC64: tl.constexpr):
-    """(CE, Zc, E, 2^sz) of the raw student row (row_math.h, row_ce); sz = (x - max x) log2(e)."""
+def _ce(x, valid, offs, label, label_ok, mx, x_row, keep, smooth, v_f, x_label, ACC64: tl.constexpr):
+    """(CE, Zc, E, 2^sz) of the raw student row (row_math.h, row_ce); sz = (x - max x) log2(e).
+    ``x_label``: the label's logit when already loaded (decoupled KD), else None."""
     sz = (x - mx) * LOG2E
     ez = tl.where(valid, tl.exp2(sz), 0.0)
     zc = total(ez)
     excl = total(tl.where(offs == label, 0.0, ez))
-    x_label = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
+    if x_label is None:
+        x_label = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
     sz_label = tl.where(label_ok, (x_label - mx) * LOG2E, float("nan"))
     return row_ce(zc, total(tl.where(valid, sz, 0.0)), excl, sz_label, smooth, v_f), zc, excl, ez
+
+
+@triton.jit
+def _target_args(x_row, y_row, label, keep, label_ok, ax, ay, cx, cy, s_x, s_y, ts, tt, k, ACC64: tl.constexpr):
+    """(x_g, a_g, b_g) of decoupled KD's target g, loaded once: its student logit and both exponents
+    (log2 units, relative to the largest non-target class: ``(c v_g - c max' v) log2(e) / (s tau) - k``,
+    the exponents of phase 1); NaN exponents for a label outside [0, V) (a NaN row)."""
+    x_g = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)
+    y_g = to_acc(tl.load(y_row + label, mask=keep & label_ok, other=0.0), ACC64)
+    da_g = (x_g * cx - ax * cx) * (LOG2E / (ts * s_x)) - k
+    db_g = (y_g * cy - ay * cy) * (LOG2E / (tt * s_y)) - k
+    return x_g, tl.where(label_ok, da_g, float("nan")), tl.where(label_ok, db_g, float("nan"))
 
 
 @triton.jit
@@ -123,8 +138,8 @@ def kd_register_kernel(
     x_ptr, y_ptr, keep_ptr, scale_ptr, rows_ptr, gx_ptr, gy_ptr, labels_ptr, ce_ptr, kd_ptr,
     V, v_runs, runs_x, runs_y, scale_stride, ignore_index,
     tau_s: tl.float64, tau_t: tl.float64, eps: tl.float64, dof: tl.float64, v_float: tl.float64,
-    smoothing: tl.float64, ce_weight: tl.float64, kd_weight: tl.float64, beta: tl.float64,
-    BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
+    smoothing: tl.float64, ce_weight: tl.float64, kd_weight: tl.float64, beta: tl.float64, dkd_alpha: tl.float64,
+    dkd_beta: tl.float64, BLOCK: tl.constexpr, VEC: tl.constexpr, STANDARDIZE: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, HAS_MASK: tl.constexpr, ACC64: tl.constexpr, ZERO_EXCLUDED: tl.constexpr,
     ROUND_BF16: tl.constexpr, HAS_LABELS: tl.constexpr, DIV: tl.constexpr,
 ):
@@ -132,6 +147,8 @@ def kd_register_kernel(
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     keep, label, label_ok = row_label(labels_ptr, row, V, ignore_index, keep_row(keep_ptr, row, HAS_MASK), HAS_LABELS)
+    if DIV == DKD:  # (a label in [0, V) where it is used: 32-bit lane compares)
+        label = label.to(tl.int32)
     # row offsets in runs of VEC classes times VEC: the compiler sees VEC-aligned rows (vector access)
     x_row = x_ptr + row64 * runs_x * VEC
     y_row = y_ptr + row64 * runs_y * VEC
@@ -151,11 +168,19 @@ def kd_register_kernel(
     nx, ny = min2(tl.min(x, axis=1), tl.min(y, axis=1))
 
     # Phase 1: the statistics (exponent arguments in log2 units, <= 0 exactly: rounding is monotone).
+    ax = mx  # the exponents' 0: the row's max
+    ay = my
+    in_sums = valid
+    if DIV == DKD:  # decoupled KD: the target out of the sums (Za', Zb'), exponents from the non-target max
+        in_sums = valid & (offs != label)
+        ax, ay = max2(tl.max(tl.where(in_sums, x, float("-inf")), axis=1),
+                      tl.max(tl.where(in_sums, y, float("-inf")), axis=1))
     if STANDARDIZE:
-        dx, sigma_x, s_x, inv_sx, cx, u_max = _standardize(x, x0_raw, valid, mx, nx, dof_a, eps_a, ACC64)
-        dy, sigma_y, s_y, inv_sy, cy, w_max = _standardize(y, y0_raw, valid, my, ny, dof_a, eps_a, ACC64)
+        dx, sigma_x, s_x, inv_sx, cx, u_max = _standardize(x, x0_raw, valid, mx, nx, ax, dof_a, eps_a, ACC64)
+        dy, sigma_y, s_y, inv_sy, cy, w_max = _standardize(y, y0_raw, valid, my, ny, ay, dof_a, eps_a, ACC64)
         da = (dx * inv_sx - u_max) * (LOG2E / ts)
         db = (dy * inv_sy - w_max) * (LOG2E / tt)
+        k = v_f * 0.0
     else:  # (c x - max c x) / (tau c): no overflow of x - max x on rows of extreme magnitude
         cx = magnitude_scale(mx, nx, ACC64)
         cy = magnitude_scale(my, ny, ACC64)
@@ -168,21 +193,26 @@ def kd_register_kernel(
         # rows of extreme magnitude: both exponentials 2^-k smaller (the ratios are the same), so that
         # sums of e^b (b - a) cannot overflow where |b - a| nears the float range (row_math.h)
         k = tl.where((cx != 1.0) | (cy != 1.0), tl.log2(v_f) + 1.0, 0.0)
-        da = (x * cx - mx * cx) * (LOG2E / (ts * cx)) - k
-        db = (y * cy - my * cy) * (LOG2E / (tt * cy)) - k
+        da = (x * cx - ax * cx) * (LOG2E / (ts * cx)) - k
+        db = (y * cy - ay * cy) * (LOG2E / (tt * cy)) - k
 
     # Phase 2: the partition sums, the divergence and the CE.
-    ea = tl.where(valid, tl.exp2(da), 0.0)
-    eb = tl.where(valid, tl.exp2(db), 0.0)
+    x_g = None
+    if DIV == DKD:  # the target's exponents (> 0 where it leads the other classes) from its logits
+        x_g, da_g, db_g = _target_args(x_row, y_row, label, keep, label_ok, ax, ay, cx, cy, s_x, s_y, ts, tt, k, ACC64)
+    ea = tl.where(in_sums, tl.exp2(da), 0.0)
+    eb = tl.where(in_sums, tl.exp2(db), 0.0)
     za = total(ea)
     zb = total(eb)
     d, kl_f, kl_r, l, g_pw, h_pw, e_qg, e_ph = _divergence(ea, eb, da, db, za, zb, scalar(beta, ACC64), DIV)
+    if DIV == DKD:
+        d, dkd = dkd_row(da_g, db_g, za, zb, kl_f, scalar(dkd_alpha, ACC64), scalar(dkd_beta, ACC64))
     ce_w = scalar(ce_weight, ACC64)
     kd_w = scalar(kd_weight, ACC64)
     smooth = scalar(smoothing, ACC64)
     ce = d * 0.0
     if HAS_LABELS:
-        ce, zc, excl, ez = _ce(x, valid, offs, label, label_ok, mx, x_row, keep, smooth, v_f, ACC64)
+        ce, zc, excl, ez = _ce(x, valid, offs, label, label_ok, mx, x_row, keep, smooth, v_f, x_g, ACC64)
     store_row_results(rows_ptr, ce_ptr, kd_ptr, row, keep, ce, ts * ts * d, ce_w, kd_w, HAS_LABELS)
 
     # Phase 3: the gradients from the per-element terms.
@@ -193,7 +223,10 @@ def kd_register_kernel(
         r_za = 1.0 / za
         r_zb = 1.0 / zb
         if GRAD_S:
-            t = tl.where(valid, student_term(ea, eb, l, r_za, r_zb, kl_r, g_pw, e_qg, DIV), 0.0)
+            if DIV == DKD:
+                t = dkd_student_term(ea, eb, offs == label, dkd)
+            else:
+                t = tl.where(valid, student_term(ea, eb, l, r_za, r_zb, kl_r, g_pw, e_qg, DIV), 0.0)
             a, b, a_mean = _term_coefficients(total(t), total(t * dx), sigma_x, s_x, cx, eps_a, dof_a, v_f,
                                               kd_scale * ts, STANDARDIZE)
             out = a * t - b * dx - a_mean
@@ -205,7 +238,10 @@ def kd_register_kernel(
                 out = tl.where(label_ok, out, float("nan"))
             store_grad(gx_ptr, out_offs, valid, out, keep, ZERO_EXCLUDED, ROUND_BF16, False)
         if GRAD_T:
-            t = tl.where(valid, teacher_term(ea, eb, l, r_za, r_zb, kl_f, h_pw, e_ph, DIV), 0.0)
+            if DIV == DKD:  # (a NaN row for a label outside [0, V))
+                t = tl.where(label_ok, dkd_teacher_term(eb, l, offs == label, kl_f, dkd), float("nan"))
+            else:
+                t = tl.where(valid, teacher_term(ea, eb, l, r_za, r_zb, kl_f, h_pw, e_ph, DIV), 0.0)
             a, b, a_mean = _term_coefficients(total(t), total(t * dy), sigma_y, s_y, cy, eps_a, dof_a, v_f,
                                               kd_scale * ts * ts / tt, STANDARDIZE)
             store_grad(gy_ptr, out_offs, valid, a * t - b * dy - a_mean, keep, ZERO_EXCLUDED, ROUND_BF16, False)

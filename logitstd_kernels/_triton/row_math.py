@@ -26,6 +26,11 @@ REVERSE_KL = tl.constexpr(1)
 JSD = tl.constexpr(2)
 JEFFREYS = tl.constexpr(3)
 TVD = tl.constexpr(4)
+DKD = tl.constexpr(5)  # decoupled KD: the forward KL over the non-target classes plus the target's term
+# Decoupled KD's non-target sums below this (exponents relative to the row's max, the target's lead
+# over the rest above 60 bits) are summed again relative to the largest non-target class: their
+# exponentials lose bits in float32 subnormals (below 2^-126) and vanish further down.
+DKD_RESUM_BELOW = tl.constexpr(2.0 ** -60)
 
 
 @triton.jit

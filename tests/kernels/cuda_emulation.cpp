@@ -65,7 +65,7 @@ template <class A>
 struct Settings {
   int standardize, gx, gy;
   int64_t correction;
-  double eps, tau_s, tau_t, grad_scale, ce_weight, kd_weight, smoothing, beta;
+  double eps, tau_s, tau_t, grad_scale, ce_weight, kd_weight, smoothing, beta, dkd_alpha, dkd_beta;
 };
 
 template <class A, Divergence D, bool kStd, int P>
@@ -110,12 +110,28 @@ void emulate_row(const Launch& l, const A* x, const A* y, const Settings<A>& s, 
       return acc;
     }, CombineSums{});
   };
-  const RowPlan<A> plan = row_plan<kStd>(stats, x[0], y[0], o.dof, o.eps, o.tau_s, o.tau_t, o.classes);
+  RowPlan<A> plan = row_plan<kStd>(stats, x[0], y[0], o.dof, o.eps, o.tau_s, o.tau_t, o.classes);
   const int64_t label_at = labels ? *label : 0;
-  const PhaseSums<A> sums = pass(zero_phase_sums<A>(), [&](PhaseSums<A>& a, A (&xp)[P], A (&yp)[P], int64_t e, int q) {
-    sums_pack<D, kStd>(a, xp, yp, plan, s.gx != 0, s.gy != 0, labels, label_at - q * l.chunk - e);
-  });
-  DivRow<A> c = make_div_row(D, A(s.beta), sums, ExpUnits<A>::kUnit);
+  auto row_sums = [&] {
+    return pass(zero_phase_sums<A>(), [&](PhaseSums<A>& a, A (&xp)[P], A (&yp)[P], int64_t e, int q) {
+      sums_pack<D, kStd>(a, xp, yp, plan, s.gx != 0, s.gy != 0, labels, label_at - q * l.chunk - e);
+    });
+  };
+  PhaseSums<A> sums = row_sums();
+  if (D == Divergence::kDkd && dkd_needs_resum(sums)) {  // the kernel's rare pass (kd_kernel.cuh, fused_row)
+    const TopPair<A> top = reduce_row<TopPair<A>>(l, [&](int q, int t) {
+      TopPair<A> acc{-A(INFINITY), -A(INFINITY)};
+      thread_packs(l, q, t, [&](int64_t e) {
+        A xp[P], yp[P];
+        packs(e, xp, yp);
+        nontarget_top_pack<P>(acc, xp, yp, plan, label_at - e);
+      });
+      return acc;
+    }, CombineTop{});
+    dkd_rebias(plan, top);
+    sums = row_sums();
+  }
+  DivRow<A> c = make_div_row(kl_of(D), A(s.beta), sums, ExpUnits<A>::kUnit);
   PointwiseSums<A> pw{A(0), A(0), A(0), A(0), A(0)};
   const A divergence = row_divergence<D>(
       sums, c, pw,
@@ -124,19 +140,26 @@ void emulate_row(const Launch& l, const A* x, const A* y, const Settings<A>& s, 
                     [&](PointwiseSums<A>& a, A (&xp)[P], A (&yp)[P], int64_t, int) { pointwise_pack<D>(a, xp, yp, plan, c); });
       },
       [&] {
-        return pass(BregmanSums<A>{A(0), A(0)},
-                    [&](BregmanSums<A>& a, A (&xp)[P], A (&yp)[P], int64_t, int) { refine_pack<D>(a, xp, yp, plan, c); });
+        return pass(BregmanSums<A>{A(0), A(0)}, [&](BregmanSums<A>& a, A (&xp)[P], A (&yp)[P], int64_t e, int q) {
+          refine_pack<D>(a, xp, yp, plan, c, label_at - q * l.chunk - e);
+        });
       });
-  *loss = row_loss_of(divergence, sums, plan, label_ok && labels ? x[label_at] : A(0), o).objective;
+  DkdRow<A> dkd{};
+  if (D == Divergence::kDkd) {  // (every thread of the kernel loads the target's logits)
+    dkd = make_dkd_row(sums, plan, c.kl_f, label_ok ? x[label_at] : A(NAN), label_ok ? y[label_at] : A(NAN),
+                       A(s.dkd_alpha), A(s.dkd_beta));
+  }
+  const A value = D == Divergence::kDkd ? dkd.divergence : divergence;
+  *loss = row_loss_of(value, sums, plan, label_ok && labels ? x[label_at] : A(0), o).objective;
   if (!s.gx && !s.gy) return;
   const bool terms = kStd && l.cols <= 4096;  // kTermsMaxCols of csrc/cuda/launch_config.h
   TermSums<A> ts{A(0), A(0), A(0), A(0)};
   if (terms) {
-    ts = pass(ts, [&](TermSums<A>& a, A (&xp)[P], A (&yp)[P], int64_t, int) {
-      terms_pack<D>(a, xp, yp, plan, c, s.gx != 0, s.gy != 0);
+    ts = pass(ts, [&](TermSums<A>& a, A (&xp)[P], A (&yp)[P], int64_t e, int q) {
+      terms_pack<D>(a, xp, yp, plan, c, s.gx != 0, s.gy != 0, dkd.coef, label_at - q * l.chunk - e);
     });
   }
-  const GradRow<A> g = grad_row<kStd>(sums, pw, c, plan, o, terms, ts);
+  const GradRow<A> g = grad_row<D, kStd>(sums, pw, c, plan, o, terms, ts, dkd);
   for (int q = 0; q < l.clusters; ++q) {
     for (int t = 0; t < l.threads; ++t) {
       thread_packs(l, q, t, [&](int64_t e) {
@@ -179,6 +202,7 @@ void emulate_divergence(int divergence, const A* x, const A* y, int64_t rows, in
     case Divergence::kJsd: return emulate_rows<A, Divergence::kJsd, P>(x, y, rows, cols, clusters, window_packs, s, labels, loss, gx, gy);
     case Divergence::kJeffreys: return emulate_rows<A, Divergence::kJeffreys, P>(x, y, rows, cols, clusters, window_packs, s, labels, loss, gx, gy);
     case Divergence::kTvd: return emulate_rows<A, Divergence::kTvd, P>(x, y, rows, cols, clusters, window_packs, s, labels, loss, gx, gy);
+    case Divergence::kDkd: return emulate_rows<A, Divergence::kDkd, P>(x, y, rows, cols, clusters, window_packs, s, labels, loss, gx, gy);
   }
 }
 
@@ -198,18 +222,19 @@ extern "C" {
 void emulate_f32(int divergence, int pack, const float* x, const float* y, int64_t rows, int64_t cols, int clusters,
                  int64_t window_packs, int standardize, int64_t correction, double eps, double tau_s, double tau_t,
                  double grad_scale, int want_gx, int want_gy, const int64_t* labels, double ce_weight, double kd_weight,
-                 double smoothing, double beta, float* loss, float* gx, float* gy) {
+                 double smoothing, double beta, double dkd_alpha, double dkd_beta, float* loss, float* gx, float* gy) {
   const Settings<float> s{standardize, want_gx, want_gy, correction, eps, tau_s, tau_t, grad_scale, ce_weight,
-                          kd_weight, smoothing, beta};
+                          kd_weight, smoothing, beta, dkd_alpha, dkd_beta};
   emulate<float>(divergence, pack, x, y, rows, cols, clusters, window_packs, s, labels, loss, gx, gy);
 }
 
 void emulate_f64(int divergence, int pack, const double* x, const double* y, int64_t rows, int64_t cols,
                  int clusters, int64_t window_packs, int standardize, int64_t correction, double eps, double tau_s,
                  double tau_t, double grad_scale, int want_gx, int want_gy, const int64_t* labels, double ce_weight,
-                 double kd_weight, double smoothing, double beta, double* loss, double* gx, double* gy) {
+                 double kd_weight, double smoothing, double beta, double dkd_alpha, double dkd_beta, double* loss,
+                 double* gx, double* gy) {
   const Settings<double> s{standardize, want_gx, want_gy, correction, eps, tau_s, tau_t, grad_scale, ce_weight,
-                           kd_weight, smoothing, beta};
+                           kd_weight, smoothing, beta, dkd_alpha, dkd_beta};
   emulate<double>(divergence, pack, x, y, rows, cols, clusters, window_packs, s, labels, loss, gx, gy);
 }
 }

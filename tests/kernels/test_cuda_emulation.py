@@ -40,7 +40,7 @@ def emulation(tmp_path_factory):
 
 def emulate(lib, x: torch.Tensor, y: torch.Tensor, options: dict, *, divergence: str = "forward_kl", beta: float = 0.5,
             pack: int = 1, cluster: int = 1, window_packs: int = 0, grad_scale: float = 0.37,
-            labels: Optional[torch.Tensor] = None, objective: Optional[dict] = None):
+            labels: Optional[torch.Tensor] = None, objective: Optional[dict] = None, dkd: tuple = (1.0, 8.0)):
     """(loss, grad_x, grad_y) per row of the emulated kernel for (rows, V) float32 / float64 inputs."""
     x, y = x.contiguous(), y.contiguous()
     rows, cols = x.shape
@@ -56,16 +56,19 @@ def emulate(lib, x: torch.Tensor, y: torch.Tensor, options: dict, *, divergence:
        ctypes.c_double(options["tau_t"]), ctypes.c_double(grad_scale), ctypes.c_int(1), ctypes.c_int(1),
        None if labels is None else ctypes.cast(labels.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
        *(ctypes.c_double(weights[k]) for k in ("ce_weight", "kd_weight", "label_smoothing")), ctypes.c_double(beta),
-       ptr(loss), ptr(gx), ptr(gy))
+       *(ctypes.c_double(w) for w in dkd), ptr(loss), ptr(gx), ptr(gy))
     return loss, gx, gy
 
 
-def reference_rows(a, b, options, grad_scale, *, divergence="forward_kl", beta=0.5, labels=None, objective=None):
+def reference_rows(a, b, options, grad_scale, *, divergence="forward_kl", beta=0.5, labels=None, objective=None,
+                   dkd=(1.0, 8.0)):
     """The reference's per-row loss and gradients (times grad_scale) of a and b."""
     a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
     common = dict(temperature=options["tau_s"], teacher_temperature=options["tau_t"],
                   standardize=options["standardize"], correction=options["correction"], eps=options["eps"],
                   divergence=divergence, beta=beta)
+    if divergence == "dkd":
+        common.update(dkd_alpha=dkd[0], dkd_beta=dkd[1])
     if labels is None:
         rows = reference.logitstd_kd_loss(a, b, reduction="none", **common)
     else:
@@ -195,3 +198,49 @@ def test_extreme_magnitudes_emulated(emulation, standardize):
         assert torch.isfinite(gy).all()
         if not standardize:
             assert (gx[3, :20] == 0).all() and (gy[3, :40] == 0).all()
+
+
+DKD_OPTIONS = dict(DEFAULT, tau_t=2.0)  # (decoupled KD: one temperature for both, as its reference)
+DKD_PLAIN = dict(PLAIN, tau_s=2.0, tau_t=2.0)
+
+
+@pytest.mark.parametrize("options", [DKD_OPTIONS, DKD_PLAIN], ids=["default", "plain"])
+@pytest.mark.parametrize("num_classes,cluster,pack", [(2, 1, 1), (17, 1, 1), (1271, 1, 1), (4099, 4, 1), (8192, 2, 8)])
+def test_dkd_emulated(emulation, options, num_classes, cluster, pack):
+    """Decoupled KD (divergence.h's kDkd, dkd_math.h) with the objective's CE, both forms of the chain
+    rule, the packs and the clusters: the target left out of the sums and the Bregman pass in the
+    pack that holds it, its own terms at its element; a teacher and a student certain of the target
+    (p_g, q_g -> 1: the non-target mass underflows in 1 - p_g, not in its own sum), an ignored row."""
+    x, y = draw(4, num_classes, torch.float32, options["eps"])
+    labels = torch.randint(0, num_classes, (4,))
+    if num_classes > 2:
+        y[2, labels[2]] = 60.0
+        x[3, labels[3]] = 60.0
+    weights = dict(ce_weight=0.3, kd_weight=2.0, label_smoothing=0.1)
+    got = emulate(emulation, x, y, options, divergence="dkd", pack=pack, cluster=cluster, labels=labels,
+                  objective=weights, dkd=(1.3, 7.0))
+    kd = dict(temperature=options["tau_s"], standardize=options["standardize"], correction=options["correction"],
+              eps=options["eps"], divergence="dkd", dkd_alpha=1.3, dkd_beta=7.0)
+    mags = objective_term_magnitudes(x, y, labels, torch.full((4,), 0.37, dtype=torch.float64), **weights, **kd,
+                                     reduction="none")
+    check(got, x, y, options, magnitudes=mags, divergence="dkd", labels=labels, objective=weights, dkd=(1.3, 7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dkd_target_far_above_the_rest_emulated(emulation, dtype):
+    """Unstandardized rows whose target leads every other class by far more than the exponent range
+    (the non-target sums relative to the row's max would be 0): the rare pass that takes the
+    exponents relative to the largest non-target class, in a cluster of 2 CTAs."""
+    x, y = torch.randn(4, 300, dtype=torch.float64), torch.randn(4, 300, dtype=torch.float64)
+    labels = torch.tensor([3, 7, 299, 150])
+    y[0, 3] = 3000.0
+    x[1, 7] = 3000.0
+    x[2, 299] = y[2, 299] = 2000.0
+    x, y = x.to(dtype), y.to(dtype)
+    weights = dict(ce_weight=0.0, kd_weight=1.0, label_smoothing=0.0)
+    got = emulate(emulation, x, y, DKD_PLAIN, divergence="dkd", pack=4, cluster=2, labels=labels, objective=weights,
+                  dkd=(1.3, 7.0))
+    kd = dict(temperature=2.0, standardize=False, correction=1, eps=1e-7, divergence="dkd", dkd_alpha=1.3, dkd_beta=7.0)
+    mags = objective_term_magnitudes(x, y, labels, torch.full((4,), 0.37, dtype=torch.float64), **weights, **kd,
+                                     reduction="none")
+    check(got, x, y, DKD_PLAIN, magnitudes=mags, divergence="dkd", labels=labels, objective=weights, dkd=(1.3, 7.0))

@@ -27,12 +27,15 @@
 namespace logitstd {
 
 // kDkd: decoupled KD (the forward KL's passes over the non-target classes, plus its target-class
-// term; the CPU kernel's kd_cpu_kernel.cpp, dkd_* functions).
+// term: the CPU kernel's cpu/dkd_row.h, the CUDA kernel's dkd_math.h and phase_grads.h).
 enum class Divergence : int32_t { kForwardKl = 0, kReverseKl = 1, kJsd = 2, kJeffreys = 3, kTvd = 4, kDkd = 5 };
 
 LOGITSTD_HD constexpr bool has_forward(Divergence d) { return d == Divergence::kForwardKl || d == Divergence::kJeffreys; }
 LOGITSTD_HD constexpr bool has_reverse(Divergence d) { return d == Divergence::kReverseKl || d == Divergence::kJeffreys; }
 LOGITSTD_HD constexpr bool is_pointwise(Divergence d) { return d == Divergence::kJsd || d == Divergence::kTvd; }
+// The divergence whose sums and passes a divergence runs: decoupled KD the forward KL's (over the
+// non-target classes), every other one its own.
+LOGITSTD_HD constexpr Divergence kl_of(Divergence d) { return d == Divergence::kDkd ? Divergence::kForwardKl : d; }
 
 LOGITSTD_HD float m_expm1(float v) { return expm1f(v); }
 LOGITSTD_HD double m_expm1(double v) { return expm1(v); }

@@ -3,6 +3,7 @@
 // pass of short rows and the objective's CE part.
 #pragma once
 
+#include "dkd_math.h"
 #include "phase_math.h"
 
 namespace logitstd {
@@ -130,19 +131,131 @@ LOGITSTD_HD void add_ce_grad(A (&out)[P], const A (&e0x)[P], A kz, const CeCoef<
   for (int i = 0; i < P; ++i) out[i] += ce[i];
 }
 
-// The per-row coefficients of the gradient pass.
+// Decoupled KD's rare pass (a target far above the rest: the non-target sums underflow relative to
+// the row's max): the largest non-target c v of x and y (li: the target's index in the pack), the
+// plan's exponents' reference (Exponent::top; the largest non-target exponent is then the row's old
+// max's, every ratio the same).
+template <class A>
+struct TopPair {
+  A x, y;
+};
+
+struct CombineTop {
+  template <class A>
+  LOGITSTD_HD TopPair<A> operator()(const TopPair<A>& a, const TopPair<A>& b) const {
+    return TopPair<A>{nan_max(a.x, b.x), nan_max(a.y, b.y)};
+  }
+};
+
+template <class A>
+LOGITSTD_HD bool dkd_needs_resum(const PhaseSums<A>& s) {
+  return s.za < A(kDkdResumBelow) || s.zb < A(kDkdResumBelow);
+}
+
+template <int P, class A>
+LOGITSTD_HD void nontarget_top_pack(TopPair<A>& t, const A (&x)[P], const A (&y)[P], const RowPlan<A>& plan,
+                                    int64_t li) {
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    if (i == li) continue;
+    t.x = nan_max(t.x, x[i] * plan.ex.c);
+    t.y = nan_max(t.y, y[i] * plan.ey.c);
+  }
+}
+
+template <class A>
+LOGITSTD_HD void dkd_rebias(RowPlan<A>& p, const TopPair<A>& top) {
+  p.ex.top = top.x;
+  p.ey.top = top.y;
+}
+
+// Decoupled KD's row (dkd_math.h): its terms' coefficients, the target's e0 of both inputs, and
+// alpha TCKD + beta NCKD.
+template <class A>
+struct DkdRow {
+  DkdCoef<A> coef;
+  A e0x_g, e0y_g, divergence;
+};
+
+// x_g, y_g: the target's logits (NaN for a label outside the row); nckd: NCKD (refined where needed).
+template <class A>
+LOGITSTD_HD DkdRow<A> make_dkd_row(const PhaseSums<A>& s, const RowPlan<A>& p, A nckd, A x_g, A y_g, A alpha, A beta) {
+  DkdRow<A> r;
+  r.e0x_g = m_fma(x_g, p.ex.c, -p.ex.max);
+  r.e0y_g = m_fma(y_g, p.ey.c, -p.ey.max);
+  const A sa_g = m_fma(m_fma(x_g, p.ex.c, -p.ex.top), p.ex.k, p.ex.bias);  // (element_of's exponents)
+  const A sb_g = m_fma(m_fma(y_g, p.ey.c, -p.ey.top), p.ey.k, p.ey.bias);
+  const DkdTarget<A> d = dkd_target(s.za, s.zb, sa_g, sb_g, ExpUnits<A>::kUnit);
+  r.coef = dkd_coefficients(d, alpha, beta, s.za, s.zb);
+  r.divergence = m_fma(alpha, d.tckd, beta * nckd);
+  return r;
+}
+
+// The sums form's S of decoupled KD's terms: the non-target sums' with its coefficients, plus the
+// target's own term times its e0.
+template <class A>
+LOGITSTD_HD A dkd_student_chain_sum(const DkdRow<A>& r, const PhaseSums<A>& s) {
+  return m_fma(r.coef.tgt_s, r.e0x_g, s.sxa * r.coef.rza - s.sxb * r.coef.rzb);
+}
+
+template <class A>
+LOGITSTD_HD A dkd_teacher_chain_sum(const DkdRow<A>& r, const DivRow<A>& c, const PhaseSums<A>& s) {
+  const A lv_sum = m_fma(c.unit, s.syf, c.lz * s.syb);  // sum eb l^ e0y
+  return m_fma(r.coef.tgt_t, r.e0y_g, m_fma(r.coef.rzb, lv_sum - c.kl_f * s.syb, -r.coef.shift * s.syb));
+}
+
+// Decoupled KD's terms of an element (at: the target): the student's ea rza - eb rzb, the teacher's
+// eb (rzb (l^ - NCKD) - shift); tgt_s, tgt_t at the target.
+template <class A>
+LOGITSTD_HD A dkd_student_term(const Elem<A>& e, const DkdCoef<A>& d, bool at) {
+  return at ? d.tgt_s : m_fma(e.ea, d.rza, -e.eb * d.rzb);
+}
+
+template <class A>
+LOGITSTD_HD A dkd_teacher_elem(const Elem<A>& e, A lv, A nckd, const DkdCoef<A>& d, bool at) {
+  return at ? d.tgt_t : dkd_teacher_term(e.eb, lv, nckd, d);
+}
+
+// The per-row coefficients of the gradient pass (dkd: decoupled KD's, unused by the others).
 template <class A>
 struct GradRow {
   GradCoef<A> cx, cy;
   CeCoef<A> ce;
+  DkdCoef<A> dkd;
 };
 
-// The terms pass's body: G and S of the per-element terms of both inputs.
+// The terms pass's body: G and S of the per-element terms of both inputs (decoupled KD: its terms,
+// dkd its coefficients, li the target's index in the pack).
 template <Divergence D, int P, class A>
 LOGITSTD_HD void terms_pack(TermSums<A>& s, const A (&x)[P], const A (&y)[P], const RowPlan<A>& plan,
-                            const DivRow<A>& c, bool gx, bool gy) {
+                            const DivRow<A>& c, bool gx, bool gy, const DkdCoef<A>& dkd, int64_t li) {
 #pragma unroll
-  for (int i = 0; i < P; ++i) add_terms<D>(s, element(x[i], y[i], plan), with_div<D>(c), plan, gx, gy);
+  for (int i = 0; i < P; ++i) {
+    const Elem<A> e = element_of<D>(x[i], y[i], plan);
+    if (D != Divergence::kDkd) {
+      add_terms<D>(s, e, with_div<D>(c), plan, gx, gy);
+      continue;
+    }
+    const A g = dkd_student_term(e, dkd, i == li), h = dkd_teacher_elem(e, log_ratio(e, c), c.kl_f, dkd, i == li);
+    s.gx += gx ? g : A(0);
+    s.sx = gx ? m_fma(g, e.e0x - plan.mean_x, s.sx) : s.sx;
+    s.gy += gy ? h : A(0);
+    s.sy = gy ? m_fma(h, e.e0y - plan.mean_y, s.sy) : s.sy;
+  }
+}
+
+// Decoupled KD's gradients of an element (as student_grad and teacher_grad; at: the target).
+template <bool kStd, bool kTerms, class A>
+LOGITSTD_HD void dkd_grads(A& ox, A& oy, const Elem<A>& e, A lv, A nckd, const GradRow<A>& g, const RowPlan<A>& p,
+                           bool at, bool gx, bool gy) {
+  if (gx) {
+    const A base = kStd ? m_fma(kTerms ? e.e0x - p.mean_x : e.e0x, g.cx.c, g.cx.d) : A(0);
+    ox = m_fma(dkd_student_term(e, g.dkd, at), g.cx.a, base);
+  }
+  if (gy) {
+    const A base = kStd ? m_fma(kTerms ? e.e0y - p.mean_y : e.e0y, g.cy.c, g.cy.d) : A(0);
+    oy = m_fma(dkd_teacher_elem(e, lv, nckd, g.dkd, at), g.cy.a, base);
+  }
 }
 
 // The gradient pass's body: the student's (gx; plus the CE's, labels, li the label's index in the
@@ -154,10 +267,14 @@ LOGITSTD_HD void grads_pack(A (&ox)[P], A (&oy)[P], const A (&x)[P], const A (&y
   A e0x[P];
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const Elem<A> el = element(x[i], y[i], plan);
+    const Elem<A> el = element_of<D>(x[i], y[i], plan);
     const ElemTerms<A> t = elem_terms<D>(el, c);
-    if (gx) ox[i] = student_grad<D, kStd, kTerms>(el, t, c, g.cx, plan.mean_x);
-    if (gy) oy[i] = teacher_grad<D, kStd, kTerms>(el, t, c, g.cy, plan.mean_y);
+    if (D == Divergence::kDkd) {
+      dkd_grads<kStd, kTerms>(ox[i], oy[i], el, t.lv, c.kl_f, g, plan, i == li, gx, gy);
+    } else {
+      if (gx) ox[i] = student_grad<D, kStd, kTerms>(el, t, c, g.cx, plan.mean_x);
+      if (gy) oy[i] = teacher_grad<D, kStd, kTerms>(el, t, c, g.cy, plan.mean_y);
+    }
     e0x[i] = el.e0x;
   }
   if (gx && labels) add_ce_grad<P>(ox, e0x, plan.kz, g.ce, li);

@@ -121,10 +121,11 @@ LOGITSTD_HD void thread_moments(const ShiftedSums<A>& s, A n, A row_shift, bool 
 
 // ---------------------------------------------------------------------------------------------
 // What the passes after the statistics need of a row: e0 = fma(v, c, -max) (<= 0, exactly 0 at
-// the max) and the exponent s = fma(e0, k, bias).
+// the max) and the exponent s = fma(e0, k, bias); top: decoupled KD's exponents' reference (the max,
+// or the largest non-target class's c v, element_of).
 template <class A>
 struct Exponent {
-  A c, max, k, bias;
+  A c, max, k, bias, top;
 };
 
 template <class A>
@@ -144,8 +145,8 @@ LOGITSTD_HD RowPlan<A> make_row_plan(const RowStats<A>& sx, const RowStats<A>& s
   p.sy = sy;
   const bool shift_down = !standardize && (sx.scale != A(1) || sy.scale != A(1));  // note (a)
   const A bias = shift_down ? -m_log(A(2) * classes) * inv_unit : A(0);
-  p.ex = Exponent<A>{sx.scale, sx.max, inv_unit / (sx.s * tau_s), bias};
-  p.ey = Exponent<A>{sy.scale, sy.max, inv_unit / (sy.s * tau_t), bias};
+  p.ex = Exponent<A>{sx.scale, sx.max, inv_unit / (sx.s * tau_s), bias, sx.max};
+  p.ey = Exponent<A>{sy.scale, sy.max, inv_unit / (sy.s * tau_t), bias, sy.max};
   p.mean_x = sx.mean - (sx.max - sx.shift);
   p.mean_y = sy.mean - (sy.max - sy.shift);
   p.kz = inv_unit / sx.scale;
@@ -165,6 +166,21 @@ LOGITSTD_HD Elem<A> element(A x, A y, const RowPlan<A>& p) {
   e.e0y = m_fma(y, p.ey.c, -p.ey.max);
   e.da = m_fma(e.e0x, p.ex.k, p.ex.bias);
   e.db = m_fma(e.e0y, p.ey.k, p.ey.bias);
+  e.ea = ExpUnits<A>::exp(e.da);
+  e.eb = ExpUnits<A>::exp(e.db);
+  return e;
+}
+
+// An element of divergence D: decoupled KD's exponents from c v - top (exact near the non-target
+// classes' max, however far the target leads), e0 the others' (the CE's and the standardization's).
+template <Divergence D, class A>
+LOGITSTD_HD Elem<A> element_of(A x, A y, const RowPlan<A>& p) {
+  if (D != Divergence::kDkd) return element(x, y, p);
+  Elem<A> e;
+  e.e0x = m_fma(x, p.ex.c, -p.ex.max);
+  e.e0y = m_fma(y, p.ey.c, -p.ey.max);
+  e.da = m_fma(m_fma(x, p.ex.c, -p.ex.top), p.ex.k, p.ex.bias);
+  e.db = m_fma(m_fma(y, p.ey.c, -p.ey.top), p.ey.k, p.ey.bias);
   e.ea = ExpUnits<A>::exp(e.da);
   e.eb = ExpUnits<A>::exp(e.db);
   return e;
@@ -347,18 +363,20 @@ LOGITSTD_HD void stats_pack(ShiftedSums<A>& sx, ShiftedSums<A>& sy, const A (&x)
 }
 
 // student, teacher: the standardization's sums of each (kStd only); li: the label's index in the
-// pack (labels: the CE's sums).
+// pack (labels: the CE's sums; decoupled KD: the target, left out of the KL's sums).
 template <Divergence D, bool kStd, int P, class A>
 LOGITSTD_HD void sums_pack(PhaseSums<A>& s, const A (&x)[P], const A (&y)[P], const RowPlan<A>& plan, bool student,
                            bool teacher, bool labels, int64_t li) {
+  constexpr Divergence K = kl_of(D);
   A e0x[P];
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const Elem<A> el = element(x[i], y[i], plan);
-    const KlDeltas<A> k = kl_deltas<D, kStd>(el);
-    add_kl_sums<D>(s, el, k);
-    if (kStd && student) add_student_sums<D>(s, el, k);
-    if (kStd && teacher) add_teacher_sums<D>(s, el, k);
+    Elem<A> el = element_of<D>(x[i], y[i], plan);
+    if (D == Divergence::kDkd && i == li) el.ea = el.eb = A(0);
+    const KlDeltas<A> k = kl_deltas<K, kStd>(el);
+    add_kl_sums<K>(s, el, k);
+    if (kStd && student) add_student_sums<K>(s, el, k);
+    if (kStd && teacher) add_teacher_sums<K>(s, el, k);
     e0x[i] = el.e0x;
   }
   if (labels) add_ce_pack<P>(s, e0x, plan.kz, li);
@@ -386,13 +404,15 @@ struct BregmanSums {
   A f, r;
 };
 
+// li: decoupled KD's target's index in the pack (left out: NCKD).
 template <Divergence D, int P, class A>
 LOGITSTD_HD void refine_pack(BregmanSums<A>& s, const A (&x)[P], const A (&y)[P], const RowPlan<A>& plan,
-                             const DivRow<A>& c) {
+                             const DivRow<A>& c, int64_t li) {
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const Elem<A> el = element(x[i], y[i], plan);
-    if (has_forward(D)) s.f += forward_bregman(el, c);
+    Elem<A> el = element_of<D>(x[i], y[i], plan);
+    if (D == Divergence::kDkd && i == li) el.ea = el.eb = A(0);
+    if (has_forward(kl_of(D))) s.f += forward_bregman(el, c);
     if (has_reverse(D)) s.r += reverse_bregman(el, c);
   }
 }

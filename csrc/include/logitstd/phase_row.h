@@ -62,7 +62,7 @@ LOGITSTD_HD A row_divergence(const PhaseSums<A>& sums, DivRow<A>& c, PointwiseSu
     c.ep = pw.ep;
     return pw.loss;
   }
-  const bool rf = has_forward(D) && kl_needs_refinement(forward_sums(sums), c.unit);
+  const bool rf = has_forward(kl_of(D)) && kl_needs_refinement(forward_sums(sums), c.unit);
   const bool rr = has_reverse(D) && reverse_needs_refinement(forward_sums(sums), reverse_sums(sums), c.unit);
   if (rf || rr) {  // rare: high temperatures, a student close to its teacher
     const BregmanSums<A> b = refine();
@@ -100,15 +100,21 @@ LOGITSTD_HD RowLoss<A> row_loss_of(A divergence, const PhaseSums<A>& sums, const
 
 // The gradient pass's coefficients: the terms form (ts: the terms pass's sums, short rows) or the
 // sums form (docs/design.md section 1); the CE's (a NaN row for a label outside [0, V)).
-template <bool kStd, class A>
+template <Divergence D, bool kStd, class A>
 LOGITSTD_HD GradRow<A> grad_row(const PhaseSums<A>& sums, const PointwiseSums<A>& pw, const DivRow<A>& c,
-                                const RowPlan<A>& plan, const RowSettings<A>& o, bool terms, const TermSums<A>& ts) {
+                                const RowPlan<A>& plan, const RowSettings<A>& o, bool terms, const TermSums<A>& ts,
+                                const DkdRow<A>& dkd) {
   const A scale_x = o.grad_scale * o.kd_weight * o.tau_s;
   const A scale_y = o.grad_scale * o.kd_weight * o.tau_s * o.tau_s / o.tau_t;
   GradRow<A> g;
   if (terms) {
     g.cx = terms_coefficients(term_coefficients(ts.gx, ts.sx, o.classes, plan.sx, o.dof, scale_x, kStd, o.eps));
     g.cy = terms_coefficients(term_coefficients(ts.gy, ts.sy, o.classes, plan.sy, o.dof, scale_y, kStd, o.eps));
+  } else if (D == Divergence::kDkd) {
+    g.cx = chain_coefficients(dkd_student_chain_sum(dkd, sums), scale_x, plan.sx, plan.mean_x, o.dof, kStd,
+                              dkd.coef.rza, -dkd.coef.rzb);
+    g.cy = chain_coefficients(dkd_teacher_chain_sum(dkd, c, sums), scale_y, plan.sy, plan.mean_y, o.dof, kStd,
+                              -c.rza, c.rzb);
   } else {
     g.cx = chain_coefficients(student_chain_sum(c, sums, pw), scale_x, plan.sx, plan.mean_x, o.dof, kStd, c.rza, -c.rzb);
     g.cy = chain_coefficients(teacher_chain_sum(c, sums, pw), scale_y, plan.sy, plan.mean_y, o.dof, kStd, -c.rza, c.rzb);
@@ -117,6 +123,7 @@ LOGITSTD_HD GradRow<A> grad_row(const PhaseSums<A>& sums, const PointwiseSums<A>
   const A ce_scale = o.label_ok ? o.grad_scale * o.ce_weight : A(NAN);
   g.ce = CeCoef<A>{ce_scale / ce.zc, -ce_scale * o.smoothing / o.classes,
                    ce_scale * ce_label_grad(ce, o.smoothing, o.classes)};
+  g.dkd = dkd.coef;
   return g;
 }
 
