@@ -7,21 +7,28 @@ math and README.md for the API.
 from . import reference
 from ._backends import available_backends, backend_status
 from .config import DistillConfig
+from .ctkd import CTKDTemperature, GradientReversal, cosine_lambda, gradient_reversal
 from .functional import kd_loss, logitstd_kd_loss, zscore
 from .fused_linear import default_chunk_size, fused_linear_distillation_loss
 from .methods import DKDLoss, dkd_loss
+from .mlkd import MLKDLoss, mlkd_loss
 from .modules import DistillationLoss, FusedLinearDistillationLoss, LogitStdKDLoss
 from .objective import DistillationParts, distillation_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CTKDTemperature",
+    "GradientReversal",
+    "cosine_lambda",
+    "gradient_reversal",
     "DKDLoss",
     "DistillConfig",
     "DistillationLoss",
     "DistillationParts",
     "FusedLinearDistillationLoss",
     "LogitStdKDLoss",
+    "MLKDLoss",
     "available_backends",
     "backend_status",
     "default_chunk_size",
@@ -30,6 +37,7 @@ __all__ = [
     "fused_linear_distillation_loss",
     "kd_loss",
     "logitstd_kd_loss",
+    "mlkd_loss",
     "reference",
     "zscore",
     "__version__",

@@ -24,7 +24,7 @@ import torch
 __all__ = ["DistillConfig", "REDUCTIONS", "KD_REDUCTIONS", "BACKENDS", "OBJECTIVE_SETTINGS", "KD_SETTINGS",
            "DKD_SETTINGS", "dkd_config", "LABEL_DIVERGENCES", "OP_FIELDS",
            "KEYWORD_DOCS", "document", "settings_keywords", "config_from", "check_backend", "check_temperature",
-           "check_std_args", "check_chunk_size", "check_accum_dtype", "LogitTransforms", "LOGIT_TRANSFORMS",
+           "check_std_args", "check_weight", "check_chunk_size", "check_accum_dtype", "LogitTransforms", "LOGIT_TRANSFORMS",
            "check_logit_transforms"]
 
 #: The reductions of the objective: per row, summed, or the sum over the included rows divided by
@@ -74,7 +74,7 @@ def split_temperature(settings: dict, caller: str) -> tuple[dict, Optional[torch
     return {**settings, "temperature": 1.0}, tau
 
 
-def _check_weight(name: str, value: object) -> float:
+def check_weight(name: str, value: object) -> float:
     """A finite number >= 0."""
     _number(name, value)
     if not (0.0 <= value < math.inf):
@@ -230,10 +230,10 @@ class DistillConfig:
         values = dict(temperature=tau_s, teacher_temperature=tau_t, standardize=bool(self.standardize),
                       correction=_check_correction(self.correction), eps=_check_eps(self.eps),
                       ignore_index=int(self.ignore_index), label_smoothing=float(self.label_smoothing),
-                      ce_weight=_check_weight("ce_weight", self.ce_weight),
-                      kd_weight=_check_weight("kd_weight", self.kd_weight), beta=float(self.beta),
-                      dkd_alpha=_check_weight("dkd_alpha", self.dkd_alpha),
-                      dkd_beta=_check_weight("dkd_beta", self.dkd_beta))
+                      ce_weight=check_weight("ce_weight", self.ce_weight),
+                      kd_weight=check_weight("kd_weight", self.kd_weight), beta=float(self.beta),
+                      dkd_alpha=check_weight("dkd_alpha", self.dkd_alpha),
+                      dkd_beta=check_weight("dkd_beta", self.dkd_beta))
         for name, value in values.items():  # canonical Python types (a frozen dataclass: set them directly)
             object.__setattr__(self, name, value)
 
@@ -373,8 +373,8 @@ DKD_SETTINGS = ("temperature", "teacher_temperature", "standardize", "correction
 
 def dkd_config(settings: dict, caller: str, alpha: object, beta: object, reduction: str) -> DistillConfig:
     """The config of a decoupled KD call: ``alpha TCKD + beta NCKD`` (each times ``tau_s**2``), no CE."""
-    return config_from(settings, DKD_SETTINGS, caller, divergence="dkd", dkd_alpha=_check_weight("alpha", alpha),
-                       dkd_beta=_check_weight("beta", beta), ce_weight=0.0, kd_weight=1.0,
+    return config_from(settings, DKD_SETTINGS, caller, divergence="dkd", dkd_alpha=check_weight("alpha", alpha),
+                       dkd_beta=check_weight("beta", beta), ce_weight=0.0, kd_weight=1.0,
                        reduction=objective_reduction(reduction))
 
 

@@ -296,3 +296,50 @@ def logit_transform(x, scale: float = 1.0, softcap: Optional[float] = None):
         return u, np.full_like(u, scale)
     t = np.tanh(u / softcap)
     return softcap * t, scale * (1.0 - t * t)
+
+
+def _softmax_backward(prob: np.ndarray, grad_prob: np.ndarray, temperature: float) -> np.ndarray:
+    """d/dz of a function of softmax(z / T), given its gradient with respect to the softmax."""
+    return prob * (grad_prob - (grad_prob * prob).sum(axis=-1, keepdims=True)) / temperature
+
+
+def _correlations(x: np.ndarray, y: np.ndarray, temperature: float) -> tuple:
+    """The official ``cc_loss`` and ``bc_loss`` (raw logits) and their gradients with respect to x:
+    with G = P^T P (class) or P P^T (batch), L = sum (G_t - G_s)^2 / n, dL/dG_s = -2 (G_t - G_s) / n,
+    and dL/dP_s = 2 P_s dG (class) or 2 dG P_s (batch), dG being symmetric."""
+    rows, classes = x.shape
+    ps, pt = np.exp(_log_softmax(x / temperature)), np.exp(_log_softmax(y / temperature))
+    diff_c = pt.T @ pt - ps.T @ ps
+    diff_b = pt @ pt.T - ps @ ps.T
+    grad_c = _softmax_backward(ps, 2 * ps @ (-2 * diff_c / classes), temperature)
+    grad_b = _softmax_backward(ps, 2 * (-2 * diff_b / rows) @ ps, temperature)
+    return (diff_c**2).sum() / classes, grad_c, (diff_b**2).sum() / rows, grad_b
+
+
+def mlkd_numpy(x, y, *, temperatures, temperature_weights=None, confidence="row", class_weight=1.0, batch_weight=1.0,
+               standardize=True, correction=1, eps=1e-7, upstream=1.0):
+    """(loss, d/dx) of multi-level KD (Jin et al. 2023) on (N, V) logits in float64, restated from the
+    official code: masks from ``np.percentile(..., 50)`` of the teacher's confidence (max probability per
+    row) and class mass (summed probability per class), kept where ``<=``; per temperature the KD of each
+    row (``rows_loss_and_grads``) weighted by the row mask (``"row"``), or its batch mean times the kept
+    fraction (``"fraction"``, the official code as written), or unweighted (``"none"``); plus the class
+    and batch correlation terms, times the kept fractions unless ``"none"``."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    rows = x.shape[0]
+    weights = [1.0] * len(temperatures) if temperature_weights is None else list(temperature_weights)
+    prob = np.exp(_log_softmax(y))
+    conf, mass = prob.max(axis=-1), prob.sum(axis=0)
+    row_mask = (conf <= np.percentile(conf, 50)).astype(np.float64)
+    class_mask = (mass <= np.percentile(mass, 50)).astype(np.float64)
+    frac_rows = 1.0 if confidence == "none" else row_mask.mean()
+    frac_classes = 1.0 if confidence == "none" else class_mask.mean()
+    per_row = row_mask if confidence == "row" else np.full(rows, frac_rows)
+    loss, grad = 0.0, np.zeros_like(x)
+    for tau, weight in zip(temperatures, weights):
+        kd, kd_grad, _ = rows_loss_and_grads(x, y, tau, tau, standardize, correction, eps)
+        cc, cc_grad, bc, bc_grad = _correlations(x, y, tau)
+        loss += weight * ((kd * per_row).sum() / rows + class_weight * frac_classes * cc
+                          + batch_weight * frac_rows * bc)
+        grad += weight * (kd_grad * per_row[:, None] / rows + class_weight * frac_classes * cc_grad
+                          + batch_weight * frac_rows * bc_grad)
+    return loss, upstream * grad
