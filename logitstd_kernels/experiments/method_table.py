@@ -85,7 +85,8 @@ def _summary(results: dict[str, Any]) -> str:
             f"{cfg['student_epochs']} epochs, {len(cfg['seeds'])} seeds; test accuracy in %, mean ± sample std over "
             f"seeds; paired difference: standardized minus plain, same seed; {meta['device']}, torch "
             f"{meta['torch']}, logitstd_kernels {meta['logitstd_kernels']} ({meta.get('git_commit') or 'no git'}), "
-            f"{meta['date']}, {results['wall_seconds']:.0f} s")
+            f"{meta['date']}, {results['wall_seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU on "
+            f"{results['threads']} thread(s)")
 
 
 def format_methods(results: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 import formula
 from logitstd_kernels import reference
 from logitstd_kernels.cli import main as cli_main
-from logitstd_kernels.experiments import kd_methods, method_table
+from logitstd_kernels.experiments import digits, kd_methods, method_table
 from support import require_modules
 
 
@@ -30,7 +30,6 @@ def _restore_torch_threads():
 
 
 def _batch(epoch: int = 1, rows: int = 6, classes: int = 10):
-    torch.manual_seed(0)
     x = torch.randn(rows, classes, dtype=torch.float64)
     return kd_methods.StudentBatch(x=x, y=torch.randint(0, classes, (rows,)),
                                    teacher_logits=3 * torch.randn(rows, classes, dtype=torch.float64), epoch=epoch)
@@ -48,6 +47,12 @@ def test_the_settings_are_the_official_codes():
     assert kd_methods.method_settings("kd", True) == kd_methods.MethodSettings("kd", True, 0.1, 9.0, 2.0)
     assert kd_methods.method_settings("dkd", False) == kd_methods.MethodSettings("dkd", False, 1.0, 1.0, 4.0, 1.0, 8.0)
     assert kd_methods.method_settings("dkd", True) == kd_methods.MethodSettings("dkd", True, 1.0, 1.0, 2.0, 9.0, 72.0)
+    assert kd_methods.method_settings("mlkd", False) == kd_methods.MethodSettings("mlkd", False, 0.1, 0.9, 4.0)
+    assert kd_methods.method_settings("mlkd", True) == kd_methods.MethodSettings("mlkd", True, 0.1, 9.0, 2.0)
+    for standardize, weight in ((False, 0.9), (True, 9.0)):
+        ctkd = kd_methods.method_settings("ctkd", standardize)
+        assert (ctkd.ce_weight, ctkd.kd_weight) == (0.1, weight)
+        assert ctkd.temperature == pytest.approx(1 + 20 / (1 + np.exp(-1.0)))  # the official start, theta = 1
     assert kd_methods.warmup_epochs(240) == 20 and kd_methods.warmup_epochs(24) == 2 and kd_methods.warmup_epochs(1) == 1
     with pytest.raises(ValueError, match="method"):
         kd_methods.method_settings("fitnet", True)
@@ -73,6 +78,48 @@ def test_dkd_objective_warms_up_its_kd_term(standardize):
                                  temperature=settings.temperature, standardize=standardize)
         want = settings.ce_weight * F.cross_entropy(batch.x, batch.y) + factor * dkd
         torch.testing.assert_close(loss(nn.Identity(), batch), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("standardize", [False, True], ids=["plain", "std"])
+def test_mlkd_objective_is_the_official_weak_and_strong_terms_in_float64(standardize):
+    settings, loss, extras = _objective("mlkd", standardize)
+    batch = _batch(rows=8)
+    teacher = lambda v: 3.0 * v.flip(-1) + 0.5  # noqa: E731  any fixed map of the view to logits
+    loss, _ = kd_methods.build_objective(settings, teacher=teacher, epochs=24,
+                                         generator=torch.Generator().manual_seed(7))
+    got = loss(nn.Identity(), batch)
+    views = torch.Generator().manual_seed(7)  # the same draws: weak view first, then strong
+    x_weak, x_strong = digits.weak_view(batch.x, views), digits.strong_view(batch.x, views)
+    assert not torch.equal(x_weak, batch.x) and not torch.equal(x_strong, x_weak)
+    taus = (settings.temperature, 3.0, 5.0, 2.0, 6.0)
+    weak = formula.mlkd_numpy(x_weak.numpy(), teacher(x_weak).numpy(), temperatures=taus, confidence="fraction",
+                              standardize=standardize)[0]
+    strong = formula.mlkd_numpy(x_strong.numpy(), teacher(x_strong).numpy(), temperatures=taus, confidence="none",
+                                class_weight=0.0, batch_weight=0.0, standardize=standardize)[0]
+    ce = F.cross_entropy(x_weak, batch.y) + F.cross_entropy(x_strong, batch.y)
+    want = settings.ce_weight * float(ce) + settings.kd_weight * (weak + strong)
+    assert extras == []
+    np.testing.assert_allclose(float(got), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("standardize", [False, True], ids=["plain", "std"])
+def test_ctkd_objective_trains_its_temperature_against_the_kd_term(standardize):
+    settings, loss, extras = _objective("ctkd", standardize, epochs=48)  # the reversal rises over 2 epochs
+    (temperature,) = extras
+    assert sum(p.numel() for p in temperature.parameters()) == 1
+    batch = _batch(epoch=1)
+    got = loss(nn.Identity(), batch)
+    tau = torch.tensor(settings.temperature, dtype=torch.float64, requires_grad=True)
+    want = reference.distillation_loss(batch.x, batch.teacher_logits, batch.y, ce_weight=settings.ce_weight,
+                                       kd_weight=settings.kd_weight, temperature=tau, standardize=standardize)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-8)
+    got.backward()
+    (d_tau,) = torch.autograd.grad(want, tau)
+    sigmoid = torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))
+    reversal = 0.5  # cosine_lambda(1, 2): halfway up
+    expected = -reversal * d_tau * 20 * sigmoid * (1 - sigmoid)
+    torch.testing.assert_close(temperature.theta.grad.double(), expected, rtol=1e-5, atol=1e-9)
+    assert float(expected) != 0.0
 
 
 def _comparison(mean: float, std: float, seeds: int = 5) -> dict:
