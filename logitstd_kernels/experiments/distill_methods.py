@@ -118,6 +118,7 @@ def run_methods(config: MethodsConfig = MethodsConfig(), *, show_progress: bool 
     ``metadata``: device, date, versions, commit and the command (``argv``, after ``python -m logitstd_kernels``).
     """
     start, cpu_start = time.perf_counter(), time.process_time()
+    metadata = run_metadata(torch.device("cpu"), list(argv))  # the commit and date the run starts from
     data = load_digits(config.test_fraction, config.split_seed)
     teacher = train_teacher(make_mlp((NUM_FEATURES, *config.teacher_hidden, NUM_CLASSES), config.teacher_seed), data,
                             epochs=config.teacher_epochs, batch_size=config.batch_size, lr=config.lr,
@@ -138,7 +139,7 @@ def run_methods(config: MethodsConfig = MethodsConfig(), *, show_progress: bool 
         rows.append({"method": method, "standardize": standardize, "settings": settings, "accuracies": accuracies,
                      "mean": mean, "std": std})
     return {
-        "metadata": run_metadata(torch.device("cpu"), list(argv)), "config": asdict(config),
+        "metadata": metadata, "config": asdict(config),
         "teacher_accuracy": accuracy(teacher, data.x_test, data.y_test),
         "teacher_parameters": count_parameters(teacher),
         "student_parameters": count_parameters(make_mlp((NUM_FEATURES, *config.student_hidden, NUM_CLASSES), 0)),

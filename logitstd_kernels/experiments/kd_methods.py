@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ctkd import CTKDTemperature
-from ..mlkd import mlkd_loss
+from ..mlkd import MLKD_TEMPERATURES, mlkd_loss
 from ..objective import distillation_loss
 from .digits import strong_view, weak_view
 
@@ -47,7 +47,6 @@ OFFICIAL_EPOCHS = 240
 DKD_WARMUP = 20
 CTKD_DECAY = 10  # CTKD's reversal strength rises over its first 10 epochs
 CTKD_THETA = 1.0  # CTKD's initial temperature parameter: T = 1 + 20 sigmoid(1)
-MLKD_EXTRA_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)  # after the method's own temperature
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def mlkd_objective(settings: MethodSettings, teacher: nn.Module, generator: torc
     ``temperatures = (T, 3, 5, 2, 6)``. The official strong term takes its temperatures 2 and 6 on the
     weak view; here all five use the strong view.
     """
-    taus = (settings.temperature, *MLKD_EXTRA_TEMPERATURES)
+    taus = (settings.temperature, *MLKD_TEMPERATURES[1:])  # the method's own, then the official 3, 5, 2, 6
 
     def loss(student: nn.Module, batch: StudentBatch) -> torch.Tensor:
         x_weak, x_strong = weak_view(batch.x, generator), strong_view(batch.x, generator)

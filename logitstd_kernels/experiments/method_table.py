@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 
 from .results import format_table
 
-__all__ = ["PaperResult", "PAPER_RESULTS", "METHOD_LABELS", "verdict", "format_methods", "markdown_table"]
+__all__ = ["PaperResult", "PAPER_RESULTS", "METHOD_LABELS", "verdict", "verdict_sentence", "format_methods",
+           "markdown_table"]
 
 METHOD_LABELS = {"ce": "CE only", "kd": "KD", "dkd": "DKD", "mlkd": "MLKD", "ctkd": "CTKD"}
 
@@ -94,6 +95,18 @@ def format_methods(results: dict[str, Any]) -> str:
     return _summary(results) + "\n" + format_table(_HEADERS, _method_cells(results))
 
 
+def verdict_sentence(results: dict[str, Any]) -> str:
+    """"Here logit standardization helped KD and DKD and hurt MLKD." from the verdicts of ``results``."""
+    groups: dict[str, list[str]] = {}
+    for c in results["comparisons"]:
+        groups.setdefault(verdict(c), []).append(METHOD_LABELS[c["method"]])
+    join = lambda names: names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]  # noqa: E731
+    parts = [f"{verb} {join(groups[key])}" for key, verb in
+             (("helped", "helped"), ("hurt", "hurt"), ("no clear difference", "made no clear difference to"))
+             if key in groups]
+    return f"Here logit standardization {join(parts)}."
+
+
 def markdown_table(results: dict[str, Any], source: str) -> str:
     """The docs' table of one results file (``source``: its path in the repository), with its caption."""
     lines = ["| " + " | ".join(_HEADERS) + " |", "|---|" + "---:|" * 5 + "---|"]
@@ -101,4 +114,4 @@ def markdown_table(results: dict[str, Any], source: str) -> str:
     command = results["metadata"]["command"]
     return "\n".join(lines + ["", f"{_summary(results)}; `{command}`; from `{source}`. \"standardization here\": "
                               "helped / hurt when the mean paired difference is beyond twice its standard error, "
-                              "else no clear difference."])
+                              "else no clear difference.", "", f"**{verdict_sentence(results)}**"])

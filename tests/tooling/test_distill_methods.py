@@ -131,6 +131,12 @@ def test_verdict_is_twice_the_standard_error_of_the_paired_difference():
     assert method_table.verdict(_comparison(0.003, 0.004)) == "no clear difference"
     assert method_table.verdict(_comparison(-0.005, 0.004)) == "hurt"
     assert method_table.verdict(_comparison(0.005, 0.0, seeds=1)) == "no clear difference"  # one seed: unknown
+    results = {"comparisons": [dict(_comparison(0.005, 0.004), method="kd"), dict(_comparison(0.005, 0.004), method="dkd"),
+                               dict(_comparison(-0.005, 0.004), method="mlkd")]}
+    assert method_table.verdict_sentence(results) == "Here logit standardization helped KD and DKD and hurt MLKD."
+    results["comparisons"].append(dict(_comparison(0.0, 0.004), method="ctkd"))
+    assert method_table.verdict_sentence(results) == ("Here logit standardization helped KD and DKD, hurt MLKD and "
+                                                      "made no clear difference to CTKD.")
 
 
 def test_every_method_runs_and_writes_its_results(tmp_path, capsys):
