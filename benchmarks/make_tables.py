@@ -87,6 +87,8 @@ def benchmark_kind(data: dict) -> str:
     metadata = data["metadata"]
     if metadata.get("distributed"):
         return f"vocabulary-parallel objective ({metadata['backend']}, standardized, with labels)"
+    if metadata.get("methods"):
+        return f"the paper's other methods ({', '.join(metadata['methods'])}), a training step"
     if metadata.get("fused_linear"):
         return f"fused linear step (lm_head matmuls + objective, forward + backward, H = {metadata['hidden']})"
     divergences = metadata.get("divergences") or ["forward_kl"]
@@ -130,6 +132,7 @@ def newest_per_device(results_dir: Path) -> list[tuple[Path, dict]]:
             seen |= cases
     return sorted(chosen, key=lambda item: (item[1]["metadata"]["device_type"] != "cuda",
                                             bool(item[1]["metadata"].get("fused_linear")),
+                                            bool(item[1]["metadata"].get("methods")),
                                             bool(item[1]["metadata"].get("distributed")),
                                             bool(item[1]["metadata"].get("objective")), benchmark_kind(item[1]),
                                             item[0].name))
@@ -174,6 +177,28 @@ def render_fused_linear(path: Path, data: dict) -> str:
         by_provider = {r["provider"]: r for r in shown if (r["sweep"], r["rows"], r["vocab"], r["dtype"]) == key}
         cells = [_cell(by_provider.get(p)) for p in providers] + [_mib(by_provider.get(p)) for p in providers]
         lines.append(f"| {objectives.get(key[0], key[0])} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_methods(path: Path, data: dict) -> str:
+    """One line per method and case: each provider's time, and the fused kernels' speedup over eager
+    and over ``torch.compile`` of the eager code."""
+    shown = [r for r in data["results"] if not r["status"].startswith("unavailable")]
+    providers = list(dict.fromkeys(r["provider"] for r in shown))
+    fused = [p for p in providers if p in FUSED]
+    lines = [_caption(path, data), "",
+             "| method | rows | V | " + " | ".join(providers) + " | "
+             + " | ".join(f"{p} vs torch.compile" for p in fused) + " |",
+             "|---|" + "---:|" * (2 + len(providers) + len(fused))]
+    for key in dict.fromkeys((r["sweep"], r["rows"], r["vocab"]) for r in shown):
+        by_provider = {r["provider"]: r for r in shown if (r["sweep"], r["rows"], r["vocab"]) == key}
+        compiled = by_provider.get("torch_compile")
+        cells = [_cell(by_provider.get(p)) for p in providers]
+        for p in fused:
+            r = by_provider.get(p)
+            ok = r is not None and r["status"] == "ok" and compiled is not None and compiled["status"] == "ok"
+            cells.append(f"{compiled['median_ms'] / r['median_ms']:.1f}x" if ok else "-")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -225,6 +250,8 @@ def render(path: Path, data: dict) -> str:
         return render_distributed(path, data)
     if meta.get("fused_linear"):
         return render_fused_linear(path, data)
+    if meta.get("methods"):
+        return render_methods(path, data)
     shown = [r for r in data["results"] if not r["status"].startswith("unavailable")]
     full = [r for r in shown if r["mode"] == "full"]
     providers = list(dict.fromkeys(_split(r["provider"])[0] for r in full))

@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .config import check_weight
+
 __all__ = ["GradientReversal", "gradient_reversal", "CTKDTemperature", "cosine_lambda"]
 
 
@@ -43,8 +45,11 @@ class _ReverseGradient(torch.autograd.Function):
 
 
 def _check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    """A finite real number (``TypeError`` for another type, ``ValueError`` for NaN or an infinity)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
@@ -84,7 +89,7 @@ def cosine_lambda(epoch: float, decay_epochs: int, lambda_max: float = 1.0) -> f
     if isinstance(decay_epochs, bool) or not isinstance(decay_epochs, numbers.Integral) or decay_epochs < 1:
         raise ValueError(f"decay_epochs must be a positive int, got {decay_epochs!r}")
     progress = min(max(epoch, 0.0), float(decay_epochs)) / decay_epochs
-    return _check_real("lambda_max", lambda_max) * (1.0 - math.cos(math.pi * progress)) / 2.0
+    return check_weight("lambda_max", lambda_max) * (1.0 - math.cos(math.pi * progress)) / 2.0
 
 
 class CTKDTemperature(nn.Module):
@@ -103,7 +108,7 @@ class CTKDTemperature(nn.Module):
         num_classes: None (global) or the class count (per instance).
         t_start, t_end: the temperature's range, ``0 < t_start < t_end`` (finite).
         decay_epochs: the epochs over which the reversal strength rises to ``lambda_max``.
-        lambda_max: the final reversal strength (official 1).
+        lambda_max: the final reversal strength (official 1; finite, >= 0).
         hidden: the per-instance MLP's width.
     """
 

@@ -4,9 +4,11 @@ MLKD aligns the teacher and the student at three levels, at each of several temp
 instance level (KD of each row, logit-standardized when ``standardize``), the batch level (the
 rows' similarity matrix ``P P^T``) and the class level (the classes' matrix ``P^T P``), P the row
 softmaxes. The instance term is the fused KD loss, one pass over the logits per temperature; the
-two correlation terms are small matrix products in PyTorch (autograd).
+two correlation terms are Gram matrices in PyTorch (autograd), each the cheaper of the n x n and
+k x k forms (:func:`gram_gap`).
 
-Equivalent eager code: ``mlkd_loss(..., backend="torch")`` (the KD rows from the reference).
+Equivalent eager code: ``mlkd_loss(..., backend="torch")``: the KD rows from the reference and the
+correlation terms in the official code's order of operations.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .modules import ConfiguredLoss
 from .reference import accumulation_dtype
 
 __all__ = ["mlkd_loss", "MLKDLoss", "MLKD_TEMPERATURES", "CONFIDENCE_MODES", "confidence_masks",
-           "correlation_terms"]
+           "correlation_terms", "gram_gap"]
 
 #: The official temperatures: the config's KD temperature (4, mdistiller's default), then 3, 5, 2, 6.
 MLKD_TEMPERATURES = (4.0, 3.0, 5.0, 2.0, 6.0)
@@ -50,17 +52,37 @@ def confidence_masks(teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return rows, classes
 
 
-def correlation_terms(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gram_gap(p: torch.Tensor, q: torch.Tensor, direct: bool = False) -> torch.Tensor:
+    """``((p @ p.T - q @ q.T) ** 2).sum()`` of (n, k) ``p`` and ``q``, through the cheaper Gram matrices.
+
+    The n x n Grams cost ``2 n^2 k`` multiply-adds. With ``s = p + q`` and ``d = p - q``,
+    ``p p^T - q q^T = (s d^T + d s^T) / 2``, so the same sum is ``(<s^T s, d^T d> + <m, m^T>) / 2`` with
+    ``m = s^T d``: three k x k products, ``3 n k^2``. The second form is taken when cheaper
+    (``2 n > 3 k``) and ``direct`` is False; its terms are second order in ``d``, so a student close to
+    its teacher loses no precision to cancellation (the first form rounds each Gram before the difference).
+    """
+    n, k = p.shape
+    if direct or 2 * n <= 3 * k:
+        return ((p @ p.T - q @ q.T) ** 2).sum()
+    s, d = p + q, p - q
+    m = s.T @ d
+    return ((s.T @ s) * (d.T @ d)).sum() / 2 + (m * m.T).sum() / 2
+
+
+def correlation_terms(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      direct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(class term, batch term) of (N, V) logits at ``temperature``, on the raw logits (the official
-    code does not standardize them)::
+    code does not standardize them); ``direct``: the official code's order of operations::
 
         ps, pt = softmax(x / T), softmax(y / T)
         class_term = ((pt.T @ pt - ps.T @ ps) ** 2).sum() / V
         batch_term = ((pt @ pt.T - ps @ ps.T) ** 2).sum() / N
+
+    Otherwise each sum takes the cheaper of the two Gram forms (:func:`gram_gap`).
     """
     ps, pt = F.softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1)
-    classes = ((pt.T @ pt - ps.T @ ps) ** 2).sum() / student.shape[-1]
-    batch = ((pt @ pt.T - ps @ ps.T) ** 2).sum() / student.shape[0]
+    classes = gram_gap(pt.T, ps.T, direct) / student.shape[-1]
+    batch = gram_gap(pt, ps, direct) / student.shape[0]
     return classes, batch
 
 
@@ -101,7 +123,7 @@ def _mlkd(student: torch.Tensor, teacher: torch.Tensor, config: cfg.DistillConfi
                         backend)
         level = (kd * row_weight).sum() / student.shape[0]
         if class_weight or batch_weight:
-            class_term, batch_term = correlation_terms(x, y, tau)
+            class_term, batch_term = correlation_terms(x, y, tau, direct=backend == "torch")
             level = level + class_weight * scale_classes * class_term + batch_weight * scale_rows * batch_term
         total = total + weight * level
     return total

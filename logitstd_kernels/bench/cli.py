@@ -15,7 +15,7 @@ import torch
 
 from ..config import DIVERGENCES
 from .cases import DEFAULT_MODES, DTYPES, MODES, Case, build_cases, default_cases
-from . import accum_accuracy, distributed, fused_linear, objective
+from . import accum_accuracy, distributed, fused_linear, methods, objective
 from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
 from .providers import PROVIDERS, make_loss, split_provider, unavailable, with_divergence
 from .report import Result, Run, fill_speedups, metadata, progress, table, write_files
@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure the fused lm_head's weight-gradient error with a float32 and a bfloat16 "
                              "accumulator (accum_dtype) against float64, bf16 inputs; default shape: 2048 rows, "
                              "H=256, V=8192 (--rows, --hidden, first --vocab); writes <out>/accum-dtype/")
+    parser.add_argument("--methods", default=None, metavar="dkd,mlkd,ctkd",
+                        help="time a training step of the paper's other methods (decoupled KD, multi-level KD, CTKD's "
+                             "learnable temperature), fused against eager and torch.compile of the eager code, float32, "
+                             f"rows x V = 1024x100 and 256x1000 (DKD also 1024x32000); providers: "
+                             f"{', '.join(methods.PROVIDERS)}")
     parser.add_argument("--hidden", type=int, default=None, help="hidden size H of --fused-linear and --accum-accuracy")
     parser.add_argument("--cpu-budget", type=float, default=1.0, help="seconds of timed runs per CPU measurement")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -199,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
         return accum_accuracy.run(args)
     if args.distributed:
         return distributed.run(args)
+    if args.methods:
+        return methods.run(args)
     device = torch.device(args.device)
     defaults = default_cases(device)
     dtypes = tuple(args.dtypes.split(",")) if args.dtypes else defaults.dtypes

@@ -101,8 +101,10 @@ def test_bad_arguments_name_themselves():
         lsk.CTKDTemperature(t_start=5.0, t_end=2.0)
     with pytest.raises(ValueError, match="t_start"):
         lsk.CTKDTemperature(t_start=0.0)
-    with pytest.raises(TypeError, match="t_end"):
+    with pytest.raises(ValueError, match="t_end"):
         lsk.CTKDTemperature(t_end=float("inf"))
+    with pytest.raises(ValueError, match="lambda_max"):
+        lsk.CTKDTemperature(lambda_max=-1.0)
     with pytest.raises(ValueError, match="decay_epochs"):
         lsk.CTKDTemperature(decay_epochs=0)
     with pytest.raises(ValueError, match="num_classes"):
@@ -111,7 +113,7 @@ def test_bad_arguments_name_themselves():
         lsk.CTKDTemperature(4, hidden=-1)
     with pytest.raises(TypeError, match="lambda_"):
         lsk.GradientReversal("1")
-    with pytest.raises(TypeError, match="epoch"):
+    with pytest.raises(ValueError, match="epoch"):
         lsk.cosine_lambda(float("nan"), 10)
     with pytest.raises(ValueError, match="student_logits"):
         lsk.CTKDTemperature(4)(torch.randn(3, 5), torch.randn(3, 5))

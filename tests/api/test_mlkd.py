@@ -65,6 +65,28 @@ def test_mlkd_float32_within_the_eager_error(standardize):
 
 
 @needs_cpu
+def test_student_close_to_its_teacher_float32():
+    """Near convergence the correlation terms are small differences of large Gram matrices: the fused
+    path's k x k form (terms second order in p_t - p_s) stays within the eager error of the direct form."""
+    y = 2 * torch.randn(64, 10)
+    x = y + 1e-3 * torch.randn(64, 10)
+    options = dict(OPTIONS, standardize=False)
+    fast, eager, exact = _fused(x, y, "cpu", **options), _fused(x, y, "torch", **options), _truth(x, y, **options)
+    for name, got, want_eager, want in zip(("loss", "grad_student"), fast, eager, exact):
+        assert_within_eager_error(name, got, want_eager, want)
+
+
+@pytest.mark.parametrize("n,k", [(40, 3), (3, 40), (9, 9), (7, 5)])
+def test_gram_gap_forms_agree(n, k):
+    from logitstd_kernels.mlkd import gram_gap
+
+    p, q = torch.rand(n, k, dtype=torch.float64), torch.rand(n, k, dtype=torch.float64)
+    want = ((p @ p.T - q @ q.T) ** 2).sum()
+    torch.testing.assert_close(gram_gap(p, q), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gram_gap(p, q, direct=True), want, rtol=0, atol=0)
+
+
+@needs_cpu
 def test_leading_dims_and_non_contiguous_rows():
     base = torch.randn(2, 3, 40, dtype=torch.float64)
     y = torch.randn(2, 3, 20, dtype=torch.float64)
