@@ -87,7 +87,7 @@ def _summary(results: dict[str, Any]) -> str:
             f"seeds; paired difference: standardized minus plain, same seed; {meta['device']}, torch "
             f"{meta['torch']}, logitstd_kernels {meta['logitstd_kernels']} ({meta.get('git_commit') or 'no git'}), "
             f"{meta['date']}, {results['wall_seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU on "
-            f"{results['threads']} thread(s)")
+            f"{results['threads']} thread(s), load average {meta.get('load_average_1m', '?')} at the start")
 
 
 def format_methods(results: dict[str, Any]) -> str:
@@ -109,7 +109,7 @@ def verdict_sentence(results: dict[str, Any]) -> str:
 
 def markdown_table(results: dict[str, Any], source: str) -> str:
     """The docs' table of one results file (``source``: its path in the repository), with its caption."""
-    lines = ["| " + " | ".join(_HEADERS) + " |", "|---|" + "---:|" * 5 + "---|"]
+    lines = ["| " + " | ".join(_HEADERS) + " |", "|---|" + "---:|" * 4 + "---|---|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in _method_cells(results)]
     command = results["metadata"]["command"]
     return "\n".join(lines + ["", f"{_summary(results)}; `{command}`; from `{source}`. \"standardization here\": "
