@@ -16,8 +16,11 @@ Two generated blocks, each between its own markers:
 - ``README.md`` (``speed-table``): the small speed table, from the same files: on ``SUMMARY_DEVICE``,
   8192 tokens, bf16, forward + backward, the standardized KD loss against eager PyTorch and
   ``torch.compile`` and plain KD against Liger-Kernel, at V = 32768 and 131072.
+- ``README.md`` (``distill-methods``): the paper's methods on digits, plain and standardized, from the
+  committed ``examples/results/distill_methods.json`` of ``python -m logitstd_kernels distill --method
+  ...`` (rendered by ``logitstd_kernels.experiments.method_table``, this checkout's package).
 
-Nothing in either block is typed by hand; ``tests/tooling/test_docs.py`` runs ``--check``.
+Nothing in any block is typed by hand; ``tests/tooling/test_docs.py`` runs ``--check``.
 
 "Committed" means known to git (``git ls-files``, so a staged file counts): a result file that is
 only on disk never changes the tables, and ``--check`` passes in a checkout with untracked results.
@@ -38,6 +41,8 @@ PERF_MARKERS = ("<!-- perf-tables:start -->", "<!-- perf-tables:end -->")
 SPEED_MARKERS = ("<!-- speed-table:start -->", "<!-- speed-table:end -->")
 STATIC_MARKERS = ("<!-- static-cost:start -->", "<!-- static-cost:end -->")
 STATIC_REPORT = "static-cost.json"
+METHODS_MARKERS = ("<!-- distill-methods:start -->", "<!-- distill-methods:end -->")
+METHODS_RESULT = "examples/results/distill_methods.json"
 FUSED = ("triton", "cuda", "cpu")
 
 # The README's speed table: the GPU, the case and the class counts it summarizes.
@@ -389,6 +394,18 @@ def render_static_cost(results_dir: Path) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+def methods_table(root: Path) -> str:
+    """README.md's ``distill --method`` table, from ``METHODS_RESULT`` when git tracks it."""
+    path = root / METHODS_RESULT
+    if path not in result_files(path.parent):
+        return "No `distill --method` results committed yet."
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # this checkout's package renders its own results
+    from logitstd_kernels.experiments.method_table import markdown_table
+
+    return markdown_table(json.loads(path.read_text()), METHODS_RESULT)
+
+
 def replace_block(text: str, markers: tuple[str, str], content: str, path: Path) -> str:
     """``text`` with what lies between the two markers replaced by ``content``."""
     start, end = markers
@@ -411,7 +428,7 @@ def main() -> int:
     stale = []
     blocks = {args.performance: [(PERF_MARKERS, render_section(runs)),
                                  (STATIC_MARKERS, render_static_cost(args.results))],
-              args.readme: [(SPEED_MARKERS, render_summary(runs))]}
+              args.readme: [(SPEED_MARKERS, render_summary(runs)), (METHODS_MARKERS, methods_table(ROOT))]}
     for path, replacements in blocks.items():
         text = path.read_text()
         updated = text

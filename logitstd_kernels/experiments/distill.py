@@ -1,5 +1,8 @@
 """Algorithm 2 end to end on scikit-learn's digits: CE only vs CE + KD vs CE + KD with logit standardization.
 
+With ``--method kd dkd ...`` the command runs the paper's logit-based methods instead, each plain and
+with logit standardization (:mod:`.distill_methods`).
+
 A teacher MLP (64-256-256-10) is trained with cross-entropy. Students (64-32-10 by default) are then
 trained, from the same initialization and batch order for a given seed, with
 
@@ -28,6 +31,9 @@ import torch.nn.functional as F
 from ..objective import distillation_loss
 from .deps import check_extras, progress
 from .digits import NUM_CLASSES, NUM_FEATURES, Digits, load_digits
+from .distill_methods import MethodsConfig, run_methods, write_methods_results
+from .kd_methods import METHOD_NAMES
+from .method_table import format_methods
 from .mlp import MLP, make_mlp
 from .results import add_run_options, format_table, mean_std, pyplot, save_figure, write_json
 from .training import accuracy, fit, set_threads, shuffled_batches, train_teacher
@@ -206,8 +212,12 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m logitstd_kernels distill``."""
-    d = DistillConfig()
+    """Options of ``python -m logitstd_kernels distill``: the KD-weight sweep, or with ``--method`` the
+    methods table of :mod:`.distill_methods` (``None`` defaults are each mode's own)."""
+    d, m = DistillConfig(), MethodsConfig()
+    parser.add_argument("--method", nargs="+", choices=METHOD_NAMES, metavar="METHOD",
+                        help=f"run these methods ({'|'.join(METHOD_NAMES)}), each plain and with logit "
+                             "standardization, instead of the KD-weight sweep; writes distill_methods.json/.csv")
     parser.add_argument("--kd-weights", type=float, nargs="+", default=list(d.kd_weights), metavar="W",
                         help=f"KD loss weights to sweep (default {' '.join(f'{w:g}' for w in d.kd_weights)})")
     parser.add_argument("--seeds", type=int, default=len(d.seeds), help=f"number of seeds (default {len(d.seeds)})")
@@ -217,28 +227,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"temperature of plain KD (default {d.kd_temperature:g})")
     parser.add_argument("--ls-temperature", type=float, default=d.ls_temperature,
                         help=f"base temperature of KD with logit standardization (default {d.ls_temperature:g})")
-    parser.add_argument("--student-hidden", type=int, nargs="*", default=list(d.student_hidden), metavar="H",
-                        help=f"hidden layer sizes of the student (default {' '.join(map(str, d.student_hidden))})")
+    parser.add_argument("--student-hidden", type=int, nargs="*", default=None, metavar="H",
+                        help=f"hidden layer sizes of the student (default {' '.join(map(str, d.student_hidden))}; "
+                             f"with --method {' '.join(map(str, m.student_hidden))})")
     parser.add_argument("--teacher-hidden", type=int, nargs="*", default=list(d.teacher_hidden), metavar="H",
                         help=f"hidden layer sizes of the teacher (default {' '.join(map(str, d.teacher_hidden))})")
     parser.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="(default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=d.student_epochs, help="student epochs (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"student epochs (default {d.student_epochs}; with --method {m.student_epochs})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="(default %(default)s)")
     parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s)")
     add_run_options(parser, "distill")
 
 
+def _run_methods(args: argparse.Namespace) -> int:
+    """``--method``: the methods table; prints it and writes ``distill_methods.json`` and ``.csv``."""
+    m = MethodsConfig()
+    config = MethodsConfig(
+        methods=tuple(dict.fromkeys(args.method)), seeds=tuple(range(args.seeds)),
+        teacher_hidden=tuple(args.teacher_hidden),
+        student_hidden=tuple(m.student_hidden if args.student_hidden is None else args.student_hidden),
+        teacher_epochs=args.teacher_epochs, student_epochs=m.student_epochs if args.epochs is None else args.epochs,
+        batch_size=args.batch_size, lr=args.lr)
+    results = run_methods(config, show_progress=not args.quiet, argv=getattr(args, "argv", ["distill"]))
+    print(format_methods(results))
+    for path in write_methods_results(results, args.out_dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep, print the table, write ``distill.json`` and ``distill.png``."""
-    needed = ("sklearn",) + (() if args.no_plot else ("matplotlib",))
+    """Run the sweep (or, with ``--method``, the methods table), print the table, write the results."""
+    needed = ("sklearn",) + (() if args.no_plot or args.method else ("matplotlib",))
     if not check_extras("the distill experiment", *needed):
         return 2
     set_threads(args.threads)
+    if args.method:
+        return _run_methods(args)
+    d = DistillConfig()
     config = DistillConfig(
         kd_weights=tuple(args.kd_weights), seeds=tuple(range(args.seeds)), ce_weight=args.ce_weight,
         kd_temperature=args.kd_temperature, ls_temperature=args.ls_temperature,
-        teacher_hidden=tuple(args.teacher_hidden), student_hidden=tuple(args.student_hidden),
-        teacher_epochs=args.teacher_epochs, student_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        teacher_hidden=tuple(args.teacher_hidden),
+        student_hidden=tuple(d.student_hidden if args.student_hidden is None else args.student_hidden),
+        teacher_epochs=args.teacher_epochs, student_epochs=d.student_epochs if args.epochs is None else args.epochs,
+        batch_size=args.batch_size, lr=args.lr,
     )
     results = run_distill(config, show_progress=not args.quiet)
     print(format_results(results))
