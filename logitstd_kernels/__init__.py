@@ -12,6 +12,7 @@ from .fused_linear import default_chunk_size, fused_linear_distillation_loss
 from .methods import DKDLoss, dkd_loss
 from .modules import DistillationLoss, FusedLinearDistillationLoss, LogitStdKDLoss
 from .objective import DistillationParts, distillation_loss
+from .sparse import SparseTeacher
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "DistillationParts",
     "FusedLinearDistillationLoss",
     "LogitStdKDLoss",
+    "SparseTeacher",
     "available_backends",
     "backend_status",
     "default_chunk_size",
