@@ -95,8 +95,9 @@ def _extension_modules():
             "logitstd_kernels._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx}, extra_link_args=link,
         )
-    ext.depends = [os.path.join(CSRC, "include", "logitstd", name)
-                   for name in os.listdir(os.path.join(ROOT, CSRC, "include", "logitstd"))]
+    # the headers every source includes: a change to one rebuilds the extension
+    ext.depends = [os.path.join(CSRC, folder, name) for folder in (os.path.join("include", "logitstd"), "cuda", "cpu")
+                   for name in os.listdir(os.path.join(ROOT, CSRC, folder)) if name.endswith((".h", ".cuh"))]
 
     class BuildExtensionWithCapabilities(BuildExtension):
         """Compiles the CPU kernel once per instruction set, then builds the extension as usual.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile check of the CUDA kernel without a GPU: `nvcc -c` of csrc/cuda/kd_cuda.cu for sm_90
+# Compile check of the CUDA kernel without a GPU: `nvcc -c` of csrc/cuda/kd_cuda.cu (which includes
+# the other csrc/cuda files) for sm_90
 # against the installed torch headers, with the flags torch's BuildExtension passes to nvcc. A CUDA
 # syntax or type error fails CI even on a machine that can neither build nor run the CUDA extension
 # (a CPU-only torch). Exits 0 with a note when nvcc is absent.
@@ -12,7 +13,8 @@
 # provides nvcc is enough.
 #
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), NVCC (default: nvcc on
-# PATH, else $CUDA_HOME/bin/nvcc), CUDA_CHECK_ARCH (default 90).
+# PATH, else $CUDA_HOME/bin/nvcc), CUDA_CHECK_ARCH (default 90), CUDA_CHECK_EXTRA_FLAGS, and
+# CUDA_CHECK_CUBIN: write a cubin there instead of an object (scripts/cuda_sass_check.py reads it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,8 +53,9 @@ EOF
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 echo "check_cuda_compile: $("$NVCC" --version | tail -1)"
-echo "check_cuda_compile: nvcc -c csrc/cuda/kd_cuda.cu for sm_${ARCH}"
-"$NVCC" -c csrc/cuda/kd_cuda.cu -o "$OUT/kd_cuda.o" \
+if [ -n "${CUDA_CHECK_CUBIN:-}" ]; then OUTPUT=(-cubin -o "$CUDA_CHECK_CUBIN"); else OUTPUT=(-c -o "$OUT/kd_cuda.o"); fi
+echo "check_cuda_compile: nvcc ${OUTPUT[0]} csrc/cuda/kd_cuda.cu for sm_${ARCH}"
+"$NVCC" "${OUTPUT[@]}" csrc/cuda/kd_cuda.cu \
   -gencode "arch=compute_${ARCH},code=sm_${ARCH}" \
   -Icsrc/include -Icsrc/cuda "${FLAGS[@]}" \
   -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \

@@ -84,9 +84,13 @@ def benchmark_kind(data: dict) -> str:
         return f"vocabulary-parallel objective ({metadata['backend']}, standardized, with labels)"
     if metadata.get("fused_linear"):
         return f"fused linear step (lm_head matmuls + objective, forward + backward, H = {metadata['hidden']})"
+    divergences = metadata.get("divergences") or ["forward_kl"]
+    every = "" if divergences == ["forward_kl"] else f", divergences {', '.join(divergences)}"
     if metadata.get("objective"):
-        return "distillation objective (0.1 CE + 9 KD, token labels)"
+        return f"distillation objective (0.1 CE + 9 KD, token labels){every}"
     plain = "" if metadata.get("standardize", True) else "plain "
+    if every:
+        return f"{plain}KD loss{every}"
     if any(r["provider"] in TUNING_PROVIDERS for r in data["results"]):
         return (f"{plain}KD loss, Triton blocked-path variants: eviction hints (triton_evict), "
                 "prefetch depth 2 (triton_prefetch)")
@@ -130,7 +134,8 @@ def _cell(result: dict | None) -> str:
     if result is None or result["status"] != "ok":
         return "failed" if result and result["status"].startswith("failed") else "-"
     speedup = result.get("speedup_vs_torch")
-    return f"{result['median_ms']:.3g} ms" + (f" ({speedup:.1f}x)" if speedup and result["provider"] != "torch" else "")
+    eager = result["provider"].partition("@")[0] == "torch"
+    return f"{result['median_ms']:.3g} ms" + (f" ({speedup:.1f}x)" if speedup and not eager else "")
 
 
 def _mib(result: dict | None) -> str:
@@ -154,7 +159,8 @@ def render_fused_linear(path: Path, data: dict) -> str:
     meta = data["metadata"]
     shown = [r for r in data["results"] if not r["status"].startswith("unavailable")]
     providers = list(dict.fromkeys(r["provider"] for r in shown))
-    objectives = {"fused_linear": "LS-KD 0.1 CE + 9 KD", "fused_linear_plain": "plain KD 0.5 CE + 0.5 KL"}
+    objectives = {"fused_linear": "LS-KD 0.1 CE + 9 KD", "fused_linear_plain": "plain KD 0.5 CE + 0.5 KL",
+                  "fused_linear_kl": "forward KL alone (no CE)"}
     lines = [_caption(path, data), "",
              "| objective | rows | V | dtype | " + " | ".join(providers) + " | "
              + " | ".join(f"{p} peak MiB" for p in providers) + " |",
@@ -198,33 +204,56 @@ def render_distributed(path: Path, data: dict) -> str:
     return "\n".join(lines)
 
 
+def _split(provider: str) -> tuple[str, str]:
+    """(provider, divergence) of a result's provider label (``triton@jsd``; no suffix: forward KL)."""
+    base, _, divergence = provider.partition("@")
+    return base, divergence or "forward_kl"
+
+
 def render(path: Path, data: dict) -> str:
+    """The full mode's table: a line per case (and divergence, when the run timed several), time and
+    speedup per provider, the fused kernels' x floor and peak memory, eager's peak memory; and, when
+    the run timed the ``no_grad`` mode (no input requires grad), the fused kernels' time and x floor
+    there."""
     meta = data["metadata"]
     if meta.get("distributed"):
         return render_distributed(path, data)
     if meta.get("fused_linear"):
         return render_fused_linear(path, data)
-    full = [r for r in data["results"] if r["mode"] == "full" and not r["status"].startswith("unavailable")]
-    providers = list(dict.fromkeys(r["provider"] for r in full))
+    shown = [r for r in data["results"] if not r["status"].startswith("unavailable")]
+    full = [r for r in shown if r["mode"] == "full"]
+    providers = list(dict.fromkeys(_split(r["provider"])[0] for r in full))
     fused = [p for p in providers if p in FUSED]
+    no_grad = [p for p in fused if any(r["mode"] == "no_grad" and _split(r["provider"])[0] == p for r in shown)]
+    several = len({_split(r["provider"])[1] for r in full}) > 1
     lines = [
         _caption(path, data),
         "",
-        "| rows | V | dtype | " + " | ".join(providers) + " | "
-        + " | ".join(f"{p} x floor | {p} peak MiB" for p in fused) + " | torch peak MiB |",
-        "|" + "---:|" * (3 + len(providers) + 2 * len(fused) + 1),
+        ("| divergence " if several else "") + "| rows | V | dtype | " + " | ".join(providers) + " | "
+        + " | ".join(f"{p} x floor | {p} peak MiB" for p in fused) + " | torch peak MiB |"
+        + "".join(f" {p} no_grad | {p} no_grad x floor |" for p in no_grad),
+        "|" + ("---|" if several else "") + "---:|" * (3 + len(providers) + 2 * len(fused) + 1 + 2 * len(no_grad)),
     ]
+
+    def key(r: dict) -> tuple:
+        return (_split(r["provider"])[1], r["rows"], r["vocab"], r["dtype"])
+
     # a case no provider measured (skipped for time, say) is left out
-    for key in dict.fromkeys((r["rows"], r["vocab"], r["dtype"]) for r in full if r["status"] == "ok"):
-        by_provider = {r["provider"]: r for r in full if (r["rows"], r["vocab"], r["dtype"]) == key}
-        cells = [_cell(by_provider.get(p)) for p in providers]
+    for case in dict.fromkeys(key(r) for r in full if r["status"] == "ok"):
+        by_provider = {(r["mode"], _split(r["provider"])[0]): r for r in shown if key(r) == case}
+        cells = [_cell(by_provider.get(("full", p))) for p in providers]
         for p in fused:
-            r = by_provider.get(p)
+            r = by_provider.get(("full", p))
             ok = r is not None and r["status"] == "ok"
             cells.append(f"{r['x_floor']:.2f}" if ok else "-")
             cells.append(_mib(r) if ok else "-")
-        cells.append(_mib(by_provider.get("torch")))
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        cells.append(_mib(by_provider.get(("full", "torch"))))
+        for p in no_grad:
+            r = by_provider.get(("no_grad", p))
+            ok = r is not None and r["status"] == "ok"
+            cells += [_cell(r), f"{r['x_floor']:.2f}" if ok else "-"]
+        lines.append(("| " + case[0] + " " if several else "") + f"| {case[1]} | {case[2]} | {case[3]} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

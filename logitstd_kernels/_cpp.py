@@ -64,15 +64,30 @@ def fused_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional
     (0,) tensor when not requested; ``ce_rows``/``kd_rows`` the objective's parts per row.
     """
     return torch.ops.logitstd.fused_kd_forward(student, teacher, mask, grad_scale, *_kernel_args(config),
-                                               bool(grad_student), bool(grad_teacher), *_objective_args(labels, config))
+                                               bool(grad_student), bool(grad_teacher),
+                                               *_objective_args(labels, config))[:5]
+
+
+def fused_forward_with_temperature(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                                   mask: Optional[torch.Tensor], grad_scale: torch.Tensor, config: DistillConfig,
+                                   grad_student: bool, grad_teacher: bool, temperature_rows: torch.Tensor,
+                                   grad_temperature: bool) -> tuple[torch.Tensor, ...]:
+    """``fused_forward`` with a per-row temperature ``temperature_rows`` ((N,) or (1,), accumulation
+    dtype) for student and teacher in place of the config's; a sixth output, when ``grad_temperature``,
+    holds ``grad_scale[r] * d rows[r] / d temperature`` per row (else an empty tensor)."""
+    return torch.ops.logitstd.fused_kd_forward(student, teacher, mask, grad_scale, *_kernel_args(config),
+                                               bool(grad_student), bool(grad_teacher), *_objective_args(labels, config),
+                                               temperature_rows, bool(grad_temperature))
 
 
 def fused_regrad_(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], active: torch.Tensor,
-                  grad_scale: torch.Tensor, config: DistillConfig, grad_x: torch.Tensor, grad_y: torch.Tensor) -> None:
+                  grad_scale: torch.Tensor, config: DistillConfig, grad_x: torch.Tensor, grad_y: torch.Tensor,
+                  temperature_rows: Optional[torch.Tensor] = None) -> None:
     """Recompute in place the gradients of the rows where ``active`` is true (factor ``grad_scale[r]``);
-    other rows are not touched. ``grad_x``/``grad_y``: (N, V) buffers from ``fused_forward``, or empty."""
+    other rows are not touched. ``grad_x``/``grad_y``: (N, V) buffers from ``fused_forward``, or empty;
+    ``temperature_rows``: the forward's per-row temperature, if it had one."""
     torch.ops.logitstd.fused_kd_regrad_(student, teacher, active, grad_scale, *_kernel_args(config), grad_x, grad_y,
-                                        *_objective_args(labels, config))
+                                        *_objective_args(labels, config), temperature_rows)
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
@@ -87,19 +102,20 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 def _fused_kd_forward_fake(student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps,
                            grad_student, grad_teacher, labels=None, ignore_index=-100, label_smoothing=0.0,
                            ce_weight=0.0, kd_weight=1.0, divergence="forward_kl", beta=0.5, dkd_alpha=1.0,
-                           dkd_beta=8.0):
+                           dkd_beta=8.0, temperature_rows=None, grad_temperature=False):
     torch._check(student.dim() == 2, lambda: f"student must be 2-D, got {student.dim()}-D")
     torch._check(teacher.shape == student.shape, lambda: "teacher and student must have the same shape")
     rows = student.new_empty((student.shape[0],), dtype=accumulation_dtype(student, teacher))
     grad_x = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
     grad_y = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
-    return rows, grad_x, grad_y, torch.empty_like(rows), torch.empty_like(rows)
+    tau_grad = torch.empty_like(rows) if grad_temperature else rows.new_empty((0,))
+    return rows, grad_x, grad_y, torch.empty_like(rows), torch.empty_like(rows), tau_grad
 
 
 @torch.library.register_fake("logitstd::fused_kd_regrad_")
 def _fused_kd_regrad_fake(student, teacher, active, grad_scale, tau_s, tau_t, standardize, correction, eps, grad_x,
                           grad_y, labels=None, ignore_index=-100, label_smoothing=0.0, ce_weight=0.0, kd_weight=1.0,
-                          divergence="forward_kl", beta=0.5, dkd_alpha=1.0, dkd_beta=8.0):
+                          divergence="forward_kl", beta=0.5, dkd_alpha=1.0, dkd_beta=8.0, temperature_rows=None):
     return None
 
 

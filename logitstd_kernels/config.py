@@ -56,6 +56,24 @@ def check_temperature(name: str, value: object) -> float:
     return float(value)
 
 
+def split_temperature(settings: dict, caller: str) -> tuple[dict, Optional[torch.Tensor]]:
+    """``(settings, tensor)``: a tensor ``temperature`` (learnable, e.g. CTKD's) taken out of the keyword
+    settings (the config then holds 1.0 in its place), else ``(settings, None)``. The tensor is
+    floating, 0-dim or of the logits' leading shape, for the student and the teacher both
+    (``teacher_temperature`` must then be None); its values are checked > 0 where they live on the CPU."""
+    tau = settings.get("temperature")
+    if not isinstance(tau, torch.Tensor):
+        return settings, None
+    if not tau.is_floating_point():
+        raise TypeError(f"{caller}: temperature must be a float or a floating tensor, got {tau.dtype}")
+    if settings.get("teacher_temperature") is not None:
+        raise ValueError(f"{caller}: a tensor temperature is the student's and the teacher's: leave "
+                         "teacher_temperature None")
+    if tau.device.type == "cpu" and not bool(((tau > 0) & torch.isfinite(tau)).all()):
+        raise ValueError(f"{caller}: temperature must be finite and > 0 everywhere")
+    return {**settings, "temperature": 1.0}, tau
+
+
 def _check_weight(name: str, value: object) -> float:
     """A finite number >= 0."""
     _number(name, value)
@@ -315,7 +333,10 @@ def op_schema_tail() -> str:
 
 #: The documentation of each keyword, written once; :func:`document` puts it into the docstrings.
 KEYWORD_DOCS = {
-    "temperature": "the student's (base) temperature ``tau_s``; the KD term is scaled by ``tau_s**2``.",
+    "temperature": "the student's (base) temperature ``tau_s``; the KD term is scaled by ``tau_s**2``. A floating "
+                   "tensor (0-dim, or one per row: the logits' leading shape) is a learnable temperature for "
+                   "student and teacher both (CTKD), whose gradient the fused kernels return (the cpu and torch "
+                   "backends).",
     "teacher_temperature": "the teacher's temperature ``tau_t`` (default: ``temperature``).",
     "standardize": "z-score each row of logits first (False: vanilla Hinton KD).",
     "correction": "1 divides the variance by V - 1 (``torch.std``, the official code), 0 by V (Algorithm 1).",

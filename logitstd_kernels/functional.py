@@ -32,20 +32,25 @@ def as_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def fused_loss(student: torch.Tensor, teacher: Union[torch.Tensor, SparseTeacher], labels: Optional[torch.Tensor],
                mask: Optional[torch.Tensor], config: DistillConfig, backend: str,
-               return_components: bool = False) -> Union[torch.Tensor, DistillationParts]:
+               return_components: bool = False,
+               temperature: Optional[torch.Tensor] = None) -> Union[torch.Tensor, DistillationParts]:
     """The objective of checked (..., V) logits and a dense or sparse teacher on ``backend`` (the op, or
-    the reference for "torch")."""
+    the reference for "torch"); ``temperature``: a learnable temperature tensor
+    (``config.split_temperature``; dense teachers only) or None."""
     sparse = isinstance(teacher, SparseTeacher)
+    if sparse and temperature is not None:
+        raise ValueError("temperature: a learnable (tensor) temperature needs a dense teacher, got a SparseTeacher")
     resolve = resolve_sparse_backend_name if sparse else resolve_backend_name
     name = resolve(cfg.check_backend(backend), student.device.type)
+    tau = None if sparse else reference.temperature_per_row(temperature, student, teacher)
     if name == "torch":
-        return reference.loss_of_config(student, teacher, labels, mask, config, return_components)
+        return reference.loss_of_config(student, teacher, labels, mask, config, return_components, tau)
     flat_labels = None if labels is None else labels.reshape(-1).long().contiguous()
     flat_mask = None if mask is None else mask.reshape(-1).contiguous()
     if sparse:
         loss, ce, kd = call_sparse_op(as_rows(student), teacher.rows(), flat_labels, flat_mask, config, name)
     else:
-        loss, ce, kd = call_loss_op(as_rows(student), as_rows(teacher), flat_labels, flat_mask, config, name)
+        loss, ce, kd = call_loss_op(as_rows(student), as_rows(teacher), flat_labels, flat_mask, config, name, tau)
     if config.reduction == "none":
         lead = student.shape[:-1]
         loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)
@@ -72,10 +77,11 @@ def logitstd_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Returns:
         float32 loss (float64 for float64 inputs); gradients flow to both inputs when they require grad.
     """
+    settings, tau = cfg.split_temperature(settings, "logitstd_kd_loss")
     config = cfg.config_from(settings, cfg.KD_SETTINGS, "logitstd_kd_loss", ce_weight=0.0, kd_weight=1.0,
                              reduction=cfg.kd_reduction(reduction))
     student, teacher, _, mask = check_inputs(student_logits, teacher_logits, None, mask, config)
-    return fused_loss(student, teacher, None, mask, config, backend)
+    return fused_loss(student, teacher, None, mask, config, backend, temperature=tau)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,

@@ -44,9 +44,10 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         beta: the weight of NCKD (finite, >= 0).
         {keywords}
     """
+    settings, tau = cfg.split_temperature(settings, "dkd_loss")
     config = cfg.dkd_config(settings, "dkd_loss", alpha, beta, reduction)
     student, teacher, labels, mask = check_inputs(student_logits, teacher_logits, labels, mask, config)
-    return fused_loss(student, teacher, labels, mask, config, backend, False)
+    return fused_loss(student, teacher, labels, mask, config, backend, False, tau)
 
 
 class DKDLoss(ConfiguredLoss):

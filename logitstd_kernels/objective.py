@@ -58,7 +58,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.
         teacher_logits: ``(..., V)``, or a ``SparseTeacher`` of the rows ``(...)``.
         {keywords}
     """
+    settings, tau = cfg.split_temperature(settings, "distillation_loss")
     config = cfg.config_from(settings, cfg.OBJECTIVE_SETTINGS, "distillation_loss",
                              reduction=cfg.objective_reduction(reduction))
     student, teacher, labels, mask = check_inputs(student_logits, teacher_logits, labels, mask, config)
-    return fused_loss(student, teacher, labels, mask, config, backend, return_components)
+    return fused_loss(student, teacher, labels, mask, config, backend, return_components, tau)

@@ -57,18 +57,37 @@ def zscore(logits: torch.Tensor, temperature: float = 1.0, *, correction: int = 
     return ((x - mean) / (std + eps) / tau).to(logits.dtype)
 
 
-def _softened(x: torch.Tensor, config: DistillConfig, tau: float) -> torch.Tensor:
-    """``Z(x) / tau`` (standardized when on), or ``x / tau``."""
+def temperature_per_row(temperature: Optional[torch.Tensor], student: torch.Tensor,
+                        teacher: torch.Tensor) -> Optional[torch.Tensor]:
+    """A tensor temperature as one value per row, (N,) in the accumulation dtype (differentiable)."""
+    if temperature is None:
+        return None
+    lead = student.shape[:-1]
+    if temperature.dim() != 0 and temperature.shape != lead:
+        raise ValueError(f"temperature must be 0-dim or of the leading shape {tuple(lead)}, got "
+                         f"{tuple(temperature.shape)}")
+    if temperature.device != student.device:
+        raise ValueError(f"temperature is on {temperature.device}, the logits on {student.device}")
+    rows = temperature.to(accumulation_dtype(student, teacher)).reshape(-1)
+    return rows.expand(student[..., 0].numel()).contiguous() if temperature.dim() == 0 else rows.contiguous()
+
+
+def _softened(x: torch.Tensor, config: DistillConfig, tau: Union[float, torch.Tensor]) -> torch.Tensor:
+    """``Z(x) / tau`` (standardized when on), or ``x / tau`` (``tau``: a float or an (N, 1) column)."""
     if not config.standardize:
         return x / tau
     return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau
 
 
-def _logits_for_softmax(student: torch.Tensor, teacher: torch.Tensor,
-                        config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b): the student's and the teacher's logits standardized (when on) and over their temperatures."""
+def _logits_for_softmax(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig,
+                        tau: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b): the student's and the teacher's logits standardized (when on) and over their temperatures
+    (``tau``: one learnable temperature per row for both, in place of the config's)."""
     x, y = student.to(accumulation_dtype(student, teacher)), teacher.to(accumulation_dtype(student, teacher))
-    return _softened(x, config, config.temperature), _softened(y, config, config.teacher_temperature)
+    tau_s, tau_t = config.temperature, config.teacher_temperature
+    if tau is not None:
+        tau_s = tau_t = tau[:, None]
+    return _softened(x, config, tau_s), _softened(y, config, tau_t)
 
 
 def _kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -212,21 +231,23 @@ def sparse_row_divergence(student: torch.Tensor, teacher: SparseRows, config: Di
 
 
 def _row_kl(student: torch.Tensor, teacher: Union[torch.Tensor, SparseRows], config: DistillConfig,
-            labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+            labels: Optional[torch.Tensor] = None, tau: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``tau_s**2 * D(softmax(b), softmax(a))`` for each row, in the accumulation dtype (D: the config's
-    divergence, forward KL by default; ``dkd`` reads the rows' ``labels``; a sparse teacher:
-    :func:`sparse_row_divergence`)."""
+    divergence, forward KL by default; ``dkd`` reads the rows' ``labels``; ``tau``: a learnable
+    temperature per row, for student and teacher; a sparse teacher: :func:`sparse_row_divergence`)."""
     acc = accumulation_dtype(student, teacher_tensor(teacher))
     if student.shape[0] == 0:  # no rows: nothing to standardize (torch.std would warn); still in the graph
-        return (student.to(acc).sum(-1) + teacher_tensor(teacher).to(acc).sum(-1)) * 0
+        zero = (student.to(acc).sum(-1) + teacher_tensor(teacher).to(acc).sum(-1)) * 0
+        return zero if tau is None else zero + tau * 0
     if isinstance(teacher, SparseRows):
         return sparse_row_divergence(student, teacher, config) * (config.temperature * config.temperature)
-    a, b = _logits_for_softmax(student, teacher, config)
+    a, b = _logits_for_softmax(student, teacher, config, tau)
     if config.divergence == "dkd":
         divergence = row_dkd(b, a, labels, config.dkd_alpha, config.dkd_beta)
     else:
         divergence = row_divergence(b, a, config.divergence, config.beta)
-    return divergence * (config.temperature * config.temperature)
+    tau_s = config.temperature if tau is None else tau
+    return divergence * (tau_s * tau_s)
 
 
 class DistillationParts(NamedTuple):
@@ -240,7 +261,8 @@ class DistillationParts(NamedTuple):
 
 
 def objective_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                   mask: Optional[torch.Tensor], config: DistillConfig) -> tuple[torch.Tensor, ...]:
+                   mask: Optional[torch.Tensor], config: DistillConfig,
+                   tau: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """``(rows, ce, kd, keep)`` of (N, V) rows: the objective per row and its parts (0 where excluded),
     and the included rows ``mask & (labels != ignore_index)``."""
     acc = accumulation_dtype(student, teacher_tensor(teacher))
@@ -249,7 +271,8 @@ def objective_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
         keep = keep & (labels != config.ignore_index)
     # Index the included rows out so that excluded rows (even NaN ones) get an exact 0 gradient.
     kd = torch.zeros(student.shape[0], dtype=acc, device=student.device).index_put(
-        (keep,), _row_kl(student[keep], teacher[keep], config, None if labels is None else labels[keep]))
+        (keep,), _row_kl(student[keep], teacher[keep], config, None if labels is None else labels[keep],
+                         None if tau is None else tau[keep]))
     ce = torch.zeros_like(kd)
     if labels is None:
         return config.kd_weight * kd, ce, kd, keep
@@ -270,16 +293,18 @@ def _reduce(values: torch.Tensor, keep: torch.Tensor, config: DistillConfig, num
 
 
 def loss_of_config(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
-                   mask: Optional[torch.Tensor], config: DistillConfig,
-                   return_components: bool = False) -> Union[torch.Tensor, DistillationParts]:
-    """The objective of ``config`` over checked (..., V) logits; what every function here computes."""
+                   mask: Optional[torch.Tensor], config: DistillConfig, return_components: bool = False,
+                   temperature_rows: Optional[torch.Tensor] = None) -> Union[torch.Tensor, DistillationParts]:
+    """The objective of ``config`` over checked (..., V) logits; what every function here computes
+    (``temperature_rows``: a learnable (N,) temperature for student and teacher)."""
     num_classes = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     teacher = teacher_logits.rows() if isinstance(teacher_logits, SparseTeacher) else \
         teacher_logits.reshape(-1, num_classes)
     rows, ce, kd, keep = objective_rows(
         student_logits.reshape(-1, num_classes), teacher,
-        None if labels is None else labels.reshape(-1), None if mask is None else mask.reshape(-1), config)
+        None if labels is None else labels.reshape(-1), None if mask is None else mask.reshape(-1), config,
+        temperature_rows)
     loss = _reduce(rows, keep, config, num_classes, lead)
     if not return_components:
         return loss
@@ -326,10 +351,11 @@ def logitstd_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Args:
         {keywords}
     """
+    settings, tau = cfg.split_temperature(settings, "logitstd_kd_loss")
     config = cfg.config_from(settings, cfg.KD_SETTINGS, "logitstd_kd_loss", ce_weight=0.0, kd_weight=1.0,
                              reduction=cfg.kd_reduction(reduction))
     student, teacher, _, mask = check_inputs(student_logits, teacher_logits, None, mask, config)
-    return loss_of_config(student, teacher, None, mask, config)
+    return loss_of_config(student, teacher, None, mask, config, False, temperature_per_row(tau, student, teacher))
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
@@ -358,10 +384,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     Args:
         {keywords}
     """
+    settings, tau = cfg.split_temperature(settings, "distillation_loss")
     config = cfg.config_from(settings, cfg.OBJECTIVE_SETTINGS, "distillation_loss",
                              reduction=cfg.objective_reduction(reduction))
     student, teacher, labels, mask = check_inputs(student_logits, teacher_logits, labels, mask, config)
-    return loss_of_config(student, teacher, labels, mask, config, return_components)
+    return loss_of_config(student, teacher, labels, mask, config, return_components,
+                          temperature_per_row(tau, student, teacher))
 
 
 @cfg.settings_keywords(cfg.DKD_SETTINGS)
@@ -379,7 +407,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     Args:
         {keywords}
     """
+    settings, tau = cfg.split_temperature(settings, "dkd_loss")
     config = cfg.dkd_config(settings, "dkd_loss", alpha, beta, reduction)
     student, teacher, labels, mask = check_inputs(student_logits, teacher_logits, labels, mask, config)
-    return loss_of_config(student, teacher, labels, mask, config)
+    return loss_of_config(student, teacher, labels, mask, config, False, temperature_per_row(tau, student, teacher))
 

@@ -1,34 +1,53 @@
 #!/usr/bin/env bash
-# The one prepared command for a GPU machine (H100/H200; torch, triton, pytest, pytest-benchmark
-# installed; no network). In order of value, each step with its own log in OUTDIR:
+# The one prepared command for a GPU machine (H100/H200; torch, triton, pytest, pytest-benchmark,
+# transformers and accelerate installed; no network). In order of value, each step with its own log
+# in OUTDIR:
 #
-#   1. wheels     with --wheels DIR: pip install --no-index --find-links DIR liger-kernel
+#   1. wheels     with --wheels DIR: pip install --no-index every wheel in DIR (scripts/fetch-wheels.sh
+#                 fills it: the peers Liger-Kernel, orda-kernel and TRL, with the datasets, dill and
+#                 multiprocess that TRL imports; the image's transformers and accelerate meet TRL's
+#                 minimums, so they are not carried), then import each peer's module   (wheels.log)
 #   2. build      TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .  (build.log)
 #   3. gpu-tests  pytest -m gpu (the files holding gpu tests; with pytest-xdist, 8 workers) (junit-gpu.xml)
 #   4. matrix     pytest -k cuda -m "not gpu": every test file's CUDA cases (the backends triton-cuda,
-#                 cuda-cuda) and the benchmark gates on the GPU        (junit-matrix.xml)
-#   5. bench      python -m logitstd_kernels bench: 8192 rows, V in {32768, 131072, 262144}, bf16 and
-#                 float32, providers torch, torch_compile, triton, cuda        (bench/*.json|csv|png)
-#   6. bench-objective  the distillation objective (bench --objective: CE + LS-KD with labels), 8192
-#                 tokens, V in {32768, 131072}, bf16: fused vs eager vs torch.compile vs our KD kernel
-#                 plus torch's CE                                               (bench-objective/)
-#   7. bench-fused-linear  a full step through the lm_heads (bench --fused-linear): 8192 tokens, H = 4096,
-#                 V = 131072, bf16; the fused linear loss vs the eager composition (and Liger's
-#                 LigerFusedLinearJSDLoss for plain KD)                         (bench-fused-linear/)
-#   8. bench-kd   plain KD (--no-standardize) with liger, when liger-kernel imports (bench-kd/)
+#                 cuda-cuda), every divergence among them, and the benchmark gates  (junit-matrix.xml)
+#   5. bench      the KD loss against its memory floor: 8192 rows, V in {32768, 131072, 262144}, bf16
+#                 then float32, providers torch, triton, cuda, modes no_grad (the loss alone: reads x and
+#                 y) and full (forward + backward: reads x and y, writes the student gradient); each
+#                 result's "x floor" is its time over those bytes at the copy bandwidth the run
+#                 measures, and the summary prints the floor in ms at each V. torch.compile (20-40 s of
+#                 compilation per shape and mode) is not timed here: GPU_CHECK_ARGS_<STEP> adds it
+#                                                                                (bench/*.json|csv)
+#   6. bench-small  the paper's class counts (CIFAR-100, ImageNet): 65536 rows, V in {100, 1000}, bf16
+#                 and float32, the same providers and modes                          (bench-small/)
+#   7. bench-objective  the distillation objective with labels (bench --objective: 0.1 CE + 9 LS-KD)
+#                 beside the KD term alone through the same kernels (triton_kd_only, cuda_kd_only) and
+#                 our KD kernel plus torch's CE: 8192 rows, V in {131072, 32768}, bf16  (bench-objective/)
+#   8. bench-divergences  every divergence (forward_kl, reverse_kl, jsd, jeffreys, tvd), providers
+#                 torch, triton, cuda: 8192 rows, V = 131072, bf16                  (bench-divergences/)
+#   9. bench-fused-linear  a full step through the lm_heads (bench --fused-linear): 8192 tokens,
+#                 H = 4096, V = 131072, bf16: the fused step with a float32 and a bf16 weight-gradient
+#                 accumulator (time, peak memory), its four GEMMs alone (gemms), eager PyTorch; then the
+#                 peers on the plain objectives: Liger's LigerFusedLinearJSDLoss, orda-kernel, and on the
+#                 forward KL alone TRL's _chunked_divergence_loss            (bench-fused-linear/)
+#  10. bench-kd   plain KD (--no-standardize) against Liger-Kernel's KL-divergence loss, when liger-kernel
+#                 imports: 8192 rows, V in {131072, 32768, 262144}, bf16          (bench-kd/)
 #
 # then prints a short summary table last (also in OUTDIR/summary.txt; steps.json holds each step's
 # status, exit code, seconds and log). A failing step is recorded and the next one still runs; every
-# step has a time cap and the whole script a budget (--budget, default 600 s), after which the steps
-# left are recorded as skipped. The benchmark writes its files after every case, so an interrupted
-# run keeps what it measured. Exit status: 0 when every step that ran passed (skips for a missing
-# --wheels folder or an already built extension count as passed), else 1; 2 for bad arguments.
+# step has a time cap and the whole script a budget (--budget, default 550 s), after which the steps
+# left are recorded as skipped. Each step is guaranteed a minimum (its share of the budget that the
+# steps before it cannot take); a benchmark step starts no new case near its cap, and writes its
+# files after every case, so an interrupted run keeps what it measured. Exit status: 0 when every
+# step that ran passed (skips for a missing --wheels folder or an already built extension count as
+# passed), else 1; 2 for bad arguments.
 #
 #   bash scripts/gpu-check.sh OUTDIR [--smoke] [--wheels DIR] [--tar FILE] [--budget SECONDS] [--steps LIST]
 #
 # --smoke  the same steps at tiny sizes on whatever device is present (CI runs it on the CPU, so the
 #          script cannot rot): the build is skipped when the extension already imports, the tests
-#          are a few fast loss-matrix cases, the benchmarks are one 8 x 256 case; ~1 minute on 2 cores.
+#          are a few fast cases, each benchmark one tiny case; about 1.5 minutes on 2 cores.
+# --wheels a folder of wheels to install first (scripts/fetch-wheels.sh; git-ignored .whl/ by default).
 # --tar    also keep FILE (a .tar.gz of OUTDIR) up to date after every step: the device machine
 #          returns at most 8 files, so pass e.g. --tar "$OUT/gpu-check.tgz".
 # --steps  run only these steps (comma-separated names as above, e.g. build,gpu-tests,matrix), for a
@@ -39,7 +58,8 @@
 # default: all cores), GPU_CHECK_CAP_<STEP> (seconds, e.g. GPU_CHECK_CAP_BENCH=300) per step,
 # GPU_CHECK_WORKERS (pytest-xdist workers of the test steps, default 8; 1 for none),
 # GPU_CHECK_ARGS_<STEP> (bench arguments appended to a bench step's own, which they override: e.g.
-# GPU_CHECK_ARGS_BENCH="--dtypes float32" times the main benchmark's float32 cases only),
+# GPU_CHECK_ARGS_BENCH="--dtypes float32" times the main benchmark's float32 cases only;
+# GPU_CHECK_ARGS_BENCH_SMALL="--providers torch,torch_compile,triton,cuda" adds torch.compile there),
 # LOGITSTD_GIT_COMMIT (the commit recorded in env.txt and the results, in place of what git says: a
 # copy of the tree on a lent machine can carry a .git that does not match it).
 set -uo pipefail
@@ -49,7 +69,8 @@ ROOT="$(pwd)"
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 OUTDIR="" SMOKE=0 WHEELS="" TARFILE="" BUDGET="" STEPS_SELECTED=""
-ALL_STEPS=",wheels,build,gpu-tests,matrix,bench,bench-objective,bench-fused-linear,bench-kd,"
+STEP_ORDER=(wheels build gpu-tests matrix bench bench-small bench-objective bench-divergences bench-fused-linear
+            bench-kd)
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -65,7 +86,7 @@ while [ $# -gt 0 ]; do
 done
 if [ -z "$OUTDIR" ]; then usage >&2; exit 2; fi
 for step in ${STEPS_SELECTED//,/ }; do
-  if [[ "$ALL_STEPS" != *",$step,"* ]]; then echo "gpu-check: unknown step $step in --steps" >&2; exit 2; fi
+  if [[ " ${STEP_ORDER[*]} " != *" $step "* ]]; then echo "gpu-check: unknown step $step in --steps" >&2; exit 2; fi
 done
 selected() { [ -z "$STEPS_SELECTED" ] || [[ ",$STEPS_SELECTED," == *",$1,"* ]]; }
 if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then echo "gpu-check: --wheels $WHEELS is not a folder" >&2; exit 2; fi
@@ -76,23 +97,36 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-if [ "$SMOKE" = 1 ]; then BUDGET="${BUDGET:-240}"; else BUDGET="${BUDGET:-600}"; fi
+if [ "$SMOKE" = 1 ]; then BUDGET="${BUDGET:-300}"; else BUDGET="${BUDGET:-550}"; fi
 START=$(date +%s)
 # The least time each step is guaranteed: a step never runs into the sum of the minimums of the
-# steps after it (its "reserve"), so a slow build cannot starve the benchmark.
+# steps after it (its "reserve"), so a slow build or test step cannot starve the benchmarks.
 EXPECT_LIGER=0
 if [ -n "$WHEELS" ] || "$PYTHON" -c "import liger_kernel" >/dev/null 2>&1; then EXPECT_LIGER=1; fi
+declare -A MIN
 if [ "$SMOKE" = 1 ]; then
-  MIN_BUILD=60 MIN_GPU=20 MIN_MATRIX=20 MIN_BENCH=40 MIN_OBJ=20 MIN_FL=20 MIN_KD=$(( EXPECT_LIGER * 25 ))
+  MIN=([build]=60 [gpu-tests]=20 [matrix]=20 [bench]=40 [bench-small]=15 [bench-objective]=20
+       [bench-divergences]=20 [bench-fused-linear]=30 [bench-kd]=$(( EXPECT_LIGER * 25 )))
 else
-  # Sized so that the minimums (535 s with liger) fit a budget that leaves a lease's machine start
-  # and transfers room inside its 15 minutes (--budget 560). Measured on an H200: build 89-93 s,
-  # gpu-tests 77 s (8 workers), matrix 42-63 s, each bench step 31-52 s.
-  MIN_BUILD=100 MIN_GPU=80 MIN_MATRIX=70 MIN_BENCH=110 MIN_OBJ=50 MIN_FL=45 MIN_KD=$(( EXPECT_LIGER * 40 ))
+  # Sized so that the minimums (505 s with liger, and the summary's 5 s) fit the default budget of
+  # 550 s, which leaves a lease's machine start, the transfers and a second, shorter call room inside
+  # its 15 minutes; what a step does not use goes to the next ones. From the H200 runs recorded in
+  # benchmarks/results/gpu-check/: build 89-93 s, gpu-tests 77 s (8 workers), matrix 42-63 s for 353
+  # tests (the divergences bring the CUDA matrix to about 450), each bench step 31-52 s, of which
+  # 8-10 s start the process; each Triton or inductor compile of a new kernel variant takes seconds.
+  MIN=([build]=95 [gpu-tests]=60 [matrix]=80 [bench]=65 [bench-small]=40 [bench-objective]=35
+       [bench-divergences]=45 [bench-fused-linear]=60 [bench-kd]=$(( EXPECT_LIGER * 25 )))
 fi
-selected build || MIN_BUILD=0; selected gpu-tests || MIN_GPU=0; selected matrix || MIN_MATRIX=0
-selected bench || MIN_BENCH=0; selected bench-objective || MIN_OBJ=0
-selected bench-fused-linear || MIN_FL=0; selected bench-kd || MIN_KD=0
+for step in "${STEP_ORDER[@]}"; do selected "$step" || MIN[$step]=0; done
+SUMMARY_RESERVE=5
+reserve_after() {  # the minimums of the steps after $1, and the summary's time
+  local after=0 sum=$SUMMARY_RESERVE step
+  for step in "${STEP_ORDER[@]}"; do
+    [ "$after" = 1 ] && sum=$(( sum + ${MIN[$step]:-0} ))
+    [ "$step" = "$1" ] && after=1
+  done
+  echo "$sum"
+}
 STEPS="$OUTDIR/steps.tsv"
 : > "$STEPS"
 
@@ -110,14 +144,14 @@ record() {  # name status rc seconds log note
   update_tar
 }
 
-# run_step NAME LOG CAP RESERVE CMD...: run CMD with its output in LOG, for at most CAP seconds and
-# never into the last RESERVE seconds of the budget (those belong to the steps after it). On the
-# cap, SIGINT first (pytest then still writes its junit XML), SIGKILL 20 s later.
+# run_step NAME LOG CAP CMD...: run CMD with its output in LOG, for at most CAP seconds and never
+# into the last seconds of the budget that the steps after it reserve. On the cap, SIGINT first
+# (pytest then still writes its junit XML), SIGKILL 20 s later.
 run_step() {
-  local name="$1" log="$2" cap="$3" reserve="$4"; shift 4
+  local name="$1" log="$2" cap="$3"; shift 3
   local var="GPU_CHECK_CAP_$(echo "$name" | tr 'a-z-' 'A-Z_')"
   cap="${!var:-$cap}"
-  local left=$(( BUDGET - $(elapsed) - reserve ))
+  local left=$(( BUDGET - $(elapsed) - $(reserve_after "$name") ))
   [ "$left" -lt "$cap" ] && cap="$left"
   STEP_NOTE=""
   if ! selected "$name"; then
@@ -175,16 +209,47 @@ if [ "$SMOKE" = 0 ] && [ "$HAVE_CUDA" != 1 ]; then
   exit 2
 fi
 
-# ---- 1. wheels (liger-kernel) ---------------------------------------------------------------------
+# ---- 1. wheels (the peers) ------------------------------------------------------------------------
+# Every wheel of the folder, with dependencies from the folder or the environment; if they cannot be
+# resolved offline (an installed package older than a pin asks), the wheels alone. Then each peer's
+# module that the benchmarks import: one that is installed but does not import fails this step (the
+# benchmarks then report that peer as unavailable, with the error).
+install_wheels() {  # PYTHON DIR
+  local python="$1" dir="$2" wheels
+  shopt -s nullglob
+  wheels=("$dir"/*.whl)
+  if [ "${#wheels[@]}" -eq 0 ]; then echo "no wheels in $dir (bash scripts/fetch-wheels.sh fills it)"; return 1; fi
+  "$python" -m pip install --no-index --find-links "$dir" "${wheels[@]}" ||
+    { echo "retrying without dependencies"; "$python" -m pip install --no-index --no-deps "${wheels[@]}"; } || return 1
+  "$python" -m pip check || echo "(pip check: conflicts above; the imports below decide)"
+  "$python" - <<'PY'
+import importlib
+import importlib.metadata
+import sys
+
+failed = 0
+for package, module in (("liger-kernel", "liger_kernel.chunked_loss"), ("orda-kernel", "orda_kernel"),
+                        ("trl", "trl.trainer.distillation_trainer")):
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        print(f"{package}: not installed")
+        continue
+    try:
+        importlib.import_module(module)
+        print(f"{package} {version}: import {module} ok")
+    except Exception as exc:
+        failed += 1
+        print(f"{package} {version}: import {module} FAILED: {type(exc).__name__}: {exc}")
+sys.exit(1 if failed else 0)
+PY
+}
+export -f install_wheels
 LOG="$OUTDIR/wheels.log"
 if [ -z "$WHEELS" ]; then
   record wheels skipped - 0 "$LOG" "no --wheels folder"
 else
-  # Dependencies from the folder or the environment; if they cannot be resolved offline, the
-  # wheel alone (liger-kernel needs only torch and triton, which are installed).
-  run_step wheels "$LOG" 60 $(( MIN_BUILD + MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) bash -c '"$0" -m pip install --no-index --find-links "$1" liger-kernel ||
-    { echo "retrying without dependencies"; "$0" -m pip install --no-index --find-links "$1" --no-deps liger-kernel; }' \
-    "$PYTHON" "$WHEELS"
+  run_step wheels "$LOG" 90 bash -c 'install_wheels "$@"' install_wheels "$PYTHON" "$WHEELS"
   record wheels "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "$STEP_NOTE"
 fi
 
@@ -196,8 +261,7 @@ elif [ "$SMOKE" = 1 ] && "$PYTHON" -c "import logitstd_kernels._C" >/dev/null 2>
   record build skipped - 0 "$LOG" "smoke: the extension already imports"
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 $(( MIN_GPU + MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) \
-    "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
+  LOGITSTD_REQUIRE_EXTENSION=1 run_step build "$LOG" 300 "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
   record build "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST}"
 fi
 "$PYTHON" -c "import json, logitstd_kernels as l; print(json.dumps(l.backend_status(), indent=1, default=str))" \
@@ -216,186 +280,94 @@ LOG="$OUTDIR/gpu-tests.log"
 if [ "${#GPU_FILES[@]}" -eq 0 ]; then
   STEP_STATUS=failed STEP_RC=- STEP_SECS=0 STEP_NOTE="no test file under tests/ has a gpu mark"
 elif [ "$SMOKE" = 1 ]; then
-  run_step gpu-tests "$LOG" 60 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
+  # the eviction-hint cases run the Triton interpreter for a minute on the CPU (the test suite runs them)
+  run_step gpu-tests "$LOG" 60 "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" -k "not hinted" --junitxml="$OUTDIR/junit-gpu.xml"
 else
   # A missing CUDA kernel or extra fails instead of skipping (tests/support.py).
-  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 $(( MIN_MATRIX + MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step gpu-tests "$LOG" 150 \
     "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}" --junitxml="$OUTDIR/junit-gpu.xml"
 fi
 record gpu-tests "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-${GPU_FILES[*]}}"
 
 LOG="$OUTDIR/matrix.log"
 if [ "$SMOKE" = 1 ]; then
-  run_step matrix "$LOG" 60 $(( MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) "${PYTEST[@]}" tests/kernels/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
+  run_step matrix "$LOG" 60 "${PYTEST[@]}" tests/kernels/test_loss_matrix.py --junitxml="$OUTDIR/junit-matrix.xml" \
     -k "test_a_fused_backend_runs_here or test_zero_rows or test_student_grad_only or test_mask"
   NOTE="a few fast cases"
 else
   # Every CUDA case (triton-cuda, cuda-cuda) outside the gpu-marked tests (step 3), and the
   # benchmark gates, whose inputs are on the GPU there; the CPU kernel's cases, and the host emulation
   # of the CUDA kernel's row math, run in CI.
-  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 240 $(( MIN_BENCH + MIN_OBJ + MIN_FL + MIN_KD )) \
+  LOGITSTD_REQUIRE_ALL=1 run_step matrix "$LOG" 240 \
     "${PYTEST[@]}" tests -m "not gpu" \
     -k "(cuda and not emulated_on_host) or gate" --junitxml="$OUTDIR/junit-matrix.xml"
   NOTE="-k cuda: every test file; the benchmark gates"
 fi
 record matrix "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$LOG" "${STEP_NOTE:-$NOTE}"
 
-# ---- 5.-8. benchmark --------------------------------------------------------------------------------
-# Each bench step's cap, and the margin at its end in which it starts no new case (one case,
-# compilation included, must fit in it); the fused-linear step's cases are fewer and shorter.
-if [ "$SMOKE" = 1 ]; then BENCH_CAP=120 BENCH_MARGIN=20 FL_CAP=60 FL_MARGIN=15
-else BENCH_CAP=420 BENCH_MARGIN=90 FL_CAP=150 FL_MARGIN=35; fi
-bench_step() {  # name reserve cap margin extra-args...
-  local name="$1" reserve="$2" cap="$3" margin="$4"; shift 4
+# ---- 5.-10. benchmarks -----------------------------------------------------------------------------
+# bench_step NAME CAP MARGIN ARGS...: one `python -m logitstd_kernels bench` run; it starts no new case
+# in the last MARGIN seconds of its cap (one case, compilation included, must fit in them).
+bench_step() {
+  local name="$1" cap="$2" margin="$3"; shift 3
   local log="$OUTDIR/$name.log"
   local var="GPU_CHECK_CAP_$(echo "$name" | tr 'a-z-' 'A-Z_')"
   cap="${!var:-$cap}"
-  local left=$(( BUDGET - $(elapsed) - reserve ))
+  local left=$(( BUDGET - $(elapsed) - $(reserve_after "$name") ))
   [ "$left" -lt "$cap" ] && cap="$left"
   local tb=$(( cap - margin )); [ "$tb" -lt 0 ] && tb=0
   local args_var="GPU_CHECK_ARGS_$(echo "$name" | tr 'a-z-' 'A-Z_')" extra=()
   read -ra extra <<< "${!args_var:-}"
-  run_step "$name" "$log" "$cap" "$reserve" \
+  run_step "$name" "$log" "$cap" \
     "$PYTHON" -m logitstd_kernels bench --modes full --rows-sweep "" --time-budget "$tb" \
     --out "$OUTDIR/$name" "$@" "${extra[@]}"
   local note="${STEP_NOTE:-time budget ${tb}s}"
-  if [ "$STEP_STATUS" = ok ] && grep -q "case(s) skipped" "$log"; then
+  if [ "$STEP_STATUS" = ok ] && grep -qs "skipped: time budget" "$OUTDIR/$name"/*.json; then
     STEP_STATUS=partial note="cases skipped for time (see $name.log)"
   fi
   record "$name" "$STEP_STATUS" "$STEP_RC" "$STEP_SECS" "$log" "$note"
 }
+# The fused-linear providers, the same in both modes (the peers are reported unavailable where they
+# are not installed, and on the objectives they do not compute)
+FL_PROVIDERS=fused,fused_accum_bf16,gemms,torch,liger,orda,trl
+DIVERGENCES=forward_kl,reverse_kl,jsd,jeffreys,tvd
 if [ "$SMOKE" = 1 ]; then
-  GRID=(--rows 8 --vocab 256 --dtypes float32 --cpu-budget 0.05)
-  PROVIDERS=torch,torch_compile,triton,cuda,cpu
-else
-  GRID=(--device cuda --rows 8192 --vocab 32768,131072,262144 --dtypes bfloat16,float32)
-  PROVIDERS=torch,torch_compile,triton,cuda
-fi
-HAVE_LIGER=$("$PYTHON" -c "import liger_kernel; print(1)" 2>/dev/null || echo 0)
-bench_step bench "$(( MIN_OBJ + MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
-  "${GRID[@]}" --providers "$PROVIDERS"
-if [ "$SMOKE" = 1 ]; then
-  OBJ_GRID=(--rows 8 --vocab 256 --dtypes float32 --cpu-budget 0.05)
-  OBJ_PROVIDERS=torch,torch_compile,triton,cuda,cpu,cpu_kd+torch_ce
-else
-  OBJ_GRID=(--device cuda --rows 8192 --vocab 32768,131072 --dtypes bfloat16)
-  OBJ_PROVIDERS=torch,torch_compile,triton,cuda,triton_kd+torch_ce
-fi
-bench_step bench-objective "$(( MIN_FL + (HAVE_LIGER == 1 ? MIN_KD : 5) ))" "$BENCH_CAP" "$BENCH_MARGIN" \
-  --objective "${OBJ_GRID[@]}" --providers "$OBJ_PROVIDERS"
-# A full step through the lm_heads (bench --fused-linear): the fused linear loss vs the eager
-# composition vs torch.compile of it (and Liger's fused JSD for plain KD when it imports), V = 32768
-# first; each case also has the plain-KD objective.
-if [ "$SMOKE" = 1 ]; then
+  TINY=(--rows 8 --vocab 256 --dtypes float32 --cpu-budget 0.05)
+  GRID=("${TINY[@]}" --providers torch,torch_compile,triton,cuda,cpu)
+  SMALL_GRID=(--rows 64 --vocab 100 --dtypes float32 --cpu-budget 0.05 --modes no_grad,full --providers torch,cpu)
+  OBJ_GRID=("${TINY[@]}" --providers torch,torch_compile,triton,cuda,cpu,cpu_kd_only,cpu_kd+torch_ce)
+  DIV_GRID=("${TINY[@]}" --providers torch,cpu)
   FL_GRID=(--rows 64 --hidden 16 --vocab 256 --dtypes float32 --cpu-budget 0.05)
-  FL_PROVIDERS=fused,torch
+  KD_GRID=("${TINY[@]}" --providers torch,liger,cpu)
+  CAPS=([1]=120 [2]=60 [3]=90 [4]=90 [5]=120 [6]=90) MARGINS=([1]=20 [2]=10 [3]=15 [4]=15 [5]=20 [6]=15)
 else
-  # V = 131072 (Llama-3's 128256 rounded up), both objectives; torch.compile of the composition is
-  # left to the objective step, which times it at this V without the lm_head's compile cost.
+  GRID=(--device cuda --rows 8192 --vocab 32768,131072,262144 --dtypes bfloat16,float32 --modes no_grad,full
+        --providers torch,triton,cuda)
+  SMALL_GRID=(--device cuda --rows 65536 --vocab 100,1000 --dtypes bfloat16,float32 --modes no_grad,full
+              --providers torch,triton,cuda)
+  OBJ_GRID=(--device cuda --rows 8192 --vocab 131072,32768 --dtypes bfloat16
+            --providers torch,triton,cuda,triton_kd_only,cuda_kd_only,triton_kd+torch_ce)
+  DIV_GRID=(--device cuda --rows 8192 --vocab 131072 --dtypes bfloat16 --providers torch,triton,cuda)
   FL_GRID=(--device cuda --rows 8192 --hidden 4096 --vocab 131072 --dtypes bfloat16)
-  FL_PROVIDERS=fused,torch$( [ "$HAVE_LIGER" = 1 ] && echo ,liger )
+  KD_GRID=(--device cuda --rows 8192 --vocab 131072,32768,262144 --dtypes bfloat16 --providers torch,liger,triton,cuda)
+  CAPS=([1]=200 [2]=90 [3]=120 [4]=150 [5]=150 [6]=90) MARGINS=([1]=30 [2]=20 [3]=20 [4]=30 [5]=40 [6]=20)
 fi
-bench_step bench-fused-linear "$(( HAVE_LIGER == 1 ? MIN_KD : 5 ))" "$FL_CAP" "$FL_MARGIN" --fused-linear \
-  "${FL_GRID[@]}" --providers "$FL_PROVIDERS"
+bench_step bench "${CAPS[1]}" "${MARGINS[1]}" "${GRID[@]}"
+bench_step bench-small "${CAPS[2]}" "${MARGINS[2]}" "${SMALL_GRID[@]}"
+bench_step bench-objective "${CAPS[3]}" "${MARGINS[3]}" --objective "${OBJ_GRID[@]}"
+bench_step bench-divergences "${CAPS[4]}" "${MARGINS[4]}" --divergences "$DIVERGENCES" "${DIV_GRID[@]}"
+bench_step bench-fused-linear "${CAPS[5]}" "${MARGINS[5]}" --fused-linear "${FL_GRID[@]}" --providers "$FL_PROVIDERS"
+HAVE_LIGER=$("$PYTHON" -c "import liger_kernel; print(1)" 2>/dev/null || echo 0)
 if [ "$HAVE_LIGER" = 1 ]; then
   # Liger-Kernel has no standardization: plain KD, bf16 only (the peer's regime)
-  if [ "$SMOKE" = 1 ]; then KD_GRID=("${GRID[@]}"); else
-    KD_GRID=(--device cuda --rows 8192 --vocab 32768,131072,262144 --dtypes bfloat16); fi
-  bench_step bench-kd 5 "$BENCH_CAP" "$BENCH_MARGIN" --no-standardize "${KD_GRID[@]}" --providers torch,liger,triton,cuda
+  bench_step bench-kd "${CAPS[6]}" "${MARGINS[6]}" --no-standardize "${KD_GRID[@]}"
 else
   record bench-kd skipped - 0 "$OUTDIR/bench-kd.log" \
     "liger-kernel not importable$( [ -z "$WHEELS" ] && echo '; no --wheels folder')"
 fi
 
 # ---- summary ---------------------------------------------------------------------------------------
-"$PYTHON" - "$OUTDIR" "$(elapsed)" "$BUDGET" <<'EOF' > "$OUTDIR/summary.txt" 2>&1
-import json
-import sys
-import xml.etree.ElementTree as ET
-from pathlib import Path
-
-out, total, budget = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-steps = []
-for line in (out / "steps.tsv").read_text().splitlines():
-    name, status, rc, secs, log, note = (line.split("\t") + [""] * 6)[:6]
-    steps.append({"step": name, "status": status, "rc": None if rc == "-" else int(rc), "seconds": int(secs),
-                  "log": Path(log).name, "note": note})
-
-
-def junit(path):
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return None
-    suites = [root] if root.tag == "testsuite" else list(root)
-    count = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    count["passed"] = count["tests"] - count["failures"] - count["errors"] - count["skipped"]
-    failed = [f"{c.get('classname', '').split('.')[-1]}::{c.get('name')}" for s in suites for c in s.iter("testcase")
-              if c.find("failure") is not None or c.find("error") is not None]
-    return count, failed
-
-
-for step in steps:
-    xml = {"gpu-tests": "junit-gpu.xml", "matrix": "junit-matrix.xml"}.get(step["step"])
-    result = junit(out / xml) if xml else None
-    if result:
-        step["tests"], step["failed_tests"] = result
-        c = result[0]
-        step["note"] = (f"{c['passed']} passed, {c['failures'] + c['errors']} failed, {c['skipped']} skipped"
-                        + (f"; {step['note']}" if step["note"] else ""))
-
-width = max(len(s["step"]) for s in steps)
-print(f"== gpu-check summary ({total} s of a {budget} s budget; files in {out}) ==")
-print(f"{'step':<{width}}  {'status':<8} {'rc':>4} {'s':>5}  log / note")
-for s in steps:
-    rc = "-" if s["rc"] is None else s["rc"]
-    print(f"{s['step']:<{width}}  {s['status']:<8} {rc:>4} {s['seconds']:>5}  {s['log']}"
-          + (f"  ({s['note']})" if s["note"] else ""))
-    for name in s.get("failed_tests", [])[:8]:
-        print(f"{'':<{width}}    FAILED {name}")
-
-for name in ("bench", "bench-objective", "bench-fused-linear", "bench-kd"):
-    files = sorted((out / name).glob("*.json"))
-    if not files:
-        continue
-    data = json.loads(files[-1].read_text())
-    meta, results = data["metadata"], data["results"]
-    if meta.get("fused_linear"):
-        print(f"\n{name}: {meta['device']}, H = {meta['hidden']}, forward + backward: median ms, peak MiB; "
-              f"{files[-1].name}")
-        for r in results:
-            if not r["status"].startswith("unavailable"):
-                shown = f"{r['median_ms']:.2f} ms, {r['peak_mem_mb'] or 0:.0f} MiB" if r["status"] == "ok" else r["status"][:150]
-                print(f"  {r['sweep']:>18} rows={r['rows']} V={r['vocab']} {r['dtype']} {r['provider']:>13}: {shown}")
-        continue
-    print(f"\n{name}: {meta['device']}, copy {meta['copy_bandwidth_gbps']} GB/s, "
-          f"{'standardized' if meta.get('standardize', True) else 'plain'} KD, mode full: median ms "
-          f"(x memory floor); {files[-1].name}")
-    providers = list(dict.fromkeys(r["provider"] for r in results if not r["status"].startswith("unavailable")))
-    print(f"{'rows':>6} {'V':>7} {'dtype':>9}  " + "  ".join(f"{p:>16}" for p in providers))
-    for key in dict.fromkeys((r["rows"], r["vocab"], r["dtype"]) for r in results):
-        cells = []
-        for p in providers:
-            r = next((r for r in results if (r["rows"], r["vocab"], r["dtype"]) == key and r["provider"] == p
-                      and r["mode"] == "full"), None)
-            if r is None:
-                cells.append(f"{'-':>16}")
-            elif r["status"] != "ok":
-                cells.append(f"{r['status'].split(':')[0]:>16}")
-            else:
-                cells.append(f"{r['median_ms']:>9.3f} ({r['x_floor']:.1f}f)".rjust(16))
-        print(f"{key[0]:>6} {key[1]:>7} {key[2]:>9}  " + "  ".join(cells))
-    for r in results:
-        if r["status"].startswith("failed"):
-            print(f"  {r['provider']} rows={r['rows']} V={r['vocab']} {r['dtype']}: {r['status'][:150]}")
-
-passed = all(s["status"] in ("ok", "skipped") and not s["note"].startswith("out of time") for s in steps)
-print(f"\ngpu-check: {'PASSED' if passed else 'FAILED'}: "
-      + ", ".join(f"{s['step']} {s['status']}" for s in steps))
-(out / "steps.json").write_text(json.dumps({"passed": passed, "seconds": total, "budget": budget, "steps": steps},
-                                           indent=1))
-sys.exit(0 if passed else 1)
-EOF
+"$PYTHON" scripts/gpu_check_summary.py "$OUTDIR" "$(elapsed)" "$BUDGET" > "$OUTDIR/summary.txt" 2>&1
 RC=$?
 update_tar
 echo

@@ -47,6 +47,24 @@ def _triton_tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
+def find_tool(name: str, nvcc: Optional[str] = None) -> Optional[str]:
+    """A CUDA toolkit binary (nvdisasm, cuobjdump): next to ``nvcc``, in $CUDA_HOME/bin, on PATH, else
+    the copy Triton ships; None if there is none."""
+    import os
+    import shutil
+
+    places = [Path(nvcc).resolve().parent / name] if nvcc else []
+    places += [Path(os.environ["CUDA_HOME"]) / "bin" / name] if os.environ.get("CUDA_HOME") else []
+    found = next((str(p) for p in places if p.exists()), None) or shutil.which(name)
+    if found is None:
+        try:
+            triton_copy = _triton_tool(name)
+        except ImportError:
+            return None
+        found = triton_copy if Path(triton_copy).exists() else None
+    return found
+
+
 def ptxas_log(ptx: str, arch: int) -> str:
     """``ptxas -v`` on PTX, with Triton's own ptxas."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,13 +76,18 @@ def ptxas_log(ptx: str, arch: int) -> str:
     return done.stdout + done.stderr
 
 
-def disassemble(cubin: bytes, function: Optional[str] = None) -> list[str]:
-    """The SASS instructions of a cubin (``nvdisasm``), of ``function`` only when given, with labels."""
+def sass_text(cubin: bytes, nvdisasm: Optional[str] = None) -> str:
+    """``nvdisasm -c`` of a cubin (Triton's nvdisasm unless another is given)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        text = subprocess.run([_triton_tool("nvdisasm"), "-c", str(path)], capture_output=True, text=True,
+        return subprocess.run([nvdisasm or _triton_tool("nvdisasm"), "-c", str(path)], capture_output=True, text=True,
                               check=True).stdout
+
+
+def disassemble(cubin: bytes, function: Optional[str] = None) -> list[str]:
+    """The SASS instructions of a cubin (``nvdisasm``), of ``function`` only when given, with labels."""
+    text = sass_text(cubin)
     lines, inside = [], function is None
     for line in text.splitlines():
         if line.startswith("//----") or line.lstrip().startswith(".section"):
@@ -98,6 +121,65 @@ def loops(sass: list[str]) -> list[list[str]]:
             spans.append((labels[branch.group(1)], len(body)))
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     return [body[a:b] for a, b in inner]
+
+
+_SECTION = re.compile(r"\.text\.(\S+?)(?:,|\s|$)")
+_CALLEE = re.compile(r"^\$(\S+?)\$(\S+):$")
+
+
+def sass_functions(text: str) -> dict[tuple[str, str], list[str]]:
+    """The functions of nvdisasm's output, keyed by (kernel, function) mangled names: a kernel's own
+    code (function == kernel) and the device functions it calls, which ptxas places in the kernel's
+    section under the label ``$kernel$function:``; each a list of SASS lines (labels, instructions)."""
+    functions: dict[tuple[str, str], list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("//----") or line.lstrip().startswith(".section"):
+            match = _SECTION.search(line)
+            current = (match.group(1), match.group(1)) if match else None
+            continue
+        callee = _CALLEE.match(line)
+        if callee:
+            current = (callee.group(1), callee.group(2))
+            continue
+        if current is not None and (line.startswith(".L_") or "/*" in line):
+            functions.setdefault(current, []).append(line)
+    return functions
+
+
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+
+
+def ptxas_functions(log: str) -> dict[tuple[str, str], dict]:
+    """``ptxas -v`` per (kernel, function), as sass_functions keys them (ptxas compiles a kernel's
+    device functions with it and lists them after it): registers (kernels), stack and spill bytes
+    (parse_ptxas's keys)."""
+    found: dict[tuple[str, str], dict] = {}
+    kernel = current = None
+    for line in log.splitlines():
+        entry = _ENTRY.search(line)
+        if entry:
+            kernel = entry.group(1)
+            continue
+        props = _PROPERTIES.search(line)
+        if props and kernel is not None:
+            current = (kernel, props.group(1))
+            found.setdefault(current, {})
+            continue
+        if current is not None:
+            found[current].update(parse_ptxas(line))
+    return found
+
+
+def element_loop(sass: list[str], load: str, loads_per_pack: int, pack: int) -> tuple[list[str], int]:
+    """The per-element loop of a function: its innermost loop with the most ``load`` instructions (e.g.
+    LDS: the loads of the row's packs), and the elements one iteration handles, ``pack`` per
+    ``loads_per_pack`` loads (an unrolled loop handles several packs). ([], 0) if it has none."""
+    scored = [(sum(1 for i in body if i.split()[0 if not i.startswith("@") else 1].startswith(load)), body)
+              for body in loops(sass)]
+    count, body = max(scored, key=lambda cb: cb[0], default=(0, []))
+    return (body, pack * count // loads_per_pack) if count else ([], 0)
 
 
 def instructions(sass: list[str]) -> list[str]:
@@ -191,9 +273,9 @@ def summary(records: list[dict], wall: float) -> str:
             f"spill; registers {min(regs, default='?')}-{max(regs, default='?')}; wall {wall:.0f} s")
 
 
-def markdown(path: Path = REPORT) -> str:
-    """The report as the table of docs/performance.md: forward KL's default launches per entry."""
-    entries = json.loads(path.read_text())["entries"]
+def markdown(path: Path = REPORT, backend: Optional[str] = None) -> str:
+    """The report as the table of docs/performance.md (one backend's entries when given)."""
+    entries = [e for e in json.loads(path.read_text())["entries"] if backend in (None, e["backend"])]
     lines = ["| backend | entry | dtype | objective | divergence | instructions / element | MUFU / element | "
              "registers | spills | CTAs / SM |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for e in entries:
@@ -206,6 +288,7 @@ def markdown(path: Path = REPORT) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--backend", choices=("triton", "cuda"), default=None, help="only this backend's entries")
     args = parser.parse_args()
-    print(markdown())
+    print(markdown(backend=args.backend))
     sys.exit(0)

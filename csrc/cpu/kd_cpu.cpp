@@ -93,10 +93,12 @@ ForwardOutputs fused_kd_forward_cpu(const at::Tensor& student, const at::Tensor&
                                     bool grad_teacher, const std::optional<at::Tensor>& labels, int64_t ignore_index,
                                     double label_smoothing, double ce_weight, double kd_weight,
                                     const std::string& divergence, double beta, double dkd_alpha,
-                                    double dkd_beta) {
+                                    double dkd_beta, const std::optional<at::Tensor>& temperature_rows,
+                                    bool grad_temperature) {
   constexpr const char* op = "logitstd::fused_kd_forward";
   const FusedArgs a{student, teacher, mask, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
-                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta};
+                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta,
+                    temperature_rows, grad_temperature};
   const at::ScalarType acc = check_forward_args(op, a, c10::DeviceType::CPU);
   check_label_values_cpu(op, labels, student.size(1), ignore_index);
   return fused_forward_front(a, acc, grad_student, grad_teacher, [&](const KdProblem& p) {
@@ -114,11 +116,12 @@ void fused_kd_regrad_cpu(const at::Tensor& student, const at::Tensor& teacher, c
                          int64_t correction, double eps, const at::Tensor& grad_x, const at::Tensor& grad_y,
                          const std::optional<at::Tensor>& labels, int64_t ignore_index, double label_smoothing,
                          double ce_weight, double kd_weight, const std::string& divergence, double beta,
-                         double dkd_alpha, double dkd_beta) {
+                         double dkd_alpha, double dkd_beta, const std::optional<at::Tensor>& temperature_rows) {
   constexpr const char* op = "logitstd::fused_kd_regrad_";
   const std::optional<at::Tensor> rows(active);
   const FusedArgs a{student, teacher, rows, grad_scale, tau_s, tau_t, standardize, correction, eps, labels,
-                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta};
+                    ignore_index, label_smoothing, ce_weight, kd_weight, divergence, beta, dkd_alpha, dkd_beta,
+                    temperature_rows, false};
   fused_regrad_front(op, a, grad_x, grad_y, c10::DeviceType::CPU, [&](const KdProblem& p, at::ScalarType) {
     check_label_values_cpu(op, labels, student.size(1), ignore_index);
     run_rows(p);

@@ -77,8 +77,9 @@ bool skip_excluded(const KdProblem& p, int64_t r) {
   if (!p.zero_excluded) return true;  // recomputation: excluded rows keep their gradient
   if (p.loss != nullptr) static_cast<T*>(p.loss)[r] = T(0);
   store_parts(p, r, T(0), T(0));
-  if constexpr (kGx) zero_row(p.x_dtype, p.grad_x, r * p.cols, p.cols);
-  if constexpr (kGy) zero_row(p.y_dtype, p.grad_y, r * p.cols, p.cols);
+  if (kGx && p.grad_x != nullptr) zero_row(p.x_dtype, p.grad_x, r * p.cols, p.cols);
+  if (kGy && p.grad_y != nullptr) zero_row(p.y_dtype, p.grad_y, r * p.cols, p.cols);
+  if (p.tau_grad != nullptr) static_cast<T*>(p.tau_grad)[r] = T(0);
   return true;
 }
 
@@ -98,6 +99,7 @@ struct RowState {
   int64_t target = -1;  // decoupled KD: the label (its exponentials zeroed in the scratch rows)
   DkdTarget<T> dkd{};
   T dkd_alpha = T(0), dkd_beta = T(0);
+  T tau_s = T(1), tau_t = T(1);  // the row's temperatures (a learnable one: p.tau_rows)
 };
 
 // The row's statistics, exponentials (stored when `store`: a gradient or a pointwise divergence
@@ -113,7 +115,9 @@ RowState<T> row_state(const KdProblem& p, int64_t r, Scratch<T>& s, bool store, 
   const T eps = static_cast<T>(p.eps);
   st.sx = row_stats(st.x, n, dof, eps, p.standardize);
   st.sy = row_stats(st.y, n, dof, eps, p.standardize);
-  st.plan = make_exp_plan(st.sx, st.sy, static_cast<T>(p.tau_s), static_cast<T>(p.tau_t), T(1));
+  st.tau_s = p.tau_rows != nullptr ? static_cast<const T*>(p.tau_rows)[r * p.tau_stride] : static_cast<T>(p.tau_s);
+  st.tau_t = p.tau_rows != nullptr ? st.tau_s : static_cast<T>(p.tau_t);
+  st.plan = make_exp_plan(st.sx, st.sy, st.tau_s, st.tau_t, T(1));
   const Divergence div = static_cast<Divergence>(p.divergence);
   // Without standardization a row of extreme magnitude can have |b - a| near the float range, and
   // sums of e^b (b - a) would overflow: its exponentials are taken e^-(log V + 1) smaller (the same
@@ -228,7 +232,7 @@ void student_gradient(const KdProblem& p, int64_t r, const RowState<T>& st, cons
   const T smoothing = static_cast<T>(p.label_smoothing);
   const T kd_scale = grad_scale * static_cast<T>(p.kd_weight);
   const TermCoef<T> c = term_coefficients(ts.gx, ts.sx, classes, st.sx, static_cast<T>(n - p.correction),
-                                          kd_scale * static_cast<T>(p.tau_s), p.standardize, static_cast<T>(p.eps));
+                                          kd_scale * st.tau_s, p.standardize, static_cast<T>(p.eps));
   CeGrad<T> ce;
   if (has_labels) {
     ce.ez = s.ez.get();
@@ -261,8 +265,7 @@ template <class T>
 void teacher_gradient(const KdProblem& p, int64_t r, const RowState<T>& st, const TermSums<T>& ts, Scratch<T>& s,
                       T grad_scale) {
   const int64_t n = st.n;
-  const T tau_s = static_cast<T>(p.tau_s);
-  const T scale = grad_scale * static_cast<T>(p.kd_weight) * tau_s * tau_s / static_cast<T>(p.tau_t);
+  const T scale = grad_scale * static_cast<T>(p.kd_weight) * st.tau_s * st.tau_s / st.tau_t;
   const TermCoef<T> c = term_coefficients(ts.gy, ts.sy, static_cast<T>(n), st.sy, static_cast<T>(n - p.correction),
                                           scale, p.standardize, static_cast<T>(p.eps));
   const bool direct = is_acc_dtype<T>(p.y_dtype);
@@ -275,8 +278,9 @@ void teacher_gradient(const KdProblem& p, int64_t r, const RowState<T>& st, cons
 template <class T, bool kGx, bool kGy>
 TermSums<T> row_terms(const KdProblem& p, const RowState<T>& st, Scratch<T>& s) {
   const Divergence div = st.div.div;
+  const bool sums = p.standardize || p.tau_grad != nullptr;  // G and S: the chain rule's, or d/d tau's
   if (div != Divergence::kForwardKl && div != Divergence::kDkd) {
-    return div_term_pass<T, kGx, kGy>(st.x, st.y, st.n, p.standardize, st.plan, st.sx, st.sy, st.div, s.ea.get(),
+    return div_term_pass<T, kGx, kGy>(st.x, st.y, st.n, sums, st.plan, st.sx, st.sy, st.div, s.ea.get(),
                                       s.eb.get(), st.pointwise, s.g.get(), s.h.get());
   }
   const T kl_cross = kl_cross_term(st.sums, T(1));
@@ -286,7 +290,7 @@ TermSums<T> row_terms(const KdProblem& p, const RowState<T>& st, Scratch<T>& s) 
     if (st.target < 0) return TermSums<T>{T(NAN), T(NAN), T(NAN), T(NAN)};  // (a label out of range)
     dkd_term_coefficients(st.dkd, st.dkd_alpha, st.dkd_beta, st.sums.za, st.sums.zb, kl_cross, rza, rzb, teacher);
   }
-  TermSums<T> ts = term_pass<T, kGx, kGy>(st.x, st.y, st.n, p.standardize, st.plan, st.sx, st.sy, rza, rzb, teacher,
+  TermSums<T> ts = term_pass<T, kGx, kGy>(st.x, st.y, st.n, sums, st.plan, st.sx, st.sy, rza, rzb, teacher,
                                           s.ea.get(), s.eb.get());
   if (st.target >= 0) {  // decoupled KD's target class: its own terms (its exponentials were zeroed)
     const int64_t g = st.target;
@@ -294,7 +298,7 @@ TermSums<T> row_terms(const KdProblem& p, const RowState<T>& st, Scratch<T>& s) 
     const T term_y = st.dkd_alpha * st.dkd.delta * st.dkd.p_g * st.dkd.rest_p;
     if (kGx) s.ea[g] = term_x;
     if (kGy) s.eb[g] = term_y;
-    if (p.standardize) {
+    if (sums) {
       ts.gx += kGx ? term_x : T(0);
       ts.sx += kGx ? term_x * centered(st.x[g], st.sx) : T(0);
       ts.gy += kGy ? term_y : T(0);
@@ -322,8 +326,7 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   }
   const T divergence = row_divergence(st, s, p.loss != nullptr);
   if (p.loss != nullptr) {
-    const T tau_s = static_cast<T>(p.tau_s);
-    const T kd = refined_row_loss(divergence, tau_s);  // tau_s^2 D
+    const T kd = refined_row_loss(divergence, st.tau_s);  // tau_s^2 D
     const T ce = has_labels ? row_ce_of(p, st, ce_sums, label, label_ok) : T(0);
     static_cast<T*>(p.loss)[r] =
         row_objective(ce, kd, static_cast<T>(p.ce_weight), static_cast<T>(p.kd_weight), has_labels);
@@ -332,8 +335,12 @@ void run_row(const KdProblem& p, int64_t r, Scratch<T>& s) {
   if constexpr (kGrad) {
     const TermSums<T> ts = row_terms<T, kGx, kGy>(p, st, s);
     const T grad_scale = static_cast<const T*>(p.grad_scale)[r * p.grad_scale_stride];
-    if constexpr (kGx) student_gradient(p, r, st, ts, ce_sums, label, label_ok, s, grad_scale);
-    if constexpr (kGy) teacher_gradient(p, r, st, ts, s, grad_scale);
+    if (kGx && p.grad_x != nullptr) student_gradient(p, r, st, ts, ce_sums, label, label_ok, s, grad_scale);
+    if (kGy && p.grad_y != nullptr) teacher_gradient(p, r, st, ts, s, grad_scale);
+    if (p.tau_grad != nullptr) {  // d(tau^2 D)/d tau = 2 tau D - S_x / s_x - S_y / s_y (docs/design.md section 9)
+      const T dkd = T(2) * st.tau_s * divergence - ts.sx / st.sx.s - ts.sy / st.sy.s;
+      static_cast<T*>(p.tau_grad)[r] = grad_scale * static_cast<T>(p.kd_weight) * dkd;
+    }
   }
 }
 
@@ -356,8 +363,9 @@ void run_rows(const KdProblem& p, int64_t begin, int64_t end) {
 
 template <class T>
 void dispatch_grads(const KdProblem& p, int64_t begin, int64_t end) {
-  const bool gx = p.grad_x != nullptr;
-  const bool gy = p.grad_y != nullptr;
+  const bool tau = p.tau_grad != nullptr;  // d/d tau needs both rows' terms
+  const bool gx = p.grad_x != nullptr || tau;
+  const bool gy = p.grad_y != nullptr || tau;
   if (gx && gy) {
     run_rows<T, true, true>(p, begin, end);
   } else if (gx) {

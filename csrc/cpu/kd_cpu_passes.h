@@ -105,7 +105,7 @@ RowSums<T> exp_pass(const T* x, const T* y, int64_t n, const ExpPlan<T>& plan, T
     int64_t i = b0;
     for (; i + W <= b1; i += W) body(i, W);
     if (i < b1) body(i, b1 - i);
-    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), lane_sum(tabs), T(0), T(0), T(0), T(0)});
+    total = add_sums(total, RowSums<T>{lane_sum(za), lane_sum(zb), lane_sum(t), lane_sum(tabs)});
     rtotal.r += lane_sum(r);
     rtotal.rabs += lane_sum(rabs);
   }

@@ -13,6 +13,9 @@ namespace cuda {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMinCtasPerSm = 3;
+// jsd, tvd and Jeffreys keep more values per element (their pointwise terms, both KLs' sums): at
+// three CTAs per SM (<= 80 registers) they spill; two (<= 128 registers) do not.
+constexpr int kMinCtasPerSmHeavy = 2;
 
 // Shared memory per CTA for its chunk of the (student, teacher) row pair: the cluster size is the
 // smallest power of two that brings a CTA's chunk under this (bf16: V = 32768 -> 2 CTAs,

@@ -33,7 +33,7 @@ from ..reference import accumulation_dtype
 
 _RECOMPUTE_SCHEMA = ("(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, Tensor grad_scale, "
                      + cfg.op_schema_fields() + ", bool grad_student, bool grad_teacher, str backend, "
-                     + cfg.op_schema_tail() + ") -> (Tensor, Tensor)")
+                     + cfg.op_schema_tail() + ", Tensor? temperature_rows=None) -> (Tensor, Tensor)")
 
 
 def _recompute_grads(student, teacher, labels, mask, grad_scale, *rest):
@@ -45,10 +45,15 @@ def _recompute_grads(student, teacher, labels, mask, grad_scale, *rest):
     """
     count = len(cfg.OP_FIELDS)
     settings, (grad_student, grad_teacher, backend), tail = rest[:count], rest[count:count + 3], rest[count + 3:]
+    tail, temperature_rows = tail[:len(cfg.OP_TAIL_FIELDS)], (tail[len(cfg.OP_TAIL_FIELDS):] or (None,))[0]
     config = DistillConfig.from_op_args(*settings, tail=tail, validate=False)  # from a checked config
-    _, grad_s, grad_t, _, _ = backend_module(backend).fused_forward(
-        student, teacher, labels, None if mask is None else mask.contiguous(), grad_scale, config, grad_student,
-        grad_teacher)
+    module = backend_module(backend)
+    args = (student, teacher, labels, None if mask is None else mask.contiguous(), grad_scale, config, grad_student,
+            grad_teacher)
+    if temperature_rows is None:
+        _, grad_s, grad_t, _, _ = module.fused_forward(*args)
+    else:
+        _, grad_s, grad_t, *_ = module.fused_forward_with_temperature(*args, temperature_rows, False)
     return grad_s, grad_t
 
 
@@ -84,6 +89,7 @@ def save_gradients(ctx, inputs, grad_s: torch.Tensor, grad_t: torch.Tensor,
     ctx.config = inputs.config
     ctx.backend = inputs.backend
     ctx.requested = (inputs.grad_student, inputs.grad_teacher)
+    ctx.temperature_rows = None if inputs.temperature_rows is None else inputs.temperature_rows.detach()
 
 
 def is_traced(saved: torch.Tensor) -> bool:
@@ -124,7 +130,7 @@ def _recompute(ctx, saved_s: torch.Tensor, saved_t: torch.Tensor, grad_loss: tor
     config: DistillConfig = ctx.config
     if not in_place:
         new_s, new_t = recompute_grads(student, teacher, labels, mask, factor, *config.op_args(), redo_s, redo_t,
-                                       ctx.backend, *config.op_tail_args())
+                                       ctx.backend, *config.op_tail_args(), ctx.temperature_rows)
         return (new_s if redo_s else saved_s), (new_t if redo_t else saved_t)
     # Rows whose incoming gradient is exactly 1 keep the forward's gradient (skipped on the device;
     # on the CPU no launch at all when every row is such a row).
@@ -133,7 +139,8 @@ def _recompute(ctx, saved_s: torch.Tensor, saved_t: torch.Tensor, grad_loss: tor
     if student.device.type != "cpu" or bool(active.any()):
         backend_module(ctx.backend).fused_regrad_(
             student, teacher, labels, active.contiguous(), factor, config,
-            saved_s if redo_s else student.new_empty((0,)), saved_t if redo_t else teacher.new_empty((0,)))
+            saved_s if redo_s else student.new_empty((0,)), saved_t if redo_t else teacher.new_empty((0,)),
+            ctx.temperature_rows)
     return saved_s, saved_t
 
 

@@ -285,7 +285,9 @@ def _grads_tile(x, y, m, offs, out_offs, gx_ptr, gy_ptr, keep, cx, cy, x0c, y0c,
             out = tl.where(label_ok, out, float("nan"))
         store_grad(gx_ptr, out_offs, m, out, keep, ZERO_EXCLUDED, ROUND_BF16, STREAM)
     if GRAD_T:
-        out_t = teacher_term(ea, eb, l, r_za, r_zb, kl_f, h, e_ph, DIV) * a_t + (e0y * c_t + d_t)
+        # c_t = 0 without standardization: a -inf teacher logit (e0y = -inf) adds 0, not 0 * -inf
+        e0_term = tl.where(c_t == 0.0, 0.0, e0y * c_t)
+        out_t = teacher_term(ea, eb, l, r_za, r_zb, kl_f, h, e_ph, DIV) * a_t + (e0_term + d_t)
         store_grad(gy_ptr, out_offs, m, out_t, keep, ZERO_EXCLUDED, ROUND_BF16, STREAM)
 
 

@@ -120,7 +120,8 @@ def fused_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional
 
 
 def fused_regrad_(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], active: torch.Tensor,
-                  grad_scale: torch.Tensor, config: DistillConfig, grad_x: torch.Tensor, grad_y: torch.Tensor, *,
+                  grad_scale: torch.Tensor, config: DistillConfig, grad_x: torch.Tensor, grad_y: torch.Tensor,
+                  temperature_rows: Optional[torch.Tensor] = None, *,
                   kernel_config: Optional[KernelConfig] = None) -> None:
     """Recompute, in place, the gradients of the rows where ``active`` is true with their factor
     ``grad_scale[r]`` (one element or one per row); other rows are not touched and cost no traffic.
@@ -133,6 +134,8 @@ def fused_regrad_(student: torch.Tensor, teacher: torch.Tensor, labels: Optional
     """
     _check_rows("student", student)
     _check_rows("teacher", teacher)
+    if temperature_rows is not None:
+        raise NotImplementedError("the Triton kernels take no per-row temperature; use backend='cpu' or 'torch'")
     want_x, want_y = grad_x.numel() > 0, grad_y.numel() > 0
     if student.shape[0] == 0 or not (want_x or want_y):
         return

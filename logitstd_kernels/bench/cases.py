@@ -2,7 +2,8 @@
 
 A case is one (rows, vocab, dtype) problem; every provider is timed on it in every mode:
 ``forward`` (the loss of a training step: the student requires grad), ``backward`` (only the
-backward of that step) and ``full`` (both).
+backward of that step) and ``full`` (both); on request (``--modes``) also ``no_grad``, the loss
+alone with no input requiring grad (an evaluation step: no gradient is computed or written).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("forward", "backward", "full")
+MODES = ("forward", "backward", "full", "no_grad")
+DEFAULT_MODES = ("forward", "backward", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import DIVERGENCES
-from .cases import DTYPES, MODES, Case, build_cases, default_cases
+from .cases import DEFAULT_MODES, DTYPES, MODES, Case, build_cases, default_cases
 from . import accum_accuracy, distributed, fused_linear, objective
 from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
 from .providers import PROVIDERS, make_loss, split_provider, unavailable, with_divergence
@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=None,
                         help=f"comma-separated providers (default: {','.join(PROVIDERS)}; or the objective's "
                              "with --objective); unavailable ones are reported and skipped")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: forward,backward,full")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated, of {','.join(MODES)} (default: {','.join(DEFAULT_MODES)}); no_grad: the "
+                             "loss with no input requiring grad (reads student and teacher, writes no gradient)")
     parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16,float16 "
                         "(default: bfloat16,float32 on GPU, float32 on CPU)")
     parser.add_argument("--vocab", type=_ints, default=None, help="V values of the V sweep")
@@ -49,10 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmark the distillation objective (0.1 CE + 9 KD with token labels) instead of "
                              f"the KD loss; providers: {', '.join(objective.OBJECTIVE_PROVIDERS)}")
     parser.add_argument("--fused-linear", action="store_true",
-                        help="benchmark a full step through the lm_heads (fused_linear_distillation_loss vs the "
-                             "eager composition vs torch.compile of it vs Liger's LigerFusedLinearJSDLoss); "
-                             "grid: 8192 rows, H=4096, V=32768,131072, bf16 on GPU; 8192 rows, H=256, V=32000, "
-                             f"float32 on CPU; providers: {', '.join(fused_linear.PROVIDERS)}")
+                        help="benchmark a full step through the lm_heads (fused_linear_distillation_loss, with a "
+                             "float32 or bf16 weight-gradient accumulator, vs its GEMMs alone, the eager composition, "
+                             "torch.compile of it, Liger's LigerFusedLinearJSDLoss, orda-kernel and TRL's chunked "
+                             "divergence); grid: 8192 rows, H=4096, V=32768,131072, bf16 on GPU; 8192 rows, H=256, "
+                             f"V=32000, float32 on CPU; providers: {', '.join(fused_linear.PROVIDERS)}")
     parser.add_argument("--distributed", action="store_true",
                         help="time the vocabulary-parallel objective on 1, 2 and 4 gloo processes (CPU) and record "
                              "the bytes each rank sends per step (--rows, first --vocab value)")
@@ -81,7 +84,7 @@ def _inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 def _floor_bytes(case: Case, mode: str) -> int:
     size = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-    per_element = {"forward": 2 * size, "backward": size, "full": 3 * size}[mode]
+    per_element = {"forward": 2 * size, "no_grad": 2 * size, "backward": size, "full": 3 * size}[mode]
     return case.elements * per_element
 
 
@@ -102,6 +105,8 @@ def _measure(case: Case, mode: str, loss_fn, student: torch.Tensor, teacher: tor
 
     if mode == "forward":
         timing = time_step(forward, device, cpu_budget_s=cpu_budget)
+    elif mode == "no_grad":
+        timing = time_step(lambda: loss_fn(student, teacher), device, cpu_budget_s=cpu_budget)
     elif mode == "full":
         timing = time_step(full, device, cpu_budget_s=cpu_budget)
     else:
@@ -134,14 +139,15 @@ def _provider_results(case: Case, provider: str, modes: tuple[str, ...], student
             fn = objective.make_objective(base, **kd_options)
             violation = objective.objective_violation(
                 fn, student, teacher, labels, **kd_options, ce_weight=objective.gate_ce_weight(base),
-                eager_in_input_dtype=base in objective.SUMMED_IN_INPUT_DTYPE)
+                eager_in_input_dtype=base in objective.SUMMED_IN_INPUT_DTYPE, no_grad="no_grad" in modes)
 
             def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 return fn(x, y, labels)
         else:
             loss_fn = make_loss(base, **kd_options)
             # Liger's KL-divergence loss takes no gradient for its target: the student's is checked
-            violation = correctness_violation(loss_fn, student, teacher, teacher_grad=base != "liger", **kd_options)
+            violation = correctness_violation(loss_fn, student, teacher, teacher_grad=base != "liger",
+                                              no_grad="no_grad" in modes, **kd_options)
         if violation:
             return failed(violation)
         results = []
@@ -252,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
                 bench_run.results.append(result)
             last = bench_run.results[-1]
             cells.append(f"{provider} {last.median_ms:.3f} ms" if last.status == "ok" else f"{provider} {last.status[:40]}")
+            fill_speedups(bench_run.results)
+            paths = write_files(bench_run, args.out, paths, with_plot=False)  # a run stopped in a case keeps it
         progress(index, len(cases), f"rows={case.rows} V={case.vocab} {case.dtype} ({modes[-1]}): " + " | ".join(cells))
         del student, teacher
         fill_speedups(bench_run.results)

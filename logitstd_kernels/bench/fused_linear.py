@@ -1,90 +1,41 @@
 """Benchmark of a full distillation step through the lm_heads: forward + backward of the loss from the
 hidden states, the logits computed inside (``python -m logitstd_kernels bench --fused-linear``).
 
-Providers (one step = the loss from (N, H) hidden states and (V, H) lm_head weights, then
-``loss.backward()`` into the student's hidden states and weight):
-
-- ``fused``: ``fused_linear_distillation_loss`` (chunked; the backend ``"auto"`` picks);
-- ``torch``: the eager composition, ``distillation_loss(F.linear(h, W), F.linear(ht, Wt), labels)``
-  with the full logits (``backend="torch"``, the package's reference);
-- ``torch_compile``: ``torch.compile`` of that composition;
-- ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss(beta=0)`` (forward KL, chunked, pure PyTorch:
-  runs on the CPU too), plain KD only (it has no standardization); our side of that comparison is
-  the same objective: ``ce_weight=w_hard, kd_weight=w_soft / T**2, standardize=False``.
-
-Two objectives per run: the paper's (standardized, ``0.1 CE + 9 KD``, T = 2; sweep
-``fused_linear``) and plain KD with Liger's default weights (``0.5 CE + 0.5 KL``, T = 2; sweep
-``fused_linear_plain``). Before timing, each provider's loss and gradients on the first rows are
-checked against the float64 eager composition.
+The providers (ours, the GEMMs alone, eager PyTorch, torch.compile, Liger-Kernel, orda-kernel, TRL)
+are in ``linear_providers.py``. Three objectives per run, T = 2: the paper's (standardized,
+``0.1 CE + 9 KD``; sweep ``fused_linear``), plain KD with Liger's default weights (``0.5 CE + 0.5 KL``;
+sweep ``fused_linear_plain``) and the forward KL alone, without labels' cross-entropy (TRL's
+distillation loss; sweep ``fused_linear_kl``). Before timing, each provider's loss and gradients on
+the first rows are checked against the float64 eager composition (``gemms`` against its own eager
+objective).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..fused_linear import fused_linear_distillation_loss
+from .linear_providers import (BF16_ACCUMULATOR, NOT_THE_OBJECTIVE, PROVIDERS, StepLoss, make_step_loss, reference_step,
+                               unavailable)
 from .measure import copy_bandwidth_gbps, peak_memory_mb, time_step
 from .report import Result, Run, metadata, progress, write_files
 
-PROVIDERS = ("fused", "torch", "torch_compile", "liger")
 TEMPERATURE = 2.0
 OBJECTIVES = {  # sweep name -> the objective's keywords
     "fused_linear": dict(ce_weight=0.1, kd_weight=9.0, temperature=TEMPERATURE, standardize=True),
     "fused_linear_plain": dict(ce_weight=0.5, kd_weight=0.5 / TEMPERATURE**2, temperature=TEMPERATURE,
                                standardize=False),
+    "fused_linear_kl": dict(ce_weight=0.0, kd_weight=1 / TEMPERATURE**2, temperature=TEMPERATURE, standardize=False),
 }
+FIRST_SWEEP = next(iter(OBJECTIVES))
 GPU_GRID = dict(rows=8192, hidden=4096, vocab=(32768, 131072), dtypes=("bfloat16",))
 CPU_GRID = dict(rows=8192, hidden=256, vocab=(32000,), dtypes=("float32",))
 GATE_ROWS = 64
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-StepLoss = Callable[..., torch.Tensor]
-
-
-def unavailable(provider: str, device: torch.device, standardize: bool) -> Optional[str]:
-    if provider == "liger":
-        if standardize:
-            return "Liger-Kernel has no logit standardization (timed on the plain-KD objective)"
-        if importlib.util.find_spec("liger_kernel") is None:
-            return "liger-kernel is not installed (pip install liger-kernel)"
-    return None
-
-
-def _eager(h, w, ht, wt, labels, **options) -> torch.Tensor:
-    return fused_linear_distillation_loss(h, w, ht, wt, labels, backend="torch", **options)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled() -> StepLoss:
-    return torch.compile(_eager)
-
-
-def _liger(options: dict) -> StepLoss:
-    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
-    loss = LigerFusedLinearJSDLoss(weight_hard_loss=options["ce_weight"],
-                                   weight_soft_loss=options["kd_weight"] * options["temperature"] ** 2, beta=0.0,
-                                   temperature=options["temperature"])
-    return lambda h, w, ht, wt, labels: loss(h, w, ht, wt, labels)
-
-
-def make_step_loss(provider: str, options: dict) -> StepLoss:
-    """The provider's loss of (h, W, ht, Wt, labels) for the objective ``options``."""
-    if provider == "fused":
-        return functools.partial(fused_linear_distillation_loss, **options)
-    if provider == "torch":
-        return functools.partial(_eager, **options)
-    if provider == "torch_compile":
-        return functools.partial(_compiled(), **options)
-    if provider == "liger":
-        return _liger(options)
-    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
 def make_inputs(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Inputs:
@@ -106,22 +57,23 @@ def _loss_and_grads(fn: StepLoss, inputs: Inputs) -> tuple[torch.Tensor, torch.T
     return loss.detach(), h.grad, w.grad
 
 
-def gate_violation(fn: StepLoss, inputs: Inputs, options: dict) -> Optional[str]:
-    """None if ``fn`` agrees with the float64 eager composition on the first rows, else what differs.
+def gate_violation(fn: StepLoss, reference: StepLoss, inputs: Inputs, low_precision: bool = False) -> Optional[str]:
+    """None if ``fn`` agrees with ``reference`` (the eager composition) in float64 on the first rows, else
+    what differs.
 
     Tolerance: 1e-4 relative for float32 inputs, 3e-2 for bf16/fp16 (the matmuls and gradients are
-    rounded in that dtype), relative to each tensor's largest magnitude.
+    rounded in that dtype) or with ``low_precision`` (a bf16 gradient accumulator), relative to each
+    tensor's largest magnitude.
     """
     h, w, ht, wt, labels = inputs
     picked = (h[:GATE_ROWS], w, ht[:GATE_ROWS], wt, labels[:GATE_ROWS])
     got = _loss_and_grads(fn, picked)
-    want = _loss_and_grads(functools.partial(_eager, **options), tuple(
-        t.double() if t.is_floating_point() else t for t in picked))
-    rtol = 1e-4 if h.dtype == torch.float32 else 3e-2
+    want = _loss_and_grads(reference, tuple(t.double() if t.is_floating_point() else t for t in picked))
+    rtol = 1e-4 if h.dtype == torch.float32 and not low_precision else 3e-2
     for name, g, t in zip(("loss", "grad_hidden", "grad_weight"), got, want):
         err = float((g.double() - t).abs().max() / t.abs().max().clamp_min(1e-30))
         if not err <= rtol:
-            return f"{name} differs from the float64 eager composition by {err:.2e} (relative) > {rtol:g}"
+            return f"{name} differs from the float64 eager reference by {err:.2e} (relative) > {rtol:g}"
     return None
 
 
@@ -136,13 +88,13 @@ def _measure(provider: str, sweep: str, inputs: Inputs, dtype_name: str, device:
     options = OBJECTIVES[sweep]
     rows, vocab = inputs[0].shape[0], inputs[1].shape[0]
     base = Result(sweep, rows, vocab, dtype_name, "full", provider, "ok")
-    reason = unavailable(provider, device, options["standardize"])
+    reason = unavailable(provider, sweep, FIRST_SWEEP, options)
     if reason:
         base.status = f"unavailable: {reason}"
         return base
     try:
         fn = make_step_loss(provider, options)
-        violation = gate_violation(fn, inputs, options)
+        violation = gate_violation(fn, reference_step(provider, options), inputs, provider in BF16_ACCUMULATOR)
         if violation:
             base.status = f"failed: {violation}"
             return base
@@ -154,6 +106,8 @@ def _measure(provider: str, sweep: str, inputs: Inputs, dtype_name: str, device:
         base.median_ms, base.p20_ms, base.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
     except torch.OutOfMemoryError:
         base.status = "failed: out of memory"
+    except Exception as exc:  # a peer's (or our) error is this provider's result, not the end of the run
+        base.status = f"failed: {type(exc).__name__}: {exc}"
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -161,10 +115,11 @@ def _measure(provider: str, sweep: str, inputs: Inputs, dtype_name: str, device:
 
 
 def _speedups(results: list[Result]) -> None:
+    """Eager's time over each provider's, for the providers that compute the objective."""
     eager = {(r.sweep, r.vocab, r.dtype): r.median_ms for r in results if r.provider == "torch" and r.status == "ok"}
     for r in results:
         ref = eager.get((r.sweep, r.vocab, r.dtype))
-        if r.status == "ok" and ref:
+        if r.status == "ok" and ref and r.provider not in NOT_THE_OBJECTIVE:
             r.speedup_vs_torch = ref / r.median_ms
 
 
@@ -212,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         for provider in providers:
             result = _measure(provider, sweep, inputs, dtype_name, device, args.cpu_budget)
             bench_run.results.append(result)
+            _speedups(bench_run.results)
+            paths = write_files(bench_run, args.out, paths, with_plot=False)  # a run stopped in a case keeps it
             progress(index, len(cases), f"{sweep} V={vocab} {dtype_name} {provider}: "
                      + (f"{result.median_ms:.1f} ms, {result.peak_mem_mb or 0:.0f} MiB" if result.status == "ok"
                         else result.status))

@@ -159,7 +159,7 @@ def _row_picks(rows: int, check_rows: Optional[int], device: torch.device) -> Op
 
 def correctness_violation(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student: torch.Tensor,
                           teacher: torch.Tensor, check_rows: Optional[int] = None, teacher_grad: bool = True,
-                          **options) -> Optional[str]:
+                          no_grad: bool = False, **options) -> Optional[str]:
     """None if ``loss_fn`` (a "batchmean" loss) matches the reference on this case, else why not.
 
     The criterion is the tests' (``logitstd_kernels.testing``): in every row, the error against the
@@ -170,6 +170,8 @@ def correctness_violation(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
     teacher fails; ``teacher_grad=False`` checks the student's alone, for a provider whose target takes
     no gradient by design, such as Liger's KL-divergence loss), on every row, or on ``check_rows`` rows (the first, the last and a fixed random
     sample) when given. The references are computed a chunk of rows at a time (bounded memory).
+    ``no_grad=True`` also checks the loss of a call in which no input requires grad (the fused ops
+    take another path there, computing no gradient).
     """
     x = student.detach().requires_grad_(True)
     y = teacher.detach().requires_grad_(teacher_grad)
@@ -186,6 +188,9 @@ def correctness_violation(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
     exact = _chunked_reference_sum(student, teacher, torch.float64, chunk, **options) / rows
     eager = _chunked_reference_sum(student, teacher, None, chunk, **options) / rows
     violation = eager_error_violation("loss", loss.detach(), eager, exact)
+    if not violation and no_grad:
+        violation = eager_error_violation("loss (no input requires grad)", loss_fn(student.detach(), teacher.detach()),
+                                          eager, exact)
     if violation:
         return violation
     picks = _row_picks(rows, check_rows, student.device)

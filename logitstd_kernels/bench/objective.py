@@ -96,12 +96,13 @@ def make_objective(provider: str, temperature: float, standardize: bool, diverge
 def objective_violation(fn: ObjectiveFn, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                         temperature: float, standardize: bool, ce_weight: float = WEIGHTS["ce_weight"],
                         eager_in_input_dtype: bool = False, divergence: str = "forward_kl",
-                        beta: float = 0.5) -> Optional[str]:
+                        beta: float = 0.5, no_grad: bool = False) -> Optional[str]:
     """None if ``fn`` matches the reference objective (loss and student gradient, every row), else why not.
 
     The eager yardstick is the reference objective in float32 (``reduction="sum"``), or with
     ``eager_in_input_dtype`` the eager composition ``_eager`` on the inputs as given (its CE and KD
-    gradients rounded to their dtype before they are summed)."""
+    gradients rounded to their dtype before they are summed). ``no_grad=True`` also checks the loss of
+    a call in which no input requires grad."""
     x = student.detach().requires_grad_(True)
     loss = fn(x, teacher, labels)
     (grad_x,) = torch.autograd.grad(loss, (x,))
@@ -129,7 +130,11 @@ def objective_violation(fn: ObjectiveFn, student: torch.Tensor, teacher: torch.T
         violation = eager_error_violation("grad_student", grad_x[part], got_eager, want)
         if violation:
             return f"rows {start}..{min(start + chunk, rows) - 1}: {violation}"
-    return eager_error_violation("loss", loss.detach(), eager_sum / rows, exact_sum / rows)
+    violation = eager_error_violation("loss", loss.detach(), eager_sum / rows, exact_sum / rows)
+    if not violation and no_grad:
+        violation = eager_error_violation("loss (no input requires grad)", fn(student.detach(), teacher, labels),
+                                          eager_sum / rows, exact_sum / rows)
+    return violation
 
 
 def gate_ce_weight(provider: str) -> float:

@@ -109,8 +109,9 @@ def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: d
         **run_metadata(device, argv),
         "copy_bandwidth_gbps": round(copy_gbps, 1),
         "floor": "bytes that must move / measured copy bandwidth; forward reads student and teacher, "
-                 "backward writes the student gradient, full does both. The fused kernels write the gradient "
-                 "during the forward, so their forward/backward split differs from eager's: compare full",
+                 "backward writes the student gradient, full does both, no_grad (no input requires grad) reads "
+                 "student and teacher. The fused kernels write the gradient during the forward, so their "
+                 "forward/backward split differs from eager's: compare full",
         "peak_memory": ("torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda" else
                         "process peak resident set (VmHWM) above the resident set before the step"),
         **options,
@@ -120,7 +121,7 @@ def metadata(device: torch.device, argv: list[str], copy_gbps: float, options: d
 # Modes whose times are comparable across providers. Not "backward": the fused kernels compute the
 # gradient in the forward, and their backward only applies the incoming gradient (nothing at all for
 # a scalar loss's gradient of 1), so eager's backward time over theirs is no speedup of anything.
-SPEEDUP_MODES = ("forward", "full")
+SPEEDUP_MODES = ("forward", "full", "no_grad")
 BACKWARD_NOTE = ("no speedups: the fused kernels compute the gradient during the forward and their backward "
                  "only applies the incoming gradient, so their backward times are not comparable to eager's; "
                  "compare mode=full")
@@ -156,11 +157,13 @@ def new_stem(out_dir: Path, meta: dict) -> Path:
     return stem
 
 
-def write_files(run: Run, out_dir: Path, previous: Optional[dict[str, Path]] = None) -> dict[str, Path]:
-    """CSV and JSON (and a PNG when matplotlib is installed) named after the device and the date.
+def write_files(run: Run, out_dir: Path, previous: Optional[dict[str, Path]] = None,
+                with_plot: bool = True) -> dict[str, Path]:
+    """CSV and JSON (and a PNG when matplotlib is installed and ``with_plot``) named after the device
+    and the date.
 
-    ``previous``: the paths of an earlier call of the same run, rewritten in place; a new run picks
-    a name no earlier run has.
+    ``previous``: the paths of an earlier call of the same run, rewritten in place (a PNG written
+    before stays in the paths); a new run picks a name no earlier run has.
     """
     stem = previous["json"].with_suffix("") if previous else new_stem(out_dir, run.metadata)
     paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv")}
@@ -172,7 +175,7 @@ def write_files(run: Run, out_dir: Path, previous: Optional[dict[str, Path]] = N
         writer.writeheader()
         writer.writerows(asdict(r) for r in run.results)
     png = stem.with_suffix(".png")
-    if plot(run, png):
+    if (with_plot and plot(run, png)) or (previous and "png" in previous):
         paths["png"] = png
     return paths
 

@@ -27,7 +27,8 @@ NEEDS_CPU_KERNEL = needs(unavailable_reason("cpu", "cpu") is None, "the C++ CPU 
 
 STEP = """
 import sys, torch
-from logitstd_kernels.bench.fused_linear import OBJECTIVES, make_inputs, make_step_loss
+from logitstd_kernels.bench.fused_linear import OBJECTIVES, make_inputs
+from logitstd_kernels.bench.linear_providers import make_step_loss
 from logitstd_kernels.bench.measure import peak_memory_mb
 inputs = make_inputs(8192, 256, 32000, torch.float32, torch.device("cpu"))
 fn = make_step_loss(sys.argv[1], OBJECTIVES["fused_linear"])

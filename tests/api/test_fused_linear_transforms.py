@@ -160,8 +160,8 @@ def test_opcheck_with_transforms():
     h, w, b, ht, wt, bt = make_problem(6, 4, 5, 9, "cpu")
     labels = labels_for((6,), 9, "some-ignored", "cpu")
     args = (h.requires_grad_(True), w.requires_grad_(True), b, ht, wt, bt, None, labels, None, 2.0, 2.0, True, 1,
-            1e-7, -100, 0.0, 0.1, 9.0, "mean", 4, torch.float64, True, True, False, "cpu", "forward_kl", 0.5,
-            1.5, 0.5, 3.0, None)
+            1e-7, -100, 0.0, 0.1, 9.0, "mean", 4, torch.float64, True, True, False, "cpu",
+            *lsk.DistillConfig().op_tail_args(), 1.5, 0.5, 3.0, None)
     torch.library.opcheck(torch.ops.logitstd.fused_linear_distillation_loss.default, args)
 
 

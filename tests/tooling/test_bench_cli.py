@@ -5,6 +5,12 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+import torch
+
+from logitstd_kernels import reference
+from logitstd_kernels.bench import objective
+from logitstd_kernels.bench.measure import correctness_violation
 from logitstd_kernels.cli import main
 
 
@@ -93,3 +99,47 @@ def test_accum_accuracy_writes_its_results(tmp_path, capsys):
     assert len(data["results"]) == 3 * (1 + 2 * 3) and len(data["summary"]) == 1 + 2 * 3
     for row in data["summary"]:
         assert all(0 < row[key] < 0.05 for key in ("weight_grad_max", "weight_grad_norm", "hidden_grad_max")), row
+
+
+def test_no_grad_mode_times_the_loss_alone(tmp_path, capsys):
+    """``--modes no_grad``: the loss with no input requiring grad, beside the full step; its floor is
+    the two inputs' bytes (the full step's: those and the gradient's), its speedup over eager's no_grad."""
+    code = main(["bench", "--device", "cpu", "--vocab", "512", "--rows", "8", "--rows-sweep", "", "--providers",
+                 "torch,cpu", "--modes", "no_grad,full", "--cpu-budget", "0.05", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "mode=no_grad" in out
+    results = {(r["provider"], r["mode"]): r for r in json.loads(next(tmp_path.glob("*.json")).read_text())["results"]}
+    assert set(results) == {(p, m) for p in ("torch", "cpu") for m in ("no_grad", "full")}
+    for (provider, mode), r in results.items():
+        assert r["status"] == "ok", r
+        moved = r["gbps"] * 1e9 * r["median_ms"] * 1e-3
+        assert moved == pytest.approx(8 * 512 * 4 * (2 if mode == "no_grad" else 3))
+        assert (r["peak_mem_mb"] is None) == (mode == "no_grad")
+    fused, eager = results[("cpu", "no_grad")], results[("torch", "no_grad")]
+    assert fused["speedup_vs_torch"] == pytest.approx(eager["median_ms"] / fused["median_ms"])
+
+
+def test_the_gates_check_the_loss_without_gradients_when_no_grad_is_timed():
+    """A provider whose loss is right when the student requires grad and 1% off when no input does
+    passes the gates, unless the no_grad mode is timed (``no_grad=True``)."""
+    options = dict(temperature=2.0, standardize=True)
+    student, teacher = torch.randn(8, 64) * 3, torch.randn(8, 64) * 5
+    labels = objective.labels_for(8, 64, torch.device("cpu"))
+
+    def kd(x, y):
+        loss = reference.logitstd_kd_loss(x, y, **options)
+        return loss if x.requires_grad else loss * 1.01
+
+    assert correctness_violation(kd, student, teacher, **options) is None
+    assert "no input requires grad" in correctness_violation(kd, student, teacher, no_grad=True, **options)
+    eager = objective.make_objective("torch", **options)
+
+    def full(x, y, t):
+        loss = eager(x, y, t)
+        return loss if x.requires_grad else loss * 1.01
+
+    kwargs = dict(options, eager_in_input_dtype=True)
+    assert objective.objective_violation(full, student, teacher, labels, **kwargs) is None
+    assert "no input requires grad" in objective.objective_violation(full, student, teacher, labels, no_grad=True,
+                                                                      **kwargs)

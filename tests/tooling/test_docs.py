@@ -169,6 +169,34 @@ def test_readme_speed_table_comes_from_the_h200_results(tmp_path, monkeypatch):
     assert make_tables.speed_summary(tmp_path / "empty").startswith("No ")
 
 
+def test_divergence_runs_and_the_no_grad_mode_get_their_own_rows_and_columns(tmp_path, monkeypatch):
+    """A run of several divergences is a benchmark of its own (its forward-KL cases do not hide the KD
+    loss run's), a row per divergence and case; a run that timed the no_grad mode adds the fused
+    kernels' time and x floor there."""
+    make_tables = _make_tables_module(ROOT / "benchmarks" / "make_tables.py")
+    monkeypatch.setattr(make_tables, "result_files", lambda folder: sorted(folder.glob("*.json")))
+    meta = {"device": "Test GPU", "device_type": "cuda", "command": "bench", "torch": "t", "triton": "t",
+            "logitstd_kernels": "0", "git_commit": "abc", "copy_bandwidth_gbps": 1.0, "peak_memory": "allocated"}
+    kd = [_summary_result(1024, "torch", 8.0), _summary_result(1024, "triton", 2.0),
+          dict(_summary_result(1024, "triton", 0.75), mode="no_grad", x_floor=1.5)]
+    divergences = [_summary_result(1024, provider, ms) for provider, ms in
+                   (("torch", 8.0), ("triton", 2.5), ("torch@jsd", 9.0), ("triton@jsd", 3.0))]
+    files = {"a-kd.json": (dict(meta, date="2026-11-28T10:00:00+00:00", divergences=["forward_kl"]), kd),
+             "b-div.json": (dict(meta, date="2026-11-28T11:00:00+00:00", divergences=["forward_kl", "jsd"]),
+                            divergences)}
+    for name, (metadata, results) in files.items():
+        (tmp_path / name).write_text(json.dumps({"metadata": metadata, "results": results}))
+    text = make_tables.section(tmp_path)
+    blocks = text.split("\n\n")  # a caption, then its table, per file
+    kd_table, div_table = "\n".join(blocks[0:2]), "\n".join(blocks[2:4])
+    assert "a-kd.json" in kd_table and "KD loss, divergences forward_kl, jsd" in div_table
+    assert "| triton no_grad | triton no_grad x floor |" in kd_table
+    assert "| 8192 | 1024 | bfloat16 | 8 ms | 2 ms | 3.00 | 1 | 1 | 0.75 ms | 1.50 |" in kd_table
+    assert "| divergence | rows | V | dtype | torch | triton |" in div_table
+    assert "| jsd | 8192 | 1024 | bfloat16 | 9 ms | 3 ms |" in div_table
+    assert "| forward_kl | 8192 | 1024 | bfloat16 | 8 ms | 2.5 ms |" in div_table
+
+
 def test_check_covers_both_generated_files(tmp_path):
     """--check fails when either generated block is stale, names the file, and a run rewrites both."""
     script = ROOT / "benchmarks" / "make_tables.py"

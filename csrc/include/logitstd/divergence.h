@@ -1,5 +1,5 @@
 // The divergence family of the fused loss (docs/design.md section 8), shared by the CPU kernel (on
-// scalars and at::vec::Vectorized lanes) and the CUDA kernel. Include row_math.h first.
+// scalars and at::vec::Vectorized lanes) and the CUDA kernel.
 //
 // With q = e^sa / Za (student) and p = e^sb / Zb (teacher), delta = sb - sa in exponent units and
 // l = ln p - ln q = unit delta + lz, lz = log(Za / Zb), every divergence D(p, q) has the gradients
@@ -22,15 +22,17 @@
 
 #include <cstdint>
 
+#include "row_math.h"
+
 namespace logitstd {
 
 // kDkd: decoupled KD (the forward KL's passes over the non-target classes, plus its target-class
 // term; the CPU kernel's kd_cpu_kernel.cpp, dkd_* functions).
 enum class Divergence : int32_t { kForwardKl = 0, kReverseKl = 1, kJsd = 2, kJeffreys = 3, kTvd = 4, kDkd = 5 };
 
-LOGITSTD_HD bool has_forward(Divergence d) { return d == Divergence::kForwardKl || d == Divergence::kJeffreys; }
-LOGITSTD_HD bool has_reverse(Divergence d) { return d == Divergence::kReverseKl || d == Divergence::kJeffreys; }
-LOGITSTD_HD bool is_pointwise(Divergence d) { return d == Divergence::kJsd || d == Divergence::kTvd; }
+LOGITSTD_HD constexpr bool has_forward(Divergence d) { return d == Divergence::kForwardKl || d == Divergence::kJeffreys; }
+LOGITSTD_HD constexpr bool has_reverse(Divergence d) { return d == Divergence::kReverseKl || d == Divergence::kJeffreys; }
+LOGITSTD_HD constexpr bool is_pointwise(Divergence d) { return d == Divergence::kJsd || d == Divergence::kTvd; }
 
 LOGITSTD_HD float m_expm1(float v) { return expm1f(v); }
 LOGITSTD_HD double m_expm1(double v) { return expm1(v); }

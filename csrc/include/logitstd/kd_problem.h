@@ -50,6 +50,12 @@ struct KdProblem {
   double beta = 0.5;
   double dkd_alpha = 1.0;
   double dkd_beta = 8.0;
+  // A learnable temperature (CTKD): row r's tau_s = tau_t = tau_rows[r * tau_stride] (accumulation
+  // dtype; nullptr: the scalars above), and tau_grad (rows,) receives grad_scale[r] * d(objective row)
+  // / d tau (nullptr: not requested; the CPU kernel only).
+  const void* tau_rows = nullptr;
+  int64_t tau_stride = 0;
+  void* tau_grad = nullptr;
   bool acc_double = false;  // accumulate in float64 (either input is float64), else float32
 };
 

@@ -34,6 +34,8 @@ struct FusedArgs {
   const std::string& divergence;
   double beta;
   double dkd_alpha, dkd_beta;
+  const std::optional<at::Tensor>& temperature_rows;  // a per-row temperature (rows,) or (1,), or none
+  bool grad_temperature;                              // the sixth output: d(row)/d(temperature)
 };
 
 // The kernels' code of a divergence name (logitstd/divergence.h); the generalized JSD at beta = 0
@@ -62,7 +64,23 @@ inline void check_divergence(const char* op, const FusedArgs& a) {
 }
 
 // The forward's outputs: (rows, grad_student, grad_teacher, ce_rows, kd_rows).
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// A per-row temperature: floating, on the logits' device, (rows,) or (1,); its values are the caller's
+// to keep finite and > 0 (checked on the CPU by the Python layer, not here: no host synchronization).
+inline void check_temperature_rows(const char* op, const FusedArgs& a, at::ScalarType acc) {
+  if (!a.temperature_rows.has_value()) {
+    TORCH_CHECK_VALUE(!a.grad_temperature, op, ": grad_temperature needs temperature_rows");
+    return;
+  }
+  const at::Tensor& t = *a.temperature_rows;
+  TORCH_CHECK_VALUE(t.dim() == 1 && (t.size(0) == a.student.size(0) || t.size(0) == 1), op,
+                    ": temperature_rows must be of shape (", a.student.size(0), ",) or (1,), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == acc, op, ": temperature_rows must be in the accumulation dtype ", acc,
+                    ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == a.student.device(), op, ": temperature_rows is on ", t.device(), ", the logits on ",
+                    a.student.device());
+}
 
 // The checks of the forward on `device`; returns the accumulation dtype.
 inline at::ScalarType check_forward_args(const char* op, const FusedArgs& a, c10::DeviceType device) {
@@ -70,6 +88,7 @@ inline at::ScalarType check_forward_args(const char* op, const FusedArgs& a, c10
                                                     a.standardize, a.correction, a.eps);
   check_objective(op, a.student, a.labels, a.label_smoothing, a.ce_weight, a.kd_weight);
   check_divergence(op, a);
+  check_temperature_rows(op, a, acc);
   TORCH_CHECK_VALUE(a.student.device().type() == device, op, " (", c10::DeviceTypeName(device), "): student is on ",
                     a.student.device());
   return acc;
@@ -82,7 +101,8 @@ inline ForwardOutputs allocate_forward(const FusedArgs& a, at::ScalarType acc, b
   const auto options = a.student.options().dtype(acc);
   at::Tensor grad_x = grad_student ? at::empty({rows, cols}, a.student.options()) : at::empty({0}, a.student.options());
   at::Tensor grad_y = grad_teacher ? at::empty({rows, cols}, a.teacher.options()) : at::empty({0}, a.teacher.options());
-  return {at::empty({rows}, options), grad_x, grad_y, at::empty({rows}, options), at::empty({rows}, options)};
+  return {at::empty({rows}, options), grad_x, grad_y, at::empty({rows}, options), at::empty({rows}, options),
+          a.grad_temperature ? at::empty({rows}, options) : at::empty({0}, options)};
 }
 
 // The kernel-facing problem of a checked call. `loss`, `ce_rows`, `kd_rows` may be empty (the
@@ -101,6 +121,10 @@ inline KdProblem problem_of(const FusedArgs& a, at::ScalarType acc, const at::Te
   p.beta = a.beta;
   p.dkd_alpha = a.dkd_alpha;
   p.dkd_beta = a.dkd_beta;
+  if (a.temperature_rows.has_value()) {
+    p.tau_rows = a.temperature_rows->data_ptr();
+    p.tau_stride = a.temperature_rows->size(0) == 1 ? 0 : a.temperature_rows->stride(0);
+  }
   return p;
 }
 
@@ -113,6 +137,7 @@ ForwardOutputs fused_forward_front(const FusedArgs& a, at::ScalarType acc, bool 
   const at::Tensor factors = a.grad_scale.reshape({-1}).contiguous();
   KdProblem p = problem_of(a, acc, std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
                            std::get<4>(out), factors);
+  p.tau_grad = a.grad_temperature ? std::get<5>(out).data_ptr() : nullptr;
   run(p);
   return out;
 }
@@ -126,6 +151,7 @@ void fused_regrad_front(const char* op, const FusedArgs& a, const at::Tensor& gr
                                                    a.standardize, a.correction, a.eps, grad_x, grad_y);
   check_objective(op, a.student, a.labels, a.label_smoothing, a.ce_weight, a.kd_weight);
   check_divergence(op, a);
+  check_temperature_rows(op, a, acc);
   TORCH_CHECK_VALUE(a.student.device().type() == device, op, " (", c10::DeviceTypeName(device), "): student is on ",
                     a.student.device());
   if (a.student.size(0) == 0 || (grad_x.numel() == 0 && grad_y.numel() == 0)) return;

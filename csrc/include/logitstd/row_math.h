@@ -1,212 +1,29 @@
 // Row math of the fused logit-standardized KD loss, shared by the CPU kernel (host code, on scalars
 // and on at::vec::Vectorized lanes) and the CUDA kernel (device code). docs/design.md section 1 has the
-// derivation; this header is the single implementation of every formula the kernels use.
+// derivation; this header (with scalar_math.h, the scalar functions, and moments.h, the statistics,
+// which it includes) is the single implementation of every formula the kernels use.
 //
-// Per row of V logits (student x, teacher y) a kernel does:
+// Per row of V logits (student x, teacher y) the CPU kernel does (the CUDA kernel's passes build on
+// these functions in phase_math.h, phase_grads.h and phase_row.h):
 //   1. statistics: Moments (count, mean, M2, max) of x - shift and y - shift, where shift is the
 //      row's first element (a constant row is then exactly 0, and the mean of a row such as
 //      1000 + 0.01 * randn is computed from small numbers). Partial moments of blocks of the row
 //      are combined with Chan's pairwise merge; finalize_moments() gives sigma and s = sigma + eps.
 //   2. make_exp_plan(): the exponent of element k is sa_k = (x_k - max x) * xa = (a_k - max a) / unit
 //      ("units" of log: 1 for exp, ln 2 for exp2). The kernel accumulates RowSums:
-//        za = sum e^sa, zb = sum e^sb, t = sum e^sb * delta, saa = sum e^sa sa, sab = sum e^sb sa,
-//        sbb = sum e^sb sb, sbd = sum e^sb delta sb, with delta = sb - sa (kl_delta()).
-//   3. finalize_row(): loss = tau_s^2 * KL and the coefficients of the gradient formulas (the CUDA
-//      kernel on long rows); the CPU kernel, and the CUDA kernel on short rows, evaluate the same
-//      chain rule from per-element terms instead (student_term ... term_coefficients below)
-//        dL/dx_k = alpha_a e^sa_k - alpha_b e^sb_k - beta (x_k - shift_x) + beta_m       (grad_student_elem)
-//        dL/dy_k = gamma e^sb_k (unit delta_k - kl_cross) - beta (y_k - shift_y) + beta_m  (grad_teacher_elem)
-//      which are docs/design.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
+//        za = sum e^sa, zb = sum e^sb, t = sum e^sb * delta, tabs = sum |e^sb * delta|, with
+//        delta = sb - sa (kl_delta()); the loss is tau_s^2 * KL = tau_s^2 (unit t / zb + log(za / zb)).
+//   3. the chain rule from per-element terms (student_term ... term_coefficients below):
+//        dL/dv_k = A ((g_k - G / V) - dev_k S / ((V - c) sigma s))
+//      which is docs/design.md's  dL/dx = (g_u - u S s / ((V - c) sigma)) / s  with g_u = tau_s (q - p),
 //      and the same chain rule for the teacher with g_w = tau_s^2 p (log p - log q - KL) / tau_t,
 //      multiplied by grad_scale.
 #pragma once
 
-#include <cfloat>
-#include <cmath>
-#include <cstdint>
-
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define LOGITSTD_HD __host__ __device__ __forceinline__
-#else
-#define LOGITSTD_HD inline
-#endif
+#include "scalar_math.h"
+#include "moments.h"
 
 namespace logitstd {
-
-// ---------------------------------------------------------------------------------------------
-// Scalar math on float and double, the same spelling in host and device code.
-LOGITSTD_HD float m_sqrt(float v) { return sqrtf(v); }
-LOGITSTD_HD double m_sqrt(double v) { return sqrt(v); }
-LOGITSTD_HD float m_log(float v) { return logf(v); }
-LOGITSTD_HD double m_log(double v) { return log(v); }
-LOGITSTD_HD float m_log1p(float v) { return log1pf(v); }
-LOGITSTD_HD double m_log1p(double v) { return log1p(v); }
-LOGITSTD_HD float m_fma(float a, float b, float c) { return fmaf(a, b, c); }
-LOGITSTD_HD double m_fma(double a, double b, double c) { return fma(a, b, c); }
-#if defined(__CUDA_ARCH__)
-LOGITSTD_HD bool m_isfinite(float v) { return isfinite(v); }
-LOGITSTD_HD bool m_isfinite(double v) { return isfinite(v); }
-#else
-LOGITSTD_HD bool m_isfinite(float v) { return std::isfinite(v); }
-LOGITSTD_HD bool m_isfinite(double v) { return std::isfinite(v); }
-#endif
-
-// The most negative finite value: kl_delta() clamps -inf to it so that 0 * delta stays 0.
-template <class T> struct Lowest;
-template <> struct Lowest<float> { LOGITSTD_HD static float value() { return -FLT_MAX; } };
-template <> struct Lowest<double> { LOGITSTD_HD static double value() { return -DBL_MAX; } };
-
-// max and min that propagate NaN (fmaxf would drop it): a NaN logit must make its row NaN.
-LOGITSTD_HD float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
-LOGITSTD_HD double nan_max(double a, double b) { return (a != a || a > b) ? a : b; }
-LOGITSTD_HD float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
-LOGITSTD_HD double nan_min(double a, double b) { return (a != a || a < b) ? a : b; }
-LOGITSTD_HD float m_abs(float v) { return fabsf(v); }
-LOGITSTD_HD double m_abs(double v) { return fabs(v); }
-#if defined(__CUDA_ARCH__)
-LOGITSTD_HD float m_ldexp(float v, int e) { return ldexpf(v, e); }
-LOGITSTD_HD double m_ldexp(double v, int e) { return ldexp(v, e); }
-LOGITSTD_HD int m_ilogb(float v) { return ilogbf(v); }
-LOGITSTD_HD int m_ilogb(double v) { return ilogb(v); }
-#else
-LOGITSTD_HD float m_ldexp(float v, int e) { return std::ldexp(v, e); }
-LOGITSTD_HD double m_ldexp(double v, int e) { return std::ldexp(v, e); }
-LOGITSTD_HD int m_ilogb(float v) { return std::ilogb(v); }
-LOGITSTD_HD int m_ilogb(double v) { return std::ilogb(v); }
-#endif
-
-// v, or Lowest for v = -inf (NaN stays NaN). Used on delta = sb - sa: where the teacher
-// probability is exactly 0 (b = -inf without standardization) the term e^sb * delta must be 0,
-// as in F.kl_div, not 0 * -inf = NaN.
-LOGITSTD_HD float floor_lowest(float v) { return v < -FLT_MAX ? -FLT_MAX : v; }
-LOGITSTD_HD double floor_lowest(double v) { return v < -DBL_MAX ? -DBL_MAX : v; }
-
-#if defined(LOGITSTD_ROW_MATH_AT_VEC)
-// The same operations on at::vec::Vectorized lanes (CPU kernel; include <ATen/cpu/vec/vec.h> first).
-template <class T>
-inline at::vec::Vectorized<T> m_fma(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
-                                    const at::vec::Vectorized<T>& c) {
-  return at::vec::fmadd(a, b, c);
-}
-template <class T>
-inline at::vec::Vectorized<T> floor_lowest(const at::vec::Vectorized<T>& v) {
-  return at::vec::maximum(v, at::vec::Vectorized<T>(Lowest<T>::value()));  // NaN-propagating max
-}
-#endif
-
-// ---------------------------------------------------------------------------------------------
-// Statistics: Chan's parallel merge of (count, mean, M2) plus the max.
-// The moments are those of c * v - shift, where c is the row's magnitude scale (1 for every row
-// whose largest magnitude lies in MagnitudeRange, see magnitude_scale) and shift = c * v[0].
-template <class T>
-struct Moments {
-  T n;     // number of elements (exact up to 2^24 in float; only used as a merge weight)
-  T mean;  // mean of (c v - shift)
-  T m2;    // sum of squared deviations from mean
-  T max;   // max of c v (not shifted)
-  T min;   // min of c v
-};
-
-// The identity of merge_moments: no elements, max = -inf, min = +inf.
-template <class T>
-LOGITSTD_HD Moments<T> empty_moments() {
-  return Moments<T>{T(0), T(0), T(0), -static_cast<T>(INFINITY), static_cast<T>(INFINITY)};
-}
-
-// Chan, Golub & LeVeque: merge two partial moments. Exact for a constant row (both means 0).
-template <class T>
-LOGITSTD_HD Moments<T> merge_moments(const Moments<T>& a, const Moments<T>& b) {
-  if (b.n == T(0)) return Moments<T>{a.n, a.mean, a.m2, nan_max(a.max, b.max), nan_min(a.min, b.min)};
-  if (a.n == T(0)) return Moments<T>{b.n, b.mean, b.m2, nan_max(a.max, b.max), nan_min(a.min, b.min)};
-  const T n = a.n + b.n;
-  const T wb = b.n / n;
-  const T delta = b.mean - a.mean;
-  Moments<T> r;
-  r.n = n;
-  r.mean = m_fma(delta, wb, a.mean);
-  r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
-  r.max = nan_max(a.max, b.max);
-  r.min = nan_min(a.min, b.min);
-  return r;
-}
-
-// Magnitudes R = max |v| of a row whose moments are computed unscaled. Inside [lo, hi] the squared
-// deviations can neither overflow (V (2R)^2 < 2^128 for V < 2^31 needs R < 2^47) nor lose bits to
-// underflow (a nonzero spread of R-sized floats is at least R 2^-23, whose square over V - c stays
-// a normal number for R >= 2^-20). Outside, the row is standardized as c v with c = 2^-ilogb(R):
-// exact (c is a power of two), and the z-score is scale-free (eps is scaled by c too).
-template <class T> struct MagnitudeRange;
-template <> struct MagnitudeRange<float> {
-  LOGITSTD_HD static float lo() { return 0x1p-20f; }
-  LOGITSTD_HD static float hi() { return 0x1p40f; }
-  static constexpr int kMaxExp = 126;  // c stays a normal number
-};
-template <> struct MagnitudeRange<double> {
-  LOGITSTD_HD static double lo() { return 0x1p-400; }
-  LOGITSTD_HD static double hi() { return 0x1p400; }
-  static constexpr int kMaxExp = 1022;
-};
-
-// The magnitude scale c of a row from the max and min of the unscaled row: 1 when max |v| lies in
-// MagnitudeRange (nearly every row: then nothing is recomputed), or is 0 (a zero row) or not finite
-// (a NaN/Inf row keeps its NaN/Inf); otherwise 2^-ilogb(max |v|). Rows without standardization use
-// it too: their exponents (x - max x) / tau are then formed from c x, so x - max x cannot overflow.
-template <class T>
-LOGITSTD_HD T magnitude_scale(T max, T min) {
-  const T r = m_abs(max) > m_abs(min) ? m_abs(max) : m_abs(min);
-  if (!(r > T(0)) || !m_isfinite(r) || (r >= MagnitudeRange<T>::lo() && r <= MagnitudeRange<T>::hi())) return T(1);
-  int e = m_ilogb(r);
-  e = e > MagnitudeRange<T>::kMaxExp ? MagnitudeRange<T>::kMaxExp : e;
-  e = e < -MagnitudeRange<T>::kMaxExp ? -MagnitudeRange<T>::kMaxExp : e;
-  return m_ldexp(T(1), -e);
-}
-
-// What the rest of the row math needs from the statistics of one input row (scaled units).
-template <class T>
-struct RowStats {
-  T scale;  // c, the magnitude scale (a power of two; 1 for almost every row)
-  T shift;  // c * (the row's first element): the data are c v - shift
-  T mean;   // mean of (c v - shift)
-  T sigma;  // sqrt(M2 / (V - correction)) of c v; 0 when not standardizing
-  T s;      // sigma + c eps; c when not standardizing
-  T max;    // max of c v
-};
-
-// m: the moments of c v - shift (shift = c v[0]); eps is the caller's (unscaled) eps.
-template <class T>
-LOGITSTD_HD RowStats<T> finalize_moments(const Moments<T>& m, T scale, T shift, T dof, T eps, bool standardize) {
-  RowStats<T> r;
-  r.scale = scale;
-  r.shift = shift;
-  r.mean = m.mean;
-  r.max = m.max;
-  if (standardize) {
-    r.sigma = m_sqrt(m.m2 / dof);
-    r.s = r.sigma + eps * scale;
-  } else {  // a = x / tau = (c x) / (c tau): the exponents are differences of the small numbers c x
-    r.sigma = T(0);
-    r.s = scale;
-  }
-  return r;
-}
-
-// c v - shift - mean: the centered (scaled) logit; exact up to the final rounding (c v is exact).
-template <class V, class T>
-LOGITSTD_HD V centered(V v, const RowStats<T>& st) {
-  return (v * V(st.scale) - V(st.shift)) - V(st.mean);
-}
-
-// A row is computed by the fast path when every logit is finite; the kernels use this to choose
-// an exponential that is exact on NaN/Inf for the (rare) rows that need one.
-template <class T>
-LOGITSTD_HD bool row_is_finite(const Moments<T>& m) {
-  return m_isfinite(m.mean) && m_isfinite(m.max);
-}
-
-template <class T>
-LOGITSTD_HD bool row_is_finite(const RowStats<T>& st) {
-  return m_isfinite(st.mean) && m_isfinite(st.max);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Exponent arguments: sa = (x - max x) * xa, sb = (y - max y) * ya, in units of `unit`
@@ -247,44 +64,19 @@ LOGITSTD_HD V kl_delta(V sa, V sb) { return floor_lowest(sb - sa); }
 // (kl_needs_refinement).
 template <class T>
 struct RowSums {
-  T za, zb, t, tabs, saa, sab, sbb, sbd;
+  T za, zb, t, tabs;
 };
 
 template <class T>
-LOGITSTD_HD RowSums<T> zero_sums() { return RowSums<T>{T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)}; }
+LOGITSTD_HD RowSums<T> zero_sums() { return RowSums<T>{T(0), T(0), T(0), T(0)}; }
 
 template <class T>
 LOGITSTD_HD RowSums<T> add_sums(const RowSums<T>& a, const RowSums<T>& b) {
-  return RowSums<T>{a.za + b.za, a.zb + b.zb, a.t + b.t, a.tabs + b.tabs, a.saa + b.saa,
-                    a.sab + b.sab, a.sbb + b.sbb, a.sbd + b.sbd};
+  return RowSums<T>{a.za + b.za, a.zb + b.zb, a.t + b.t, a.tabs + b.tabs};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Loss and gradient coefficients of one row.
-template <class T>
-struct GradStudentCoef {
-  T alpha_a, alpha_b, beta, beta_m;
-};
-
-template <class T>
-struct GradTeacherCoef {
-  T gamma, unit, kl_cross, beta, beta_m;
-};
-
-template <class T>
-struct RowResult {
-  T loss;  // tau_s^2 * KL(p || q)
-  GradStudentCoef<T> gx;
-  GradTeacherCoef<T> gy;
-};
-
-// The coefficient of the standardization term: S s / ((V - c) sigma), 0 for a constant row
-// (sigma = 0, eps > 0), where u = 0 exactly and the term is 0 instead of 0 * inf.
-template <class T>
-LOGITSTD_HD T std_coefficient(T S, const RowStats<T>& st, T dof) {
-  return st.sigma > T(0) ? S * st.s / (dof * st.sigma) : T(0);
-}
-
+// The loss of one row.
 // E_p[(b - max b) - (a - max a)] (natural log units): KL = kl_cross + log(Z_a / Z_b).
 template <class T>
 LOGITSTD_HD T kl_cross_term(const RowSums<T>& sums, T unit) {
@@ -298,61 +90,6 @@ LOGITSTD_HD T row_loss(const RowSums<T>& sums, T tau_s, T unit) {
   return tau_s * tau_s * (kl_cross_term(sums, unit) + m_log(sums.za / sums.zb));
 }
 
-// The gradient coefficients from the exp pass's sums alone (the CUDA kernel: no extra pass).
-template <class T>
-LOGITSTD_HD RowResult<T> finalize_row(const RowSums<T>& sums, const RowStats<T>& sx, const RowStats<T>& sy,
-                                      T dof, T tau_s, T tau_t, bool standardize, T unit, T grad_scale) {
-  RowResult<T> r;
-  const T inv_za = T(1) / sums.za;
-  const T inv_zb = T(1) / sums.zb;
-  const T kl_cross = kl_cross_term(sums, unit);
-  const T tau2 = tau_s * tau_s;
-  r.loss = row_loss(sums, tau_s, unit);
-
-  // Student: S = sum g_u u = tau_s^2 (E_q[a] - E_p[a]) (g_u sums to 0, so any shift of a cancels).
-  // d/dx = c d/d(c x): the magnitude scale enters every coefficient once.
-  const T sx_s = sx.s;
-  const T gsx = grad_scale * sx.scale;
-  const T gsy = grad_scale * sy.scale;
-  r.gx.alpha_a = gsx * tau_s * inv_za / sx_s;
-  r.gx.alpha_b = gsx * tau_s * inv_zb / sx_s;
-  if (standardize) {
-    const T S = tau2 * unit * (sums.saa * inv_za - sums.sab * inv_zb);
-    r.gx.beta = gsx * std_coefficient(S, sx, dof) / (sx_s * sx_s);
-    r.gx.beta_m = r.gx.beta * sx.mean;
-  } else {  // no standardization term (the kernels pass xk = 0: a -inf logit must not give 0 * inf)
-    r.gx.beta = T(0);
-    r.gx.beta_m = T(0);
-  }
-
-  // Teacher: g_w = tau_s^2 p (delta - KL_cross) / tau_t, S = tau_s^2 Cov_p(delta, b).
-  const T sy_s = sy.s;
-  r.gy.gamma = gsy * tau2 * inv_zb / (tau_t * sy_s);
-  r.gy.unit = unit;
-  r.gy.kl_cross = kl_cross;
-  if (standardize) {
-    const T S = tau2 * unit * (unit * sums.sbd * inv_zb - kl_cross * sums.sbb * inv_zb);
-    r.gy.beta = gsy * std_coefficient(S, sy, dof) / (sy_s * sy_s);
-    r.gy.beta_m = r.gy.beta * sy.mean;
-  } else {
-    r.gy.beta = T(0);
-    r.gy.beta_m = T(0);
-  }
-  return r;
-}
-
-// Per-element gradients; V is a scalar (float, double) or a vector type with m_fma overloads.
-// xk = c x - shift_x when standardizing, else 0; ea = e^sa, eb = e^sb (all in the accumulation type).
-template <class V>
-LOGITSTD_HD V grad_student_elem(V ea, V eb, V xk, V alpha_a, V neg_alpha_b, V neg_beta, V beta_m) {
-  return m_fma(alpha_a, ea, m_fma(neg_alpha_b, eb, m_fma(neg_beta, xk, beta_m)));
-}
-
-template <class V>
-LOGITSTD_HD V grad_teacher_elem(V eb, V delta, V yk, V gamma, V unit, V neg_kl_cross, V neg_beta, V beta_m) {
-  return m_fma(gamma * eb, m_fma(delta, unit, neg_kl_cross), m_fma(neg_beta, yk, beta_m));
-}
-
 // ---------------------------------------------------------------------------------------------
 // The chain rule evaluated from the per-element terms themselves (the CPU kernel, which caches the
 // exponentials, so one more pass over a row is cheap). With the per-element term computed once,
@@ -362,8 +99,8 @@ LOGITSTD_HD V grad_teacher_elem(V eb, V delta, V yk, V gamma, V unit, V neg_kl_c
 //   dL/dv_k = A ((g_k - G / V) - dev_k S / ((V - c) sigma s)),
 // A = grad_scale tau_s / s_x (student) or grad_scale tau_s^2 / (tau_t s_y) (teacher): what autograd
 // computes through the mean and the std. Analytically G = 0 and S is the sums form of
-// finalize_row; evaluated from the same rounded g_k, the two terms stay consistent where they
-// cancel (V = 2, where the exact gradient is O(eps)).
+// phase_grads.h (chain_coefficients); evaluated from the same rounded g_k, the two terms stay
+// consistent where they cancel (V = 2, where the exact gradient is O(eps)).
 template <class V>
 LOGITSTD_HD V student_term(V ea, V eb, V rza, V neg_rzb) {
   return m_fma(ea, rza, eb * neg_rzb);
