@@ -161,6 +161,17 @@ def _masked_logsumexp(v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(any_valid, torch.logsumexp(filled, -1, keepdim=True), float("-inf"))
 
 
+def _valid_moments(r: torch.Tensor, valid: torch.Tensor, correction: int) -> tuple[torch.Tensor, ...]:
+    """``(c, mu, sigma)`` of each row's valid ``r`` in the units of ``c r``, ``c = 1 / max(1, max |r|)``
+    (no overflow for huge values; ``sigma`` 0 where ``n - correction <= 0``)."""
+    count = valid.sum(-1, keepdim=True)
+    c = 1.0 / torch.where(valid, r.abs(), 0.0).amax(-1, keepdim=True).clamp_min(1.0)
+    mu = torch.where(valid, r * c, 0.0).sum(-1, keepdim=True) / count.clamp_min(1)
+    dev = torch.where(valid, r * c - mu, 0.0)
+    dof = count - correction
+    return c, mu, torch.where(dof > 0, (dev * dev).sum(-1, keepdim=True) / dof.clamp_min(1), 0.0).sqrt()
+
+
 def sparse_teacher_logits(teacher: SparseRows, config: DistillConfig, acc: torch.dtype) -> torch.Tensor:
     """The teacher's KD logits ``b`` (N, k) at its entries, ``-inf`` where an entry is not valid
     (docs/design.md, section 9): ``r = values * T_gen`` (``kind="logprobs"``; ``values`` for logits),
@@ -169,24 +180,20 @@ def sparse_teacher_logits(teacher: SparseRows, config: DistillConfig, acc: torch
     valid = teacher.valid()
     scale = config.generation_temperature if teacher.kind == "logprobs" else 1.0
     r = teacher.values.to(acc) * scale
-    if config.standardize:
-        if teacher.row_std is not None:
-            mu, sigma = teacher.row_mean.to(acc)[:, None] * scale, teacher.row_std.to(acc)[:, None] * scale
-        else:
-            count = valid.sum(-1, keepdim=True)
-            mu = torch.where(valid, r, 0.0).sum(-1, keepdim=True) / count.clamp_min(1)
-            dev = torch.where(valid, r - mu, 0.0)
-            dof = count - config.correction
-            sigma = torch.where(dof > 0, (dev * dev).sum(-1, keepdim=True) / dof.clamp_min(1), 0.0).sqrt()
+    if not config.standardize:
+        b = r / config.teacher_temperature
+    elif teacher.row_std is not None:
+        mu, sigma = teacher.row_mean.to(acc)[:, None] * scale, teacher.row_std.to(acc)[:, None] * scale
         b = (r - mu) / (sigma + config.eps) / config.teacher_temperature
     else:
-        b = r / config.teacher_temperature
+        c, mu, sigma = _valid_moments(r, valid, config.correction)
+        b = (r * c - mu) / (sigma + config.eps * c) / config.teacher_temperature
     return torch.where(valid, b, float("-inf"))
 
 
 def _support_kl(log_p: torch.Tensor, log_q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``sum p (log p - log q)`` over the valid entries with p > 0 (their logs masked before the product)."""
-    on = valid & (log_p > float("-inf"))
+    """``sum p (log p - log q)`` over the valid entries with p != 0 (their logs masked before the product)."""
+    on = valid & (log_p != float("-inf"))  # NaN stays in: it makes its row NaN
     p = torch.where(on, log_p, float("-inf")).exp()
     return (p * (torch.where(on, log_p, 0.0) - torch.where(on, log_q, 0.0))).sum(-1)
 
@@ -222,7 +229,8 @@ def sparse_row_divergence(student: torch.Tensor, teacher: SparseRows, config: Di
     whole = valid.sum(-1, keepdim=True) == student.shape[-1]
     log_norm = torch.where(whole, lse_b, torch.maximum(normalizer, lse_b))
     log_p_tail = torch.log(-torch.expm1(lse_b - log_norm))  # -inf: no tail mass
-    outside = torch.ones_like(log_q, dtype=torch.bool).scatter(-1, ids, ~valid)  # (a dense mask: reference only)
+    # the classes outside the support (a dense mask: reference only); counts, since left-out entries stand at 0
+    outside = torch.zeros_like(log_q, dtype=torch.long).scatter_add(-1, ids, valid.long()) == 0
     log_q_tail = _masked_logsumexp(log_q, outside)
     tail = torch.where(log_p_tail > float("-inf"),
                        log_p_tail.exp() * (log_p_tail - torch.where(log_p_tail > float("-inf"), log_q_tail, 0.0)),
