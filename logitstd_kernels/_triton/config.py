@@ -147,3 +147,9 @@ def tuning_constexprs(cfg: KernelConfig, smoothing: bool = True) -> dict[str, ob
     """The blocked kernel's constexprs for ``cfg``'s switches (and ``SMOOTH``: label smoothing on);
     none for the register path."""
     return {} if cfg.register else {"EVICT_HINTS": cfg.evict_hints, "SMOOTH": smoothing}
+
+# The sparse-teacher kernel (sparse_kernel.py): one program per row streams the student row in tiles of
+# at most SPARSE_BLOCK classes (2048 x 4 bytes per tile per pass: 8 elements per thread at 8 warps,
+# the blocked path's tile of float32 rows); the teacher's k entries are one tile of next_pow2(k).
+SPARSE_BLOCK = 2048
+SPARSE_WARPS = 8

@@ -20,6 +20,7 @@ import formula
 import logitstd_kernels as lsk
 from logitstd_kernels.config import DistillConfig
 from logitstd_kernels._backends import unavailable_reason
+from support import needs
 
 F64 = torch.float64
 SUPPORTS = ("renormalize", "renormalize_teacher", "tail")
@@ -295,3 +296,48 @@ def _call(teacher=None, v=5, **options):
 def test_bad_input(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+FUSED = [b for b in BACKENDS if b != "torch"]
+
+
+def _as(teacher: lsk.SparseTeacher, dtype: torch.dtype) -> lsk.SparseTeacher:
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return lsk.SparseTeacher(teacher.ids, teacher.values.to(dtype), teacher.kind, cast(teacher.row_mean),
+                             cast(teacher.row_std), cast(teacher.log_normalizer), teacher.mask)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("support", SUPPORTS)
+def test_low_precision_within_eager_error(backend, dtype, support):
+    """float32 math (float32 / bf16 students): within 2x the eager reference's error in the same dtypes
+    (logitstd_kernels/testing.py), the bf16 gradient recomputed for an incoming gradient != 1."""
+    from logitstd_kernels.testing import assert_within_eager_error
+
+    n, v, k = 4, 67, 6
+    teacher = _padded_teacher(n, v, k)
+    x = (torch.randn(n, v, dtype=F64) * 3).to(dtype)
+    labels = torch.randint(0, v, (n,))
+    options = dict(support=support, ce_weight=0.2, kd_weight=1.1, upstream=torch.tensor(0.7))
+    fast = _loss_grad(x, _as(teacher, torch.float32), labels, backend=backend, **options)
+    eager = _loss_grad(x, _as(teacher, torch.float32), labels, backend="torch", **options)
+    exact = _loss_grad(x.double(), teacher, labels, backend="torch", **dict(options, upstream=torch.tensor(0.7, dtype=F64)))
+    for name, i in (("loss", 0), ("grad_student", 1)):
+        assert_within_eager_error(name, fast[i], eager[i], exact[i])
+
+
+@needs("triton" in FUSED, "the Triton backend does not run here")
+@pytest.mark.parametrize("support", SUPPORTS)
+def test_triton_rows_longer_than_a_tile(support, monkeypatch):
+    """Rows of several tiles (the moments merged across tiles, a partial last tile)."""
+    from logitstd_kernels._triton import sparse_launch
+
+    monkeypatch.setattr(sparse_launch, "SPARSE_BLOCK", 8)
+    teacher = _padded_teacher(4, 37, 5)
+    x = torch.randn(4, 37, dtype=F64) * 2 + 100.0
+    options = dict(support=support, reduction="none", temperature=1.5)
+    loss, grad = _loss_grad(x, teacher, backend="triton", **options)
+    want_loss, want_grad = _formula(x, teacher, options=options)
+    _close("loss", loss, want_loss, 1e-10)
+    _close("grad_student", grad, want_grad, 1e-10)
