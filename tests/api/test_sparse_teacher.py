@@ -102,7 +102,7 @@ def test_full_support_equals_the_dense_loss(backend, kind, standardize, support)
     _close("grad_student", sparse[1], dense[1], 1e-10)
 
 
-def _padded_teacher(n: int, v: int, k: int, *, kind="logits", stats=True, normalizer=True, tau_t=1.5,
+def padded_teacher(n: int, v: int, k: int, *, kind="logits", stats=True, normalizer=True, tau_t=1.5,
                     standardize=True, pad=True, t_gen=1.0) -> lsk.SparseTeacher:
     """A top-k teacher of random rows, with -inf padding and masked-out entries in some rows."""
     y = torch.randn(n, v, dtype=F64) * 3
@@ -125,7 +125,7 @@ def _padded_teacher(n: int, v: int, k: int, *, kind="logits", stats=True, normal
 def test_supports_match_the_formula(backend, support, standardize, stats, kind):
     n, v, k = 6, 29, 7
     t_gen = 1.3 if kind == "logprobs" else 1.0
-    teacher = _padded_teacher(n, v, k, kind=kind, stats=stats, standardize=standardize, t_gen=t_gen)
+    teacher = padded_teacher(n, v, k, kind=kind, stats=stats, standardize=standardize, t_gen=t_gen)
     x = torch.randn(n, v, dtype=F64) * 2
     labels = torch.randint(0, v, (n,))
     labels[3] = -100
@@ -144,7 +144,7 @@ def test_supports_match_the_formula(backend, support, standardize, stats, kind):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_reductions_and_incoming_gradient(backend, reduction):
     n, v, k = 5, 19, 4
-    teacher = _padded_teacher(n, v, k, pad=False)
+    teacher = padded_teacher(n, v, k, pad=False)
     x = torch.randn(v, 2 * n, dtype=F64).t()[::2]  # non-contiguous rows (strided along V)
     options = dict(temperature=1.5, support="tail", reduction=reduction)
     upstream = torch.rand(n, dtype=F64) + 0.5 if reduction == "none" else torch.tensor(1.9, dtype=F64)
@@ -316,7 +316,7 @@ def test_low_precision_within_eager_error(backend, dtype, support):
     from logitstd_kernels.testing import assert_within_eager_error
 
     n, v, k = 4, 67, 6
-    teacher = _padded_teacher(n, v, k)
+    teacher = padded_teacher(n, v, k)
     x = (torch.randn(n, v, dtype=F64) * 3).to(dtype)
     labels = torch.randint(0, v, (n,))
     options = dict(support=support, ce_weight=0.2, kd_weight=1.1, upstream=torch.tensor(0.7))
@@ -334,7 +334,7 @@ def test_triton_rows_longer_than_a_tile(support, monkeypatch):
     from logitstd_kernels._triton import sparse_launch
 
     monkeypatch.setattr(sparse_launch, "SPARSE_BLOCK", 8)
-    teacher = _padded_teacher(4, 37, 5)
+    teacher = padded_teacher(4, 37, 5)
     x = torch.randn(4, 37, dtype=F64) * 2 + 100.0
     options = dict(support=support, reduction="none", temperature=1.5)
     loss, grad = _loss_grad(x, teacher, backend="triton", **options)
