@@ -96,7 +96,7 @@ class SparseTeacher:
         mask: optional ``(..., k)`` bool, False for padding entries; entries equal to ``-inf`` are
             padding too.
 
-    :meth:`from_logits` builds one from dense teacher logits (what ``dump-teacher`` stores).
+    :meth:`from_logits` builds one from dense teacher logits, with the statistics and the normalizer.
     """
 
     ids: torch.Tensor

@@ -82,3 +82,17 @@ def test_rows_must_match():
     h, w = torch.randn(5, 6, dtype=F64), torch.randn(11, 6, dtype=F64)
     with pytest.raises(ValueError, match="rows"):
         lsk.fused_linear_distillation_loss(h, w, teacher_logits=padded_teacher(4, 11, 3, pad=False))
+
+
+def test_modules_take_a_sparse_teacher():
+    """``DistillationLoss`` and ``FusedLinearDistillationLoss`` pass a SparseTeacher through: the same
+    value as the functions."""
+    h, w = torch.randn(4, 6, dtype=F64), torch.randn(11, 6, dtype=F64)
+    teacher = padded_teacher(4, 11, 3, pad=False)
+    labels = torch.tensor([1, -100, 3, 4])
+    options = dict(support="tail", temperature=1.5)
+    module = lsk.DistillationLoss(**options)(F.linear(h, w), teacher, labels)
+    function = lsk.distillation_loss(F.linear(h, w), teacher, labels, backend="torch", **options)
+    fused = lsk.FusedLinearDistillationLoss(**options)(h, w, labels=labels, teacher_logits=teacher)
+    torch.testing.assert_close(module, function, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused, function, rtol=1e-10, atol=1e-12)
