@@ -12,7 +12,8 @@ Math per row, in the accumulation dtype (float64 when an input is float64, else 
   the tiles), then ``Z = sum e``, ``e = exp(a - max a)``, ``E = sum e u`` (u the standardized row) and
   the CE's sums; the k support entries of x are gathered;
 - loss: ``sum_S p (log p - log q~)`` (q~ = q renormalized over S for "renormalize") plus the tail
-  class ``p_T log(p_T / q_T)``, ``q_T = (Z - sum_S e) / Z``;
+  class ``p_T log(p_T / q_T)``, ``q_T = Z_T / Z`` with ``Z_T = Z - sum_S e``, or, where that cancels
+  (``Z_T < Z / 16``), summed over the classes outside S in one more pass (``tail_sum``);
 - gradient: ``dD/da = coef e`` outside the support (coef = 0, 1/Z, or 1/Z - p_T/Z_T), its own value
   ``g_j`` on it; the chain rule through the standardization with ``G = sum dD/da`` and
   ``S = sum dD/da u``; a dense pass stores the outside form for every class, then (after a barrier)
@@ -27,6 +28,10 @@ import triton
 import triton.language as tl
 
 from .row_math import expm1, keep_row, magnitude_scale, row_label, scalar, store_grad, store_row_results, to_acc
+
+# Below this fraction of Z, the tail's Z_T = Z - Z_S keeps less than the accumulation's precision
+# minus 4 bits (relative error u Z / Z_T): the outside classes are then summed exactly (tail_sum).
+TAIL_CANCELLATION = tl.constexpr(0.0625)
 
 
 @triton.jit
@@ -135,13 +140,28 @@ def student_sums(x_ptr, V, keep, mx, c, mean, s_c, inv, BLOCK: tl.constexpr, STA
 
 
 @triton.jit
-def support_terms(log_p, a_j, valid, a_max, z, log_p_tail, count, SUPPORT: tl.constexpr):
-    """``(D, g, coef, e)``: the divergence, ``dD/da`` at the support's entries, the outside classes'
-    ``dD/da = coef e`` coefficient and ``e_j = exp(a_j - max a)`` (SUPPORT: 0 renormalize,
-    1 renormalize_teacher, 2 tail)."""
+def tail_sum(x_row, V, keep, ids, valid, c, mean, inv, a_max, BLOCK: tl.constexpr, ACC64: tl.constexpr):
+    """``Z_T``, the sum of ``e = exp(a - max a)`` over the classes outside the support, exactly: each
+    tile's classes compared with the k ids (BLOCK x KBLOCK compares; only for rows where ``Z - Z_S``
+    cancels)."""
+    offs = tl.arange(0, BLOCK)
+    z_tail = scalar(0.0, ACC64)
+    for start in range(0, V, BLOCK):
+        m = (start + offs < V) & _all(keep, offs)
+        x = to_acc(tl.load(x_row + start + offs, mask=m, other=0.0), ACC64)
+        hits = ((start + offs)[:, None] == ids[None, :]) & valid[None, :]
+        outside = m & (tl.sum(hits.to(tl.int32), axis=1) == 0)
+        z_tail += tl.sum(tl.where(outside, tl.exp((x * c - mean) * inv - a_max), 0.0), axis=0)
+    return z_tail
+
+
+@triton.jit
+def support_terms(log_p, a_j, valid, a_max, z, z_tail, log_p_tail, count, SUPPORT: tl.constexpr):
+    """``(D, g, coef)``: the divergence, ``dD/da`` at the support's entries and the outside classes'
+    ``dD/da = coef e`` coefficient (SUPPORT: 0 renormalize, 1 renormalize_teacher, 2 tail, with the
+    outside classes' ``Z_T``)."""
     p = tl.where(valid, tl.exp(log_p), 0.0)
     on = valid & (log_p != float("-inf"))
-    e = tl.where(valid, tl.exp(a_j - a_max), 0.0)
     log_z = tl.log(z)
     if SUPPORT == 0:
         top = tl.where(count > 0, tl.max(tl.where(valid, a_j, float("-inf")), axis=0), 0.0)
@@ -154,11 +174,10 @@ def support_terms(log_p, a_j, valid, a_max, z, log_p_tail, count, SUPPORT: tl.co
     d = tl.sum(tl.where(on, p * (log_p - log_q), 0.0), axis=0)
     g = tl.where(valid, tl.exp(log_q) - p, 0.0)
     if SUPPORT == 2:
-        z_tail = tl.maximum(z - tl.sum(e, axis=0), 0.0)
         p_tail = tl.exp(log_p_tail)
         d += tl.where(p_tail > 0, p_tail * (log_p_tail - (tl.log(z_tail) - log_z)), 0.0)
         coef = tl.where(p_tail > 0, 1.0 / z - p_tail / z_tail, 1.0 / z)
-    return d, g, coef, e
+    return d, g, coef
 
 
 @triton.jit
@@ -232,7 +251,13 @@ def sparse_kd_kernel(x_ptr, x_stride, ids_ptr, v_ptr, em_ptr, mean_ptr, std_ptr,
     z, big_e, zc, xsum = student_sums(x_row, V, keep, mx, c, mean, s_c, inv, BLOCK, STANDARDIZE, HAS_LABELS, ACC64)
     x_j = to_acc(tl.load(x_row + ids, mask=valid, other=0.0), ACC64)
     a_max = (mx * c - mean) * inv
-    d, g, coef, e = support_terms(b - log_norm, (x_j * c - mean) * inv, valid, a_max, z, log_p_tail, count, SUPPORT)
+    a_j = (x_j * c - mean) * inv
+    e = tl.where(valid, tl.exp(a_j - a_max), 0.0)
+    z_tail = z - tl.sum(e, axis=0)
+    if SUPPORT == 2:
+        if z_tail < z * TAIL_CANCELLATION:  # Z - Z_S lost its digits: the outside classes summed
+            z_tail = tail_sum(x_row, V, keep, ids, valid, c, mean, inv, a_max, BLOCK, ACC64)
+    d, g, coef = support_terms(b - log_norm, a_j, valid, a_max, z, z_tail, log_p_tail, count, SUPPORT)
     ce = d * 0.0
     if HAS_LABELS:
         x_label = to_acc(tl.load(x_row + label, mask=keep & label_ok, other=0.0), ACC64)

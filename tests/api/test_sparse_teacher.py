@@ -341,3 +341,22 @@ def test_triton_rows_longer_than_a_tile(support, monkeypatch):
     want_loss, want_grad = _formula(x, teacher, options=options)
     _close("loss", loss, want_loss, 1e-10)
     _close("grad_student", grad, want_grad, 1e-10)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_tail_with_the_student_mass_on_the_support(backend):
+    """The student puts all but ~1e-12 of its mass on the teacher's top-k: the tail's q_T is far below
+    float32's roundoff of Z, and must come from the classes outside the support, not from Z - Z_S."""
+    from logitstd_kernels.testing import assert_within_eager_error
+
+    n, v, k = 3, 50, 5
+    teacher = padded_teacher(n, v, k, pad=False, standardize=False)
+    x = torch.randn(n, v, dtype=F64)
+    x.scatter_(-1, teacher.ids, 30.0 + torch.randn(n, k, dtype=F64))
+    options = dict(support="tail", standardize=False, temperature=1.5, upstream=torch.tensor(1.0))
+    fast = _loss_grad(x.float(), _as(teacher, torch.float32), backend=backend, **options)
+    eager = _loss_grad(x.float(), _as(teacher, torch.float32), backend="torch", **options)
+    exact = _loss_grad(x, teacher, backend="torch", **dict(options, upstream=torch.tensor(1.0, dtype=F64)))
+    assert torch.isfinite(fast[1]).all()
+    for name, i in (("loss", 0), ("grad_student", 1)):
+        assert_within_eager_error(name, fast[i], eager[i], exact[i])
