@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import logitstd_kernels as lsk
 from logitstd_kernels.reference import transform_logits
-from test_sparse_teacher import BACKENDS, SUPPORTS, padded_teacher
+from test_sparse_teacher import BACKENDS, SUPPORTS, matrix, padded_teacher
 
 F64 = torch.float64
 
@@ -23,9 +23,8 @@ def _grads(loss_fn, h, w, b, upstream):
     return (loss.detach(),) + torch.autograd.grad(loss, leaves, upstream)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("support", SUPPORTS)
-@pytest.mark.parametrize("chunk_size,reduction", [(None, "mean"), (3, "sum"), (4, "mean")])
+@matrix("support,chunk_size,reduction", [(s, c, r) for s in SUPPORTS for c, r in [(None, "mean"), (3, "sum"), (4, "mean")]],
+        triton=lambda s, c, r: c == 3)
 def test_matches_the_eager_composition(backend, support, chunk_size, reduction):
     b, t, hid, v, k = 2, 5, 8, 23, 6
     h = torch.randn(b, t, hid, dtype=F64)

@@ -43,6 +43,13 @@ def _has_sparse(backend: str) -> bool:
 BACKENDS = sparse_backends()
 
 
+def matrix(names: str, values: list, triton=lambda *v: True) -> pytest.MarkDecorator:
+    """``parametrize("backend," + names)`` over every backend and ``values`` (tuples); Triton (in the
+    interpreter: ~1 s a case) runs the cases where ``triton(*value)`` holds, enough to cover each path."""
+    params = [(b, *v) for b in BACKENDS for v in values if b != "triton" or triton(*v)]
+    return pytest.mark.parametrize("backend," + names, params)
+
+
 def _loss_grad(x: torch.Tensor, teacher, labels=None, upstream=None, **options):
     """(loss, d loss / d x) of distillation_loss, with ``upstream`` the incoming gradient."""
     leaf = x.detach().clone().requires_grad_(True)
@@ -77,10 +84,8 @@ def _close(name, got, want, tol):
     torch.testing.assert_close(got.double().reshape(want.shape), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["logits", "logprobs"])
-@pytest.mark.parametrize("standardize", [True, False], ids=["std", "plain"])
-@pytest.mark.parametrize("support", SUPPORTS)
+@matrix("kind,standardize,support", [(kind, std, s) for kind in ("logits", "logprobs") for std in (True, False)
+                                     for s in SUPPORTS], triton=lambda kind, std, s: std)
 def test_full_support_equals_the_dense_loss(backend, kind, standardize, support):
     n, v = 5, 37
     x = torch.randn(n, v, dtype=F64) * 3
@@ -117,11 +122,11 @@ def padded_teacher(n: int, v: int, k: int, *, kind="logits", stats=True, normali
     return lsk.SparseTeacher(t.ids, values, kind, t.row_mean, t.row_std, t.log_normalizer, mask)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("support,standardize,stats", [
-    (s, True, True) for s in SUPPORTS] + [(s, False, False) for s in SUPPORTS] + [
-    (s, True, False) for s in SUPPORTS if s != "tail"])  # tail + standardization needs the stats: test_bad_input
-@pytest.mark.parametrize("kind", ["logits", "logprobs"])
+@matrix("support,standardize,stats,kind", [
+    (s, std, stats, kind) for kind in ("logits", "logprobs")
+    for s, std, stats in [(s, True, True) for s in SUPPORTS] + [(s, False, False) for s in SUPPORTS]
+    + [(s, True, False) for s in SUPPORTS if s != "tail"]],  # tail + standardization needs the stats: test_bad_input
+    triton=lambda s, std, stats, kind: kind == "logprobs")
 def test_supports_match_the_formula(backend, support, standardize, stats, kind):
     n, v, k = 6, 29, 7
     t_gen = 1.3 if kind == "logprobs" else 1.0
@@ -307,9 +312,9 @@ def _as(teacher: lsk.SparseTeacher, dtype: torch.dtype) -> lsk.SparseTeacher:
                              cast(teacher.row_std), cast(teacher.log_normalizer), teacher.mask)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("support", SUPPORTS)
+@pytest.mark.parametrize("backend,dtype,support", [
+    (b, dtype, s) for b in FUSED for dtype in (torch.float32, torch.bfloat16) for s in SUPPORTS
+    if b != "triton" or dtype == torch.bfloat16])
 def test_low_precision_within_eager_error(backend, dtype, support):
     """float32 math (float32 / bf16 students): within 2x the eager reference's error in the same dtypes
     (logitstd_kernels/testing.py), the bf16 gradient recomputed for an incoming gradient != 1."""
