@@ -157,6 +157,12 @@ class SparseTeacher:
                  for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
         return SparseTeacher(**moved)
 
+    def select(self, index: Union[torch.Tensor, slice]) -> "SparseTeacher":
+        """The rows ``index`` of the first leading dim (e.g. a batch of stored blocks), every tensor alike."""
+        pick = {f.name: (v[index] if isinstance(v, torch.Tensor) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        return SparseTeacher(**pick)
+
     def rows(self) -> SparseRows:
         """The flattened ``(N, k)`` form the ops take (ids as int64, contiguous)."""
         k = self.k
