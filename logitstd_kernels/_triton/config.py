@@ -153,3 +153,6 @@ def tuning_constexprs(cfg: KernelConfig, smoothing: bool = True) -> dict[str, ob
 # the blocked path's tile of float32 rows); the teacher's k entries are one tile of next_pow2(k).
 SPARSE_BLOCK = 2048
 SPARSE_WARPS = 8
+# The exact tail sum (rows whose Z - Z_S cancels) compares a tile of classes with the k ids: tiles of
+# SPARSE_TAIL_COMPARES / next_pow2(k) classes (at least 16), 32 compares per thread at 8 warps.
+SPARSE_TAIL_COMPARES = 8192

@@ -142,8 +142,8 @@ def student_sums(x_ptr, V, keep, mx, c, mean, s_c, inv, BLOCK: tl.constexpr, STA
 @triton.jit
 def tail_sum(x_row, V, keep, ids, valid, c, mean, inv, a_max, BLOCK: tl.constexpr, ACC64: tl.constexpr):
     """``Z_T``, the sum of ``e = exp(a - max a)`` over the classes outside the support, exactly: each
-    tile's classes compared with the k ids (BLOCK x KBLOCK compares; only for rows where ``Z - Z_S``
-    cancels)."""
+    tile's classes compared with the k ids (BLOCK x KBLOCK compares, BLOCK here the launch's
+    ``TAIL_BLOCK``; only for rows where ``Z - Z_S`` cancels)."""
     offs = tl.arange(0, BLOCK)
     z_tail = scalar(0.0, ACC64)
     for start in range(0, V, BLOCK):
@@ -226,6 +226,7 @@ def sparse_grads(x_row, g_row, ids, valid, x_j, g, coef, e, z, big_e, zc, mx, c,
 def sparse_kd_kernel(x_ptr, x_stride, ids_ptr, v_ptr, em_ptr, mean_ptr, std_ptr, ln_ptr, keep_ptr, f_ptr, f_stride,
                      rows_ptr, ce_ptr, kd_ptr, g_ptr, labels_ptr, V, k, ignore_index, tau_s, tau_t, eps, correction,
                      smoothing, ce_w, kd_w, value_scale, BLOCK: tl.constexpr, KBLOCK: tl.constexpr,
+                     TAIL_BLOCK: tl.constexpr,
                      STANDARDIZE: tl.constexpr, SUPPORT: tl.constexpr, HAS_MASK: tl.constexpr,
                      HAS_LABELS: tl.constexpr, HAS_EMASK: tl.constexpr, HAS_STATS: tl.constexpr, HAS_LN: tl.constexpr,
                      GRAD: tl.constexpr, ZERO_EXCLUDED: tl.constexpr, ROUND_BF16: tl.constexpr, ACC64: tl.constexpr):
@@ -256,7 +257,7 @@ def sparse_kd_kernel(x_ptr, x_stride, ids_ptr, v_ptr, em_ptr, mean_ptr, std_ptr,
     z_tail = z - tl.sum(e, axis=0)
     if SUPPORT == 2:
         if z_tail < z * TAIL_CANCELLATION:  # Z - Z_S lost its digits: the outside classes summed
-            z_tail = tail_sum(x_row, V, keep, ids, valid, c, mean, inv, a_max, BLOCK, ACC64)
+            z_tail = tail_sum(x_row, V, keep, ids, valid, c, mean, inv, a_max, TAIL_BLOCK, ACC64)
     d, g, coef = support_terms(b - log_norm, a_j, valid, a_max, z, z_tail, log_p_tail, count, SUPPORT)
     ce = d * 0.0
     if HAS_LABELS:

@@ -19,7 +19,7 @@ import triton
 
 from ..config import SUPPORTS, DistillConfig
 from ..sparse import SparseRows
-from .config import SPARSE_BLOCK, SPARSE_WARPS
+from .config import SPARSE_BLOCK, SPARSE_TAIL_COMPARES, SPARSE_WARPS
 from .launch import device_guard, scale_rows_
 from .sparse_kernel import sparse_kd_kernel
 
@@ -41,6 +41,7 @@ def _launch(student: torch.Tensor, teacher: SparseRows, labels: Optional[torch.T
     mask = None if teacher.mask is None else teacher.mask.contiguous().view(torch.uint8)
     value_scale = config.generation_temperature if teacher.kind == "logprobs" else 1.0
     round_bf16 = student.device.type == "cpu" and grad is not None and grad.dtype == torch.bfloat16
+    block, kblock = min(triton.next_power_of_2(num_classes), SPARSE_BLOCK), triton.next_power_of_2(k)
     with device_guard(student):
         sparse_kd_kernel[(num_rows,)](
             student, student.stride(0), teacher.ids, teacher.values.contiguous(), rows if mask is None else mask,
@@ -49,7 +50,7 @@ def _launch(student: torch.Tensor, teacher: SparseRows, labels: Optional[torch.T
             rows if grad is None else grad, rows if labels is None else labels, num_classes, k, config.ignore_index,
             config.temperature, config.teacher_temperature, config.eps, config.correction, config.label_smoothing,
             config.ce_weight, config.kd_weight, value_scale,
-            BLOCK=min(triton.next_power_of_2(num_classes), SPARSE_BLOCK), KBLOCK=triton.next_power_of_2(k),
+            BLOCK=block, KBLOCK=kblock, TAIL_BLOCK=max(16, min(block, SPARSE_TAIL_COMPARES // kblock)),
             STANDARDIZE=config.standardize, SUPPORT=SUPPORTS.index(config.support), HAS_MASK=keep is not None,
             HAS_LABELS=labels is not None, HAS_EMASK=mask is not None, HAS_STATS=teacher.row_std is not None,
             HAS_LN=teacher.log_normalizer is not None, GRAD=grad is not None, ZERO_EXCLUDED=zero_excluded,

@@ -335,13 +335,16 @@ def test_low_precision_within_eager_error(backend, dtype, support):
 @needs("triton" in FUSED, "the Triton backend does not run here")
 @pytest.mark.parametrize("support", SUPPORTS)
 def test_triton_rows_longer_than_a_tile(support, monkeypatch):
-    """Rows of several tiles (the moments merged across tiles, a partial last tile)."""
+    """Rows of several tiles (the moments merged across tiles, a partial last tile; row 3's student
+    mass on the support: the tail's exact outside sum over several tiles)."""
     from logitstd_kernels._triton import sparse_launch
 
     monkeypatch.setattr(sparse_launch, "SPARSE_BLOCK", 8)
-    teacher = padded_teacher(4, 37, 5)
+    standardize = support != "tail"  # unstandardized, row 3's student keeps ~e^-25 of its mass off the support
+    teacher = padded_teacher(4, 37, 5, standardize=standardize, stats=standardize)
     x = torch.randn(4, 37, dtype=F64) * 2 + 100.0
-    options = dict(support=support, reduction="none", temperature=1.5)
+    x[3, teacher.ids[3]] += 40.0
+    options = dict(support=support, reduction="none", temperature=1.5, standardize=standardize)
     loss, grad = _loss_grad(x, teacher, backend="triton", **options)
     want_loss, want_grad = _formula(x, teacher, options=options)
     _close("loss", loss, want_loss, 1e-10)
