@@ -20,15 +20,17 @@ import formula
 import logitstd_kernels as lsk
 from logitstd_kernels.config import DistillConfig
 from logitstd_kernels._backends import unavailable_reason
-from support import needs
+from support import needs, require_all
 
 F64 = torch.float64
 SUPPORTS = ("renormalize", "renormalize_teacher", "tail")
 
 
 def sparse_backends() -> list[str]:
-    """The eager reference and every sparse kernel that runs on the CPU here."""
-    return ["torch"] + [b for b in ("cpu", "triton") if unavailable_reason(b, "cpu") is None and _has_sparse(b)]
+    """The eager reference and every sparse kernel that runs on the CPU here (the C++ kernel listed
+    under ``LOGITSTD_REQUIRE_ALL=1`` even when missing, so that its cases fail instead of vanishing)."""
+    found = [b for b in ("cpu", "triton") if unavailable_reason(b, "cpu") is None and _has_sparse(b)]
+    return ["torch"] + (found if "cpu" in found or not require_all() else ["cpu"] + found)
 
 
 def _has_sparse(backend: str) -> bool:
@@ -368,3 +370,20 @@ def test_tail_with_the_student_mass_on_the_support(backend):
     assert torch.isfinite(fast[1]).all()
     for name, i in (("loss", 0), ("grad_student", 1)):
         assert_within_eager_error(name, fast[i], eager[i], exact[i])
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b == "cpu"])
+@pytest.mark.parametrize("support", SUPPORTS)
+def test_cpu_rows_longer_than_a_block(backend, support):
+    """The C++ kernel's rows of several 2048-class blocks (vec_rows.h, kBlock) and a partial last one, with
+    labels and the student's mass mostly on the support in one row."""
+    n, v, k = 3, 5001, 40
+    teacher = padded_teacher(n, v, k)
+    x = torch.randn(n, v, dtype=F64) * 2
+    x[1, teacher.ids[1]] += 12.0
+    labels = torch.randint(0, v, (n,))
+    options = dict(support=support, temperature=2.0, ce_weight=0.3, kd_weight=0.9, reduction="none")
+    loss, grad = _loss_grad(x, teacher, labels, backend=backend, **options)
+    want_loss, want_grad = _formula(x, teacher, labels, options=options)
+    _close("loss", loss, want_loss, 1e-10)
+    _close("grad_student", grad, want_grad, 1e-10)
