@@ -387,3 +387,18 @@ def test_cpu_rows_longer_than_a_block(backend, support):
     want_loss, want_grad = _formula(x, teacher, labels, options=options)
     _close("loss", loss, want_loss, 1e-10)
     _close("grad_student", grad, want_grad, 1e-10)
+
+
+@pytest.mark.parametrize("backend,reduction", [(b, r) for b in FUSED for r in ("mean", "none")
+                                               if b != "triton" or r == "mean"])
+def test_opcheck(backend, reduction):
+    """``torch.library.opcheck`` of the sparse op: schema, fake (meta) implementation, autograd
+    registration."""
+    from logitstd_kernels._ops.sparse_op import SparseOpInputs
+
+    teacher = padded_teacher(4, 19, 3, pad=True).rows()
+    x = torch.randn(4, 19, dtype=torch.float32, requires_grad=True)
+    labels = torch.tensor([1, 2, -100, 4])
+    config = DistillConfig(support="tail", reduction=reduction)
+    inputs = SparseOpInputs(x, teacher._replace(values=teacher.values.float()), labels, None, config, True, backend)
+    torch.library.opcheck(torch.ops.logitstd.sparse_distillation_loss.default, inputs.flat())
