@@ -95,3 +95,16 @@ def test_modules_take_a_sparse_teacher():
     fused = lsk.FusedLinearDistillationLoss(**options)(h, w, labels=labels, teacher_logits=teacher)
     torch.testing.assert_close(module, function, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fused, function, rtol=1e-10, atol=1e-12)
+
+
+def test_vocab_parallel_losses_refuse_a_sparse_teacher():
+    """Dense teacher shards only: a SparseTeacher raises before any collective (no process group needed)."""
+    from logitstd_kernels.distributed import (vocab_parallel_distillation_loss,
+                                              vocab_parallel_fused_linear_distillation_loss)
+
+    teacher = padded_teacher(4, 11, 3, pad=False)
+    with pytest.raises(NotImplementedError, match="teacher_logits"):
+        vocab_parallel_distillation_loss(torch.randn(4, 11, dtype=F64), teacher)
+    with pytest.raises(NotImplementedError, match="teacher_logits"):
+        vocab_parallel_fused_linear_distillation_loss(torch.randn(4, 6, dtype=F64), torch.randn(11, 6, dtype=F64),
+                                                      teacher_logits=teacher)
