@@ -20,7 +20,8 @@ Environment switches:
   clusters) when no GPU is visible, else torch picks the visible GPUs' architectures.
 - ``MAX_JOBS``: parallel compile jobs (ninja).
 
-The CPU kernel source ``csrc/cpu/kd_cpu_kernel.cpp`` is compiled once per instruction set (a generic
+The CPU kernel sources ``csrc/cpu/kd_cpu_kernel.cpp`` and ``csrc/cpu/sparse_cpu_kernel.cpp`` are
+compiled once per instruction set (a generic
 build, and AVX2 and AVX512 builds on x86-64), the way ATen compiles its own CPU kernels; the
 extension picks the widest one the CPU supports at run time.
 """
@@ -77,9 +78,11 @@ def _extension_modules():
     defines = [f"-DLOGITSTD_CPU_{name}" for name, _ in capability_builds if name != "DEFAULT"]
     cxx = ["-O3", "-fopenmp", *defines] if sys.platform.startswith("linux") else ["-O3", *defines]
     link = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    sources = [os.path.join(CSRC, "logitstd.cpp"), os.path.join(CSRC, "cpu", "kd_cpu.cpp")]
+    sources = [os.path.join(CSRC, "logitstd.cpp"), os.path.join(CSRC, "cpu", "kd_cpu.cpp"),
+               os.path.join(CSRC, "cpu", "sparse_cpu.cpp")]
     include_dirs = [os.path.join(ROOT, CSRC, "include")]
-    kernel_source = os.path.join(CSRC, "cpu", "kd_cpu_kernel.cpp")
+    # compiled once per instruction set (the dense kernel and the sparse-teacher kernel)
+    kernel_sources = [os.path.join(CSRC, "cpu", "kd_cpu_kernel.cpp"), os.path.join(CSRC, "cpu", "sparse_cpu_kernel.cpp")]
 
     if with_cuda:
         sources.append(os.path.join(CSRC, "cuda", "kd_cuda.cu"))
@@ -129,7 +132,7 @@ def _extension_modules():
                 postargs = {"cxx": base_cxx + [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}", *flags],
                             "nvcc": []}
                 objects += self.compiler.compile(
-                    [kernel_source], output_dir=os.path.join(self.build_temp, f"cpu_{name.lower()}"),
+                    kernel_sources, output_dir=os.path.join(self.build_temp, f"cpu_{name.lower()}"),
                     macros=extension.define_macros, include_dirs=extension.include_dirs, debug=self.debug,
                     extra_postargs=postargs, depends=extension.depends,
                 )

@@ -14,6 +14,7 @@ from .methods import DKDLoss, dkd_loss
 from .mlkd import MLKDLoss, mlkd_loss
 from .modules import DistillationLoss, FusedLinearDistillationLoss, LogitStdKDLoss
 from .objective import DistillationParts, distillation_loss
+from .sparse import SparseTeacher
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "FusedLinearDistillationLoss",
     "LogitStdKDLoss",
     "MLKDLoss",
+    "SparseTeacher",
     "available_backends",
     "backend_status",
     "default_chunk_size",

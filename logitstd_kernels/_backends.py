@@ -147,6 +147,37 @@ def backend_module(backend: str) -> ModuleType:
     return importlib.import_module("logitstd_kernels._triton" if backend == "triton" else "logitstd_kernels._cpp")
 
 
+#: The modules of the sparse-teacher kernels (``sparse_forward``, ``sparse_regrad_``, ``scale_rows_``,
+#: the contract of ``_ops/sparse_op.py``); the CUDA C++ extension has none.
+_SPARSE_MODULES = {"triton": "logitstd_kernels._triton.sparse_launch", "cpu": "logitstd_kernels._cpp_sparse"}
+
+
+def _no_cuda_sparse() -> RuntimeError:
+    return RuntimeError("backend='cuda': the CUDA C++ kernel has no sparse-teacher path; on CUDA tensors "
+                        "backend='triton' (or 'auto') runs the sparse Triton kernel")
+
+
+@torch.compiler.assume_constant_result
+def resolve_sparse_backend_name(backend: str, device_type: str) -> str:
+    """The concrete backend of a sparse-teacher loss: as :func:`resolve_backend_name`, but "auto" on
+    CUDA is Triton (else the eager reference), and "cuda" raises."""
+    if backend == "cuda":
+        raise _no_cuda_sparse()
+    if backend != "auto":
+        return resolve_backend(backend, torch.device(device_type))
+    name = "triton" if device_type == "cuda" else "cpu"
+    return name if unavailable_reason(name, device_type) is None else "torch"
+
+
+def sparse_backend_module(backend: str) -> ModuleType:
+    """The module of the sparse-teacher kernels for a fused backend name."""
+    if backend == "cuda":
+        raise _no_cuda_sparse()
+    if backend not in _SPARSE_MODULES:
+        raise ValueError(f"{backend!r} is not a sparse-teacher kernel backend; expected one of {tuple(_SPARSE_MODULES)}")
+    return importlib.import_module(_SPARSE_MODULES[backend])
+
+
 def backend_status() -> dict[str, Optional[str]]:
     """For each backend: None if it can run on this machine (on some device), else the reason."""
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

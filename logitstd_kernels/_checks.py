@@ -7,11 +7,12 @@ index error deep inside a kernel.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from .config import LABEL_DIVERGENCES, DistillConfig, check_backend
+from .config import DIVERGENCE_CODES, LABEL_DIVERGENCES, DistillConfig, check_backend
+from .sparse import SparseTeacher
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
@@ -96,10 +97,16 @@ def _check_label_values(labels: torch.Tensor, upper: Optional[int], ignore_index
 
 
 def check_inputs(student_logits: object, teacher_logits: object, labels: object, mask: object,
-                 config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
-                                                 Optional[torch.Tensor]]:
-    """Every tensor check of the losses of (..., V) logits; returns them checked."""
-    student, teacher = check_pair(student_logits, teacher_logits)
+                 config: DistillConfig) -> tuple[torch.Tensor, Union[torch.Tensor, SparseTeacher],
+                                                 Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Every tensor check of the losses of (..., V) logits (the teacher dense, or a
+    :class:`~logitstd_kernels.sparse.SparseTeacher`); returns them checked."""
+    if isinstance(teacher_logits, SparseTeacher):
+        student = check_logits("student_logits", student_logits)
+        teacher = check_sparse_teacher(teacher_logits, student.shape[:-1], student.shape[-1], student.device, config)
+    else:
+        student, teacher = check_pair(student_logits, teacher_logits)
+        check_dense_teacher_settings(config)
     config.check_classes(student.shape[-1], "student_logits")
     _check_labels_given(labels, config)
     checked_labels = check_labels(labels, student, config.ignore_index)
@@ -224,3 +231,68 @@ def check_rows_of(labels: object, mask: object, student_hidden: torch.Tensor, nu
     # a stand-in of the logits' shape (a zero-stride view: no memory)
     logits = student_hidden.new_empty(()).expand(tuple(student_hidden.shape[:-1]) + (max(num_classes or 1, 1),))
     return check_labels(labels, logits, config.ignore_index, num_classes), check_mask(mask, logits)
+
+
+def check_dense_teacher_settings(config: DistillConfig) -> None:
+    """``generation_temperature`` belongs to a sparse teacher of log-probabilities only."""
+    if config.generation_temperature != 1.0:
+        raise ValueError(f"generation_temperature={config.generation_temperature} rescales a SparseTeacher of "
+                         f"kind='logprobs'; dense teacher logits have none (leave it at 1)")
+
+
+def _check_sparse_settings(teacher: SparseTeacher, config: DistillConfig) -> None:
+    if config.divergence in LABEL_DIVERGENCES or config.kernel_divergence() != DIVERGENCE_CODES["forward_kl"]:
+        raise ValueError(f"a SparseTeacher's loss is the forward KL (p the teacher over its support); "
+                         f"divergence={config.divergence!r} (beta={config.beta}) needs a dense teacher")
+    if config.generation_temperature != 1.0 and teacher.kind != "logprobs":
+        raise ValueError(f"generation_temperature={config.generation_temperature} rescales stored log-probabilities, "
+                         f"but the SparseTeacher holds kind={teacher.kind!r}")
+    if config.support != "tail" or teacher.log_normalizer is not None:
+        if config.support == "tail" and config.standardize and not teacher.has_stats:
+            raise ValueError("support='tail' with standardization needs the SparseTeacher's row_mean and row_std: its "
+                             "log_normalizer is defined with the full row's statistics")
+        return
+    derivable = teacher.kind == "logprobs" and not config.standardize and \
+        config.generation_temperature == config.teacher_temperature
+    if not derivable:
+        raise ValueError("support='tail' needs the teacher's log_normalizer at the KD temperature (store it at dump time), "
+                         "unless the values are log-probabilities at that temperature (kind='logprobs', "
+                         "standardize=False, generation_temperature == teacher_temperature)")
+
+
+def _check_sparse_ids(teacher: SparseTeacher, num_classes: int) -> None:
+    """On the CPU: every valid entry's id in [0, V), and distinct within its row (a host check; on other
+    devices it would synchronize, and ids out of range there give their row NaN)."""
+    rows = teacher.rows()
+    valid = rows.valid()
+    ids = rows.ids
+    bad = valid & ((ids < 0) | (ids >= num_classes))
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise IndexError(f"SparseTeacher.ids: row {index[0]}, entry {index[1]} is {int(ids[index])}, outside [0, "
+                         f"{num_classes})")
+    # invalid entries get distinct negative stand-ins, then equal neighbours of the sorted row are duplicates
+    stand_in = -1 - torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    ordered = torch.where(valid, ids, stand_in).sort(-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(-1)
+    if bool(repeated.any()):
+        row = int(repeated.nonzero()[0])
+        raise ValueError(f"SparseTeacher.ids: row {row} repeats a class among its valid entries; the ids of a row must "
+                         f"be distinct")
+
+
+def check_sparse_teacher(teacher: SparseTeacher, lead: tuple, num_classes: int, device: torch.device,
+                         config: DistillConfig, name: str = "teacher_logits") -> SparseTeacher:
+    """A sparse teacher of the rows ``lead`` of ``num_classes`` classes, on ``device``, fit for ``config``."""
+    if tuple(teacher.shape) != tuple(lead):
+        raise ValueError(f"{name} (a SparseTeacher) has rows {tuple(teacher.shape)} but the student has "
+                         f"{tuple(lead)}; they must match")
+    if teacher.device != device:
+        raise ValueError(f"{name} (a SparseTeacher) is on {teacher.device} but the student is on {device}")
+    if teacher.k > num_classes:
+        raise ValueError(f"{name} (a SparseTeacher) has k = {teacher.k} entries per row, more than the "
+                         f"{num_classes} classes")
+    _check_sparse_settings(teacher, config)
+    if device.type == "cpu" and teacher.ids.numel() and not torch.compiler.is_compiling():
+        _check_sparse_ids(teacher, num_classes)
+    return teacher

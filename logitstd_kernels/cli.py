@@ -16,6 +16,7 @@ COMMANDS = {
     "analyze": "logitstd_kernels.experiments.analyze_cli",
     "distill": "logitstd_kernels.experiments.distill",
     "ghost": "logitstd_kernels.experiments.ghost",
+    "dump-teacher": "logitstd_kernels.sparse_dump_cli",
 }
 
 SUMMARIES = {
@@ -24,6 +25,7 @@ SUMMARIES = {
     "analyze": "conflict analysis of saved teacher/student logits (seed 000)",
     "distill": "Algorithm 2 on scikit-learn's digits: CE vs KD vs KD + logit standardization",
     "ghost": "ghost-logit ('subliminal') distillation on digits, with and without standardization",
+    "dump-teacher": "store a Hugging Face teacher's top-k logits with the rows' statistics (a SparseTeacher file)",
 }
 
 

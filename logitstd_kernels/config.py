@@ -25,7 +25,7 @@ __all__ = ["DistillConfig", "REDUCTIONS", "KD_REDUCTIONS", "BACKENDS", "OBJECTIV
            "DKD_SETTINGS", "dkd_config", "LABEL_DIVERGENCES", "OP_FIELDS",
            "KEYWORD_DOCS", "document", "settings_keywords", "config_from", "check_backend", "check_temperature",
            "check_std_args", "check_weight", "check_chunk_size", "check_accum_dtype", "LogitTransforms", "LOGIT_TRANSFORMS",
-           "check_logit_transforms"]
+           "check_logit_transforms", "SUPPORTS", "SPARSE_OP_FIELDS", "op_schema_sparse"]
 
 #: The reductions of the objective: per row, summed, or the sum over the included rows divided by
 #: their count ("mean": token-level averaging; "batchmean" for a classification batch), or by their
@@ -208,6 +208,8 @@ class DistillConfig:
     beta: float = 0.5
     dkd_alpha: float = 1.0
     dkd_beta: float = 8.0
+    support: str = "renormalize"
+    generation_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         tau_s = check_temperature("temperature", self.temperature)
@@ -224,6 +226,8 @@ class DistillConfig:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.divergence not in DIVERGENCES + LABEL_DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES + LABEL_DIVERGENCES}, got {self.divergence!r}")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
         _number("beta", self.beta)
         if not (0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
@@ -233,7 +237,8 @@ class DistillConfig:
                       ce_weight=check_weight("ce_weight", self.ce_weight),
                       kd_weight=check_weight("kd_weight", self.kd_weight), beta=float(self.beta),
                       dkd_alpha=check_weight("dkd_alpha", self.dkd_alpha),
-                      dkd_beta=check_weight("dkd_beta", self.dkd_beta))
+                      dkd_beta=check_weight("dkd_beta", self.dkd_beta),
+                      generation_temperature=check_temperature("generation_temperature", self.generation_temperature))
         for name, value in values.items():  # canonical Python types (a frozen dataclass: set them directly)
             object.__setattr__(self, name, value)
 
@@ -255,12 +260,14 @@ class DistillConfig:
         return tuple(getattr(self, name) for name in OP_TAIL_FIELDS)
 
     @classmethod
-    def from_op_args(cls, *values: object, tail: tuple = (), reduction: str = "mean",
-                     validate: bool = True) -> "DistillConfig":
-        """The inverse of :meth:`op_args` (``values``) and :meth:`op_tail_args` (``tail``, which may
-        stop early: the rest take their defaults). ``validate=False`` skips the checks: for values that
-        came from a checked config (the op called by the package's own functions)."""
-        fields = dict(zip(OP_FIELDS, values), **dict(zip(OP_TAIL_FIELDS, tail)), reduction=reduction)
+    def from_op_args(cls, *values: object, tail: tuple = (), reduction: str = "mean", validate: bool = True,
+                     sparse: tuple = ()) -> "DistillConfig":
+        """The inverse of :meth:`op_args` (``values``), :meth:`op_tail_args` (``tail``, which may stop
+        early: the rest take their defaults) and :meth:`sparse_op_args` (``sparse``, likewise).
+        ``validate=False`` skips the checks: for values that came from a checked config (the op called by
+        the package's own functions)."""
+        fields = dict(zip(OP_FIELDS, values), **dict(zip(OP_TAIL_FIELDS, tail)), **dict(zip(SPARSE_OP_FIELDS, sparse)),
+                      reduction=reduction)
         if validate:
             return cls(**fields)
         config = object.__new__(cls)
@@ -269,6 +276,10 @@ class DistillConfig:
         if config.teacher_temperature is None:
             object.__setattr__(config, "teacher_temperature", config.temperature)
         return config
+
+    def sparse_op_args(self) -> tuple:
+        """The settings only the sparse-teacher ops take, in ``SPARSE_OP_FIELDS`` order."""
+        return tuple(getattr(self, name) for name in SPARSE_OP_FIELDS)
 
     def kernel_divergence(self) -> int:
         """The kernels' code of the divergence (``DIVERGENCE_CODES``); the generalized JSD at beta = 0
@@ -288,6 +299,15 @@ OP_FIELDS = {"temperature": "float", "teacher_temperature": "float", "standardiz
 OP_TAIL_FIELDS = {"divergence": ("str", '"forward_kl"'), "beta": ("float", "0.5"), "dkd_alpha": ("float", "1.0"),
                   "dkd_beta": ("float", "8.0")}
 
+#: The fields only the sparse-teacher ops take (``_ops/sparse_op.py``), after ``OP_TAIL_FIELDS``: schema
+#: type and default. The dense ops leave them out: a dense teacher's support is every class, where the
+#: three supports are one loss.
+SPARSE_OP_FIELDS = {"support": ("str", '"renormalize"'), "generation_temperature": ("float", "1.0")}
+#: How a sparse teacher's top-k support is completed into a distribution (docs/design.md, section 9):
+#: both distributions renormalized over the support, only the teacher's (the student keeps its
+#: normalization over all V classes), or the support plus one tail class holding the remaining mass.
+SUPPORTS = ("renormalize", "renormalize_teacher", "tail")
+
 #: The divergences between the teacher's p and the student's q (docs/design.md, section 8) and the
 #: kernels' codes for them.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "jeffreys", "tvd")
@@ -299,6 +319,11 @@ DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES + LABEL_D
 def op_schema_fields() -> str:
     """``OP_FIELDS`` as the arguments of an op schema: ``"float temperature, ..."``."""
     return ", ".join(f"{kind} {name}" for name, kind in OP_FIELDS.items())
+
+
+def op_schema_sparse() -> str:
+    """``SPARSE_OP_FIELDS`` as the last arguments of an op schema, with their defaults."""
+    return ", ".join(f"{kind} {name}={default}" for name, (kind, default) in SPARSE_OP_FIELDS.items())
 
 
 def op_schema_tail() -> str:
@@ -335,6 +360,15 @@ KEYWORD_DOCS = {
     "beta": "the generalized JSD's weight of the teacher, in [0, 1] (``divergence=\"jsd\"`` only).",
     "dkd_alpha": "decoupled KD's weight of the target-class term TCKD (``divergence=\"dkd\"``; finite, >= 0).",
     "dkd_beta": "decoupled KD's weight of the non-target term NCKD (``divergence=\"dkd\"``; finite, >= 0).",
+    "support": "how a ``SparseTeacher``'s top-k support becomes a distribution: ``\"renormalize\"`` (teacher and "
+               "student both renormalized over the teacher's top-k), ``\"renormalize_teacher\"`` (the teacher "
+               "renormalized over its top-k, the student normalized over all V classes), ``\"tail\"`` (the top-k "
+               "plus one class holding the rest of the mass; needs the teacher's ``log_normalizer``). A dense "
+               "teacher's support is every class: the three are then the same loss.",
+    "generation_temperature": "the temperature a ``SparseTeacher`` of ``kind=\"logprobs\"`` was stored at; its "
+                              "log-probabilities are multiplied by it (logits up to a constant per row) before the "
+                              "teacher's standardization and ``teacher_temperature`` (finite, > 0; 1 for every "
+                              "other teacher).",
     "backend": "``\"auto\"``, ``\"triton\"``, ``\"cuda\"``, ``\"cpu\"`` or ``\"torch\"`` (the eager reference).",
     "chunk_size": "rows per chunk; None: :func:`~logitstd_kernels.default_chunk_size`.",
     "accum_dtype": "the dtype the weight's and bias's gradients are accumulated in over the chunks; None: "
@@ -365,8 +399,10 @@ def document(*names: str) -> Callable[[_F], _F]:
 
 #: The settings the objective's functions take as keywords, and those of the KD-only functions.
 OBJECTIVE_SETTINGS = ("ce_weight", "kd_weight", "temperature", "teacher_temperature", "standardize", "correction", "eps",
-                      "ignore_index", "label_smoothing", "divergence", "beta", "dkd_alpha", "dkd_beta")
-KD_SETTINGS = ("temperature", "teacher_temperature", "standardize", "correction", "eps", "divergence", "beta")
+                      "ignore_index", "label_smoothing", "divergence", "beta", "dkd_alpha", "dkd_beta", "support",
+                      "generation_temperature")
+KD_SETTINGS = ("temperature", "teacher_temperature", "standardize", "correction", "eps", "divergence", "beta",
+               "support", "generation_temperature")
 #: The settings of the decoupled KD loss (its alpha and beta are ``dkd_alpha`` and ``dkd_beta``).
 DKD_SETTINGS = ("temperature", "teacher_temperature", "standardize", "correction", "eps", "ignore_index")
 

@@ -13,11 +13,13 @@ import torch
 
 from . import config as cfg
 from . import reference
-from ._backends import resolve_backend_name
+from ._backends import resolve_backend_name, resolve_sparse_backend_name
 from ._checks import check_inputs
 from ._ops.loss_op import call_loss_op
+from ._ops.sparse_op import call_sparse_op
 from .config import DistillConfig
 from .reference import DistillationParts
+from .sparse import SparseTeacher
 
 __all__ = ["logitstd_kd_loss", "kd_loss", "zscore", "as_rows", "fused_loss"]
 
@@ -28,19 +30,27 @@ def as_rows(logits: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def fused_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+def fused_loss(student: torch.Tensor, teacher: Union[torch.Tensor, SparseTeacher], labels: Optional[torch.Tensor],
                mask: Optional[torch.Tensor], config: DistillConfig, backend: str,
                return_components: bool = False,
                temperature: Optional[torch.Tensor] = None) -> Union[torch.Tensor, DistillationParts]:
-    """The objective of checked (..., V) logits on ``backend`` (the op, or the reference for "torch");
-    ``temperature``: a learnable temperature tensor (``config.split_temperature``) or None."""
-    name = resolve_backend_name(cfg.check_backend(backend), student.device.type)
-    tau = reference.temperature_per_row(temperature, student, teacher)
+    """The objective of checked (..., V) logits and a dense or sparse teacher on ``backend`` (the op, or
+    the reference for "torch"); ``temperature``: a learnable temperature tensor
+    (``config.split_temperature``; dense teachers only) or None."""
+    sparse = isinstance(teacher, SparseTeacher)
+    if sparse and temperature is not None:
+        raise ValueError("temperature: a learnable (tensor) temperature needs a dense teacher, got a SparseTeacher")
+    resolve = resolve_sparse_backend_name if sparse else resolve_backend_name
+    name = resolve(cfg.check_backend(backend), student.device.type)
+    tau = None if sparse else reference.temperature_per_row(temperature, student, teacher)
     if name == "torch":
         return reference.loss_of_config(student, teacher, labels, mask, config, return_components, tau)
-    loss, ce, kd = call_loss_op(as_rows(student), as_rows(teacher),
-                                None if labels is None else labels.reshape(-1).long().contiguous(),
-                                None if mask is None else mask.reshape(-1).contiguous(), config, name, tau)
+    flat_labels = None if labels is None else labels.reshape(-1).long().contiguous()
+    flat_mask = None if mask is None else mask.reshape(-1).contiguous()
+    if sparse:
+        loss, ce, kd = call_sparse_op(as_rows(student), teacher.rows(), flat_labels, flat_mask, config, name)
+    else:
+        loss, ce, kd = call_loss_op(as_rows(student), as_rows(teacher), flat_labels, flat_mask, config, name, tau)
     if config.reduction == "none":
         lead = student.shape[:-1]
         loss, ce, kd = loss.reshape(lead), ce.reshape(lead), kd.reshape(lead)

@@ -24,13 +24,16 @@ import torch.nn.functional as F
 
 from . import config as cfg
 from . import reference
-from ._backends import resolve_backend_name
-from ._checks import check_linear, check_rows_of, check_teacher
+from ._backends import resolve_backend_name, resolve_sparse_backend_name
+from ._checks import check_dense_teacher_settings, check_linear, check_rows_of, check_sparse_teacher, check_teacher
 from ._ops.chunks import LinearInputs, default_accum_dtype
 from ._ops.fused_linear_op import call_fused_linear_op
+from ._ops.logit_transforms import is_identity
+from ._ops.sparse_linear import sparse_linear_loss
 from .config import DistillConfig, LogitTransforms
 from .functional import as_rows
 from .reference import DistillationParts
+from .sparse import SparseTeacher
 
 __all__ = ["fused_linear_distillation_loss", "default_chunk_size"]
 
@@ -107,6 +110,32 @@ def _chunk_size(t: LinearInputs, chunk_size: Optional[int]) -> int:
     return default_chunk_size(t.hidden.shape[0], t.weight.shape[0], logits_dtype, t.hidden.device)
 
 
+def _sparse_teacher_loss(hidden: object, weight: object, bias: object, teacher_head: tuple, teacher: SparseTeacher,
+                         labels: object, mask: object, config: DistillConfig, transforms: LogitTransforms,
+                         chunk_size: Optional[int], accum_dtype: Optional[torch.dtype], backend: str,
+                         ) -> tuple[torch.Tensor, ...]:
+    """``(loss, ce, kd)`` of a fused lm_head and a :class:`SparseTeacher` (checked here), or the
+    reference's ``DistillationParts`` for ``backend="torch"``."""
+    if any(t is not None for t in teacher_head):
+        raise ValueError("teacher_logits is a SparseTeacher: leave teacher_hidden, teacher_weight and teacher_bias None")
+    if not is_identity(*transforms.teacher()):
+        raise ValueError("teacher_logit_scale / teacher_final_logit_softcapping: a SparseTeacher's values are the "
+                         "teacher's final logits or log-probabilities; leave them at 1.0 / None")
+    hidden, weight, bias = check_linear("student", hidden, weight, bias)
+    teacher = check_sparse_teacher(teacher, hidden.shape[:-1], weight.shape[0], hidden.device, config)
+    config.check_classes(weight.shape[0], "student_weight")
+    labels, mask = check_rows_of(labels, mask, hidden, weight.shape[0], config)
+    hidden, weight, bias = autocast_linear([hidden, weight, bias], hidden.device.type)
+    name = resolve_sparse_backend_name(cfg.check_backend(backend), hidden.device.type)
+    if name == "torch":
+        student = reference.transform_logits(F.linear(hidden, weight, bias), *transforms.student())
+        return reference.loss_of_config(student, teacher, labels, mask, config, True)
+    tensors = flat_rows(LinearInputs(hidden, weight, bias, None, None, None, None, labels, mask))
+    chunk = chunk_size or default_chunk_size(tensors.hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device)
+    return sparse_linear_loss(tensors, teacher.rows(), config, chunk, accum_dtype or default_accum_dtype(weight), name,
+                              transforms)
+
+
 @cfg.settings_keywords(cfg.OBJECTIVE_SETTINGS, docs=("labels", "mask", "return_components", "chunk_size",
                                                      "accum_dtype", *cfg.LOGIT_TRANSFORMS))
 def fused_linear_distillation_loss(
@@ -145,8 +174,10 @@ def fused_linear_distillation_loss(
         student_hidden: ``(..., H_s)`` hidden states (e.g. a causal LM's last hidden state, (B, T, H)).
         student_weight: ``(V, H_s)``, the lm_head weight (may be tied to the embedding).
         teacher_hidden, teacher_weight: ``(..., H_t)`` and ``(V, H_t)``; ``H_t`` may differ from
-            ``H_s``. Or pass ``teacher_logits`` ``(..., V)`` instead (computed elsewhere). The teacher
-            is constant: none of its tensors may require grad.
+            ``H_s``. Or pass ``teacher_logits`` ``(..., V)`` instead (computed elsewhere), or a
+            :class:`~logitstd_kernels.SparseTeacher` of the rows ``(...)`` (the teacher's stored top-k;
+            ``support``; docs/design.md section 9). The teacher is constant: none of its tensors may
+            require grad.
         student_bias, teacher_bias: optional ``(V,)`` lm_head biases.
         reduction: ``"mean"`` (over included rows) or ``"sum"``. ``"none"`` is not offered: the
             gradients are computed in the forward, for a scalar loss.
@@ -162,6 +193,12 @@ def fused_linear_distillation_loss(
     chunk_size, accum_dtype = cfg.check_chunk_size(chunk_size), cfg.check_accum_dtype(accum_dtype)
     transforms = cfg.check_logit_transforms(student_logit_scale, teacher_logit_scale, student_final_logit_softcapping,
                                             teacher_final_logit_softcapping)
+    if isinstance(teacher_logits, SparseTeacher):
+        parts = _sparse_teacher_loss(student_hidden, student_weight, student_bias, (teacher_hidden, teacher_weight,
+                                     teacher_bias), teacher_logits, labels, mask, config, transforms, chunk_size,
+                                     accum_dtype, backend)
+        return DistillationParts(*parts) if return_components else parts[0]
+    check_dense_teacher_settings(config)
     tensors = checked_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                     teacher_bias, teacher_logits, labels, mask, config)
     name = resolve_backend_name(cfg.check_backend(backend), tensors.hidden.device.type)

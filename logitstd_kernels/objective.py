@@ -22,12 +22,13 @@ from . import config as cfg
 from ._checks import check_inputs
 from .functional import fused_loss
 from .reference import DistillationParts
+from .sparse import SparseTeacher
 
 __all__ = ["distillation_loss", "DistillationParts"]
 
 
 @cfg.settings_keywords(cfg.OBJECTIVE_SETTINGS, docs=("labels", "mask", "reduction", "return_components", "backend"))
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, SparseTeacher],
                       labels: Optional[torch.Tensor] = None, *, mask: Optional[torch.Tensor] = None,
                       reduction: str = "mean", return_components: bool = False, backend: str = "auto",
                       **settings) -> Union[torch.Tensor, DistillationParts]:
@@ -46,8 +47,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ``ce_weight=0.5, kd_weight=0.5 / temperature**2, standardize=False`` to match its forward-KL loss
     (Liger 0.8.5 leaves ignored rows out of both terms and divides by the valid rows, as here).
 
+    A :class:`~logitstd_kernels.SparseTeacher` (the teacher's stored top-k, with its rows' statistics)
+    may stand for ``teacher_logits``: the KD term is then the forward KL between the teacher over its
+    support and the dense student (``support``; docs/design.md section 9; equivalent eager code
+    ``reference.sparse_row_divergence``), the kernels read the student row dense and gather the
+    teacher's k entries into the same pass, and the gradient goes to the student only.
+
     Args:
-        student_logits, teacher_logits: ``(..., V)``; the last dim holds the classes.
+        student_logits: ``(..., V)``; the last dim holds the classes.
+        teacher_logits: ``(..., V)``, or a ``SparseTeacher`` of the rows ``(...)``.
         {keywords}
     """
     settings, tau = cfg.split_temperature(settings, "distillation_loss")

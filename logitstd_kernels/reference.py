@@ -21,15 +21,22 @@ import torch.nn.functional as F
 from . import config as cfg
 from ._checks import check_inputs, check_logits
 from .config import DistillConfig, LogitTransforms, check_std_args, check_temperature
+from .sparse import SparseRows, SparseTeacher
 
 __all__ = ["zscore", "logitstd_kd_loss", "kd_loss", "distillation_loss", "dkd_loss", "DistillationParts",
            "accumulation_dtype", "row_dkd",
-           "objective_rows", "transform_logits", "linear_loss_of_config"]
+           "objective_rows", "transform_logits", "linear_loss_of_config", "sparse_teacher_logits",
+           "sparse_row_divergence", "teacher_tensor"]
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any input is float64, else float32: the dtype of the loss and of the math."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def teacher_tensor(teacher: Union[torch.Tensor, SparseRows]) -> torch.Tensor:
+    """The tensor that stands for a teacher's dtype and rows: dense logits, or a sparse teacher's values."""
+    return teacher.values if isinstance(teacher, SparseRows) else teacher
 
 
 def zscore(logits: torch.Tensor, temperature: float = 1.0, *, correction: int = 1, eps: float = 1e-7) -> torch.Tensor:
@@ -51,7 +58,7 @@ def zscore(logits: torch.Tensor, temperature: float = 1.0, *, correction: int = 
 
 
 def temperature_per_row(temperature: Optional[torch.Tensor], student: torch.Tensor,
-                     teacher: torch.Tensor) -> Optional[torch.Tensor]:
+                        teacher: torch.Tensor) -> Optional[torch.Tensor]:
     """A tensor temperature as one value per row, (N,) in the accumulation dtype (differentiable)."""
     if temperature is None:
         return None
@@ -65,6 +72,13 @@ def temperature_per_row(temperature: Optional[torch.Tensor], student: torch.Tens
     return rows.expand(student[..., 0].numel()).contiguous() if temperature.dim() == 0 else rows.contiguous()
 
 
+def _softened(x: torch.Tensor, config: DistillConfig, tau: Union[float, torch.Tensor]) -> torch.Tensor:
+    """``Z(x) / tau`` (standardized when on), or ``x / tau`` (``tau``: a float or an (N, 1) column)."""
+    if not config.standardize:
+        return x / tau
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau
+
+
 def _logits_for_softmax(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig,
                         tau: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b): the student's and the teacher's logits standardized (when on) and over their temperatures
@@ -73,11 +87,7 @@ def _logits_for_softmax(student: torch.Tensor, teacher: torch.Tensor, config: Di
     tau_s, tau_t = config.temperature, config.teacher_temperature
     if tau is not None:
         tau_s = tau_t = tau[:, None]
-    if not config.standardize:
-        return x / tau_s, y / tau_t
-    a = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau_s
-    b = (y - y.mean(-1, keepdim=True)) / (y.std(-1, keepdim=True, correction=config.correction) + config.eps) / tau_t
-    return a, b
+    return _softened(x, config, tau_s), _softened(y, config, tau_t)
 
 
 def _kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -143,15 +153,102 @@ def row_dkd(b: torch.Tensor, a: torch.Tensor, labels: torch.Tensor, alpha: float
     return alpha * tckd + beta * nckd
 
 
-def _row_kl(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig,
+def _masked_logsumexp(v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` of each row's ``valid`` entries (keepdim), ``-inf`` for a row without one, with a
+    finite gradient (zero for the left-out entries) in every case."""
+    any_valid = valid.any(-1, keepdim=True)
+    filled = torch.where(valid, v, torch.where(any_valid, float("-inf"), 0.0))
+    return torch.where(any_valid, torch.logsumexp(filled, -1, keepdim=True), float("-inf"))
+
+
+def _valid_moments(r: torch.Tensor, valid: torch.Tensor, correction: int) -> tuple[torch.Tensor, ...]:
+    """``(c, mu, sigma)`` of each row's valid ``r`` in the units of ``c r``, ``c = 1 / max(1, max |r|)``
+    (no overflow for huge values; ``sigma`` 0 where ``n - correction <= 0``)."""
+    count = valid.sum(-1, keepdim=True)
+    c = 1.0 / torch.where(valid, r.abs(), 0.0).amax(-1, keepdim=True).clamp_min(1.0)
+    mu = torch.where(valid, r * c, 0.0).sum(-1, keepdim=True) / count.clamp_min(1)
+    dev = torch.where(valid, r * c - mu, 0.0)
+    dof = count - correction
+    return c, mu, torch.where(dof > 0, (dev * dev).sum(-1, keepdim=True) / dof.clamp_min(1), 0.0).sqrt()
+
+
+def sparse_teacher_logits(teacher: SparseRows, config: DistillConfig, acc: torch.dtype) -> torch.Tensor:
+    """The teacher's KD logits ``b`` (N, k) at its entries, ``-inf`` where an entry is not valid
+    (docs/design.md, section 9): ``r = values * T_gen`` (``kind="logprobs"``; ``values`` for logits),
+    ``b = (r - mu) / (sigma + eps) / tau_t`` with the stored full-row statistics (times ``T_gen``), or
+    with those of the row's valid ``r`` (``sigma`` 0 where ``n - correction <= 0``), or ``b = r / tau_t``."""
+    valid = teacher.valid()
+    scale = config.generation_temperature if teacher.kind == "logprobs" else 1.0
+    r = teacher.values.to(acc) * scale
+    if not config.standardize:
+        b = r / config.teacher_temperature
+    elif teacher.row_std is not None:
+        mu, sigma = teacher.row_mean.to(acc)[:, None] * scale, teacher.row_std.to(acc)[:, None] * scale
+        b = (r - mu) / (sigma + config.eps) / config.teacher_temperature
+    else:
+        c, mu, sigma = _valid_moments(r, valid, config.correction)
+        b = (r * c - mu) / (sigma + config.eps * c) / config.teacher_temperature
+    return torch.where(valid, b, float("-inf"))
+
+
+def _support_kl(log_p: torch.Tensor, log_q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``sum p (log p - log q)`` over the valid entries with p != 0 (their logs masked before the product)."""
+    on = valid & (log_p != float("-inf"))  # NaN stays in: it makes its row NaN
+    p = torch.where(on, log_p, float("-inf")).exp()
+    return (p * (torch.where(on, log_p, 0.0) - torch.where(on, log_q, 0.0))).sum(-1)
+
+
+def sparse_row_divergence(student: torch.Tensor, teacher: SparseRows, config: DistillConfig) -> torch.Tensor:
+    """Forward KL of each row between the sparse teacher's p and the dense student's q (docs/design.md,
+    section 9), with ``a`` the student's softened logits, ``b`` :func:`sparse_teacher_logits`, S the
+    valid entries::
+
+        "renormalize":          KL(softmax_S(b) || softmax_S(a))
+        "renormalize_teacher":  sum_S p (log p - log softmax_V(a)_S),   p = softmax_S(b)
+        "tail":                 sum_S p (log p - log q_S) + p_T log(p_T / q_T),
+                                p = exp(b - L'),  p_T = 1 - sum_S p,  q_T = sum_{not S} softmax_V(a)
+
+    ``L' = max(L, logsumexp_S b)`` (``log_normalizer``; 0 where derived); a support of all V classes
+    has no tail class. A row without a valid entry has D = 0 (renormalizing) or 0 (tail: p_T = q_T = 1).
+    """
+    acc = accumulation_dtype(student, teacher.values)
+    a = _softened(student.to(acc), config, config.temperature)
+    log_q = F.log_softmax(a, -1)
+    valid = teacher.valid()
+    ids = torch.where(valid, teacher.ids, 0)
+    log_q_s = log_q.gather(-1, ids)
+    b = sparse_teacher_logits(teacher, config, acc)
+    lse_b = _masked_logsumexp(b, valid)
+    if config.support != "tail":
+        log_p = b - lse_b
+        if config.support == "renormalize":
+            log_q_s = log_q_s - _masked_logsumexp(log_q_s, valid)
+        return _support_kl(log_p, log_q_s, valid)
+    normalizer = (torch.zeros_like(lse_b) if teacher.log_normalizer is None
+                  else teacher.log_normalizer.to(acc)[:, None])
+    whole = valid.sum(-1, keepdim=True) == student.shape[-1]
+    log_norm = torch.where(whole, lse_b, torch.maximum(normalizer, lse_b))
+    log_p_tail = torch.log(-torch.expm1(lse_b - log_norm))  # -inf: no tail mass
+    # the classes outside the support (a dense mask: reference only); counts, since left-out entries stand at 0
+    outside = torch.zeros_like(log_q, dtype=torch.long).scatter_add(-1, ids, valid.long()) == 0
+    log_q_tail = _masked_logsumexp(log_q, outside)
+    tail = torch.where(log_p_tail > float("-inf"),
+                       log_p_tail.exp() * (log_p_tail - torch.where(log_p_tail > float("-inf"), log_q_tail, 0.0)),
+                       0.0)
+    return _support_kl(b - log_norm, log_q_s, valid) + tail[:, 0]
+
+
+def _row_kl(student: torch.Tensor, teacher: Union[torch.Tensor, SparseRows], config: DistillConfig,
             labels: Optional[torch.Tensor] = None, tau: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``tau_s**2 * D(softmax(b), softmax(a))`` for each row, in the accumulation dtype (D: the config's
     divergence, forward KL by default; ``dkd`` reads the rows' ``labels``; ``tau``: a learnable
-    temperature per row, for student and teacher)."""
-    acc = accumulation_dtype(student, teacher)
+    temperature per row, for student and teacher; a sparse teacher: :func:`sparse_row_divergence`)."""
+    acc = accumulation_dtype(student, teacher_tensor(teacher))
     if student.shape[0] == 0:  # no rows: nothing to standardize (torch.std would warn); still in the graph
-        zero = (student.to(acc).sum(-1) + teacher.to(acc).sum(-1)) * 0
+        zero = (student.to(acc).sum(-1) + teacher_tensor(teacher).to(acc).sum(-1)) * 0
         return zero if tau is None else zero + tau * 0
+    if isinstance(teacher, SparseRows):
+        return sparse_row_divergence(student, teacher, config) * (config.temperature * config.temperature)
     a, b = _logits_for_softmax(student, teacher, config, tau)
     if config.divergence == "dkd":
         divergence = row_dkd(b, a, labels, config.dkd_alpha, config.dkd_beta)
@@ -176,7 +273,7 @@ def objective_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
                    tau: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """``(rows, ce, kd, keep)`` of (N, V) rows: the objective per row and its parts (0 where excluded),
     and the included rows ``mask & (labels != ignore_index)``."""
-    acc = accumulation_dtype(student, teacher)
+    acc = accumulation_dtype(student, teacher_tensor(teacher))
     keep = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) if mask is None else mask
     if labels is not None:
         keep = keep & (labels != config.ignore_index)
@@ -210,8 +307,10 @@ def loss_of_config(student_logits: torch.Tensor, teacher_logits: torch.Tensor, l
     (``temperature_rows``: a learnable (N,) temperature for student and teacher)."""
     num_classes = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
+    teacher = teacher_logits.rows() if isinstance(teacher_logits, SparseTeacher) else \
+        teacher_logits.reshape(-1, num_classes)
     rows, ce, kd, keep = objective_rows(
-        student_logits.reshape(-1, num_classes), teacher_logits.reshape(-1, num_classes),
+        student_logits.reshape(-1, num_classes), teacher,
         None if labels is None else labels.reshape(-1), None if mask is None else mask.reshape(-1), config,
         temperature_rows)
     loss = _reduce(rows, keep, config, num_classes, lead)

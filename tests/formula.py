@@ -343,3 +343,112 @@ def mlkd_numpy(x, y, *, temperatures, temperature_weights=None, confidence="row"
         grad += weight * (kd_grad * per_row[:, None] / rows + class_weight * frac_classes * cc_grad
                           + batch_weight * frac_rows * bc_grad)
     return loss, upstream * grad
+
+
+def _sparse_teacher_b(v: np.ndarray, valid: np.ndarray, stats: Optional[tuple], scale: float, tau_t: float,
+                      standardize: bool, correction: int, eps: float) -> np.ndarray:
+    """The teacher's KD logits at its valid stored entries (docs/design.md section 9)."""
+    r = v[valid] * scale
+    if not standardize:
+        return r / tau_t
+    if stats is not None:
+        mu, sigma = stats[0] * scale, stats[1] * scale
+        return (r - mu) / (sigma + eps) / tau_t
+    c = 1.0 / max(np.abs(r).max(), 1.0)  # (c r - c mu) / (c sigma + c eps): the same, without overflow
+    mu = (c * r).mean()
+    dof = r.size - correction
+    sigma = np.sqrt(((c * r - mu) ** 2).sum() / dof) if dof > 0 else 0.0
+    return (c * r - mu) / (sigma + c * eps) / tau_t
+
+
+def _lse(z: np.ndarray) -> float:
+    top = z.max()
+    return float(top + np.log(np.exp(z - top).sum()))
+
+
+def sparse_row_kl(x: np.ndarray, ids: np.ndarray, v: np.ndarray, valid: np.ndarray, *, support: str,
+                  stats: Optional[tuple] = None, log_normalizer: Optional[float] = None, scale: float = 1.0,
+                  tau_s: float = 2.0, tau_t: float = 2.0, standardize: bool = True, correction: int = 1,
+                  eps: float = 1e-7) -> tuple[float, np.ndarray]:
+    """``tau_s**2 * D`` of one student row ``x`` (V,) and a sparse teacher row, and its gradient in x.
+
+    S: the valid entries' classes; p the teacher over S, q the student. "renormalize":
+    ``KL(p || q_S / q(S))``, ``dD/da = q_S / q(S) - p`` on S; "renormalize_teacher":
+    ``sum_S p log(p / q)``, ``dD/da = q - p``; "tail": p = exp(b - L') with ``L' = max(L, lse_S b)``,
+    the tail class ``p_T = 1 - sum_S p``, ``q_T = 1 - q(S)``, ``dD/da = q - p`` on S and
+    ``q (1 - p_T / q_T)`` outside. The chain rule through the student's standardization as in
+    :func:`rows_loss_and_grads`.
+    """
+    num_classes = x.shape[0]
+    if standardize:
+        mu = x.mean()
+        sigma = np.sqrt(((x - mu) ** 2).sum() / (num_classes - correction))
+        u, s = (x - mu) / (sigma + eps), sigma + eps
+    else:
+        u = x
+    a = u / tau_s
+    log_q = _log_softmax(a)
+    q = np.exp(log_q)
+    cls = ids[valid]
+    d_a = np.zeros(num_classes)
+    if cls.size == 0:
+        return 0.0, d_a
+    b = _sparse_teacher_b(v, valid, stats, scale, tau_t, standardize, correction, eps)
+    lse_b = _lse(b)
+    if support == "tail":
+        # the full row's log-partition; None: values that are log-probabilities at tau_t (0)
+        stored = 0.0 if log_normalizer is None else log_normalizer
+        log_p = b - (lse_b if cls.size == num_classes else max(stored, lse_b))
+    else:
+        log_p = b - lse_b
+    p = np.exp(log_p)
+    if support == "renormalize":
+        log_qs = log_q[cls] - _lse(log_q[cls])
+        d = float(np.sum(_where(p > 0, p * (log_p - log_qs))))
+        d_a[cls] = np.exp(log_qs) - p
+    else:
+        d = float(np.sum(_where(p > 0, p * (log_p - log_q[cls]))))
+        d_a = q.copy()
+        d_a[cls] -= p
+        if support == "tail" and cls.size < num_classes:
+            p_tail = max(1.0 - p.sum(), 0.0)
+            outside = np.ones(num_classes, bool)
+            outside[cls] = False
+            q_tail = q[outside].sum()
+            if p_tail > 0:
+                d += p_tail * (np.log(p_tail) - np.log(q_tail))
+            d_a[outside] = q[outside] * (1.0 - p_tail / q_tail)
+    g_u = tau_s * d_a
+    if standardize:
+        big_s = (g_u * u).sum()
+        second = u * big_s * s / ((num_classes - correction) * sigma) if sigma > 0 else 0.0
+        g_x = (g_u - second) / s
+    else:
+        g_x = g_u
+    return tau_s**2 * d, g_x
+
+
+def sparse_objective(x: np.ndarray, ids: np.ndarray, v: np.ndarray, valid: np.ndarray, labels=None, mask=None, *,
+                     stats=None, log_normalizer=None, ce_weight: float = 0.0, kd_weight: float = 1.0,
+                     ignore_index: int = -100, reduction: str = "mean", **options) -> tuple:
+    """(loss, d/dx) of ``ce_weight * CE + kd_weight * tau_s**2 D`` for (N, V) rows and a sparse teacher
+    (N, k), row by row in float64: rows with a False ``mask`` or an ignored label are left out, "mean"
+    divides by the included rows, "none" returns every row's loss (gradient for upstream 1)."""
+    rows, grad = np.zeros(x.shape[0]), np.zeros_like(x)
+    keep = np.ones(x.shape[0], bool) if mask is None else np.asarray(mask, bool).copy()
+    if labels is not None:
+        keep &= np.asarray(labels) != ignore_index
+    for r in np.nonzero(keep)[0]:
+        kd, g = sparse_row_kl(x[r], ids[r], v[r], valid[r], stats=None if stats is None else
+                              (stats[0][r], stats[1][r]), log_normalizer=None if log_normalizer is None else
+                              float(log_normalizer[r]), **options)
+        rows[r], grad[r] = kd_weight * kd, kd_weight * g
+        if labels is not None and ce_weight:
+            log_softmax = _log_softmax(x[r])
+            rows[r] -= ce_weight * log_softmax[labels[r]]
+            grad[r] += ce_weight * np.exp(log_softmax)
+            grad[r, labels[r]] -= ce_weight
+    if reduction == "none":
+        return rows, grad
+    divisor = 1.0 if reduction == "sum" else float(max(int(keep.sum()), 1))
+    return rows.sum() / divisor, grad / divisor

@@ -112,7 +112,7 @@ void store_row(const T* src, Dtype dtype, void* base, int64_t offset, int64_t n)
   }
 }
 
-void zero_row(Dtype dtype, void* base, int64_t offset, int64_t n) {
+inline void zero_row(Dtype dtype, void* base, int64_t offset, int64_t n) {
   const int64_t bytes = (dtype == Dtype::kFloat64 ? 8 : dtype == Dtype::kFloat32 ? 4 : 2);
   std::memset(static_cast<char*>(base) + offset * bytes, 0, static_cast<size_t>(n * bytes));
 }

@@ -42,6 +42,8 @@ class LinearInputs(NamedTuple):
     teacher_weight: Optional[torch.Tensor]
     teacher_bias: Optional[torch.Tensor]
     teacher_logits: Optional[torch.Tensor]  # (N, V) instead of the teacher's lm_head
+    # (neither the teacher's lm_head nor its logits: a sparse teacher, kept by the row function, which
+    # receives the chunk's rows, a slice or an index tensor, in place of the teacher's logits)
     labels: Optional[torch.Tensor]
     mask: Optional[torch.Tensor]
 
@@ -54,7 +56,8 @@ class ChunkRows(NamedTuple):
     grad: Optional[torch.Tensor]
 
 
-#: ``rows_fn(student_logits, teacher_logits, labels, mask) -> ChunkRows`` for one chunk of rows.
+#: ``rows_fn(student_logits, teacher_logits, labels, mask) -> ChunkRows`` for one chunk of rows (a
+#: sparse teacher's row function gets the chunk's rows in place of ``teacher_logits``).
 RowsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], ChunkRows]
 
 
@@ -172,6 +175,8 @@ def _chunk_logits(inputs: LinearInputs, pick, keep: Optional[torch.Tensor],
     xs = transform_(F.linear(hs, inputs.weight, inputs.bias), *transforms.student(), in_place=True)
     if inputs.teacher_logits is not None:  # a slice is the caller's memory: transformed out of place
         xt = transform_(inputs.teacher_logits[pick], *transforms.teacher(), in_place=not isinstance(pick, slice))
+    elif inputs.teacher_hidden is None:  # a sparse teacher: the row function picks its rows itself
+        xt = pick
     else:
         xt = transform_(F.linear(inputs.teacher_hidden[pick], inputs.teacher_weight, inputs.teacher_bias),
                         *transforms.teacher(), in_place=True)

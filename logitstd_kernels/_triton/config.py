@@ -147,3 +147,12 @@ def tuning_constexprs(cfg: KernelConfig, smoothing: bool = True) -> dict[str, ob
     """The blocked kernel's constexprs for ``cfg``'s switches (and ``SMOOTH``: label smoothing on);
     none for the register path."""
     return {} if cfg.register else {"EVICT_HINTS": cfg.evict_hints, "SMOOTH": smoothing}
+
+# The sparse-teacher kernel (sparse_kernel.py): one program per row streams the student row in tiles of
+# at most SPARSE_BLOCK classes (2048 x 4 bytes per tile per pass: 8 elements per thread at 8 warps,
+# the blocked path's tile of float32 rows); the teacher's k entries are one tile of next_pow2(k).
+SPARSE_BLOCK = 2048
+SPARSE_WARPS = 8
+# The exact tail sum (rows whose Z - Z_S cancels) compares a tile of classes with the k ids: tiles of
+# SPARSE_TAIL_COMPARES / next_pow2(k) classes (at least 16), 32 compares per thread at 8 warps.
+SPARSE_TAIL_COMPARES = 8192

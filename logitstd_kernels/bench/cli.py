@@ -15,7 +15,7 @@ import torch
 
 from ..config import DIVERGENCES
 from .cases import DEFAULT_MODES, DTYPES, MODES, Case, build_cases, default_cases
-from . import accum_accuracy, distributed, fused_linear, methods, objective
+from . import accum_accuracy, distributed, fused_linear, methods, objective, sparse
 from .measure import copy_bandwidth_gbps, correctness_violation, peak_memory_mb, time_step
 from .providers import PROVIDERS, make_loss, split_provider, unavailable, with_divergence
 from .report import Result, Run, fill_speedups, metadata, progress, table, write_files
@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "learnable temperature), fused against eager and torch.compile of the eager code, float32, "
                              f"rows x V = 1024x100 and 256x1000 (DKD also 1024x32000); providers: "
                              f"{', '.join(methods.PROVIDERS)}")
+    parser.add_argument("--sparse", action="store_true",
+                        help="time the objective with a sparse (top-k, k=64) teacher against the dense one, float32; "
+                             "default shape: 512 rows, V=32000 (--rows, first --vocab); writes <out>/sparse/")
     parser.add_argument("--hidden", type=int, default=None, help="hidden size H of --fused-linear and --accum-accuracy")
     parser.add_argument("--cpu-budget", type=float, default=1.0, help="seconds of timed runs per CPU measurement")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -202,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
         return fused_linear.run(args)
     if args.accum_accuracy:
         return accum_accuracy.run(args)
+    if args.sparse:
+        return sparse.run(args)
     if args.distributed:
         return distributed.run(args)
     if args.methods:

@@ -20,9 +20,19 @@ from .._ops.loss_op import included_rows
 from ..config import DistillConfig, LogitTransforms
 from ..fused_linear import checked_linear_inputs, default_chunk_size, flat_rows
 from ..reference import DistillationParts, accumulation_dtype
+from ..sparse import SparseTeacher
 from .collectives import Layout, agree_on_shards, local_shards
 from .phases import phase_backend
 from .sharded import ShardedLoss, no_double_backward, sharded_rows
+
+
+def refuse_sparse_teacher(teacher_logits: object) -> None:
+    """The vocabulary-parallel losses take dense teacher shards: a SparseTeacher raises (on every rank,
+    before any collective)."""
+    if isinstance(teacher_logits, SparseTeacher):
+        raise NotImplementedError("teacher_logits: a SparseTeacher needs the single-device losses "
+                                  "(distillation_loss, fused_linear_distillation_loss); the vocabulary-parallel "
+                                  "losses take dense teacher shards")
 
 _LOCAL_ERRORS = (TypeError, ValueError, IndexError, RuntimeError)
 
@@ -79,6 +89,7 @@ def vocab_parallel_distillation_loss(
             Every rank must resolve to the same one (the results differ in rounding).
         {keywords}
     """
+    refuse_sparse_teacher(teacher_logits)
     student_logits, teacher_logits, group = local_shards(student_logits, teacher_logits, process_group)
     local_error = None
     try:
@@ -188,6 +199,7 @@ def vocab_parallel_fused_linear_distillation_loss(
     ``student_final_logit_softcapping``, ``teacher_final_logit_softcapping``: the logit transforms of
     :func:`logitstd_kernels.fused_linear_distillation_loss`, applied to each rank's slice.
     """
+    refuse_sparse_teacher(teacher_logits)
     if not check_shards and chunk_size is None:
         raise ValueError("pass chunk_size with check_shards=False: every rank must use the same chunks, and the "
                          "default is derived from the widest slice, which only the header exchange reveals")
