@@ -163,7 +163,8 @@ __device__ __forceinline__ void store_global_pack(S* dst, const A (&v)[P]) {
 // into shared memory at `dst`. Each thread later reads only the packs it copied itself, so waiting
 // for its own copies is enough (no CTA barrier). kAsync (the resident chunk, staged once): 16-byte
 // cp.async; else (a streamed window, which overwrites the thread's previous window) synchronous
-// copies, ordered after the thread's earlier reads of that memory. kVec false: element by element.
+// copies, ordered after the thread's preceding reads of that memory (program order). kVec false:
+// element by element.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
